@@ -1,0 +1,100 @@
+/*
+ * cache — a writeback cache of fixed-size metadata tables (L2 table slices,
+ * refcount blocks), modelled on QEMU's qcow2 table cache.
+ *
+ *   cache_get()        table at a host offset, read from disk on a miss
+ *   cache_get_empty()  table for a freshly allocated cluster: no read
+ *   cache_put()        give the reference back
+ *   cache_mark_dirty() the table changed; it is written back later
+ *   cache_flush()      write every dirty table (dependencies first), then
+ *                      flush the host file
+ *   cache_set_dependency(c, d)  before any table of c is written, every
+ *                      dirty table of d is written and the host flushed
+ *   cache_depends_on_flush(c)   before any table of c is written, the host
+ *                      file is flushed (guest data before the L2 entry that
+ *                      makes it visible)
+ *
+ * Entries carry a reference count; an entry with references is never
+ * evicted.  Lookup is a hash on the host offset; replacement is LRU over the
+ * unreferenced entries.  Table memory is allocated on first use, so a large
+ * configured cache costs nothing until it fills.
+ *
+ * Locking rule: a cache has no lock of its own.  Every call must be made
+ * with the owning image's metadata lock held.
+ */
+#ifndef QCOW2FUSE_CACHE_H
+#define QCOW2FUSE_CACHE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct io;
+struct cache;
+
+struct cache_stats {
+    uint64_t hits, misses, writes, evictions;
+};
+
+/*
+ * Create a cache of @nb_entries tables of @table_size bytes on @io.
+ * @name appears in log messages ("L2", "refcount").
+ * Returns NULL on allocation failure.
+ */
+struct cache *cache_create(struct io *io, const char *name, size_t table_size,
+                           unsigned nb_entries);
+
+/* Free the cache.  Dirty entries are dropped: flush first. */
+void cache_destroy(struct cache *c);
+
+/*
+ * On entry: @offset is a multiple of the table size.
+ * On exit:  *table points at the cached table, with one more reference.
+ * Returns:  0, or -errno (read error, or every entry is referenced).
+ */
+int cache_get(struct cache *c, uint64_t offset, void **table);
+int cache_get_empty(struct cache *c, uint64_t offset, void **table);
+
+/* Drop the reference taken by get; *table is set to NULL. */
+void cache_put(struct cache *c, void **table);
+
+void cache_mark_dirty(struct cache *c, void *table);
+
+/* The host offset a table pointer belongs to. */
+uint64_t cache_offset_of(struct cache *c, const void *table);
+
+/*
+ * Write every dirty table (after satisfying the dependency), then flush the
+ * host file.  A table whose write fails stays dirty.
+ * Returns: 0 or the first -errno.
+ */
+int cache_flush(struct cache *c);
+
+/* As cache_flush, but without the final host flush. */
+int cache_write_dirty(struct cache *c);
+
+void cache_set_dependency(struct cache *c, struct cache *dependency);
+void cache_depends_on_flush(struct cache *c);
+
+/* Forget the table at @offset (its cluster was freed): no write-back.
+ * On entry the entry must not be referenced. */
+void cache_discard(struct cache *c, uint64_t offset);
+
+bool cache_has_dirty(const struct cache *c);
+
+/* Write-through mode: a dirty table is written when its last reference is
+ * put.  For debugging ordering problems; slow. */
+void cache_set_writethrough(struct cache *c, bool on);
+
+/*
+ * Called before every table write with the host range about to be written;
+ * a non-zero return cancels the write and is returned (the overlap check).
+ */
+typedef int cache_write_check_fn(void *opaque, uint64_t offset, size_t len);
+void cache_set_write_check(struct cache *c, cache_write_check_fn *fn, void *opaque);
+
+void cache_get_stats(const struct cache *c, struct cache_stats *out);
+unsigned cache_nb_entries(const struct cache *c);
+size_t cache_table_size(const struct cache *c);
+
+#endif

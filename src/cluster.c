@@ -1,0 +1,286 @@
+/*
+ * cluster — L1/L2 translation and L2 updates.
+ */
+#include "cluster.h"
+
+#include "cache.h"
+#include "compress.h"
+#include "header.h"
+#include "io.h"
+#include "log.h"
+#include "meta.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define L2_SLICE_MAX    4096u
+#define L2_CACHE_MIN    16u
+
+struct cluster {
+    struct meta *m;
+    uint64_t *l1;               /* host byte order */
+    uint32_t l1_size;
+    uint64_t l1_offset;
+    struct cache *l2_cache;
+    size_t slice_bytes;
+    uint64_t slice_entries;
+};
+
+int cluster_decode_entry(const struct meta *m, uint64_t entry, uint64_t bitmap,
+                         unsigned sc, enum cluster_kind *kind, uint64_t *host,
+                         const char **why)
+{
+    uint64_t off;
+
+    *host = 0;
+    if (entry & META_L2_COMPRESSED) {
+        uint64_t len;
+        if (m->has_data_file) {
+            *why = "compressed cluster in an image with an external data file";
+            return -EINVAL;
+        }
+        if (compress_descriptor_decode(entry & ~(META_L2_COPIED | META_L2_COMPRESSED),
+                                       m->cluster_bits, host, &len) < 0) {
+            *why = "compressed cluster offset beyond 2^56";
+            return -EINVAL;
+        }
+        if (entry & META_L2_COPIED) {
+            *why = "compressed cluster with the COPIED flag";
+            return -EINVAL;
+        }
+        *kind = CLUSTER_COMPRESSED;
+        return 0;
+    }
+
+    if (entry & META_L2_STD_RESERVED) {
+        *why = "reserved bits set in L2 entry";
+        return -EINVAL;
+    }
+    off = entry & META_OFFSET_MASK;
+    if (off & (m->cluster_size - 1)) {
+        *why = "data cluster offset not aligned to the cluster size";
+        return -EINVAL;
+    }
+    if ((entry & META_L2_ZERO) && (!m->v3 || m->extended_l2)) {
+        *why = "zero flag set where the image version does not allow it";
+        return -EINVAL;
+    }
+    /* Offset 0 is a real host offset only with an external data file, and
+     * then only with COPIED set. */
+    bool allocated = off != 0 || (m->has_data_file && (entry & META_L2_COPIED));
+    if (off == 0 && (entry & META_L2_COPIED) && !m->has_data_file) {
+        *why = "COPIED flag on an unallocated cluster";
+        return -EINVAL;
+    }
+    *host = off;
+
+    if (m->extended_l2) {
+        uint32_t alloc = (uint32_t)bitmap, zero = (uint32_t)(bitmap >> 32);
+        if (alloc & zero) {
+            *why = "subcluster both allocated and zero";
+            return -EINVAL;
+        }
+        if (!allocated && alloc) {
+            *why = "allocated subclusters in an unallocated cluster";
+            return -EINVAL;
+        }
+        if (alloc & (1u << sc))
+            *kind = CLUSTER_DATA;
+        else if (zero & (1u << sc))
+            *kind = CLUSTER_ZERO;
+        else
+            *kind = CLUSTER_UNALLOCATED;
+        return 0;
+    }
+
+    if (entry & META_L2_ZERO)
+        *kind = CLUSTER_ZERO;
+    else if (allocated)
+        *kind = CLUSTER_DATA;
+    else
+        *kind = CLUSTER_UNALLOCATED;
+    return 0;
+}
+
+int cluster_open(struct meta *m, uint64_t l1_offset, uint32_t l1_size,
+                 uint64_t l2_cache_bytes, struct cluster **out)
+{
+    struct cluster *cl = calloc(1, sizeof(*cl));
+    uint64_t nb_slices;
+    int ret;
+
+    if (!cl)
+        return -ENOMEM;
+    cl->m = m;
+    cl->l1_size = l1_size;
+    cl->l1_offset = l1_offset;
+    cl->slice_bytes = m->cluster_size < L2_SLICE_MAX ? m->cluster_size : L2_SLICE_MAX;
+    cl->slice_entries = cl->slice_bytes / m->l2_entry_bytes;
+
+    cl->l1 = calloc(l1_size ? l1_size : 1, sizeof(uint64_t));
+    if (!cl->l1) {
+        ret = -ENOMEM;
+        goto fail;
+    }
+    if (l1_size) {
+        ret = io_pread(m->io, cl->l1, (size_t)l1_size * 8, l1_offset);
+        if (ret < 0) {
+            log_error("reading the L1 table (%u entries at 0x%llx) failed: %s",
+                      l1_size, (unsigned long long)l1_offset, strerror(-ret));
+            goto fail;
+        }
+        for (uint32_t i = 0; i < l1_size; i++)
+            cl->l1[i] = be64_get(&cl->l1[i]);
+    }
+
+    nb_slices = l2_cache_bytes / cl->slice_bytes;
+    if (nb_slices < L2_CACHE_MIN)
+        nb_slices = L2_CACHE_MIN;
+    if (nb_slices > (1u << 24))
+        nb_slices = 1u << 24;
+    cl->l2_cache = cache_create(m->io, "L2", cl->slice_bytes, (unsigned)nb_slices);
+    if (!cl->l2_cache) {
+        ret = -ENOMEM;
+        goto fail;
+    }
+    *out = cl;
+    return 0;
+
+fail:
+    cluster_close(cl);
+    return ret;
+}
+
+void cluster_close(struct cluster *cl)
+{
+    if (!cl)
+        return;
+    cache_destroy(cl->l2_cache);
+    free(cl->l1);
+    free(cl);
+}
+
+struct cache *cluster_l2_cache(struct cluster *cl)
+{
+    return cl->l2_cache;
+}
+
+/* The L2 table offset for guest cluster @gc, 0 if none; -EIO if corrupt. */
+static int l2_table_of(struct cluster *cl, uint64_t l1_index, uint64_t *l2_offset)
+{
+    struct meta *m = cl->m;
+    uint64_t e;
+
+    if (l1_index >= cl->l1_size) {
+        *l2_offset = 0;
+        return 0;
+    }
+    e = cl->l1[l1_index];
+    if (e & META_L1_RESERVED)
+        return meta_corrupt(m, "L1 entry %llu (table at 0x%llx) = 0x%016llx has "
+                            "reserved bits set", (unsigned long long)l1_index,
+                            (unsigned long long)cl->l1_offset, (unsigned long long)e);
+    *l2_offset = e & META_OFFSET_MASK;
+    if (*l2_offset & (m->cluster_size - 1))
+        return meta_corrupt(m, "L1 entry %llu (table at 0x%llx) points at L2 "
+                            "table offset 0x%llx, not cluster aligned",
+                            (unsigned long long)l1_index,
+                            (unsigned long long)cl->l1_offset,
+                            (unsigned long long)*l2_offset);
+    return 0;
+}
+
+static inline uint64_t unit_bytes(const struct meta *m)
+{
+    return m->extended_l2 ? m->cluster_size / 32 : m->cluster_size;
+}
+
+int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
+                   struct cluster_run *run)
+{
+    struct meta *m = cl->m;
+    uint64_t gc = offset >> m->cluster_bits;
+    uint64_t l1_index = gc / m->l2_entries;
+    uint64_t l2_index = gc % m->l2_entries;
+    uint64_t slice_first = l2_index - l2_index % cl->slice_entries;
+    uint64_t slice_end = slice_first + cl->slice_entries;   /* exclusive, in entries */
+    uint64_t unit = unit_bytes(m);
+    uint64_t l2_offset = 0, pos, end;
+    uint8_t *slice = NULL;
+    int ret;
+
+    ret = l2_table_of(cl, l1_index, &l2_offset);
+    if (ret < 0)
+        return ret;
+
+    /* Nothing beyond this slice is looked at in one call. */
+    end = ((l1_index * m->l2_entries + slice_end) << m->cluster_bits);
+    if (end - offset > max_bytes)
+        end = offset + max_bytes;
+
+    if (l2_offset == 0) {
+        /* Whole L2 table unallocated: the run reaches the table's end. */
+        uint64_t table_end = (l1_index + 1) * m->l2_entries << m->cluster_bits;
+        run->kind = CLUSTER_UNALLOCATED;
+        run->host_offset = 0;
+        run->bytes = (table_end - offset < max_bytes) ? table_end - offset : max_bytes;
+        return 0;
+    }
+
+    ret = cache_get(cl->l2_cache, l2_offset + slice_first * m->l2_entry_bytes,
+                    (void **)&slice);
+    if (ret < 0)
+        return ret;
+
+    run->bytes = 0;
+    pos = offset;
+    while (pos < end) {
+        uint64_t idx = (pos >> m->cluster_bits) % m->l2_entries - slice_first;
+        uint64_t entry = be64_get(slice + idx * m->l2_entry_bytes);
+        uint64_t bitmap = m->extended_l2 ? be64_get(slice + idx * 16 + 8) : 0;
+        unsigned sc = m->extended_l2 ? (unsigned)((pos & (m->cluster_size - 1)) / unit) : 0;
+        enum cluster_kind kind;
+        uint64_t host, step_end, unit_host;
+        const char *why;
+
+        ret = cluster_decode_entry(m, entry, bitmap, sc, &kind, &host, &why);
+        if (ret < 0) {
+            ret = meta_corrupt(m, "L2 table at 0x%llx, entry %llu (guest offset "
+                               "0x%llx) = 0x%016llx: %s",
+                               (unsigned long long)l2_offset,
+                               (unsigned long long)(idx + slice_first),
+                               (unsigned long long)(pos & ~(m->cluster_size - 1)),
+                               (unsigned long long)entry, why);
+            goto out;
+        }
+        if (kind == CLUSTER_COMPRESSED) {
+            step_end = (pos | (m->cluster_size - 1)) + 1;
+            if (run->bytes == 0) {
+                run->kind = kind;
+                run->l2_entry = entry;
+                run->host_offset = host;
+                run->bytes = (step_end < end ? step_end : end) - pos;
+            }
+            break;              /* compressed clusters are never merged */
+        }
+        step_end = (pos | (unit - 1)) + 1;
+        if (step_end > end)
+            step_end = end;
+        unit_host = host + (pos & (m->cluster_size - 1));
+        if (run->bytes == 0) {
+            run->kind = kind;
+            run->host_offset = kind == CLUSTER_DATA ? unit_host : 0;
+            run->l2_entry = 0;
+        } else if (kind != run->kind ||
+                   (kind == CLUSTER_DATA && run->host_offset + run->bytes != unit_host)) {
+            break;
+        }
+        run->bytes += step_end - pos;
+        pos = step_end;
+    }
+
+out:
+    cache_put(cl->l2_cache, (void **)&slice);
+    return ret;
+}

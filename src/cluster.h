@@ -1,0 +1,70 @@
+/*
+ * cluster — guest-to-host translation through the L1 table and the L2 table
+ * cache, and (for writes) the changes to those tables.  A lookup returns the
+ * longest run of guest bytes that share a kind and, for data, a contiguous
+ * host range, so the caller issues one host I/O per run.
+ *
+ * L2 tables are cached in slices of up to 4 KiB, so a small cache serves
+ * random I/O over a large disk.
+ *
+ * Locking rule: every function must be called with the image's metadata
+ * lock held; the returned run is a snapshot that the caller may use for I/O
+ * after dropping the lock only while it holds the guest range (see image.c).
+ */
+#ifndef QCOW2FUSE_CLUSTER_H
+#define QCOW2FUSE_CLUSTER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct meta;
+struct cache;
+struct cluster;
+
+enum cluster_kind {
+    CLUSTER_UNALLOCATED,        /* read from backing file, or zeros */
+    CLUSTER_ZERO,               /* reads as zeros, never from backing */
+    CLUSTER_DATA,               /* at host_offset in the data file */
+    CLUSTER_COMPRESSED,         /* one whole cluster, see l2_entry */
+};
+
+struct cluster_run {
+    enum cluster_kind kind;
+    uint64_t host_offset;       /* DATA: host offset of the run's first byte */
+    uint64_t bytes;             /* run length from the looked-up offset */
+    uint64_t l2_entry;          /* COMPRESSED: the raw descriptor */
+};
+
+/*
+ * Decode one L2 entry (and, with extended L2, its bitmap) for subcluster
+ * @sc (0 without extended L2).  Pure: used by lookups and unit tests.
+ * On exit: *kind and *host (host offset of the cluster, not the subcluster).
+ * Returns: 0, or -EINVAL with a reason in @why (reserved bits, misaligned
+ * offset, contradictory bitmap).
+ */
+int cluster_decode_entry(const struct meta *m, uint64_t entry, uint64_t bitmap,
+                         unsigned sc, enum cluster_kind *kind, uint64_t *host,
+                         const char **why);
+
+/*
+ * Open the translation for the active L1 table.
+ * @l2_cache_bytes bounds the L2 cache (at least 16 slices are kept).
+ * Returns: 0 or -errno (read error; -EIO after meta_corrupt for a bad L1).
+ */
+int cluster_open(struct meta *m, uint64_t l1_offset, uint32_t l1_size,
+                 uint64_t l2_cache_bytes, struct cluster **out);
+void cluster_close(struct cluster *cl);
+
+/*
+ * Translate guest bytes [@offset, @offset + @max_bytes).
+ * On entry: @offset < virtual size, @max_bytes > 0.
+ * On exit:  *run describes 1..@max_bytes bytes starting at @offset.
+ * Returns:  0, -EIO for corrupt metadata (reported once), or -errno.
+ */
+int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
+                   struct cluster_run *run);
+
+struct cache *cluster_l2_cache(struct cluster *cl);
+
+#endif

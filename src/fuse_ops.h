@@ -1,0 +1,36 @@
+/*
+ * fuse_ops — the FUSE boundary: a directory holding one regular file whose
+ * contents are the virtual disk.  This is the only module that talks to
+ * libfuse's low-level API and the only place a -errno becomes a
+ * fuse_reply_err().
+ */
+#ifndef QCOW2FUSE_FUSE_OPS_H
+#define QCOW2FUSE_FUSE_OPS_H
+
+#define FUSE_USE_VERSION FUSE_MAKE_VERSION(3, 12)
+#include <fuse_lowlevel.h>
+
+#include <stdbool.h>
+#include <sys/types.h>
+
+struct image;
+struct fuse_ops_ctx;
+
+struct fuse_ops_config {
+    const char *disk_name;      /* the file's name, e.g. "disk" */
+    uid_t uid;
+    gid_t gid;
+    mode_t mode;                /* permission bits of the disk file */
+    bool direct_io;             /* FOPEN_DIRECT_IO on open */
+    unsigned max_background;    /* 0: libfuse default */
+};
+
+/* Returns NULL on allocation failure.  Does not take ownership of @img. */
+struct fuse_ops_ctx *fuse_ops_ctx_new(struct image *img,
+                                      const struct fuse_ops_config *cfg);
+void fuse_ops_ctx_free(struct fuse_ops_ctx *ctx);
+
+/* The operations table; pass the ctx as userdata to fuse_session_new(). */
+const struct fuse_lowlevel_ops *fuse_ops_table(void);
+
+#endif

@@ -1,0 +1,336 @@
+/*
+ * main — command line, image open, FUSE session set-up and the daemon's
+ * lifetime: parse options, open the image (all errors to stderr before
+ * anything is mounted), mount, daemonize, serve, and on unmount or signal
+ * write every piece of metadata back before exiting.
+ */
+#include "fuse_ops.h"
+#include "image.h"
+#include "log.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+struct cli {
+    char *image;
+    char *mountpoint;
+    int foreground;
+    int debug;
+    int single_thread;
+    int read_only;
+    char *l2_cache_size;
+    char *refcount_cache_size;
+    char *cache_mode;
+    char *backing;
+    char *name;
+    char *io_trace;
+    int show_help;
+    int show_version;
+};
+
+enum { KEY_HELP, KEY_VERSION, KEY_RO, KEY_RW, KEY_FOREGROUND, KEY_DEBUG, KEY_SINGLE };
+
+#define CLI_OPT(t, p) { t, offsetof(struct cli, p), 1 }
+static const struct fuse_opt cli_opts[] = {
+    CLI_OPT("l2-cache-size=%s", l2_cache_size),
+    CLI_OPT("refcount-cache-size=%s", refcount_cache_size),
+    CLI_OPT("cache=%s", cache_mode),
+    CLI_OPT("backing=%s", backing),
+    CLI_OPT("name=%s", name),
+    CLI_OPT("io-trace=%s", io_trace),
+    FUSE_OPT_KEY("ro", KEY_RO),
+    FUSE_OPT_KEY("rw", KEY_RW),
+    FUSE_OPT_KEY("-h", KEY_HELP),
+    FUSE_OPT_KEY("--help", KEY_HELP),
+    FUSE_OPT_KEY("-V", KEY_VERSION),
+    FUSE_OPT_KEY("--version", KEY_VERSION),
+    FUSE_OPT_KEY("-f", KEY_FOREGROUND),
+    FUSE_OPT_KEY("-d", KEY_DEBUG),
+    FUSE_OPT_KEY("-s", KEY_SINGLE),
+    FUSE_OPT_END
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+"usage: qcow2fuse [-f] [-o OPTIONS] IMAGE MOUNTPOINT\n"
+"\n"
+"Mount the qcow2 image IMAGE so that MOUNTPOINT/disk is its raw disk.\n"
+"Unmount with: fusermount3 -u MOUNTPOINT\n"
+"\n"
+"  -f                       stay in the foreground (log to stderr)\n"
+"  -d                       foreground with FUSE debug output\n"
+"  -s                       serve requests on a single thread\n"
+"  -h, --help               this help\n"
+"  -V, --version            print the version\n"
+"\n"
+"  -o ro                    read-only: writes fail with EROFS\n"
+"  -o l2-cache-size=BYTES   L2 table cache (K/M/G suffixes; default: enough\n"
+"                           for the whole disk, at most 32M)\n"
+"  -o refcount-cache-size=BYTES  refcount block cache (default 1M)\n"
+"  -o cache=writeback|writethrough  metadata cache mode (default writeback)\n"
+"  -o backing=allow|deny|DIR  backing files: any regular file (default),\n"
+"                           none, or only regular files below DIR\n"
+"  -o name=FILE             name of the disk file (default: disk)\n"
+"  -o allow_other           let other users access the mount (FUSE option)\n");
+}
+
+static int parse_size(const char *s, const char *what, uint64_t *out)
+{
+    char *end;
+    unsigned long long v;
+
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno || end == s)
+        goto bad;
+    switch (*end) {
+    case 'k': case 'K': v <<= 10; end++; break;
+    case 'm': case 'M': v <<= 20; end++; break;
+    case 'g': case 'G': v <<= 30; end++; break;
+    case 't': case 'T': v <<= 40; end++; break;
+    }
+    if (*end == 'B' || *end == 'b')
+        end++;
+    if (*end)
+        goto bad;
+    *out = v;
+    return 0;
+bad:
+    fprintf(stderr, "qcow2fuse: invalid %s \"%s\": expected a size in bytes "
+            "with an optional K, M, G or T suffix\n", what, s);
+    return -EINVAL;
+}
+
+static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outargs)
+{
+    struct cli *cli = data;
+
+    switch (key) {
+    case FUSE_OPT_KEY_NONOPT:
+        if (!cli->image) {
+            cli->image = strdup(arg);
+            return 0;
+        }
+        if (!cli->mountpoint) {
+            cli->mountpoint = strdup(arg);
+            return 0;
+        }
+        fprintf(stderr, "qcow2fuse: unexpected argument \"%s\"\n", arg);
+        return -1;
+    case KEY_HELP:
+        cli->show_help = 1;
+        return 0;
+    case KEY_VERSION:
+        cli->show_version = 1;
+        return 0;
+    case KEY_RO:
+        cli->read_only = 1;
+        return 1;               /* also a kernel mount option */
+    case KEY_RW:
+        cli->read_only = 0;
+        return 0;
+    case KEY_FOREGROUND:
+        cli->foreground = 1;
+        return 0;
+    case KEY_DEBUG:
+        cli->foreground = 1;
+        cli->debug = 1;
+        return 1;
+    case KEY_SINGLE:
+        cli->single_thread = 1;
+        return 0;
+    }
+    return 1;
+}
+
+/* fsname is shown in /proc/mounts: the image path, with option syntax
+ * escaped. */
+static char *fsname_arg(const char *path)
+{
+    size_t n = strlen(path);
+    char *s = malloc(2 * n + 32), *p;
+
+    if (!s)
+        return NULL;
+    p = s + sprintf(s, "-osubtype=qcow2fuse,fsname=");
+    for (size_t i = 0; i < n; i++) {
+        if (path[i] == ',' || path[i] == '\\')
+            *p++ = '\\';
+        *p++ = path[i];
+    }
+    *p = '\0';
+    return s;
+}
+
+int main(int argc, char *argv[])
+{
+    struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+    struct cli cli = { 0 };
+    struct image_options iopts = { .trace_fd = -1 };
+    struct fuse_ops_config fcfg = { 0 };
+    struct fuse_ops_ctx *ctx = NULL;
+    struct fuse_session *se = NULL;
+    struct image *img = NULL;
+    char *image_real = NULL, *fsname = NULL;
+    struct stat st;
+    int ret = 1, err;
+
+    if (fuse_opt_parse(&args, &cli, cli_opts, opt_proc) < 0)
+        goto out;
+    if (cli.show_help) {
+        usage(stdout);
+        ret = 0;
+        goto out;
+    }
+    if (cli.show_version) {
+        printf("qcow2fuse %s (libfuse %s)\n", QCOW2FUSE_VERSION, fuse_pkgversion());
+        ret = 0;
+        goto out;
+    }
+    if (!cli.image || !cli.mountpoint) {
+        usage(stderr);
+        goto out;
+    }
+
+    iopts.read_only = cli.read_only;
+    if (cli.l2_cache_size &&
+        parse_size(cli.l2_cache_size, "l2-cache-size", &iopts.l2_cache_size) < 0)
+        goto out;
+    if (cli.refcount_cache_size &&
+        parse_size(cli.refcount_cache_size, "refcount-cache-size",
+                   &iopts.refcount_cache_size) < 0)
+        goto out;
+    if (cli.cache_mode) {
+        if (strcmp(cli.cache_mode, "writethrough") == 0)
+            iopts.writethrough = true;
+        else if (strcmp(cli.cache_mode, "writeback") != 0) {
+            fprintf(stderr, "qcow2fuse: cache=%s: expected writeback or "
+                    "writethrough\n", cli.cache_mode);
+            goto out;
+        }
+    }
+    iopts.backing.policy = BACKING_ALLOW;
+    if (cli.backing) {
+        if (strcmp(cli.backing, "allow") == 0)
+            iopts.backing.policy = BACKING_ALLOW;
+        else if (strcmp(cli.backing, "deny") == 0)
+            iopts.backing.policy = BACKING_DENY;
+        else if (stat(cli.backing, &st) == 0 && S_ISDIR(st.st_mode)) {
+            iopts.backing.policy = BACKING_DIR;
+            iopts.backing.dir = cli.backing;
+        } else {
+            fprintf(stderr, "qcow2fuse: backing=%s: expected allow, deny or an "
+                    "existing directory\n", cli.backing);
+            goto out;
+        }
+    }
+    if (cli.io_trace) {
+        iopts.trace_fd = open(cli.io_trace, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (iopts.trace_fd < 0) {
+            fprintf(stderr, "qcow2fuse: io-trace=%s: %s\n", cli.io_trace, strerror(errno));
+            goto out;
+        }
+    }
+    if (cli.name && (!cli.name[0] || strchr(cli.name, '/') ||
+                     !strcmp(cli.name, ".") || !strcmp(cli.name, ".."))) {
+        fprintf(stderr, "qcow2fuse: name=%s: not a valid file name\n", cli.name);
+        goto out;
+    }
+
+    if (stat(cli.mountpoint, &st) < 0 || !S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "qcow2fuse: mount point %s: %s\n", cli.mountpoint,
+                errno && !S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
+        goto out;
+    }
+    image_real = realpath(cli.image, NULL);
+    if (!image_real) {
+        fprintf(stderr, "qcow2fuse: image %s: %s\n", cli.image, strerror(errno));
+        goto out;
+    }
+    if (stat(image_real, &st) < 0) {
+        fprintf(stderr, "qcow2fuse: image %s: %s\n", cli.image, strerror(errno));
+        goto out;
+    }
+
+    err = image_open(image_real, &iopts, &img);
+    if (err < 0)
+        goto out;
+
+    fcfg.disk_name = cli.name ? cli.name : "disk";
+    fcfg.uid = st.st_uid;
+    fcfg.gid = st.st_gid;
+    fcfg.mode = st.st_mode & 0666;
+    fcfg.direct_io = true;
+    fcfg.max_background = 64;
+    ctx = fuse_ops_ctx_new(img, &fcfg);
+    fsname = fsname_arg(image_real);
+    if (!ctx || !fsname || fuse_opt_add_arg(&args, fsname) < 0) {
+        fprintf(stderr, "qcow2fuse: out of memory\n");
+        goto out_close;
+    }
+
+    se = fuse_session_new(&args, fuse_ops_table(), sizeof(struct fuse_lowlevel_ops), ctx);
+    if (!se)
+        goto out_close;         /* libfuse printed why */
+    if (fuse_set_signal_handlers(se) < 0)
+        goto out_close;
+    if (fuse_session_mount(se, cli.mountpoint) < 0) {
+        fprintf(stderr, "qcow2fuse: cannot mount on %s\n", cli.mountpoint);
+        goto out_close;
+    }
+    if (fuse_daemonize(cli.foreground) < 0)
+        goto out_unmount;
+    if (!cli.foreground)
+        log_use_syslog("qcow2fuse");
+
+    if (cli.single_thread) {
+        err = fuse_session_loop(se);
+    } else {
+        struct fuse_loop_config *lc = fuse_loop_cfg_create();
+        if (!lc) {
+            log_error("out of memory");
+            goto out_unmount;
+        }
+        fuse_loop_cfg_set_clone_fd(lc, 1);
+        fuse_loop_cfg_set_max_threads(lc, 16);
+        fuse_loop_cfg_set_idle_threads(lc, 8);
+        err = fuse_session_loop_mt(se, lc);
+        fuse_loop_cfg_destroy(lc);
+    }
+    ret = err < 0 ? 1 : 0;
+
+out_unmount:
+    fuse_session_unmount(se);
+out_close:
+    if (se) {
+        fuse_remove_signal_handlers(se);
+        fuse_session_destroy(se);
+    }
+    if (img && image_close(img) < 0) {
+        log_error("writing metadata back to %s failed: the image may have "
+                  "leaked clusters (run qemu-img check)", image_real);
+        ret = 1;
+    }
+    fuse_ops_ctx_free(ctx);
+out:
+    fuse_opt_free_args(&args);
+    free(image_real);
+    free(fsname);
+    free(cli.image);
+    free(cli.mountpoint);
+    free(cli.l2_cache_size);
+    free(cli.refcount_cache_size);
+    free(cli.cache_mode);
+    free(cli.backing);
+    free(cli.name);
+    free(cli.io_trace);
+    return ret;
+}

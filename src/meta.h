@@ -1,0 +1,60 @@
+/*
+ * meta — the geometry of one open qcow2 image and its corruption path,
+ * shared by the modules that interpret on-disk metadata (cluster, refcount,
+ * compress).  Geometry is fixed at open; the corrupt flag is the one piece
+ * of state, and meta_corrupt() is the single way to raise it: it logs once
+ * with the offending offsets, sets the corrupt bit in the image header (on a
+ * writable image) and from then on every write is refused.
+ */
+#ifndef QCOW2FUSE_META_H
+#define QCOW2FUSE_META_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+struct io;
+
+struct meta {
+    struct io *io;              /* the qcow2 file: all metadata lives here */
+    struct io *data_io;         /* guest data: external data file, or io */
+    unsigned cluster_bits;
+    uint64_t cluster_size;
+    unsigned l2_entry_bytes;    /* 8, or 16 with extended L2 entries */
+    uint64_t l2_entries;        /* entries per L2 table */
+    bool extended_l2;
+    bool has_data_file;
+    bool data_file_raw;
+    bool v3;                    /* zero flag available */
+    bool read_only;
+    unsigned refcount_order;
+    uint64_t virtual_size;
+    uint64_t incompatible;      /* as on disk */
+    atomic_bool corrupt;
+    atomic_flag corrupt_reported;
+};
+
+/* Offsets in L1/L2 entries and refcount-table entries: bits 9-55. */
+#define META_OFFSET_MASK        0x00fffffffffffe00ull
+#define META_L2_COPIED          (1ull << 63)
+#define META_L2_COMPRESSED      (1ull << 62)
+#define META_L2_ZERO            1ull
+#define META_L1_RESERVED        0x7f000000000001ffull
+#define META_L2_STD_RESERVED    0x3f000000000001feull
+#define META_REFTABLE_RESERVED  0x1ffull
+
+/*
+ * Report corrupt metadata: @what names the structure and offsets.
+ * On exit: the image is marked corrupt (writes refused); the first call also
+ * logs an error and, on a writable image, sets the corrupt bit on disk.
+ * Returns -EIO, so callers can `return meta_corrupt(...)`.
+ */
+int meta_corrupt(struct meta *m, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static inline bool meta_is_corrupt(const struct meta *m)
+{
+    return atomic_load(&m->corrupt);
+}
+
+#endif

@@ -1,0 +1,590 @@
+# shellcheck shell=bash
+#
+# Helpers for the qcow2fuse integration tests.  Sourced by every
+# tests/integration/test_*.sh script:
+#
+#     . "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
+#
+# Environment:
+#   QCOW2FUSE   absolute path of the daemon binary (required)
+#   TOOLS       directory with the helper tools built from tests/tools/*.c
+#   TMPDIR      where per-test temporary directories are created (default /tmp)
+#   KEEP_TMP=1  keep the temporary directory (for debugging)
+#   CASE_FILTER glob: only run the cases (run_case) whose name matches
+#
+# Exit codes of a test script: 0 pass, 1 fail, 77 skip.
+#
+# Conventions:
+#   * $T is the scratch directory of the current test (or of the current
+#     case, inside run_case).  It is removed by the cleanup trap.
+#   * mount_image starts the daemon in the foreground (-f) in the background
+#     of the calling shell; unmount_image must therefore be called from the
+#     same shell (never call mount_image inside $(...) or a pipeline).
+#   * fail / skip exit the current test (or the current case inside run_case).
+
+set -euo pipefail
+shopt -s inherit_errexit
+export LC_ALL=C
+
+TESTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+TEST_NAME=$(basename "${BASH_SOURCE[1]:-$0}" .sh)
+CASE_NAME=""
+SKIP_STATUS=77
+
+# Timeouts (seconds).
+MOUNT_TIMEOUT=${MOUNT_TIMEOUT:-10}   # daemon start -> mount ready
+EXIT_TIMEOUT=${EXIT_TIMEOUT:-10}     # unmount -> daemon exit
+IO_TIMEOUT=${IO_TIMEOUT:-120}        # one command reading the mount
+
+# ---------------------------------------------------------------------------
+# Reporting
+
+# fail MSG...: report a failure and exit 1 (the case, or the whole test).
+fail() {
+    echo "FAIL${CASE_NAME:+ [$CASE_NAME]}: $*" >&2
+    exit 1
+}
+
+# skip REASON...: report a skip and exit 77.  run.sh shows the reason.
+skip() {
+    echo "SKIP: $*"
+    if [[ -n $CASE_NAME && -n ${_CASE_SKIPFILE:-} ]]; then
+        printf '%s\n' "$*" >"$_CASE_SKIPFILE"
+    fi
+    exit "$SKIP_STATUS"
+}
+
+# info MSG...: progress message (goes to the test log).
+info() {
+    echo "  ${CASE_NAME:+[$CASE_NAME] }$*"
+}
+
+# requires CMD...: skip the test (case) unless every command is available.
+requires() {
+    local c missing=()
+    for c in "$@"; do
+        command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+    done
+    if ((${#missing[@]} > 0)); then
+        skip "required command(s) not found: ${missing[*]}"
+    fi
+}
+
+# requires_fuse: skip unless FUSE can be used at all.
+requires_fuse() {
+    requires fusermount3 mountpoint
+    [[ -c /dev/fuse ]] || skip "/dev/fuse is not available"
+}
+
+# require_tool NAME: path of a helper tool from $TOOLS; failing (not
+# skipping) when it is missing, because the Makefile always builds them.
+require_tool() {
+    local p="${TOOLS:-}/$1"
+    [[ -n ${TOOLS:-} ]] || fail "TOOLS is not set (directory of the tools built from tests/tools/*.c)"
+    [[ -x $p ]] || fail "helper tool $p is missing (build it with make)"
+    printf '%s\n' "$p"
+}
+
+# ---------------------------------------------------------------------------
+# Process / mount tracking and cleanup
+
+_MOUNTS=()                 # every mountpoint this scope mounted (canonical)
+_PIDS=()                   # every daemon PID this scope started/discovered
+declare -A _MNT_PID=()     # mountpoint -> PID of its foreground daemon
+declare -A _MNT_LOG=()     # mountpoint -> daemon output file
+_NSEQ=0                    # counter for unique file names
+
+_seq() {
+    _NSEQ=$((_NSEQ + 1))
+    printf '%s\n' "$_NSEQ"
+}
+
+# canon_path PATH: absolute path with symlinks in the *parent* resolved
+# (the last component is not touched, so this works on dead FUSE mounts).
+canon_path() {
+    local p=$1 d b
+    [[ $p == /* ]] || p="$PWD/$p"
+    p=${p%/}
+    d=$(dirname "$p")
+    b=$(basename "$p")
+    d=$(cd "$d" && pwd -P) || return 1
+    if [[ $d == / ]]; then printf '/%s\n' "$b"; else printf '%s/%s\n' "$d" "$b"; fi
+}
+
+# is_mounted PATH: true if PATH is a mount point according to
+# /proc/self/mountinfo (also true for a FUSE mount whose daemon died).
+is_mounted() {
+    local target fields
+    target=$(canon_path "$1") || return 1
+    target=${target// /\\040}
+    while read -r -a fields; do
+        [[ ${fields[4]} == "$target" ]] && return 0
+    done </proc/self/mountinfo
+    return 1
+}
+
+# pid_alive PID: process exists and is not a zombie.
+pid_alive() {
+    local st
+    [[ -r /proc/$1/stat ]] || return 1
+    st=$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $st && $st != Z && $st != X ]]
+}
+
+# pids_holding FILE: PIDs of processes that have FILE open (fd or mapping).
+# Used only to find the daemon started in daemon mode (no -f); FILE is a
+# unique path in the test's own scratch directory.
+pids_holding() {
+    local want fd p
+    want=$(readlink -f "$1")
+    for fd in /proc/[0-9]*/fd/* /proc/[0-9]*/map_files/*; do
+        [[ $(readlink "$fd" 2>/dev/null) == "$want" ]] || continue
+        p=${fd#/proc/}
+        printf '%s\n' "${p%%/*}"
+    done 2>/dev/null | sort -un
+}
+
+# track_mount MNT [PID]: register a mount (and daemon PID) for cleanup.
+track_mount() {
+    _MOUNTS+=("$(canon_path "$1")")
+    if [[ -n ${2:-} ]]; then _PIDS+=("$2"); fi
+}
+
+# track_pid PID: register a daemon PID for cleanup.
+track_pid() {
+    _PIDS+=("$1")
+}
+
+_cleanup_scope() {
+    local m p i
+    for m in "${_MOUNTS[@]}"; do
+        if is_mounted "$m"; then
+            fusermount3 -u "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null \
+                || umount -l "$m" 2>/dev/null
+        fi
+    done
+    for p in "${_PIDS[@]}"; do
+        if pid_alive "$p"; then
+            kill -TERM "$p" 2>/dev/null
+            for ((i = 0; i < 50; i++)); do
+                pid_alive "$p" || break
+                sleep 0.1
+            done
+            if pid_alive "$p"; then
+                echo "cleanup: daemon $p ignored SIGTERM, sending SIGKILL" >&2
+                kill -KILL "$p" 2>/dev/null
+            fi
+        fi
+        wait "$p" 2>/dev/null
+    done
+    # A killed daemon can leave a dead mount behind ("Transport endpoint is
+    # not connected"); detach it.
+    for m in "${_MOUNTS[@]}"; do
+        if is_mounted "$m"; then
+            fusermount3 -uz "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
+        fi
+    done
+}
+
+_remove_dir() {
+    local d=$1 m
+    [[ -n $d && -d $d ]] || return 0
+    if [[ ${KEEP_TMP:-0} == 1 ]]; then
+        echo "keeping $d" >&2
+        return 0
+    fi
+    # Never recurse into something that is still mounted.
+    for m in "${_MOUNTS[@]}"; do
+        if is_mounted "$m"; then
+            echo "cleanup: $m is still mounted; leaving $d in place" >&2
+            return 0
+        fi
+    done
+    rm -rf --one-file-system "$d"
+}
+
+# The EXIT trap: unmount what we mounted, stop daemons we started (by PID),
+# remove the scratch directory, keep the exit status.
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT
+    _cleanup_scope
+    if [[ -n $CASE_NAME ]]; then
+        _remove_dir "$T"
+    else
+        _remove_dir "$TEST_TMP"
+    fi
+    exit "$rc"
+}
+
+_set_traps() {
+    trap cleanup EXIT
+    trap 'exit 129' HUP
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+# ---------------------------------------------------------------------------
+# Environment
+
+if [[ -z ${QCOW2FUSE:-} ]]; then
+    echo "FAIL: QCOW2FUSE is not set (absolute path of the qcow2fuse binary)" >&2
+    exit 1
+fi
+if [[ $QCOW2FUSE != /* || ! -x $QCOW2FUSE ]]; then
+    echo "FAIL: QCOW2FUSE=$QCOW2FUSE is not an absolute path to an executable" >&2
+    exit 1
+fi
+
+TEST_TMP=$(mktemp -d "${TMPDIR:-/tmp}/qcow2fuse-$TEST_NAME.XXXXXX")
+TEST_TMP=$(cd "$TEST_TMP" && pwd -P)
+T=$TEST_TMP
+_set_traps
+
+# ---------------------------------------------------------------------------
+# Cases: independent sub-tests inside one script.  Each runs in a subshell
+# with its own scratch directory ($T), its own mount/PID tracking and its own
+# cleanup, so one failing case does not stop the others.
+
+_CASES_PASS=()
+_CASES_FAIL=()
+_CASES_SKIP=()
+
+# run_case NAME FUNC [ARGS...]
+run_case() {
+    local name=$1 rc=0 t0 t1
+    shift
+    # shellcheck disable=SC2053  # CASE_FILTER is a glob on purpose
+    if [[ -n ${CASE_FILTER:-} && $name != $CASE_FILTER ]]; then
+        return 0
+    fi
+    echo "--- case $name"
+    t0=$(date +%s%N)
+    set +e
+    (
+        set -euo pipefail
+        CASE_NAME=$name
+        _MOUNTS=()
+        _PIDS=()
+        _MNT_PID=()
+        _MNT_LOG=()
+        _CASE_SKIPFILE="$TEST_TMP/.skip.$name"
+        T=$(mktemp -d "$TEST_TMP/case-$name.XXXXXX")
+        _set_traps
+        "$@"
+    )
+    rc=$?
+    set -e
+    t1=$(date +%s%N)
+    local ms
+    ms=$(((t1 - t0) / 1000000))
+    case $rc in
+    0)
+        echo "--- ok   $name (${ms} ms)"
+        _CASES_PASS+=("$name")
+        ;;
+    "$SKIP_STATUS")
+        local why="?"
+        [[ -f $TEST_TMP/.skip.$name ]] && why=$(head -n1 "$TEST_TMP/.skip.$name")
+        echo "--- skip $name ($why)"
+        _CASES_SKIP+=("$name ($why)")
+        ;;
+    *)
+        echo "--- FAIL $name (exit status $rc, ${ms} ms)"
+        _CASES_FAIL+=("$name")
+        ;;
+    esac
+    return 0
+}
+
+# finish_cases: summary; exits 1 if a case failed, 77 if a case was skipped
+# (a skipped check is never reported as a pass), 0 otherwise.
+finish_cases() {
+    local np=${#_CASES_PASS[@]} nf=${#_CASES_FAIL[@]} ns=${#_CASES_SKIP[@]}
+    echo "=== $TEST_NAME: $np case(s) passed, $nf failed, $ns skipped"
+    if ((nf > 0)); then
+        echo "FAIL: failed cases: ${_CASES_FAIL[*]}" >&2
+        exit 1
+    fi
+    if ((ns > 0)); then
+        local IFS=';'
+        skip "$ns of $((np + ns)) cases skipped: ${_CASES_SKIP[*]}"
+    fi
+    if ((np == 0)); then
+        skip "no case matched CASE_FILTER=${CASE_FILTER:-}"
+    fi
+    exit 0
+}
+
+# ---------------------------------------------------------------------------
+# Images
+
+# virtual_size IMG: virtual size in bytes according to qemu-img.
+virtual_size() {
+    local out
+    out=$(qemu-img info -U --output=json "$1") || fail "qemu-img info $1 failed"
+    sed -n 's/^ *"virtual-size": *\([0-9][0-9]*\),*$/\1/p' <<<"$out" | head -n1
+}
+
+# img_fmt IMG: qemu format name guessed from the file name.
+img_fmt() {
+    case $1 in
+    *.raw | *.img) echo raw ;;
+    *) echo qcow2 ;;
+    esac
+}
+
+# qio IMG CMD...: run qemu-io commands on IMG; fail the test if one fails.
+qio() {
+    local img=$1 c log
+    shift
+    local args=()
+    for c in "$@"; do args+=(-c "$c"); done
+    log="$T/qemu-io.$(_seq).log"
+    if ! qemu-io -f "$(img_fmt "$img")" "${args[@]}" "$img" >"$log" 2>&1; then
+        cat "$log" >&2
+        fail "test setup: qemu-io on $img failed (commands: $*)"
+    fi
+}
+
+# make_sources: create $RND (incompressible) and $TXT (compressible but
+# position-unique) pattern files, for "qemu-io write -s FILE".
+make_sources() {
+    RND="$T/src.rnd"
+    TXT="$T/src.txt"
+    head -c 4194304 /dev/urandom >"$RND"
+    seq -f '%015g' 1 262144 >"$TXT" # 4 MiB, 16-byte lines
+}
+
+# ref_raw IMG [OUT]: qemu-img convert -O raw of IMG, prints the output path.
+ref_raw() {
+    local img=$1 out=${2:-"$T/ref.$(_seq).raw"}
+    qemu-img convert -U -O raw "$img" "$out" >&2 \
+        || fail "test setup: qemu-img convert -O raw $img failed"
+    printf '%s\n' "$out"
+}
+
+# ref_range IMG OFF LEN OUT: the bytes [OFF, OFF+LEN) of IMG's guest view,
+# as produced by qemu (raw filter with offset/size over the qcow2 image).
+ref_range() {
+    local img=$1 off=$2 len=$3 out=$4 abs
+    abs=$(readlink -f "$img")
+    qemu-img convert -U --image-opts \
+        "driver=raw,offset=$off,size=$len,file.driver=$(img_fmt "$img"),file.file.driver=file,file.file.filename=$abs" \
+        -O raw "$out" >&2 || fail "test setup: qemu-img convert of range $off+$len of $img failed"
+}
+
+# describe_diff A B: print where two files first differ.
+describe_diff() {
+    local a=$1 b=$2 first n
+    first=$(timeout -k 5 "$IO_TIMEOUT" cmp "$a" "$b" 2>&1 | head -n1) || true
+    echo "    cmp: $first" >&2
+    n=$(timeout -k 5 "$IO_TIMEOUT" cmp -l "$a" "$b" 2>/dev/null | wc -l) || true
+    echo "    number of differing bytes (within the common length): $n" >&2
+    local off
+    off=$(timeout -k 5 "$IO_TIMEOUT" cmp -l "$a" "$b" 2>/dev/null | head -n1 | awk '{print $1 - 1}') || true
+    if [[ -n $off ]]; then
+        printf '    first difference at offset %d (0x%x)\n' "$off" "$off" >&2
+        echo "    $a:" >&2
+        od -A d -t x1 -j $((off / 16 * 16)) -N 32 "$a" 2>&1 | sed 's/^/      /' >&2 || true
+        echo "    $b:" >&2
+        od -A d -t x1 -j $((off / 16 * 16)) -N 32 "$b" 2>&1 | sed 's/^/      /' >&2 || true
+    fi
+}
+
+# same_bytes A B WHAT: A and B must be byte-identical (and equally long).
+same_bytes() {
+    local a=$1 b=$2 what=$3 rc=0
+    timeout -k 5 "$IO_TIMEOUT" cmp -s "$a" "$b" || rc=$?
+    case $rc in
+    0) return 0 ;;
+    124 | 137) fail "$what: cmp timed out after ${IO_TIMEOUT}s" ;;
+    1)
+        describe_diff "$a" "$b"
+        fail "$what: contents differ"
+        ;;
+    *) fail "$what: cmp failed (exit $rc): $(cmp "$a" "$b" 2>&1 | head -n1)" ;;
+    esac
+}
+
+# compare_raw IMG MNT: MNT/disk must have the virtual size of IMG and be
+# byte-identical to "qemu-img convert -O raw IMG".
+compare_raw() {
+    local img=$1 mnt=$2 ref want got
+    ref=$(ref_raw "$img")
+    want=$(stat -c %s "$ref")
+    got=$(stat -c %s "$mnt/disk") || fail "stat $mnt/disk failed"
+    [[ $got == "$want" ]] || fail "$mnt/disk has size $got, expected $want (virtual size of $(basename "$img"))"
+    same_bytes "$mnt/disk" "$ref" "$(basename "$img"): $mnt/disk vs qemu-img convert -O raw"
+    rm -f "$ref"
+}
+
+# ---------------------------------------------------------------------------
+# Mounting
+
+# Directory the daemon is started from.  "/" by default, so that nothing can
+# accidentally be resolved relative to the test's working directory.
+MOUNT_CWD=${MOUNT_CWD:-/}
+
+# _check_sanitizer_output FILE WHAT
+_check_sanitizer_output() {
+    if [[ -f $1 ]] && grep -Eq 'ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:' "$1"; then
+        sed 's/^/    | /' "$1" >&2
+        fail "$2: sanitizer reported an error"
+    fi
+}
+
+# mount_image IMG MNT [OPTS]: start "$QCOW2FUSE -f [-o OPTS] IMG MNT" in the
+# background (from $MOUNT_CWD, IMG made absolute), wait until MNT/disk
+# exists.  Fails on early daemon exit or after MOUNT_TIMEOUT seconds.
+# Sets MOUNT_MS (start -> ready, milliseconds) and DAEMON_LOG.
+mount_image() {
+    local img=$1 mnt=$2 opts=${3:-} pid rc t0 now deadline log
+    [[ $img == /* ]] || img="$PWD/$img"
+    mkdir -p "$mnt"
+    mnt=$(canon_path "$mnt")
+    is_mounted "$mnt" && fail "mount_image: $mnt is already mounted"
+    log="$T/daemon.$(_seq).log"
+    local args=(-f)
+    [[ -n $opts ]] && args+=(-o "$opts")
+    t0=$(date +%s%N)
+    deadline=$((t0 + MOUNT_TIMEOUT * 1000000000))
+    (cd "$MOUNT_CWD" && exec "$QCOW2FUSE" "${args[@]}" "$img" "$mnt") </dev/null >"$log" 2>&1 &
+    pid=$!
+    _PIDS+=("$pid")
+    _MOUNTS+=("$mnt")
+    _MNT_PID[$mnt]=$pid
+    _MNT_LOG[$mnt]=$log
+    DAEMON_LOG=$log
+    while :; do
+        if is_mounted "$mnt" && [[ -e $mnt/disk ]]; then
+            break
+        fi
+        if ! pid_alive "$pid"; then
+            rc=0
+            wait "$pid" || rc=$?
+            sed 's/^/    | /' "$log" >&2
+            fail "daemon exited with status $rc before the mount came up ($QCOW2FUSE ${args[*]} $img $mnt)"
+        fi
+        now=$(date +%s%N)
+        if ((now > deadline)); then
+            sed 's/^/    | /' "$log" >&2
+            fail "mount of $img on $mnt not ready after ${MOUNT_TIMEOUT}s"
+        fi
+        sleep 0.01
+    done
+    now=$(date +%s%N)
+    MOUNT_MS=$(((now - t0) / 1000000))
+    info "mounted $(basename "$img") on $mnt${opts:+ (-o $opts)} in ${MOUNT_MS} ms (pid $pid)"
+}
+
+# unmount_image MNT: fusermount3 -u, wait for the daemon to exit, require
+# exit status 0.
+unmount_image() {
+    local mnt pid rc i deadline log
+    mnt=$(canon_path "$1")
+    pid=${_MNT_PID[$mnt]:-}
+    log=${_MNT_LOG[$mnt]:-}
+    [[ -n $pid ]] || fail "unmount_image: $mnt was not mounted by mount_image"
+    for ((i = 0; ; i++)); do
+        if fusermount3 -u "$mnt" 2>"$T/fusermount.err"; then
+            break
+        fi
+        if ((i >= 20)); then
+            cat "$T/fusermount.err" >&2
+            fail "fusermount3 -u $mnt failed"
+        fi
+        sleep 0.25
+    done
+    deadline=$(($(date +%s%N) + EXIT_TIMEOUT * 1000000000))
+    while pid_alive "$pid"; do
+        if (($(date +%s%N) > deadline)); then
+            fail "daemon $pid did not exit within ${EXIT_TIMEOUT}s after fusermount3 -u $mnt"
+        fi
+        sleep 0.02
+    done
+    rc=0
+    wait "$pid" || rc=$?
+    unset "_MNT_PID[$mnt]"
+    if ((rc != 0)); then
+        [[ -n $log ]] && sed 's/^/    | /' "$log" >&2
+        fail "daemon for $mnt exited with status $rc after unmount (expected 0)"
+    fi
+    is_mounted "$mnt" && fail "$mnt is still mounted after fusermount3 -u"
+    [[ -n $log ]] && _check_sanitizer_output "$log" "daemon for $mnt"
+    return 0
+}
+
+# expect_refusal IMG MNT [OPTS]: the daemon (foreground) must exit non-zero
+# without mounting.  Sets REFUSE_RC and REFUSE_ERR (file with stderr).
+expect_refusal() {
+    local img=$1 mnt=$2 opts=${3:-} pid rc deadline out
+    [[ $img == /* ]] || img="$PWD/$img"
+    mkdir -p "$mnt"
+    mnt=$(canon_path "$mnt")
+    REFUSE_ERR="$T/refuse.$(_seq).err"
+    out="$REFUSE_ERR.stdout"
+    local args=(-f)
+    [[ -n $opts ]] && args+=(-o "$opts")
+    (cd "$MOUNT_CWD" && exec "$QCOW2FUSE" "${args[@]}" "$img" "$mnt") </dev/null >"$out" 2>"$REFUSE_ERR" &
+    pid=$!
+    _PIDS+=("$pid")
+    _MOUNTS+=("$mnt")
+    deadline=$(($(date +%s%N) + MOUNT_TIMEOUT * 1000000000))
+    while pid_alive "$pid"; do
+        if is_mounted "$mnt"; then
+            sed 's/^/    | /' "$REFUSE_ERR" >&2
+            fail "$(basename "$img") was mounted, but the daemon should have refused it"
+        fi
+        if (($(date +%s%N) > deadline)); then
+            fail "daemon neither exited nor mounted $(basename "$img") within ${MOUNT_TIMEOUT}s (expected a refusal)"
+        fi
+        sleep 0.01
+    done
+    rc=0
+    wait "$pid" || rc=$?
+    REFUSE_RC=$rc
+    if is_mounted "$mnt" || mountpoint -q "$mnt" 2>/dev/null; then
+        fail "$mnt is mounted after the daemon exited (exit status $rc)"
+    fi
+    if ((rc == 0)); then
+        sed 's/^/    | /' "$REFUSE_ERR" >&2
+        fail "daemon exited with status 0 for $(basename "$img"); expected non-zero"
+    fi
+    if ((rc > 125)); then
+        sed 's/^/    | /' "$REFUSE_ERR" >&2
+        fail "daemon died with status $rc (signal $((rc - 128))?) on $(basename "$img") instead of refusing it cleanly"
+    fi
+    _check_sanitizer_output "$REFUSE_ERR" "daemon on $(basename "$img")"
+    [[ -s $REFUSE_ERR ]] || fail "daemon refused $(basename "$img") (status $rc) but printed nothing on stderr"
+    info "refused with status $rc: $(head -n3 "$REFUSE_ERR" | tr '\n' ' ')"
+}
+
+# stderr_mentions PATTERN...: the last refusal's stderr must match every
+# extended regex (case-insensitive).
+stderr_mentions() {
+    local p
+    for p in "$@"; do
+        if ! grep -Eqi -- "$p" "$REFUSE_ERR"; then
+            sed 's/^/    | /' "$REFUSE_ERR" >&2
+            fail "error message does not mention /$p/ (case-insensitive)"
+        fi
+    done
+}
+
+# write_fails FILE: opening FILE for writing (append) must fail with EROFS.
+# Checks the message "Read-only file system" from the shell.
+write_fails_erofs() {
+    local f=$1 out
+    if out=$(timeout -k 5 "$IO_TIMEOUT" sh -c 'echo x >> "$1"' sh "$f" 2>&1); then
+        fail "appending to $f succeeded on a read-only mount"
+    fi
+    grep -q "Read-only file system" <<<"$out" \
+        || fail "appending to $f failed, but not with EROFS: $out"
+    if out=$(timeout -k 5 "$IO_TIMEOUT" dd if=/dev/zero of="$f" bs=512 count=1 conv=notrunc status=none 2>&1); then
+        fail "dd of=$f conv=notrunc succeeded on a read-only mount"
+    fi
+    grep -q "Read-only file system" <<<"$out" \
+        || fail "dd of=$f failed, but not with EROFS: $out"
+}
