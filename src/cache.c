@@ -258,6 +258,12 @@ void cache_depends_on_flush(struct cache *c)
     c->depends_on_flush = true;
 }
 
+void cache_dependency_met(struct cache *c)
+{
+    c->depends = NULL;
+    c->depends_on_flush = false;
+}
+
 /* Find a victim: the least recently used unreferenced entry. */
 static int take_entry(struct cache *c, uint32_t *out)
 {

@@ -76,6 +76,10 @@ int cache_write_dirty(struct cache *c);
 void cache_set_dependency(struct cache *c, struct cache *dependency);
 void cache_depends_on_flush(struct cache *c);
 
+/* The caller has itself written the dependency and flushed the host: clear
+ * both requirements so the next table write does not repeat them. */
+void cache_dependency_met(struct cache *c);
+
 /* Forget the table at @offset (its cluster was freed): no write-back.
  * On entry the entry must not be referenced. */
 void cache_discard(struct cache *c, uint64_t offset);

@@ -9,6 +9,7 @@
 #include "io.h"
 #include "log.h"
 #include "meta.h"
+#include "refcount.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -25,7 +26,12 @@ struct cluster {
     struct cache *l2_cache;
     size_t slice_bytes;
     uint64_t slice_entries;
+    struct refcount *rc;        /* NULL on read-only images */
+    uint8_t *l1_dirty;          /* one flag per L1_CHUNK entries */
+    bool any_l1_dirty;
 };
+
+#define L1_CHUNK 512            /* entries per L1 write unit (4 KiB) */
 
 int cluster_decode_entry(const struct meta *m, uint64_t entry, uint64_t bitmap,
                          unsigned sc, enum cluster_kind *kind, uint64_t *host,
@@ -119,7 +125,8 @@ int cluster_open(struct meta *m, uint64_t l1_offset, uint32_t l1_size,
     cl->slice_entries = cl->slice_bytes / m->l2_entry_bytes;
 
     cl->l1 = calloc(l1_size ? l1_size : 1, sizeof(uint64_t));
-    if (!cl->l1) {
+    cl->l1_dirty = calloc(l1_size / L1_CHUNK + 1, 1);
+    if (!cl->l1 || !cl->l1_dirty) {
         ret = -ENOMEM;
         goto fail;
     }
@@ -157,6 +164,7 @@ void cluster_close(struct cluster *cl)
     if (!cl)
         return;
     cache_destroy(cl->l2_cache);
+    free(cl->l1_dirty);
     free(cl->l1);
     free(cl);
 }
@@ -282,5 +290,170 @@ int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
 
 out:
     cache_put(cl->l2_cache, (void **)&slice);
+    return ret;
+}
+
+/* ---- write side ---------------------------------------------------------- */
+
+void cluster_set_refcount(struct cluster *cl, struct refcount *rc)
+{
+    cl->rc = rc;
+    cache_set_dependency(cl->l2_cache, refcount_cache(rc));
+}
+
+static uint64_t slice_offset(const struct cluster *cl, uint64_t l2_offset,
+                             uint64_t l2_index)
+{
+    return l2_offset + (l2_index - l2_index % cl->slice_entries) * cl->m->l2_entry_bytes;
+}
+
+int cluster_get_entry(struct cluster *cl, uint64_t gc, uint64_t *entry,
+                      uint64_t *bitmap)
+{
+    struct meta *m = cl->m;
+    uint64_t l1_index = gc / m->l2_entries, l2_index = gc % m->l2_entries;
+    uint64_t l2_offset, i;
+    uint8_t *slice;
+    int ret;
+
+    *entry = *bitmap = 0;
+    ret = l2_table_of(cl, l1_index, &l2_offset);
+    if (ret < 0 || l2_offset == 0)
+        return ret;
+    ret = cache_get(cl->l2_cache, slice_offset(cl, l2_offset, l2_index), (void **)&slice);
+    if (ret < 0)
+        return ret;
+    i = l2_index % cl->slice_entries;
+    *entry = be64_get(slice + i * m->l2_entry_bytes);
+    if (m->extended_l2)
+        *bitmap = be64_get(slice + i * 16 + 8);
+    cache_put(cl->l2_cache, (void **)&slice);
+    return 0;
+}
+
+static void l1_set(struct cluster *cl, uint64_t l1_index, uint64_t value)
+{
+    cl->l1[l1_index] = value;
+    cl->l1_dirty[l1_index / L1_CHUNK] = 1;
+    cl->any_l1_dirty = true;
+}
+
+int cluster_prepare_l2(struct cluster *cl, uint64_t gc)
+{
+    struct meta *m = cl->m;
+    uint64_t l1_index = gc / m->l2_entries;
+    uint64_t old, refs, new_offset;
+    uint8_t *buf = NULL;
+    int fresh, ret;
+
+    if (l1_index >= cl->l1_size)
+        return meta_corrupt(m, "guest cluster %llu lies beyond the L1 table "
+                            "(%u entries)", (unsigned long long)gc, cl->l1_size);
+    ret = l2_table_of(cl, l1_index, &old);
+    if (ret < 0)
+        return ret;
+    if (old && (cl->l1[l1_index] & META_L2_COPIED))
+        return 0;
+    if (old) {
+        ret = refcount_get(cl->rc, old, &refs);
+        if (ret < 0)
+            return ret;
+        if (refs == 1) {        /* COPIED was merely missing */
+            l1_set(cl, l1_index, old | META_L2_COPIED);
+            return 0;
+        }
+        if (refs == 0)
+            return meta_corrupt(m, "L2 table at 0x%llx (L1 entry %llu) has "
+                                "refcount 0", (unsigned long long)old,
+                                (unsigned long long)l1_index);
+    }
+
+    buf = calloc(1, m->cluster_size);
+    if (!buf)
+        return -ENOMEM;
+    if (old) {
+        /* Shared with a snapshot: the copy starts from the table on disk
+         * (a shared table is never modified, so the cache holds nothing
+         * newer). */
+        ret = io_pread(m->io, buf, m->cluster_size, old);
+        if (ret < 0)
+            goto out;
+    }
+    ret = refcount_alloc(cl->rc, 1, &new_offset, &fresh);
+    if (ret < 0)
+        goto out;
+    for (uint64_t so = 0; so < m->cluster_size; so += cl->slice_bytes)
+        cache_discard(cl->l2_cache, new_offset + so);
+    /* Written at once: the table must be on disk before the L1 entry that
+     * points at it, and the L1 is written only after a host flush. */
+    ret = io_pwrite(m->io, buf, m->cluster_size, new_offset);
+    if (ret < 0)
+        goto out;
+    l1_set(cl, l1_index, new_offset | META_L2_COPIED);
+    if (old)
+        ret = refcount_defer_free(cl->rc, old, m->cluster_size);
+out:
+    free(buf);
+    return ret;
+}
+
+int cluster_set_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
+                      uint64_t bitmap, bool new_data)
+{
+    struct meta *m = cl->m;
+    uint64_t l1_index = gc / m->l2_entries, l2_index = gc % m->l2_entries;
+    uint64_t l2_offset = cl->l1[l1_index] & META_OFFSET_MASK, i;
+    uint8_t *slice;
+    int ret;
+
+    ret = cache_get(cl->l2_cache, slice_offset(cl, l2_offset, l2_index), (void **)&slice);
+    if (ret < 0)
+        return ret;
+    i = l2_index % cl->slice_entries;
+    be64_put(slice + i * m->l2_entry_bytes, entry);
+    if (m->extended_l2)
+        be64_put(slice + i * 16 + 8, bitmap);
+    cache_mark_dirty(cl->l2_cache, slice);
+    if (new_data) {
+        cache_set_dependency(cl->l2_cache, refcount_cache(cl->rc));
+        cache_depends_on_flush(cl->l2_cache);
+    }
+    cache_put(cl->l2_cache, (void **)&slice);
+    return 0;
+}
+
+bool cluster_l1_dirty(const struct cluster *cl)
+{
+    return cl->any_l1_dirty;
+}
+
+int cluster_flush_l1(struct cluster *cl)
+{
+    uint8_t *buf;
+    int ret = 0;
+
+    if (!cl->any_l1_dirty)
+        return 0;
+    buf = malloc(L1_CHUNK * 8);
+    if (!buf)
+        return -ENOMEM;
+    for (uint64_t c = 0; c <= cl->l1_size / L1_CHUNK; c++) {
+        uint64_t first = c * L1_CHUNK, n;
+        if (!cl->l1_dirty[c] || first >= cl->l1_size)
+            continue;
+        n = cl->l1_size - first < L1_CHUNK ? cl->l1_size - first : L1_CHUNK;
+        for (uint64_t i = 0; i < n; i++)
+            be64_put(buf + 8 * i, cl->l1[first + i]);
+        ret = io_pwrite(cl->m->io, buf, n * 8, cl->l1_offset + first * 8);
+        if (ret < 0) {
+            log_error("writing the L1 table at 0x%llx failed: %s",
+                      (unsigned long long)(cl->l1_offset + first * 8), strerror(-ret));
+            break;              /* stays dirty */
+        }
+        cl->l1_dirty[c] = 0;
+    }
+    if (ret == 0)
+        cl->any_l1_dirty = false;
+    free(buf);
     return ret;
 }

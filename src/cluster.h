@@ -67,4 +67,41 @@ int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
 
 struct cache *cluster_l2_cache(struct cluster *cl);
 
+/* ---- write side (writable images only) ------------------------------------ */
+
+struct refcount;
+
+/* Enable the write side: allocations go through @rc. */
+void cluster_set_refcount(struct cluster *cl, struct refcount *rc);
+
+/*
+ * The raw L2 entry (and extended-L2 bitmap, else 0) of guest cluster @gc;
+ * both 0 when its L2 table is unallocated.
+ */
+int cluster_get_entry(struct cluster *cl, uint64_t gc, uint64_t *entry,
+                      uint64_t *bitmap);
+
+/*
+ * Make the L2 table of guest cluster @gc exclusively ours: allocate it if
+ * unallocated (written as zeros at once), or copy it if shared with a
+ * snapshot (the old table's reference is dropped through a deferred free).
+ * On exit: the L1 entry has COPIED set; the L1 change is written by
+ * cluster_flush_l1().
+ */
+int cluster_prepare_l2(struct cluster *cl, uint64_t gc);
+
+/*
+ * Set the L2 entry of guest cluster @gc.
+ * On entry: cluster_prepare_l2(@gc) succeeded under the same lock hold or
+ *           earlier (tables never become shared again while mounted).
+ * On exit:  the slice is dirty; if @new_data, the L2 cache now depends on
+ *           the refcount cache and on a host flush (guest data first).
+ */
+int cluster_set_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
+                      uint64_t bitmap, bool new_data);
+
+/* Write the dirty parts of the L1 table (no host flush). */
+int cluster_flush_l1(struct cluster *cl);
+bool cluster_l1_dirty(const struct cluster *cl);
+
 #endif

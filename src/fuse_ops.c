@@ -183,6 +183,45 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     free(buf);
 }
 
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
+                     off_t off, struct fuse_file_info *fi)
+{
+    struct fuse_ops_ctx *ctx = ctx_of(req);
+    uint64_t disk_size = image_size(ctx->img);
+    int ret;
+
+    if (off < 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    /* A disk does not grow by writing past its end (truncate resizes). */
+    if ((uint64_t)off >= disk_size) {
+        fuse_reply_err(req, size ? ENOSPC : 0);
+        return;
+    }
+    if (size > disk_size - (uint64_t)off)
+        size = (size_t)(disk_size - (uint64_t)off);
+    ret = image_write(ctx->img, buf, size, (uint64_t)off);
+    if (ret < 0)
+        fuse_reply_err(req, -ret);
+    else
+        fuse_reply_write(req, size);
+}
+
+static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,
+                     struct fuse_file_info *fi)
+{
+    /* fdatasync needs the metadata too: without the L2 update the data
+     * is not reachable. */
+    int ret = image_flush(ctx_of(req)->img);
+    fuse_reply_err(req, -ret);
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    fuse_reply_err(req, 0);
+}
+
 static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
                      struct fuse_file_info *fi)
 {
@@ -231,6 +270,9 @@ static const struct fuse_lowlevel_ops ops = {
     .readdir = op_readdir,
     .open = op_open,
     .read = op_read,
+    .write = op_write,
+    .fsync = op_fsync,
+    .flush = op_flush,
     .lseek = op_lseek,
     .statfs = op_statfs,
     .release = op_release,

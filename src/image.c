@@ -13,12 +13,24 @@
 #include "io.h"
 #include "log.h"
 #include "meta.h"
+#include "refcount.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+/* A guest byte range in use by a request (cluster aligned).  Writes take
+ * ranges exclusively, reads shared: a read never sees a cluster that a
+ * concurrent write is moving, and two writes never allocate one cluster. */
+struct range {
+    uint64_t start, end;
+    bool exclusive;
+    struct range *next;
+};
 
 struct image {
     char *path;
@@ -31,7 +43,12 @@ struct image {
     struct image *backing;
     uint64_t size;
     enum compress_type compression;
-    pthread_mutex_t lock;       /* metadata lock */
+    struct refcount *rc;        /* writable images only */
+    bool write_prepared;        /* header feature bits updated for writing */
+    bool set_dirty_bit;         /* we set the lazy-refcounts dirty bit */
+    struct range *ranges;
+    pthread_cond_t range_cond;
+    pthread_mutex_t lock;       /* metadata lock; also guards ranges */
 };
 
 static void image_free(struct image *img)
@@ -41,12 +58,25 @@ static void image_free(struct image *img)
     if (img->backing)
         image_close(img->backing);
     cluster_close(img->cl);
+    refcount_close(img->rc);
     io_close(img->data_io);
     io_close(img->io);
     header_free(&img->hdr);
     pthread_mutex_destroy(&img->lock);
+    pthread_cond_destroy(&img->range_cond);
     free(img->path);
     free(img);
+}
+
+static struct image *image_alloc(void)
+{
+    struct image *img = calloc(1, sizeof(*img));
+
+    if (img) {
+        pthread_mutex_init(&img->lock, NULL);
+        pthread_cond_init(&img->range_cond, NULL);
+    }
+    return img;
 }
 
 static int open_chain(const char *path, const struct image_options *opts,
@@ -54,14 +84,13 @@ static int open_chain(const char *path, const struct image_options *opts,
 
 static int open_raw(const char *path, struct io *io, struct image **out)
 {
-    struct image *img = calloc(1, sizeof(*img));
+    struct image *img = image_alloc();
     int ret;
 
     if (!img) {
         io_close(io);
         return -ENOMEM;
     }
-    pthread_mutex_init(&img->lock, NULL);
     img->is_raw = true;
     img->io = io;
     img->path = strdup(path);
@@ -142,6 +171,65 @@ static int open_data_file(struct image *img, const struct image_options *opts,
     return ret;
 }
 
+/*
+ * QEMU-compatible image locking: OFD locks on byte 100+i for each permission
+ * held and 200+i for each permission not shared with others (0 consistent
+ * read, 1 write, 3 resize).  A conflicting lock held by anyone else means
+ * the image is in use in an incompatible way.
+ */
+static int lock_image(struct io *io, const char *path, bool writable)
+{
+    static const char *const perm_names[] = { "consistent read", "write",
+                                              "write unchanged", "resize" };
+    const unsigned held_rw[] = { 0, 1, 3 }, held_ro[] = { 0 };
+    const unsigned unshared[] = { 1, 3 };
+    const unsigned *held = writable ? held_rw : held_ro;
+    unsigned nb_held = writable ? 3 : 1;
+    int fd = io_file_fd(io);
+    struct flock fl;
+
+    if (fd < 0)
+        return 0;
+    /* Probe: others refusing to share what we hold, or holding what we
+     * refuse to share. */
+    for (unsigned pass = 0; pass < 2; pass++) {
+        unsigned n = pass == 0 ? nb_held : 2;
+        for (unsigned i = 0; i < n; i++) {
+            unsigned perm = pass == 0 ? held[i] : unshared[i];
+            memset(&fl, 0, sizeof(fl));
+            fl.l_type = F_WRLCK;
+            fl.l_whence = SEEK_SET;
+            fl.l_start = (pass == 0 ? 200 : 100) + perm;
+            fl.l_len = 1;
+            if (fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK) {
+                log_error("%s: failed to get the image lock: another process "
+                          "(QEMU?) %s \"%s\" access to the image; stop it or "
+                          "mount read-only", path,
+                          pass == 0 ? "refuses to share" : "holds",
+                          perm_names[perm]);
+                return -EAGAIN;
+            }
+        }
+    }
+    for (unsigned pass = 0; pass < 2; pass++) {
+        unsigned n = pass == 0 ? nb_held : 2;
+        for (unsigned i = 0; i < n; i++) {
+            memset(&fl, 0, sizeof(fl));
+            fl.l_type = F_RDLCK;
+            fl.l_whence = SEEK_SET;
+            fl.l_start = pass == 0 ? 100 + held[i] : 200 + unshared[i];
+            fl.l_len = 1;
+            if (fcntl(fd, F_OFD_SETLK, &fl) < 0) {
+                int err = errno;
+                log_error("%s: failed to get the image lock (byte %lld): %s",
+                          path, (long long)fl.l_start, strerror(err));
+                return -err;
+            }
+        }
+    }
+    return 0;
+}
+
 static uint64_t default_l2_cache(const struct image *img)
 {
     uint64_t clusters = (img->size + img->meta.cluster_size - 1) >> img->meta.cluster_bits;
@@ -153,7 +241,7 @@ static uint64_t default_l2_cache(const struct image *img)
 static int open_chain(const char *path, const struct image_options *opts,
                       bool writable, unsigned depth, struct image **out)
 {
-    struct image *img = calloc(1, sizeof(*img));
+    struct image *img = image_alloc();
     uint8_t *buf = NULL;
     uint64_t file_size;
     size_t buf_len;
@@ -162,7 +250,6 @@ static int open_chain(const char *path, const struct image_options *opts,
 
     if (!img)
         return -ENOMEM;
-    pthread_mutex_init(&img->lock, NULL);
     img->path = strdup(path);
     if (!img->path) {
         ret = -ENOMEM;
@@ -173,6 +260,16 @@ static int open_chain(const char *path, const struct image_options *opts,
         log_error("cannot open %s%s: %s", path, writable ? " for writing" : "",
                   strerror(-ret));
         goto fail;
+    }
+    ret = lock_image(img->io, path, writable);
+    if (ret < 0)
+        goto fail;
+    if (depth == 0 && opts->trace_fd >= 0) {
+        struct io *traced;
+        ret = io_open_trace(img->io, dup(opts->trace_fd), &traced);
+        if (ret < 0)
+            goto fail;
+        img->io = traced;
     }
     ret = io_get_size(img->io, &file_size);
     if (ret < 0)
@@ -201,6 +298,13 @@ static int open_chain(const char *path, const struct image_options *opts,
                   "only be mounted read-only (-o ro); run qemu-img check -r all "
                   "to repair it", path);
         ret = -EROFS;
+        goto fail;
+    }
+    if (writable && (img->hdr.incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
+        log_error("%s: the image was not closed cleanly (dirty bit, incompatible "
+                  "bit 0): its refcounts must be rebuilt first; run qemu-img "
+                  "check -r all, or mount it read-only (-o ro)", path);
+        ret = -EINVAL;
         goto fail;
     }
 
@@ -236,6 +340,20 @@ static int open_chain(const char *path, const struct image_options *opts,
     if (ret < 0)
         goto fail;
 
+    if (writable) {
+        uint64_t rc_bytes = opts->refcount_cache_size ? opts->refcount_cache_size
+                                                      : (1u << 20);
+        ret = refcount_open(&img->meta, img->hdr.refcount_table_offset,
+                            img->hdr.refcount_table_clusters, rc_bytes, &img->rc);
+        if (ret < 0)
+            goto fail;
+        cluster_set_refcount(img->cl, img->rc);
+        if (opts->writethrough) {
+            cache_set_writethrough(cluster_l2_cache(img->cl), true);
+            cache_set_writethrough(refcount_cache(img->rc), true);
+        }
+    }
+
     if (img->hdr.backing_file) {
         ret = open_backing(img, opts, depth);
         if (ret < 0)
@@ -254,17 +372,32 @@ fail:
 int image_open(const char *path, const struct image_options *opts,
                struct image **out)
 {
-    if (!opts->read_only) {
-        log_error("%s: writable mounts are not available yet; use -o ro", path);
-        return -EROFS;
-    }
-    return open_chain(path, opts, false, 0, out);
+    return open_chain(path, opts, !opts->read_only, 0, out);
+}
+
+static int write_header_u64(struct image *img, unsigned offset, uint64_t v)
+{
+    uint8_t buf[8];
+
+    be64_put(buf, v);
+    return io_pwrite(img->io, buf, sizeof(buf), offset);
 }
 
 int image_close(struct image *img)
 {
+    int ret = 0;
+
+    if (!img->meta.read_only && !img->is_raw) {
+        ret = image_flush(img);
+        if (ret == 0 && img->set_dirty_bit) {
+            img->meta.incompatible &= ~QCOW2_INCOMPAT_DIRTY;
+            ret = write_header_u64(img, 72, img->meta.incompatible);
+            if (ret == 0)
+                ret = io_flush(img->io);
+        }
+    }
     image_free(img);
-    return 0;
+    return ret;
 }
 
 uint64_t image_size(const struct image *img)
@@ -280,6 +413,43 @@ bool image_is_read_only(const struct image *img)
 uint32_t image_cluster_size(const struct image *img)
 {
     return img->is_raw ? 65536 : (uint32_t)img->meta.cluster_size;
+}
+
+/* ---- request ranges -------------------------------------------------------- */
+
+static void range_lock(struct image *img, struct range *r, uint64_t offset,
+                       uint64_t len, bool exclusive)
+{
+    uint64_t cs = img->meta.cluster_size;
+
+    r->start = offset & ~(cs - 1);
+    r->end = (offset + len + cs - 1) & ~(cs - 1);
+    r->exclusive = exclusive;
+    pthread_mutex_lock(&img->lock);
+    for (;;) {
+        struct range *o;
+        for (o = img->ranges; o; o = o->next)
+            if (o->start < r->end && r->start < o->end && (o->exclusive || exclusive))
+                break;
+        if (!o)
+            break;
+        pthread_cond_wait(&img->range_cond, &img->lock);
+    }
+    r->next = img->ranges;
+    img->ranges = r;
+    pthread_mutex_unlock(&img->lock);
+}
+
+static void range_unlock(struct image *img, struct range *r)
+{
+    struct range **p;
+
+    pthread_mutex_lock(&img->lock);
+    for (p = &img->ranges; *p != r; p = &(*p)->next)
+        ;
+    *p = r->next;
+    pthread_cond_broadcast(&img->range_cond);
+    pthread_mutex_unlock(&img->lock);
 }
 
 /* ---- read path ----------------------------------------------------------- */
@@ -331,9 +501,25 @@ out:
     return ret;
 }
 
+static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset);
+
 int image_read(struct image *img, void *buf, size_t len, uint64_t offset)
 {
-    uint8_t *p = buf;
+    struct range r;
+    int ret;
+
+    /* Only a writable image has writers to keep out. */
+    if (img->meta.read_only || img->is_raw || offset >= img->size)
+        return read_range(img, buf, len, offset);
+    range_lock(img, &r, offset, len, false);
+    ret = read_range(img, buf, len, offset);
+    range_unlock(img, &r);
+    return ret;
+}
+
+static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset)
+{
+    void *buf = p;
     int ret;
 
     if (offset >= img->size) {
@@ -453,4 +639,422 @@ int image_seek(struct image *img, uint64_t offset, bool data, uint64_t *result)
         return -ENXIO;
     *result = img->size;
     return 0;
+}
+
+/* ---- write path ---------------------------------------------------------- */
+
+/*
+ * Before the first write: drop autoclear bits we do not maintain (QEMU then
+ * ignores stale bitmaps instead of trusting them) and, with lazy refcounts,
+ * set the dirty bit, durably.  Called with the metadata lock held.
+ */
+static int prepare_write(struct image *img)
+{
+    struct qcow2_header *h = &img->hdr;
+    bool changed = false;
+    int ret;
+
+    if (img->write_prepared)
+        return 0;
+    if (h->version >= 3) {
+        uint64_t keep = h->autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
+        if (keep != h->autoclear_features) {
+            ret = write_header_u64(img, 88, keep);
+            if (ret < 0)
+                return ret;
+            h->autoclear_features = keep;
+            changed = true;
+        }
+        if (h->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS) {
+            img->meta.incompatible |= QCOW2_INCOMPAT_DIRTY;
+            ret = write_header_u64(img, 72, img->meta.incompatible);
+            if (ret < 0)
+                return ret;
+            img->set_dirty_bit = true;
+            changed = true;
+        }
+    }
+    if (changed) {
+        ret = io_flush(img->io);
+        if (ret < 0)
+            return ret;
+    }
+    img->write_prepared = true;
+    return 0;
+}
+
+/* What an L2 entry says about one guest cluster, in units (subclusters with
+ * extended L2, else the whole cluster as unit 0). */
+struct old_state {
+    uint64_t entry;
+    bool compressed;
+    bool has_host;
+    uint64_t host;
+    uint32_t alloc;             /* units whose data is at host */
+    uint32_t zero;              /* units that read as zero */
+};
+
+static void decode_state(const struct image *img, uint64_t entry, uint64_t bitmap,
+                         struct old_state *st)
+{
+    const struct meta *m = &img->meta;
+
+    memset(st, 0, sizeof(*st));
+    st->entry = entry;
+    if (entry & META_L2_COMPRESSED) {
+        st->compressed = true;
+        return;
+    }
+    st->host = entry & META_OFFSET_MASK;
+    st->has_host = st->host != 0 || (m->has_data_file && (entry & META_L2_COPIED));
+    if (m->extended_l2) {
+        st->alloc = (uint32_t)bitmap;
+        st->zero = (uint32_t)(bitmap >> 32);
+    } else if (entry & META_L2_ZERO) {
+        st->zero = 1;
+    } else if (st->has_host) {
+        st->alloc = 1;
+    }
+}
+
+/*
+ * Bytes from @offset that can be overwritten in place: clusters we own
+ * (COPIED) whose touched units all hold data, contiguous on the host.
+ * Called with the metadata lock held.
+ */
+static int inplace_run(struct image *img, uint64_t offset, uint64_t len,
+                       uint64_t *host, uint64_t *bytes)
+{
+    const struct meta *m = &img->meta;
+    uint64_t cs = m->cluster_size, unit = m->extended_l2 ? cs / 32 : cs;
+    uint64_t pos = offset, end = offset + len;
+    int ret;
+
+    *bytes = 0;
+    while (pos < end) {
+        uint64_t entry, bitmap, in = pos & (cs - 1);
+        uint64_t n = cs - in < end - pos ? cs - in : end - pos;
+        struct old_state st;
+        const char *why;
+        enum cluster_kind kind;
+        uint64_t h;
+
+        ret = cluster_get_entry(img->cl, pos >> m->cluster_bits, &entry, &bitmap);
+        if (ret < 0)
+            return ret;
+        if (cluster_decode_entry(m, entry, bitmap, 0, &kind, &h, &why) < 0)
+            break;              /* the slow path reports it */
+        decode_state(img, entry, bitmap, &st);
+        if (st.compressed || !st.has_host || !(entry & META_L2_COPIED))
+            break;
+        if (m->extended_l2) {
+            unsigned u0 = (unsigned)(in / unit), u1 = (unsigned)((in + n - 1) / unit);
+            uint32_t need = (uint32_t)((u1 == 31 ? 0xffffffffu : ((1u << (u1 + 1)) - 1)) &
+                                       ~((1u << u0) - 1));
+            if ((st.alloc & need) != need)
+                break;
+        } else if (!st.alloc) {
+            break;
+        }
+        if (*bytes == 0)
+            *host = st.host + in;
+        else if (*host + *bytes != st.host + in)
+            break;
+        *bytes += n;
+        pos += n;
+    }
+    return 0;
+}
+
+/* Fill @len bytes of @buf with what guest offset @goff of a unit held
+ * before the write, per its old state. */
+static int old_content(struct image *img, const struct old_state *st,
+                       unsigned u, const uint8_t *decompressed,
+                       uint64_t goff, uint8_t *buf, size_t len)
+{
+    const struct meta *m = &img->meta;
+    uint64_t in = goff & (m->cluster_size - 1);
+
+    if (st->compressed) {
+        memcpy(buf, decompressed + in, len);
+        return 0;
+    }
+    if (st->alloc & (1u << u))
+        return io_pread(m->data_io, buf, len, st->host + in);
+    if ((st->zero & (1u << u)) || !img->backing) {
+        memset(buf, 0, len);
+        return 0;
+    }
+    return image_read(img->backing, buf, len, goff);
+}
+
+static uint32_t unit_mask(unsigned u0, unsigned u1)
+{
+    uint32_t hi = u1 >= 31 ? 0xffffffffu : (1u << (u1 + 1)) - 1;
+    return hi & ~((1u << u0) - 1);
+}
+
+/*
+ * Write [offset, offset + n) of one guest cluster that cannot be written in
+ * place: allocate (or take over) its host cluster, copy what the write does
+ * not cover from the old contents, then point the L2 entry at it.
+ * Called with the metadata lock held; drops it around the data I/O.
+ */
+static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset,
+                         uint64_t n)
+{
+    struct meta *m = &img->meta;
+    uint64_t cs = m->cluster_size, gc = offset >> m->cluster_bits;
+    uint64_t in = offset & (cs - 1), unit = m->extended_l2 ? cs / 32 : cs;
+    unsigned u0 = (unsigned)(in / unit), u1 = (unsigned)((in + n - 1) / unit);
+    uint32_t all = m->extended_l2 ? 0xffffffffu : 1u;
+    uint32_t written = m->extended_l2 ? unit_mask(u0, u1) : 1u;
+    uint32_t carry, new_alloc, new_zero, span;
+    uint64_t entry, bitmap, new_host, refs, cmp_host = 0, cmp_len = 0;
+    uint8_t *buf = NULL, *plain = NULL;
+    struct old_state st;
+    bool reuse = false, allocated = false;
+    int fresh = 0, ret;
+    unsigned lo, hi;
+
+    ret = cluster_prepare_l2(img->cl, gc);
+    if (ret < 0)
+        return ret;
+    ret = cluster_get_entry(img->cl, gc, &entry, &bitmap);
+    if (ret < 0)
+        return ret;
+    {
+        enum cluster_kind kind;
+        uint64_t h;
+        const char *why;
+        if (cluster_decode_entry(m, entry, bitmap, 0, &kind, &h, &why) < 0)
+            return meta_corrupt(m, "L2 entry of guest offset 0x%llx = 0x%016llx: %s",
+                                (unsigned long long)(gc << m->cluster_bits),
+                                (unsigned long long)entry, why);
+    }
+    decode_state(img, entry, bitmap, &st);
+
+    /* Where the cluster will live. */
+    if (m->has_data_file) {
+        new_host = gc << m->cluster_bits;   /* fixed guest = host mapping */
+        reuse = true;
+        st.host = new_host;
+    } else if (st.has_host) {
+        if (entry & META_L2_COPIED) {
+            reuse = true;
+        } else {
+            ret = refcount_get(img->rc, st.host, &refs);
+            if (ret < 0)
+                return ret;
+            reuse = refs == 1;
+        }
+    }
+    if (reuse) {
+        new_host = st.host;
+    } else {
+        ret = refcount_alloc(img->rc, 1, &new_host, &fresh);
+        if (ret < 0)
+            return ret;
+        allocated = true;
+    }
+    if (st.compressed) {
+        uint64_t x = entry & ~(META_L2_COPIED | META_L2_COMPRESSED);
+        unsigned shift = 62 - (m->cluster_bits - 8);
+        cmp_host = (x & ((1ull << shift) - 1)) & ~511ull;
+        cmp_len = (((x >> shift) & ((1ull << (62 - shift)) - 1)) + 1) * 512;
+    }
+
+    /* Units that move from the old host cluster (or the compressed data)
+     * into the new one, and the new allocation state. */
+    carry = st.compressed ? all : (!reuse ? st.alloc : 0);
+    new_alloc = (reuse ? st.alloc : carry) | written;
+    new_zero = st.zero & ~new_alloc;
+    span = written | carry;
+    lo = (unsigned)__builtin_ctz(span);
+    hi = 31 - (unsigned)__builtin_clz(span);
+
+    pthread_mutex_unlock(&img->lock);
+
+    buf = malloc(cs);
+    if (!buf) {
+        ret = -ENOMEM;
+        goto relock;
+    }
+    if (st.compressed) {
+        struct cluster_run run = { .kind = CLUSTER_COMPRESSED, .bytes = cs,
+                                   .l2_entry = entry };
+        plain = malloc(cs);
+        ret = plain ? read_compressed(img, &run, gc << m->cluster_bits, plain) : -ENOMEM;
+        if (ret < 0)
+            goto relock;
+    }
+
+    if (!m->extended_l2 && fresh && !st.compressed && !st.alloc &&
+        ((st.zero & 1) || !img->backing)) {
+        /* A fresh cluster already reads as zeros: write only the data. */
+        ret = io_pwrite(m->data_io, data, n, new_host + in);
+        goto relock;
+    }
+
+    for (unsigned u = lo; u <= hi; u++) {
+        uint64_t ustart = u * unit, uend = ustart + unit;
+        bool covered = ustart >= in && uend <= in + n;
+
+        if (covered)
+            continue;
+        if (!(span & (1u << u))) {
+            memset(buf + ustart, 0, unit);      /* never read: state says so */
+            continue;
+        }
+        if (reuse && (st.alloc & (1u << u)) && !(written & (1u << u)))
+            continue;                           /* not written: already there */
+        ret = old_content(img, &st, u, plain, (gc << m->cluster_bits) + ustart,
+                          buf + ustart, unit);
+        if (ret < 0)
+            goto relock;
+    }
+    memcpy(buf + in, data, n);
+
+    if (reuse && m->extended_l2) {
+        /* Only the written units' span changes on the host. */
+        ret = io_pwrite(m->data_io, buf + (uint64_t)u0 * unit,
+                        (uint64_t)(u1 - u0 + 1) * unit, new_host + (uint64_t)u0 * unit);
+    } else {
+        ret = io_pwrite(m->data_io, buf + (uint64_t)lo * unit,
+                        (uint64_t)(hi - lo + 1) * unit, new_host + (uint64_t)lo * unit);
+    }
+
+relock:
+    free(buf);
+    free(plain);
+    pthread_mutex_lock(&img->lock);
+    if (ret < 0) {
+        if (allocated)          /* nothing refers to it yet */
+            (void)refcount_update(img->rc, new_host, cs, -1);
+        return ret;
+    }
+
+    entry = new_host | META_L2_COPIED;
+    bitmap = m->extended_l2 ? ((uint64_t)new_zero << 32 | new_alloc) : 0;
+    ret = cluster_set_entry(img->cl, gc, entry, bitmap, true);
+    if (ret < 0)
+        return ret;
+    if (st.compressed)
+        ret = refcount_defer_free(img->rc, cmp_host, cmp_len);
+    else if (st.has_host && !reuse)
+        ret = refcount_defer_free(img->rc, st.host, cs);
+    return ret;
+}
+
+int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
+{
+    const uint8_t *p = buf;
+    struct range r;
+    int ret = 0;
+
+    if (image_is_read_only(img))
+        return -EROFS;
+    if (meta_is_corrupt(&img->meta))
+        return -EIO;
+    if (offset > img->size || len > img->size - offset)
+        return -ENOSPC;
+    if (len == 0)
+        return 0;
+
+    range_lock(img, &r, offset, len, true);
+    pthread_mutex_lock(&img->lock);
+    ret = prepare_write(img);
+    while (ret == 0 && len > 0) {
+        uint64_t host = 0, bytes;
+
+        ret = inplace_run(img, offset, len, &host, &bytes);
+        if (ret < 0)
+            break;
+        if (bytes) {
+            pthread_mutex_unlock(&img->lock);
+            ret = io_pwrite(img->meta.data_io, p, bytes, host);
+            pthread_mutex_lock(&img->lock);
+        } else {
+            uint64_t cs = img->meta.cluster_size;
+            bytes = cs - (offset & (cs - 1));
+            if (bytes > len)
+                bytes = len;
+            ret = write_cluster(img, p, offset, bytes);
+        }
+        p += bytes;
+        offset += bytes;
+        len -= bytes;
+    }
+    pthread_mutex_unlock(&img->lock);
+    range_unlock(img, &r);
+    return ret;
+}
+
+/* Release the host space of clusters whose refcount dropped to zero. */
+static void punch_freed(void *opaque, uint64_t offset, uint64_t len)
+{
+    struct image *img = opaque;
+    (void)io_punch_hole(img->io, offset, len);   /* space only: best effort */
+}
+
+static int flush_locked(struct image *img)
+{
+    struct cache *l2 = cluster_l2_cache(img->cl);
+    struct cache *rcc = refcount_cache(img->rc);
+    bool tables = cache_has_dirty(l2) || cluster_l1_dirty(img->cl);
+    int ret;
+
+    /* 1. Guest data and refcount increments, then one host flush. */
+    if (img->data_io) {
+        ret = io_flush(img->data_io);
+        if (ret < 0)
+            return ret;
+    }
+    ret = cache_write_dirty(rcc);
+    if (ret < 0)
+        return ret;
+    ret = io_flush(img->io);
+    if (ret < 0)
+        return ret;
+    cache_dependency_met(l2);
+
+    /* 2. L2 tables; then the L1 entries that point at new tables. */
+    if (tables) {
+        ret = cache_write_dirty(l2);
+        if (ret < 0)
+            return ret;
+        if (cluster_l1_dirty(img->cl)) {
+            ret = io_flush(img->io);
+            if (ret == 0)
+                ret = cluster_flush_l1(img->cl);
+            if (ret < 0)
+                return ret;
+        }
+        ret = io_flush(img->io);
+        if (ret < 0)
+            return ret;
+    }
+
+    /* 3. The references are gone from disk: drop their refcounts. */
+    if (refcount_has_deferred(img->rc)) {
+        ret = refcount_apply_deferred(img->rc, punch_freed, img);
+        if (ret < 0)
+            return ret;
+        ret = cache_flush(rcc);
+    }
+    return ret;
+}
+
+int image_flush(struct image *img)
+{
+    int ret;
+
+    if (image_is_read_only(img))
+        return 0;
+    pthread_mutex_lock(&img->lock);
+    ret = flush_locked(img);
+    pthread_mutex_unlock(&img->lock);
+    if (ret < 0)
+        log_error("%s: flushing metadata failed: %s", img->path, strerror(-ret));
+    return ret;
 }

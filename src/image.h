@@ -55,6 +55,20 @@ uint32_t image_cluster_size(const struct image *img);
 int image_read(struct image *img, void *buf, size_t len, uint64_t offset);
 
 /*
+ * Write @len bytes from @buf at @offset.
+ * On entry: @offset + @len <= virtual size.
+ * Returns: 0, -EROFS (read-only or corrupt image), -ENOSPC, -EIO, -errno.
+ */
+int image_write(struct image *img, const void *buf, size_t len, uint64_t offset);
+
+/*
+ * Make every completed write durable: refcount blocks, host flush, L2
+ * tables, L1 table, host flush, then deferred refcount decrements.
+ * Returns: 0 or the first -errno (failed tables stay dirty for a retry).
+ */
+int image_flush(struct image *img);
+
+/*
  * Find the next data (SEEK_DATA) or hole (SEEK_HOLE) at or after @offset.
  * On exit: *result is the offset found (the virtual size for a hole at EOF).
  * Returns: 0, -ENXIO when @offset is at/after the end or no data follows.

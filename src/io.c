@@ -141,8 +141,14 @@ int io_open_file(const char *path, bool writable, struct io **out)
     return 0;
 }
 
+static const struct io_ops trace_ops;
+struct io_trace;
+static struct io *trace_inner(struct io *io);
+
 int io_file_fd(struct io *io)
 {
+    if (io->ops == &trace_ops)
+        return io_file_fd(trace_inner(io));
     return io->ops == &file_ops ? ((struct io_file *)io)->fd : -1;
 }
 
@@ -321,6 +327,11 @@ static void trace_append(struct io_trace *t, uint32_t type, uint32_t what,
     if (payload && length)
         if (write(t->log_fd, payload, length) != (ssize_t)length)
             return;
+}
+
+static struct io *trace_inner(struct io *io)
+{
+    return ((struct io_trace *)io)->inner;
 }
 
 static int trace_pread(struct io *io, void *buf, size_t len, uint64_t off)

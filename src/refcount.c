@@ -1,0 +1,566 @@
+/*
+ * refcount — reference counts of host clusters, allocation, and growth of the
+ * refcount structures.
+ */
+#include "refcount.h"
+
+#include "cache.h"
+#include "header.h"
+#include "io.h"
+#include "log.h"
+#include "meta.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct refcount {
+    struct meta *m;
+    uint64_t *table;            /* host byte order */
+    uint64_t table_entries;
+    uint64_t table_offset;
+    uint32_t table_clusters;
+    struct cache *cache;
+    uint64_t block_entries;     /* refcounts per block */
+    uint64_t max_refcount;
+    uint64_t free_hint;         /* cluster index: no free cluster below */
+    uint64_t file_end;          /* bytes: clusters from here on read as zero */
+    uint64_t used_end;          /* cluster index past the last one in use */
+    struct { uint64_t offset, len; } *deferred;
+    size_t nb_deferred, cap_deferred;
+};
+
+/* ---- refcount block entry access ----------------------------------------- */
+
+static uint64_t block_get(const struct refcount *rc, const uint8_t *b, uint64_t i)
+{
+    unsigned order = rc->m->refcount_order;
+
+    switch (order) {
+    case 0: case 1: case 2: {
+        unsigned bits = 1u << order;
+        uint64_t bit = i * bits;
+        return (b[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
+    }
+    case 3: return b[i];
+    case 4: return be16_get(b + 2 * i);
+    case 5: return be32_get(b + 4 * i);
+    default: return be64_get(b + 8 * i);
+    }
+}
+
+static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_t v)
+{
+    unsigned order = rc->m->refcount_order;
+
+    switch (order) {
+    case 0: case 1: case 2: {
+        unsigned bits = 1u << order;
+        uint64_t bit = i * bits;
+        uint8_t mask = (uint8_t)(((1u << bits) - 1) << (bit % 8));
+        b[bit / 8] = (uint8_t)((b[bit / 8] & ~mask) | ((v << (bit % 8)) & mask));
+        break;
+    }
+    case 3: b[i] = (uint8_t)v; break;
+    case 4: be16_put(b + 2 * i, (uint16_t)v); break;
+    case 5: be32_put(b + 4 * i, (uint32_t)v); break;
+    default: be64_put(b + 8 * i, v); break;
+    }
+}
+
+/* ---- open/close ------------------------------------------------------------ */
+
+int refcount_open(struct meta *m, uint64_t table_offset, uint32_t table_clusters,
+                  uint64_t cache_bytes, struct refcount **out)
+{
+    struct refcount *rc = calloc(1, sizeof(*rc));
+    uint64_t nb_blocks, file_size;
+    int ret;
+
+    if (!rc)
+        return -ENOMEM;
+    rc->m = m;
+    rc->table_offset = table_offset;
+    rc->table_clusters = table_clusters;
+    rc->table_entries = (uint64_t)table_clusters * m->cluster_size / 8;
+    rc->block_entries = (m->cluster_size * 8) >> m->refcount_order;
+    rc->max_refcount = m->refcount_order == 6 ? UINT64_MAX
+                                              : (1ull << (1u << m->refcount_order)) - 1;
+    rc->table = malloc(rc->table_entries * 8);
+    if (!rc->table) {
+        ret = -ENOMEM;
+        goto fail;
+    }
+    ret = io_pread(m->io, rc->table, rc->table_entries * 8, table_offset);
+    if (ret < 0)
+        goto fail;
+    ret = io_get_size(m->io, &file_size);
+    if (ret < 0)
+        goto fail;
+    rc->file_end = (file_size + m->cluster_size - 1) & ~(m->cluster_size - 1);
+
+    for (uint64_t i = 0; i < rc->table_entries; i++) {
+        uint64_t e = be64_get(&rc->table[i]);
+        if ((e & META_REFTABLE_RESERVED) || (e & (m->cluster_size - 1))) {
+            ret = meta_corrupt(m, "refcount table entry %llu (table at 0x%llx) = "
+                               "0x%llx: reserved bits set or not cluster aligned",
+                               (unsigned long long)i,
+                               (unsigned long long)table_offset,
+                               (unsigned long long)e);
+            goto fail;
+        }
+        rc->table[i] = e;
+        if (e)
+            rc->used_end = (i + 1) * rc->block_entries;
+    }
+    if (rc->used_end > rc->file_end >> m->cluster_bits)
+        rc->used_end = rc->file_end >> m->cluster_bits;
+
+    nb_blocks = cache_bytes / m->cluster_size;
+    if (nb_blocks < 4)
+        nb_blocks = 4;
+    if (nb_blocks > 65536)
+        nb_blocks = 65536;
+    rc->cache = cache_create(m->io, "refcount", m->cluster_size, (unsigned)nb_blocks);
+    if (!rc->cache) {
+        ret = -ENOMEM;
+        goto fail;
+    }
+    *out = rc;
+    return 0;
+
+fail:
+    refcount_close(rc);
+    return ret;
+}
+
+void refcount_close(struct refcount *rc)
+{
+    if (!rc)
+        return;
+    cache_destroy(rc->cache);
+    free(rc->deferred);
+    free(rc->table);
+    free(rc);
+}
+
+struct cache *refcount_cache(struct refcount *rc)
+{
+    return rc->cache;
+}
+
+uint64_t refcount_end(const struct refcount *rc)
+{
+    return rc->used_end;
+}
+
+void refcount_hint_free(struct refcount *rc, uint64_t offset)
+{
+    uint64_t ci = offset >> rc->m->cluster_bits;
+    if (ci < rc->free_hint)
+        rc->free_hint = ci;
+}
+
+/* ---- reading ----------------------------------------------------------------- */
+
+static bool has_block(const struct refcount *rc, uint64_t ti)
+{
+    return ti < rc->table_entries && rc->table[ti] != 0;
+}
+
+/* Refcount of cluster @ci; *block is the pinned block of the last lookup,
+ * reused while lookups stay inside it. */
+static int get_cluster(struct refcount *rc, uint64_t ci, uint64_t *value,
+                       uint8_t **block, uint64_t *block_ti)
+{
+    uint64_t ti = ci / rc->block_entries;
+    int ret;
+
+    if (!has_block(rc, ti)) {
+        *value = 0;
+        return 0;
+    }
+    if (*block && *block_ti != ti)
+        cache_put(rc->cache, (void **)block);
+    if (!*block) {
+        ret = cache_get(rc->cache, rc->table[ti], (void **)block);
+        if (ret < 0)
+            return ret;
+        *block_ti = ti;
+    }
+    *value = block_get(rc, *block, ci % rc->block_entries);
+    return 0;
+}
+
+int refcount_get(struct refcount *rc, uint64_t offset, uint64_t *value)
+{
+    uint8_t *block = NULL;
+    uint64_t ti = 0;
+    int ret = get_cluster(rc, offset >> rc->m->cluster_bits, value, &block, &ti);
+
+    if (block)
+        cache_put(rc->cache, (void **)&block);
+    return ret;
+}
+
+/* ---- growth ------------------------------------------------------------------ */
+
+static int write_table_entry(struct refcount *rc, uint64_t ti)
+{
+    uint8_t buf[8];
+
+    be64_put(buf, rc->table[ti]);
+    return io_pwrite(rc->m->io, buf, 8, rc->table_offset + ti * 8);
+}
+
+static void note_used(struct refcount *rc, uint64_t ci_end)
+{
+    uint64_t end_bytes = ci_end << rc->m->cluster_bits;
+
+    if (ci_end > rc->used_end)
+        rc->used_end = ci_end;
+    if (end_bytes > rc->file_end)
+        rc->file_end = end_bytes;
+}
+
+/*
+ * First run of @nb free clusters at or after cluster @from.  Clusters in
+ * ranges without a refcount block are free.
+ */
+static int find_free_run(struct refcount *rc, uint64_t from, uint64_t nb,
+                         uint64_t *start)
+{
+    uint8_t *block = NULL;
+    uint64_t block_ti = 0, run = 0, ci = from;
+    int ret = 0;
+
+    while (run < nb) {
+        uint64_t v, ti = ci / rc->block_entries;
+
+        if (!has_block(rc, ti)) {
+            /* The whole rest of this block's range is free. */
+            uint64_t range_end = (ti + 1) * rc->block_entries;
+            run += range_end - ci;
+            ci = range_end;
+            continue;
+        }
+        ret = get_cluster(rc, ci, &v, &block, &block_ti);
+        if (ret < 0)
+            goto out;
+        ci++;
+        run = v == 0 ? run + 1 : 0;
+    }
+    *start = ci - run;
+out:
+    if (block)
+        cache_put(rc->cache, (void **)&block);
+    return ret;
+}
+
+/* A new refcount block for table index @ti at the first cluster it covers,
+ * describing itself; used only where no block exists, so that cluster is
+ * free by definition. */
+static int create_block(struct refcount *rc, uint64_t ti, const uint64_t *extra,
+                        uint64_t nb_extra, uint64_t **table)
+{
+    struct meta *m = rc->m;
+    uint64_t ci0 = ti * rc->block_entries;
+    uint8_t *buf = calloc(1, m->cluster_size);
+    int ret;
+
+    if (!buf)
+        return -ENOMEM;
+    block_set(rc, buf, 0, 1);
+    for (uint64_t i = 0; i < nb_extra; i++)       /* new table clusters */
+        if (extra[i] / rc->block_entries == ti)
+            block_set(rc, buf, extra[i] % rc->block_entries, 1);
+    cache_discard(rc->cache, ci0 << m->cluster_bits);
+    ret = io_pwrite(m->io, buf, m->cluster_size, ci0 << m->cluster_bits);
+    free(buf);
+    if (ret < 0)
+        return ret;
+    (*table)[ti] = ci0 << m->cluster_bits;
+    note_used(rc, ci0 + 1);
+    return 0;
+}
+
+static int grow_table(struct refcount *rc, uint64_t ti_needed)
+{
+    struct meta *m = rc->m;
+    uint64_t per_cluster = m->cluster_size / 8;
+    uint64_t new_entries = rc->table_entries * 2;
+    uint64_t new_clusters, start, from = rc->free_hint;
+    uint64_t *new_table = NULL, *table_cis = NULL;
+    uint64_t old_offset = rc->table_offset, old_clusters = rc->table_clusters;
+    uint8_t hdr[12];
+    int ret;
+
+    if (new_entries < ti_needed + 1)
+        new_entries = ti_needed + 1;
+    new_entries = (new_entries + per_cluster - 1) / per_cluster * per_cluster;
+    new_clusters = new_entries / per_cluster;
+    if (new_clusters * m->cluster_size > HEADER_MAX_REFTABLE_BYTES) {
+        log_error("the refcount table would exceed %u bytes; the image cannot "
+                  "grow further", HEADER_MAX_REFTABLE_BYTES);
+        return -EFBIG;
+    }
+
+    /* Place the new table where no new refcount block would land on it. */
+    for (;;) {
+        bool clash = false;
+        ret = find_free_run(rc, from, new_clusters, &start);
+        if (ret < 0)
+            return ret;
+        for (uint64_t bi = start / rc->block_entries;
+             bi <= (start + new_clusters - 1) / rc->block_entries; bi++) {
+            uint64_t bci = bi * rc->block_entries;
+            if (!has_block(rc, bi) && bci >= start && bci < start + new_clusters) {
+                from = bci + 1;
+                clash = true;
+                break;
+            }
+        }
+        if (!clash)
+            break;
+    }
+
+    new_table = calloc(new_entries, 8);
+    table_cis = malloc(new_clusters * 8);
+    if (!new_table || !table_cis) {
+        ret = -ENOMEM;
+        goto out;
+    }
+    memcpy(new_table, rc->table, rc->table_entries * 8);
+    for (uint64_t i = 0; i < new_clusters; i++)
+        table_cis[i] = start + i;
+
+    /* Refcounts for the table's clusters: new self-describing blocks where
+     * none exists, increments in existing ones otherwise. */
+    for (uint64_t bi = start / rc->block_entries;
+         bi <= (start + new_clusters - 1) / rc->block_entries; bi++) {
+        if (bi < rc->table_entries && rc->table[bi]) {
+            uint64_t lo = bi * rc->block_entries > start ? bi * rc->block_entries : start;
+            uint64_t hi = (bi + 1) * rc->block_entries < start + new_clusters ?
+                          (bi + 1) * rc->block_entries : start + new_clusters;
+            ret = refcount_update(rc, lo << m->cluster_bits,
+                                  (hi - lo) << m->cluster_bits, 1);
+        } else {
+            ret = create_block(rc, bi, table_cis, new_clusters, &new_table);
+        }
+        if (ret < 0)
+            goto out;
+    }
+    note_used(rc, start + new_clusters);
+
+    for (uint64_t i = 0; i < new_entries; i++)
+        be64_put(&new_table[i], new_table[i]);
+    ret = io_pwrite(m->io, new_table, new_entries * 8, start << m->cluster_bits);
+    for (uint64_t i = 0; i < new_entries; i++)
+        new_table[i] = be64_get(&new_table[i]);
+    if (ret < 0)
+        goto out;
+    /* Blocks, their increments and the table durable before the header. */
+    ret = cache_flush(rc->cache);
+    if (ret < 0)
+        goto out;
+
+    be64_put(hdr, start << m->cluster_bits);
+    be32_put(hdr + 8, (uint32_t)new_clusters);
+    ret = io_pwrite(m->io, hdr, sizeof(hdr), 48);
+    if (ret == 0)
+        ret = io_flush(m->io);
+    if (ret < 0)
+        goto out;
+
+    free(rc->table);
+    rc->table = new_table;
+    new_table = NULL;
+    rc->table_entries = new_entries;
+    rc->table_offset = start << m->cluster_bits;
+    rc->table_clusters = (uint32_t)new_clusters;
+    log_debug("refcount table moved to 0x%llx (%llu clusters)",
+              (unsigned long long)rc->table_offset, (unsigned long long)new_clusters);
+
+    /* Nothing refers to the old table any more once the header is durable. */
+    ret = refcount_update(rc, old_offset, (uint64_t)old_clusters << m->cluster_bits, -1);
+out:
+    free(new_table);
+    free(table_cis);
+    return ret;
+}
+
+/* Make sure table index @ti has a refcount block.  *created tells whether a
+ * cluster was taken for it. */
+static int ensure_block(struct refcount *rc, uint64_t ti, bool *created)
+{
+    int ret;
+
+    *created = false;
+    if (has_block(rc, ti))
+        return 0;
+    if (ti >= rc->table_entries) {
+        ret = grow_table(rc, ti);
+        if (ret < 0)
+            return ret;
+        *created = true;
+        if (has_block(rc, ti))
+            return 0;
+    }
+    ret = create_block(rc, ti, NULL, 0, &rc->table);
+    if (ret < 0)
+        return ret;
+    /* The block must be on disk before the table entry that points at it. */
+    ret = io_flush(rc->m->io);
+    if (ret == 0)
+        ret = write_table_entry(rc, ti);
+    if (ret < 0) {
+        rc->table[ti] = 0;
+        return ret;
+    }
+    *created = true;
+    return 0;
+}
+
+/* ---- updates ----------------------------------------------------------------- */
+
+int refcount_update(struct refcount *rc, uint64_t offset, uint64_t len, int delta)
+{
+    struct meta *m = rc->m;
+    uint64_t first, last;
+    uint8_t *block = NULL;
+    uint64_t block_ti = UINT64_MAX;
+    int ret = 0;
+
+    if (len == 0)
+        return 0;
+    first = offset >> m->cluster_bits;
+    last = (offset + len - 1) >> m->cluster_bits;
+
+    for (uint64_t ci = first; ci <= last; ci++) {
+        uint64_t ti = ci / rc->block_entries, v;
+
+        if (ti != block_ti) {
+            bool created;
+            if (block)
+                cache_put(rc->cache, (void **)&block);
+            if (!has_block(rc, ti)) {
+                if (delta < 0) {
+                    ret = meta_corrupt(m, "refcount of host cluster 0x%llx would "
+                                       "drop below zero (no refcount block)",
+                                       (unsigned long long)(ci << m->cluster_bits));
+                    goto out;
+                }
+                ret = ensure_block(rc, ti, &created);
+                if (ret < 0)
+                    goto out;
+            }
+            ret = cache_get(rc->cache, rc->table[ti], (void **)&block);
+            if (ret < 0)
+                goto out;
+            block_ti = ti;
+        }
+        v = block_get(rc, block, ci % rc->block_entries);
+        if ((delta < 0 && v < (uint64_t)-delta) ||
+            (delta > 0 && rc->max_refcount - v < (uint64_t)delta)) {
+            ret = meta_corrupt(m, "refcount of host cluster 0x%llx is %llu; "
+                               "changing it by %d leaves the range of %u-bit "
+                               "refcounts", (unsigned long long)(ci << m->cluster_bits),
+                               (unsigned long long)v, delta, 1u << m->refcount_order);
+            ret = -ERANGE;
+            goto out;
+        }
+        block_set(rc, block, ci % rc->block_entries, v + (uint64_t)(int64_t)delta);
+        cache_mark_dirty(rc->cache, block);
+        if (v + (uint64_t)(int64_t)delta == 0 && ci < rc->free_hint)
+            rc->free_hint = ci;
+        if (delta > 0)
+            note_used(rc, ci + 1);
+    }
+out:
+    if (block)
+        cache_put(rc->cache, (void **)&block);
+    return ret;
+}
+
+int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fresh)
+{
+    struct meta *m = rc->m;
+    uint64_t start;
+    int ret;
+
+    for (;;) {
+        bool any_created = false;
+
+        ret = find_free_run(rc, rc->free_hint, nb, &start);
+        if (ret < 0)
+            return ret;
+        for (uint64_t ti = start / rc->block_entries;
+             ti <= (start + nb - 1) / rc->block_entries; ti++) {
+            bool created;
+            ret = ensure_block(rc, ti, &created);
+            if (ret < 0)
+                return ret;
+            any_created |= created;
+        }
+        if (!any_created)
+            break;
+        /* A new block or table may have taken clusters of this run. */
+    }
+
+    *fresh = (start << m->cluster_bits) >= rc->file_end;
+    ret = refcount_update(rc, start << m->cluster_bits, nb << m->cluster_bits, 1);
+    if (ret < 0)
+        return ret;
+    if (rc->free_hint == start)
+        rc->free_hint = start + nb;
+    *offset = start << m->cluster_bits;
+    return 0;
+}
+
+int refcount_defer_free(struct refcount *rc, uint64_t offset, uint64_t len)
+{
+    if (rc->nb_deferred == rc->cap_deferred) {
+        size_t cap = rc->cap_deferred ? rc->cap_deferred * 2 : 64;
+        void *p = realloc(rc->deferred, cap * sizeof(*rc->deferred));
+        if (!p)
+            return -ENOMEM;
+        rc->deferred = p;
+        rc->cap_deferred = cap;
+    }
+    rc->deferred[rc->nb_deferred].offset = offset;
+    rc->deferred[rc->nb_deferred].len = len;
+    rc->nb_deferred++;
+    return 0;
+}
+
+bool refcount_has_deferred(const struct refcount *rc)
+{
+    return rc->nb_deferred > 0;
+}
+
+int refcount_apply_deferred(struct refcount *rc, refcount_freed_fn *freed, void *opaque)
+{
+    struct meta *m = rc->m;
+    size_t i;
+    int ret = 0;
+
+    for (i = 0; i < rc->nb_deferred; i++) {
+        uint64_t off = rc->deferred[i].offset, len = rc->deferred[i].len;
+        uint64_t first = off >> m->cluster_bits;
+        uint64_t last = (off + len - 1) >> m->cluster_bits;
+
+        ret = refcount_update(rc, off, len, -1);
+        if (ret < 0)
+            break;
+        if (freed) {
+            for (uint64_t ci = first; ci <= last; ci++) {
+                uint64_t v;
+                if (refcount_get(rc, ci << m->cluster_bits, &v) == 0 && v == 0)
+                    freed(opaque, ci << m->cluster_bits, m->cluster_size);
+            }
+        }
+    }
+    memmove(rc->deferred, rc->deferred + i, (rc->nb_deferred - i) * sizeof(*rc->deferred));
+    rc->nb_deferred -= i;
+    return ret;
+}
