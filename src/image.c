@@ -7,6 +7,7 @@
 
 #include "backing.h"
 #include "cache.h"
+#include "check.h"
 #include "cluster.h"
 #include "compress.h"
 #include "header.h"
@@ -46,6 +47,7 @@ struct image {
     struct refcount *rc;        /* writable images only */
     bool write_prepared;        /* header feature bits updated for writing */
     bool set_dirty_bit;         /* we set the lazy-refcounts dirty bit */
+    uint64_t flush_seq;
     struct range *ranges;
     pthread_cond_t range_cond;
     pthread_mutex_t lock;       /* metadata lock; also guards ranges */
@@ -230,6 +232,52 @@ static int lock_image(struct io *io, const char *path, bool writable)
     return 0;
 }
 
+/*
+ * A lazy-refcounts image left dirty by a crash: its refcounts cannot be
+ * trusted, so they are rebuilt from the L1/L2 and snapshot tables before
+ * anything is allocated, then the dirty bit is cleared.
+ */
+static int rebuild_dirty(struct image *img)
+{
+    struct check_report rep = { 0 };
+    struct check_refs *refs = NULL;
+    uint8_t buf[8];
+    long fixed;
+    int ret;
+
+    log_info("%s was not closed cleanly (dirty bit set): rebuilding refcounts",
+             img->path);
+    ret = check_count_refs(&img->meta, &img->hdr, &rep, &refs);
+    if (ret < 0)
+        goto out;
+    if (rep.corruptions) {
+        log_error("%s: %llu problems found while rebuilding refcounts of a dirty "
+                  "image; run qemu-img check -r all", img->path,
+                  (unsigned long long)rep.corruptions);
+        ret = -EIO;
+        goto out;
+    }
+    ret = check_rebuild_refcounts(&img->meta, &img->hdr, refs);
+    if (ret < 0)
+        goto out;
+    fixed = check_fix_copied(&img->meta, &img->hdr, refs);
+    if (fixed < 0) {
+        ret = (int)fixed;
+        goto out;
+    }
+    img->meta.incompatible &= ~QCOW2_INCOMPAT_DIRTY;
+    img->hdr.incompatible_features = img->meta.incompatible;
+    be64_put(buf, img->meta.incompatible);
+    ret = io_pwrite(img->io, buf, sizeof(buf), 72);
+    if (ret == 0)
+        ret = io_flush(img->io);
+out:
+    if (ret < 0)
+        log_error("%s: rebuilding the refcounts failed: %s", img->path, strerror(-ret));
+    check_refs_free(refs);
+    return ret;
+}
+
 static uint64_t default_l2_cache(const struct image *img)
 {
     uint64_t clusters = (img->size + img->meta.cluster_size - 1) >> img->meta.cluster_bits;
@@ -300,13 +348,6 @@ static int open_chain(const char *path, const struct image_options *opts,
         ret = -EROFS;
         goto fail;
     }
-    if (writable && (img->hdr.incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
-        log_error("%s: the image was not closed cleanly (dirty bit, incompatible "
-                  "bit 0): its refcounts must be rebuilt first; run qemu-img "
-                  "check -r all, or mount it read-only (-o ro)", path);
-        ret = -EINVAL;
-        goto fail;
-    }
 
     img->size = img->hdr.size;
     img->compression = img->hdr.compression_type == 1 ? COMPRESS_ZSTD : COMPRESS_ZLIB;
@@ -340,6 +381,11 @@ static int open_chain(const char *path, const struct image_options *opts,
     if (ret < 0)
         goto fail;
 
+    if (writable && (img->hdr.incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
+        ret = rebuild_dirty(img);
+        if (ret < 0)
+            goto fail;
+    }
     if (writable) {
         uint64_t rc_bytes = opts->refcount_cache_size ? opts->refcount_cache_size
                                                       : (1u << 20);
@@ -1053,6 +1099,8 @@ int image_flush(struct image *img)
         return 0;
     pthread_mutex_lock(&img->lock);
     ret = flush_locked(img);
+    if (ret == 0)
+        io_mark(img->io, IMAGE_MARK_FLUSHED, ++img->flush_seq);
     pthread_mutex_unlock(&img->lock);
     if (ret < 0)
         log_error("%s: flushing metadata failed: %s", img->path, strerror(-ret));

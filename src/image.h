@@ -68,6 +68,10 @@ int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
  */
 int image_flush(struct image *img);
 
+/* Trace mark recorded after every successful image_flush(); the argument is
+ * the flush's sequence number (1, 2, ...).  Used by the power-loss tests. */
+#define IMAGE_MARK_FLUSHED  1
+
 /*
  * Find the next data (SEEK_DATA) or hole (SEEK_HOLE) at or after @offset.
  * On exit: *result is the offset found (the virtual size for a hole at EOF).
