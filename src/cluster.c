@@ -457,3 +457,75 @@ int cluster_flush_l1(struct cluster *cl)
     free(buf);
     return ret;
 }
+
+uint32_t cluster_l1_size(const struct cluster *cl)
+{
+    return cl->l1_size;
+}
+
+int cluster_grow_l1(struct cluster *cl, uint32_t new_size)
+{
+    struct meta *m = cl->m;
+    uint64_t bytes = (uint64_t)new_size * 8;
+    uint64_t nb = (bytes + m->cluster_size - 1) >> m->cluster_bits;
+    uint64_t new_offset, old_offset = cl->l1_offset;
+    uint64_t old_bytes = (uint64_t)cl->l1_size * 8;
+    uint64_t *l1 = NULL;
+    uint8_t *disk = NULL, *dirty = NULL, hdr[12];
+    int fresh, ret;
+
+    if (new_size <= cl->l1_size)
+        return 0;
+    if (bytes > HEADER_MAX_L1_BYTES)
+        return -EFBIG;
+    l1 = calloc(new_size, 8);
+    disk = calloc(nb, m->cluster_size);
+    dirty = calloc(new_size / L1_CHUNK + 1, 1);
+    if (!l1 || !disk || !dirty) {
+        ret = -ENOMEM;
+        goto fail;
+    }
+    memcpy(l1, cl->l1, old_bytes);
+    for (uint32_t i = 0; i < new_size; i++)
+        be64_put(disk + 8 * i, l1[i]);
+
+    ret = refcount_alloc(cl->rc, nb, &new_offset, &fresh);
+    if (ret < 0)
+        goto fail;
+    ret = io_pwrite(m->io, disk, nb << m->cluster_bits, new_offset);
+    /* The table and its refcounts on disk before the header points at it. */
+    if (ret == 0)
+        ret = cache_flush(refcount_cache(cl->rc));
+    if (ret < 0) {
+        (void)refcount_update(cl->rc, new_offset, nb << m->cluster_bits, -1);
+        goto fail;
+    }
+    be32_put(hdr, new_size);
+    be64_put(hdr + 4, new_offset);
+    ret = io_pwrite(m->io, hdr, sizeof(hdr), 36);
+    if (ret == 0)
+        ret = io_flush(m->io);
+    if (ret < 0) {
+        /* The header may or may not have switched: keep both tables
+         * allocated (a leak at worst). */
+        goto fail;
+    }
+
+    free(cl->l1);
+    free(cl->l1_dirty);
+    cl->l1 = l1;
+    cl->l1_dirty = dirty;
+    cl->l1_size = new_size;
+    cl->l1_offset = new_offset;
+    free(disk);
+    /* Nothing refers to the old table once the header is durable. */
+    if (old_bytes)
+        return refcount_update(cl->rc, old_offset, old_bytes, -1);
+    return 0;
+
+fail:
+    free(l1);
+    free(disk);
+    free(dirty);
+    return ret;
+}

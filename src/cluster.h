@@ -100,6 +100,16 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc);
 int cluster_set_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
                       uint64_t bitmap, bool new_data);
 
+/*
+ * Grow the active L1 table to @new_size entries: a new table is written
+ * elsewhere and flushed, then the header's l1_size/l1_table_offset are
+ * switched (flushed), then the old table's clusters are released.
+ * On entry: the L1 table has no dirty entries (flush first).
+ * Returns: 0 or -errno (the old table stays in use on failure).
+ */
+int cluster_grow_l1(struct cluster *cl, uint32_t new_size);
+uint32_t cluster_l1_size(const struct cluster *cl);
+
 /* Write the dirty parts of the L1 table (no host flush). */
 int cluster_flush_l1(struct cluster *cl);
 bool cluster_l1_dirty(const struct cluster *cl);

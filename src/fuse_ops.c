@@ -222,6 +222,77 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     fuse_reply_err(req, 0);
 }
 
+static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off,
+                         off_t len, struct fuse_file_info *fi)
+{
+    struct fuse_ops_ctx *ctx = ctx_of(req);
+    uint64_t size = image_size(ctx->img), end;
+    bool keep = mode & FALLOC_FL_KEEP_SIZE;
+    int op = mode & ~FALLOC_FL_KEEP_SIZE;
+    int ret;
+
+    if (off < 0 || len <= 0) {
+        fuse_reply_err(req, EINVAL);
+        return;
+    }
+    end = (uint64_t)off + (uint64_t)len;
+    /* A disk does not grow through fallocate: only truncate resizes it. */
+    if (end > size && !keep) {
+        fuse_reply_err(req, EOPNOTSUPP);
+        return;
+    }
+    if ((uint64_t)off >= size) {
+        fuse_reply_err(req, 0);
+        return;
+    }
+    if (end > size)
+        end = size;
+    if (op == 0)
+        ret = image_preallocate(ctx->img, (uint64_t)off, end - (uint64_t)off);
+    else if (op == FALLOC_FL_PUNCH_HOLE && keep)
+        ret = image_zero(ctx->img, (uint64_t)off, end - (uint64_t)off, true);
+    else if (op == FALLOC_FL_ZERO_RANGE)
+        ret = image_zero(ctx->img, (uint64_t)off, end - (uint64_t)off, false);
+    else
+        ret = -EOPNOTSUPP;
+    fuse_reply_err(req, -ret);
+}
+
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
+                       int to_set, struct fuse_file_info *fi)
+{
+    struct fuse_ops_ctx *ctx = ctx_of(req);
+    struct stat st;
+    int ret;
+
+    if (ino != DISK_INO && ino != ROOT_INO) {
+        fuse_reply_err(req, ENOENT);
+        return;
+    }
+    if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+        fuse_reply_err(req, EPERM);
+        return;
+    }
+    if (to_set & FUSE_SET_ATTR_SIZE) {
+        if (ino != DISK_INO) {
+            fuse_reply_err(req, EISDIR);
+            return;
+        }
+        if (attr->st_size < 0) {
+            fuse_reply_err(req, EINVAL);
+            return;
+        }
+        ret = image_resize(ctx->img, (uint64_t)attr->st_size);
+        if (ret < 0) {
+            fuse_reply_err(req, -ret);
+            return;
+        }
+    }
+    /* Times are accepted and not stored: the disk has no timestamps. */
+    fill_attr(ctx, ino, &st);
+    fuse_reply_attr(req, &st, 1.0);
+}
+
 static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
                      struct fuse_file_info *fi)
 {
@@ -271,6 +342,8 @@ static const struct fuse_lowlevel_ops ops = {
     .open = op_open,
     .read = op_read,
     .write = op_write,
+    .fallocate = op_fallocate,
+    .setattr = op_setattr,
     .fsync = op_fsync,
     .flush = op_flush,
     .lseek = op_lseek,

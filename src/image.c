@@ -48,6 +48,8 @@ struct image {
     bool write_prepared;        /* header feature bits updated for writing */
     bool set_dirty_bit;         /* we set the lazy-refcounts dirty bit */
     uint64_t flush_seq;
+    enum image_discard_mode discard;
+    enum image_detect_zeroes detect_zeroes;
     struct range *ranges;
     pthread_cond_t range_cond;
     pthread_mutex_t lock;       /* metadata lock; also guards ranges */
@@ -418,7 +420,13 @@ fail:
 int image_open(const char *path, const struct image_options *opts,
                struct image **out)
 {
-    return open_chain(path, opts, !opts->read_only, 0, out);
+    int ret = open_chain(path, opts, !opts->read_only, 0, out);
+
+    if (ret == 0) {
+        (*out)->discard = opts->discard;
+        (*out)->detect_zeroes = opts->detect_zeroes;
+    }
+    return ret;
 }
 
 static int write_header_u64(struct image *img, unsigned offset, uint64_t v)
@@ -992,22 +1000,13 @@ relock:
     return ret;
 }
 
-int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
+/* The write proper.  On entry the caller holds the guest range
+ * exclusively; the metadata lock is not held. */
+static int write_range(struct image *img, const uint8_t *p, uint64_t len,
+                       uint64_t offset)
 {
-    const uint8_t *p = buf;
-    struct range r;
-    int ret = 0;
+    int ret;
 
-    if (image_is_read_only(img))
-        return -EROFS;
-    if (meta_is_corrupt(&img->meta))
-        return -EIO;
-    if (offset > img->size || len > img->size - offset)
-        return -ENOSPC;
-    if (len == 0)
-        return 0;
-
-    range_lock(img, &r, offset, len, true);
     pthread_mutex_lock(&img->lock);
     ret = prepare_write(img);
     while (ret == 0 && len > 0) {
@@ -1032,6 +1031,52 @@ int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
         len -= bytes;
     }
     pthread_mutex_unlock(&img->lock);
+    return ret;
+}
+
+static int check_writable(struct image *img, uint64_t offset, uint64_t len)
+{
+    if (image_is_read_only(img))
+        return -EROFS;
+    if (meta_is_corrupt(&img->meta))
+        return -EIO;
+    if (offset > img->size || len > img->size - offset)
+        return -ENOSPC;
+    return 0;
+}
+
+static bool all_zero(const uint8_t *p, size_t len)
+{
+    /* Word-wise scan; the first non-zero byte usually ends it at once. */
+    while (len && ((uintptr_t)p & 7)) {
+        if (*p++)
+            return false;
+        len--;
+    }
+    for (; len >= 8; p += 8, len -= 8)
+        if (*(const uint64_t *)(const void *)p)
+            return false;
+    while (len--)
+        if (*p++)
+            return false;
+    return true;
+}
+
+static int zero_range(struct image *img, uint64_t offset, uint64_t len, bool unmap);
+
+int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
+{
+    struct range r;
+    int ret = check_writable(img, offset, len);
+
+    if (ret < 0 || len == 0)
+        return ret;
+    range_lock(img, &r, offset, len, true);
+    if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && all_zero(buf, len))
+        ret = zero_range(img, offset, len,
+                         img->detect_zeroes == IMAGE_DETECT_ZEROES_UNMAP);
+    else
+        ret = write_range(img, buf, len, offset);
     range_unlock(img, &r);
     return ret;
 }
@@ -1104,5 +1149,275 @@ int image_flush(struct image *img)
     pthread_mutex_unlock(&img->lock);
     if (ret < 0)
         log_error("%s: flushing metadata failed: %s", img->path, strerror(-ret));
+    return ret;
+}
+
+/* ---- zeroing, discard, preallocation, resize ----------------------------- */
+
+/*
+ * Make whole guest cluster @gc read as zeros by changing its L2 entry.
+ * *need_write is set when the format cannot express it (v2 over a backing
+ * file): the caller then writes zeros.  Called with the metadata lock held.
+ */
+static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_write)
+{
+    struct meta *m = &img->meta;
+    uint64_t entry, bitmap, new_entry, new_bitmap = 0;
+    bool backing = img->backing && (gc << m->cluster_bits) < image_size(img->backing);
+    bool keep_host = false;
+    struct old_state st;
+    int ret;
+
+    *need_write = false;
+    ret = cluster_get_entry(img->cl, gc, &entry, &bitmap);
+    if (ret < 0)
+        return ret;
+    decode_state(img, entry, bitmap, &st);
+
+    if (!m->v3 && backing) {
+        *need_write = true;
+        return 0;
+    }
+    if (m->has_data_file) {
+        keep_host = true;       /* the mapping is fixed; raw files get zeros */
+    } else if (!unmap && st.has_host && (entry & META_L2_COPIED)) {
+        keep_host = true;       /* zero range keeps the allocation */
+    }
+
+    if (keep_host && st.has_host) {
+        new_entry = st.host | META_L2_COPIED;
+        if (m->extended_l2)
+            new_bitmap = 0xffffffffull << 32;
+        else
+            new_entry |= META_L2_ZERO;
+    } else if (!backing && (unmap || !m->v3)) {
+        new_entry = 0;          /* nothing beneath: unallocated reads zero */
+    } else if (m->extended_l2) {
+        new_entry = 0;
+        new_bitmap = 0xffffffffull << 32;
+    } else {
+        new_entry = META_L2_ZERO;
+    }
+    if (new_entry == entry && new_bitmap == bitmap)
+        return 0;
+    if (entry == 0 && bitmap == 0 && new_entry == 0 && new_bitmap == 0)
+        return 0;
+
+    ret = prepare_write(img);
+    if (ret < 0)
+        return ret;
+    ret = cluster_prepare_l2(img->cl, gc);
+    if (ret < 0)
+        return ret;
+    ret = cluster_set_entry(img->cl, gc, new_entry, new_bitmap, false);
+    if (ret < 0)
+        return ret;
+    if (m->data_file_raw) {
+        /* The raw data file must read as the disk does. */
+        ret = io_punch_hole(m->data_io, gc << m->cluster_bits, m->cluster_size);
+        if (ret < 0) {
+            *need_write = true;
+            ret = 0;
+        }
+    }
+    if (st.compressed) {
+        uint64_t x = entry & ~(META_L2_COPIED | META_L2_COMPRESSED), host, len;
+        compress_descriptor_decode(x, m->cluster_bits, &host, &len);
+        ret = refcount_defer_free(img->rc, host & ~511ull, len + (host & 511));
+    } else if (st.has_host && !keep_host && !m->has_data_file) {
+        ret = refcount_defer_free(img->rc, st.host, m->cluster_size);
+    }
+    return ret;
+}
+
+/* Zero [offset, offset + len).  On entry the range is held exclusively. */
+static int zero_range(struct image *img, uint64_t offset, uint64_t len, bool unmap)
+{
+    struct meta *m = &img->meta;
+    uint64_t cs = m->cluster_size, end = offset + len;
+    uint8_t *zeros = NULL;
+    int ret = 0;
+
+    while (offset < end && ret == 0) {
+        uint64_t in = offset & (cs - 1);
+        uint64_t n = cs - in < end - offset ? cs - in : end - offset;
+
+        if (n == cs) {
+            bool need_write;
+            pthread_mutex_lock(&img->lock);
+            ret = zero_cluster(img, offset >> m->cluster_bits, unmap, &need_write);
+            pthread_mutex_unlock(&img->lock);
+            if (ret < 0 || !need_write)
+                goto next;
+        } else {
+            /* A partial cluster: only what does not already read as zero
+             * is written. */
+            struct cluster_run run;
+            pthread_mutex_lock(&img->lock);
+            ret = cluster_lookup(img->cl, offset, n, &run);
+            pthread_mutex_unlock(&img->lock);
+            if (ret < 0)
+                break;
+            if (run.kind == CLUSTER_ZERO ||
+                (run.kind == CLUSTER_UNALLOCATED &&
+                 (!img->backing || offset >= image_size(img->backing)))) {
+                n = run.bytes;
+                goto next;
+            }
+        }
+        if (!zeros && !(zeros = calloc(1, cs))) {
+            ret = -ENOMEM;
+            break;
+        }
+        ret = write_range(img, zeros, n, offset);
+next:
+        offset += n;
+    }
+    free(zeros);
+    if (ret == 0 && refcount_nb_deferred(img->rc) >= 4096) {
+        /* Give freed space back before the queue grows without bound. */
+        pthread_mutex_lock(&img->lock);
+        ret = flush_locked(img);
+        pthread_mutex_unlock(&img->lock);
+    }
+    return ret;
+}
+
+int image_zero(struct image *img, uint64_t offset, uint64_t len, bool punch)
+{
+    struct range r;
+    int ret = check_writable(img, offset, len);
+
+    if (ret < 0 || len == 0)
+        return ret;
+    range_lock(img, &r, offset, len, true);
+    ret = zero_range(img, offset, len, punch && img->discard == IMAGE_DISCARD_UNMAP);
+    range_unlock(img, &r);
+    return ret;
+}
+
+int image_preallocate(struct image *img, uint64_t offset, uint64_t len)
+{
+    uint64_t cs = img->meta.cluster_size, end;
+    uint8_t *buf = NULL;
+    struct range r;
+    int ret = check_writable(img, offset, len);
+
+    if (ret < 0 || len == 0)
+        return ret;
+    end = offset + len;
+    offset &= ~(cs - 1);
+    range_lock(img, &r, offset, end - offset, true);
+    buf = malloc(cs);
+    if (!buf)
+        ret = -ENOMEM;
+    while (ret == 0 && offset < end && offset < img->size) {
+        struct cluster_run run;
+        uint64_t n = img->size - offset < cs ? img->size - offset : cs;
+
+        pthread_mutex_lock(&img->lock);
+        ret = cluster_lookup(img->cl, offset, n, &run);
+        pthread_mutex_unlock(&img->lock);
+        if (ret < 0)
+            break;
+        /* Writing back what the cluster reads allocates it unchanged. */
+        if (!(run.kind == CLUSTER_DATA && run.bytes == n)) {
+            ret = read_range(img, buf, n, offset);
+            if (ret == 0)
+                ret = write_range(img, buf, n, offset);
+        }
+        offset += n;
+    }
+    free(buf);
+    range_unlock(img, &r);
+    return ret;
+}
+
+int image_resize(struct image *img, uint64_t new_size)
+{
+    struct meta *m = &img->meta;
+    uint64_t cs = m->cluster_size, old = img->size;
+    uint64_t clusters, need_l1;
+    uint8_t buf[8];
+    struct range r;
+    int ret;
+
+    if (image_is_read_only(img))
+        return -EROFS;
+    if (meta_is_corrupt(m))
+        return -EIO;
+    if (new_size % 512) {
+        log_warn("%s: resize to %llu refused: the size must be a multiple of 512",
+                 img->path, (unsigned long long)new_size);
+        return -EINVAL;
+    }
+    if (new_size == old)
+        return 0;
+    clusters = (new_size + cs - 1) / cs;
+    need_l1 = (clusters + m->l2_entries - 1) / m->l2_entries;
+    if (need_l1 * 8 > HEADER_MAX_L1_BYTES || new_size >> 61)
+        return -EFBIG;
+
+    range_lock(img, &r, 0, (old > new_size ? old : new_size) + cs, true);
+    if (new_size < old) {
+        /* Only unallocated clusters may be cut off. */
+        uint64_t pos = (new_size + cs - 1) & ~(cs - 1);
+        while (pos < old) {
+            struct cluster_run run;
+            pthread_mutex_lock(&img->lock);
+            ret = cluster_lookup(img->cl, pos, old - pos, &run);
+            pthread_mutex_unlock(&img->lock);
+            if (ret < 0)
+                goto out;
+            if (run.kind != CLUSTER_UNALLOCATED) {
+                log_warn("%s: shrinking to %llu bytes refused: guest offset "
+                         "0x%llx beyond the new end holds data; discard it first",
+                         img->path, (unsigned long long)new_size,
+                         (unsigned long long)pos);
+                ret = -EOPNOTSUPP;
+                goto out;
+            }
+            pos += run.bytes;
+        }
+        /* The cut-off tail of the last cluster must not come back if the
+         * disk grows again. */
+        if (new_size & (cs - 1)) {
+            uint64_t tail_end = ((new_size + cs - 1) & ~(cs - 1));
+            ret = zero_range(img, new_size, (tail_end < old ? tail_end : old) - new_size,
+                             false);
+            if (ret < 0)
+                goto out;
+        }
+    }
+
+    pthread_mutex_lock(&img->lock);
+    ret = prepare_write(img);
+    if (ret == 0 && need_l1 > cluster_l1_size(img->cl)) {
+        ret = flush_locked(img);
+        if (ret == 0)
+            ret = cluster_grow_l1(img->cl, (uint32_t)need_l1);
+    }
+    if (ret == 0 && m->data_file_raw && new_size > old) {
+        uint64_t dsize;
+        ret = io_get_size(m->data_io, &dsize);
+        if (ret == 0 && dsize < new_size)
+            ret = io_truncate(m->data_io, new_size);
+    }
+    if (ret == 0) {
+        be64_put(buf, new_size);
+        ret = io_pwrite(img->io, buf, sizeof(buf), 24);
+        if (ret == 0)
+            ret = io_flush(img->io);
+    }
+    if (ret == 0) {
+        img->size = new_size;
+        img->hdr.size = new_size;
+        m->virtual_size = new_size;
+        log_info("%s: virtual size changed from %llu to %llu bytes", img->path,
+                 (unsigned long long)old, (unsigned long long)new_size);
+    }
+    pthread_mutex_unlock(&img->lock);
+out:
+    range_unlock(img, &r);
     return ret;
 }

@@ -18,8 +18,21 @@
 
 struct image;
 
+enum image_discard_mode {
+    IMAGE_DISCARD_UNMAP,        /* punched clusters give their space back */
+    IMAGE_DISCARD_IGNORE,       /* punched ranges read as zero, stay allocated */
+};
+
+enum image_detect_zeroes {
+    IMAGE_DETECT_ZEROES_OFF,
+    IMAGE_DETECT_ZEROES_ON,     /* all-zero writes become zero clusters */
+    IMAGE_DETECT_ZEROES_UNMAP,  /* ... and give their space back */
+};
+
 struct image_options {
     bool read_only;
+    enum image_discard_mode discard;
+    enum image_detect_zeroes detect_zeroes;
     uint64_t l2_cache_size;         /* bytes; 0: enough for the whole disk, capped */
     uint64_t refcount_cache_size;   /* bytes; 0: default */
     bool writethrough;              /* write metadata on every update */
@@ -67,6 +80,29 @@ int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
  * Returns: 0 or the first -errno (failed tables stay dirty for a retry).
  */
 int image_flush(struct image *img);
+
+/*
+ * Make [@offset, @offset + @len) read as zeros.  With @punch (a hole punch
+ * or discard) whole clusters are unmapped where the discard mode allows it,
+ * their space released after the change is durable; without it (zero
+ * range) whole clusters keep their allocation.  Partial clusters are
+ * zero-filled.  Never exposes backing data.
+ * Returns: 0, -EROFS, -ENOSPC (range past the end), -errno.
+ */
+int image_zero(struct image *img, uint64_t offset, uint64_t len, bool punch);
+
+/*
+ * Allocate host clusters for [@offset, @offset + @len) without changing
+ * what the range reads (fallocate mode 0).
+ */
+int image_preallocate(struct image *img, uint64_t offset, uint64_t len);
+
+/*
+ * Change the virtual size.  Growing may move the L1 table; shrinking is
+ * refused (-EOPNOTSUPP, logged) unless nothing is allocated past the new
+ * end.  @new_size must be a multiple of 512 (-EINVAL).
+ */
+int image_resize(struct image *img, uint64_t new_size);
 
 /* Trace mark recorded after every successful image_flush(); the argument is
  * the flush's sequence number (1, 2, ...).  Used by the power-loss tests. */

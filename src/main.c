@@ -31,6 +31,8 @@ struct cli {
     char *backing;
     char *name;
     char *io_trace;
+    char *discard;
+    char *detect_zeroes;
     int show_help;
     int show_version;
 };
@@ -45,6 +47,8 @@ static const struct fuse_opt cli_opts[] = {
     CLI_OPT("backing=%s", backing),
     CLI_OPT("name=%s", name),
     CLI_OPT("io-trace=%s", io_trace),
+    CLI_OPT("discard=%s", discard),
+    CLI_OPT("detect-zeroes=%s", detect_zeroes),
     FUSE_OPT_KEY("ro", KEY_RO),
     FUSE_OPT_KEY("rw", KEY_RW),
     FUSE_OPT_KEY("-h", KEY_HELP),
@@ -78,6 +82,10 @@ static void usage(FILE *out)
 "  -o cache=writeback|writethrough  metadata cache mode (default writeback)\n"
 "  -o backing=allow|deny|DIR  backing files: any regular file (default),\n"
 "                           none, or only regular files below DIR\n"
+"  -o discard=unmap|ignore  punched ranges give their space back (default)\n"
+"                           or stay allocated; they read as zeros either way\n"
+"  -o detect-zeroes=off|on|unmap  all-zero writes become zero clusters\n"
+"                           (unmap: and give their space back; default off)\n"
 "  -o name=FILE             name of the disk file (default: disk)\n"
 "  -o allow_other           let other users access the mount (FUSE option)\n");
 }
@@ -232,6 +240,30 @@ int main(int argc, char *argv[])
             goto out;
         }
     }
+    if (cli.discard) {
+        if (strcmp(cli.discard, "unmap") == 0 || strcmp(cli.discard, "on") == 0)
+            iopts.discard = IMAGE_DISCARD_UNMAP;
+        else if (strcmp(cli.discard, "ignore") == 0 || strcmp(cli.discard, "off") == 0)
+            iopts.discard = IMAGE_DISCARD_IGNORE;
+        else {
+            fprintf(stderr, "qcow2fuse: discard=%s: expected unmap or ignore\n",
+                    cli.discard);
+            goto out;
+        }
+    }
+    if (cli.detect_zeroes) {
+        if (strcmp(cli.detect_zeroes, "off") == 0)
+            iopts.detect_zeroes = IMAGE_DETECT_ZEROES_OFF;
+        else if (strcmp(cli.detect_zeroes, "on") == 0)
+            iopts.detect_zeroes = IMAGE_DETECT_ZEROES_ON;
+        else if (strcmp(cli.detect_zeroes, "unmap") == 0)
+            iopts.detect_zeroes = IMAGE_DETECT_ZEROES_UNMAP;
+        else {
+            fprintf(stderr, "qcow2fuse: detect-zeroes=%s: expected off, on or "
+                    "unmap\n", cli.detect_zeroes);
+            goto out;
+        }
+    }
     if (cli.io_trace) {
         iopts.trace_fd = open(cli.io_trace, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
         if (iopts.trace_fd < 0) {
@@ -332,5 +364,7 @@ out:
     free(cli.backing);
     free(cli.name);
     free(cli.io_trace);
+    free(cli.discard);
+    free(cli.detect_zeroes);
     return ret;
 }

@@ -533,6 +533,11 @@ int refcount_defer_free(struct refcount *rc, uint64_t offset, uint64_t len)
     return 0;
 }
 
+size_t refcount_nb_deferred(const struct refcount *rc)
+{
+    return rc->nb_deferred;
+}
+
 bool refcount_has_deferred(const struct refcount *rc)
 {
     return rc->nb_deferred > 0;

@@ -17,6 +17,7 @@
 #define QCOW2FUSE_REFCOUNT_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 struct meta;
@@ -61,6 +62,7 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
  */
 int refcount_defer_free(struct refcount *rc, uint64_t offset, uint64_t len);
 bool refcount_has_deferred(const struct refcount *rc);
+size_t refcount_nb_deferred(const struct refcount *rc);
 
 /*
  * Apply every queued decrement (in the cache; written by the next flush of
