@@ -26,6 +26,7 @@ set -euo pipefail
 shopt -s inherit_errexit
 export LC_ALL=C
 
+# shellcheck disable=SC2034  # for the test scripts
 TESTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 TEST_NAME=$(basename "${BASH_SOURCE[1]:-$0}" .sh)
 CASE_NAME=""
@@ -35,6 +36,13 @@ SKIP_STATUS=77
 MOUNT_TIMEOUT=${MOUNT_TIMEOUT:-10}   # daemon start -> mount ready
 EXIT_TIMEOUT=${EXIT_TIMEOUT:-10}     # unmount -> daemon exit
 IO_TIMEOUT=${IO_TIMEOUT:-120}        # one command reading the mount
+
+# io_timeout CMD...: run CMD with a time limit of IO_TIMEOUT seconds.
+# --foreground keeps CMD in the test's process group, so that a signal sent
+# to the whole test (run.sh's timeout) also reaches it.
+io_timeout() {
+    timeout --foreground -k 5 "$IO_TIMEOUT" "$@"
+}
 
 # ---------------------------------------------------------------------------
 # Reporting
@@ -135,13 +143,11 @@ pid_alive() {
 # Used only to find the daemon started in daemon mode (no -f); FILE is a
 # unique path in the test's own scratch directory.
 pids_holding() {
-    local want fd p
+    local want pat
     want=$(readlink -f "$1")
-    for fd in /proc/[0-9]*/fd/* /proc/[0-9]*/map_files/*; do
-        [[ $(readlink "$fd" 2>/dev/null) == "$want" ]] || continue
-        p=${fd#/proc/}
-        printf '%s\n' "${p%%/*}"
-    done 2>/dev/null | sort -un
+    pat=$(printf '%s' "$want" | sed 's/[][*?\\]/\\&/g')
+    find /proc/[0-9]*/fd /proc/[0-9]*/map_files -mindepth 1 -maxdepth 1 \
+        -lname "$pat" 2>/dev/null | cut -d/ -f3 | sort -un || true
 }
 
 # track_mount MNT [PID]: register a mount (and daemon PID) for cleanup.
@@ -218,7 +224,15 @@ cleanup() {
     exit "$rc"
 }
 
+# ERR trap: say which command made "set -e" end the test.
+_on_err() {
+    local rc=$1 cmd=$2 line=$3
+    echo "ERROR${CASE_NAME:+ [$CASE_NAME]}: command failed with status $rc at line $line${FUNCNAME[1]:+ (in ${FUNCNAME[*]:1})}: $cmd" >&2
+}
+
 _set_traps() {
+    set -o errtrace
+    trap '_on_err $? "$BASH_COMMAND" "$LINENO"' ERR
     trap cleanup EXIT
     trap 'exit 129' HUP
     trap 'exit 130' INT
@@ -251,7 +265,20 @@ _CASES_PASS=()
 _CASES_FAIL=()
 _CASES_SKIP=()
 
-# run_case NAME FUNC [ARGS...]
+_case_body() {
+    CASE_NAME=$1
+    shift
+    _MOUNTS=()
+    _PIDS=()
+    _MNT_PID=()
+    _MNT_LOG=()
+    _CASE_SKIPFILE="$TEST_TMP/.skip.$CASE_NAME"
+    T=$(mktemp -d "$TEST_TMP/case-$CASE_NAME.XXXXXX")
+    _set_traps
+    "$@"
+}
+
+# run_case NAME FUNC [ARGS...]: run FUNC ARGS in a subshell as case NAME.
 run_case() {
     local name=$1 rc=0 t0 t1
     shift
@@ -261,21 +288,15 @@ run_case() {
     fi
     echo "--- case $name"
     t0=$(date +%s%N)
+    trap - ERR
     set +e
     (
         set -euo pipefail
-        CASE_NAME=$name
-        _MOUNTS=()
-        _PIDS=()
-        _MNT_PID=()
-        _MNT_LOG=()
-        _CASE_SKIPFILE="$TEST_TMP/.skip.$name"
-        T=$(mktemp -d "$TEST_TMP/case-$name.XXXXXX")
-        _set_traps
-        "$@"
+        _case_body "$name" "$@"
     )
     rc=$?
     set -e
+    trap '_on_err $? "$BASH_COMMAND" "$LINENO"' ERR
     t1=$(date +%s%N)
     local ms
     ms=$(((t1 - t0) / 1000000))
@@ -348,13 +369,19 @@ qio() {
     fi
 }
 
-# make_sources: create $RND (incompressible) and $TXT (compressible but
-# position-unique) pattern files, for "qemu-io write -s FILE".
+# make_sources: create pattern files for "qemu-io write -s FILE" in
+# $TEST_TMP/src (call once, at the top level of a test):
+#   R1 R2 R3  8 MiB of random bytes each (incompressible, all different)
+#   X1 X2     8 MiB of text (compressible, every 16-byte line unique)
 make_sources() {
-    RND="$T/src.rnd"
-    TXT="$T/src.txt"
-    head -c 4194304 /dev/urandom >"$RND"
-    seq -f '%015g' 1 262144 >"$TXT" # 4 MiB, 16-byte lines
+    local d="$TEST_TMP/src"
+    mkdir -p "$d"
+    R1="$d/r1" R2="$d/r2" R3="$d/r3" X1="$d/x1" X2="$d/x2"
+    head -c 8388608 /dev/urandom >"$R1"
+    head -c 8388608 /dev/urandom >"$R2"
+    head -c 8388608 /dev/urandom >"$R3"
+    seq -f '%015g' 1 524288 >"$X1"
+    seq -f '%015g' 100000001 100524288 >"$X2"
 }
 
 # ref_raw IMG [OUT]: qemu-img convert -O raw of IMG, prints the output path.
@@ -366,24 +393,31 @@ ref_raw() {
 }
 
 # ref_range IMG OFF LEN OUT: the bytes [OFF, OFF+LEN) of IMG's guest view,
-# as produced by qemu (raw filter with offset/size over the qcow2 image).
+# as produced by qemu (raw filter with offset/size over the image; qemu
+# wants 512-byte alignment, so a covering aligned range is cut down).
 ref_range() {
-    local img=$1 off=$2 len=$3 out=$4 abs
+    local img=$1 off=$2 len=$3 out=$4 abs a_off a_end
     abs=$(readlink -f "$img")
+    a_off=$((off / 512 * 512))
+    a_end=$(((off + len + 511) / 512 * 512))
     qemu-img convert -U --image-opts \
-        "driver=raw,offset=$off,size=$len,file.driver=$(img_fmt "$img"),file.file.driver=file,file.file.filename=$abs" \
-        -O raw "$out" >&2 || fail "test setup: qemu-img convert of range $off+$len of $img failed"
+        "driver=raw,offset=$a_off,size=$((a_end - a_off)),file.driver=$(img_fmt "$img"),file.file.driver=file,file.file.filename=$abs" \
+        -O raw "$out.aligned" >&2 || fail "test setup: qemu-img convert of range $off+$len of $img failed"
+    dd if="$out.aligned" of="$out" bs=64k iflag=skip_bytes,count_bytes skip=$((off - a_off)) count="$len" status=none \
+        || fail "test setup: dd failed"
+    rm -f "$out.aligned"
+    [[ $(stat -c %s "$out") == "$len" ]] || fail "test setup: ref_range produced a short file"
 }
 
 # describe_diff A B: print where two files first differ.
 describe_diff() {
     local a=$1 b=$2 first n
-    first=$(timeout -k 5 "$IO_TIMEOUT" cmp "$a" "$b" 2>&1 | head -n1) || true
+    first=$(io_timeout cmp "$a" "$b" 2>&1 | head -n1) || true
     echo "    cmp: $first" >&2
-    n=$(timeout -k 5 "$IO_TIMEOUT" cmp -l "$a" "$b" 2>/dev/null | wc -l) || true
+    n=$(io_timeout cmp -l "$a" "$b" 2>/dev/null | wc -l) || true
     echo "    number of differing bytes (within the common length): $n" >&2
     local off
-    off=$(timeout -k 5 "$IO_TIMEOUT" cmp -l "$a" "$b" 2>/dev/null | head -n1 | awk '{print $1 - 1}') || true
+    off=$(io_timeout cmp -l "$a" "$b" 2>/dev/null | head -n1 | awk '{print $1 - 1}') || true
     if [[ -n $off ]]; then
         printf '    first difference at offset %d (0x%x)\n' "$off" "$off" >&2
         echo "    $a:" >&2
@@ -396,7 +430,7 @@ describe_diff() {
 # same_bytes A B WHAT: A and B must be byte-identical (and equally long).
 same_bytes() {
     local a=$1 b=$2 what=$3 rc=0
-    timeout -k 5 "$IO_TIMEOUT" cmp -s "$a" "$b" || rc=$?
+    io_timeout cmp -s "$a" "$b" || rc=$?
     case $rc in
     0) return 0 ;;
     124 | 137) fail "$what: cmp timed out after ${IO_TIMEOUT}s" ;;
@@ -435,19 +469,21 @@ _check_sanitizer_output() {
     fi
 }
 
-# mount_image IMG MNT [OPTS]: start "$QCOW2FUSE -f [-o OPTS] IMG MNT" in the
-# background (from $MOUNT_CWD, IMG made absolute), wait until MNT/disk
-# exists.  Fails on early daemon exit or after MOUNT_TIMEOUT seconds.
-# Sets MOUNT_MS (start -> ready, milliseconds) and DAEMON_LOG.
-mount_image() {
-    local img=$1 mnt=$2 opts=${3:-} pid rc t0 now deadline log
+# try_mount IMG MNT [OPTS]: start "$QCOW2FUSE -f [-o OPTS] IMG MNT" in the
+# background (from $MOUNT_CWD, IMG made absolute) and wait until MNT/disk
+# exists.  Returns 0 when the mount is up (sets MOUNT_MS, the time from
+# start to ready in milliseconds), 1 when the daemon exited without mounting
+# (sets TRY_RC to its exit status).  Fails the test after MOUNT_TIMEOUT
+# seconds.  DAEMON_LOG is the file with the daemon's stdout+stderr.
+try_mount() {
+    local img=$1 mnt=$2 opts=${3:-} pid t0 now deadline log
     [[ $img == /* ]] || img="$PWD/$img"
     mkdir -p "$mnt"
     mnt=$(canon_path "$mnt")
-    is_mounted "$mnt" && fail "mount_image: $mnt is already mounted"
+    if is_mounted "$mnt"; then fail "try_mount: $mnt is already mounted"; fi
     log="$T/daemon.$(_seq).log"
     local args=(-f)
-    [[ -n $opts ]] && args+=(-o "$opts")
+    if [[ -n $opts ]]; then args+=(-o "$opts"); fi
     t0=$(date +%s%N)
     deadline=$((t0 + MOUNT_TIMEOUT * 1000000000))
     (cd "$MOUNT_CWD" && exec "$QCOW2FUSE" "${args[@]}" "$img" "$mnt") </dev/null >"$log" 2>&1 &
@@ -457,15 +493,20 @@ mount_image() {
     _MNT_PID[$mnt]=$pid
     _MNT_LOG[$mnt]=$log
     DAEMON_LOG=$log
+    DAEMON_CMD="$QCOW2FUSE ${args[*]} $img $mnt"
     while :; do
         if is_mounted "$mnt" && [[ -e $mnt/disk ]]; then
             break
         fi
         if ! pid_alive "$pid"; then
-            rc=0
-            wait "$pid" || rc=$?
-            sed 's/^/    | /' "$log" >&2
-            fail "daemon exited with status $rc before the mount came up ($QCOW2FUSE ${args[*]} $img $mnt)"
+            TRY_RC=0
+            wait "$pid" || TRY_RC=$?
+            unset "_MNT_PID[$mnt]"
+            if is_mounted "$mnt"; then
+                sed 's/^/    | /' "$log" >&2
+                fail "daemon exited with status $TRY_RC but left $mnt mounted"
+            fi
+            return 1
         fi
         now=$(date +%s%N)
         if ((now > deadline)); then
@@ -477,6 +518,15 @@ mount_image() {
     now=$(date +%s%N)
     MOUNT_MS=$(((now - t0) / 1000000))
     info "mounted $(basename "$img") on $mnt${opts:+ (-o $opts)} in ${MOUNT_MS} ms (pid $pid)"
+    return 0
+}
+
+# mount_image IMG MNT [OPTS]: like try_mount, but the mount must come up.
+mount_image() {
+    if ! try_mount "$@"; then
+        sed 's/^/    | /' "$DAEMON_LOG" >&2
+        fail "daemon exited with status $TRY_RC before the mount came up ($DAEMON_CMD)"
+    fi
 }
 
 # unmount_image MNT: fusermount3 -u, wait for the daemon to exit, require
@@ -544,6 +594,7 @@ expect_refusal() {
     done
     rc=0
     wait "$pid" || rc=$?
+    # shellcheck disable=SC2034  # for the test scripts
     REFUSE_RC=$rc
     if is_mounted "$mnt" || mountpoint -q "$mnt" 2>/dev/null; then
         fail "$mnt is mounted after the daemon exited (exit status $rc)"
@@ -577,12 +628,13 @@ stderr_mentions() {
 # Checks the message "Read-only file system" from the shell.
 write_fails_erofs() {
     local f=$1 out
-    if out=$(timeout -k 5 "$IO_TIMEOUT" sh -c 'echo x >> "$1"' sh "$f" 2>&1); then
+    # shellcheck disable=SC2016  # $1 is expanded by the inner sh
+    if out=$(io_timeout sh -c 'echo x >> "$1"' sh "$f" 2>&1); then
         fail "appending to $f succeeded on a read-only mount"
     fi
     grep -q "Read-only file system" <<<"$out" \
         || fail "appending to $f failed, but not with EROFS: $out"
-    if out=$(timeout -k 5 "$IO_TIMEOUT" dd if=/dev/zero of="$f" bs=512 count=1 conv=notrunc status=none 2>&1); then
+    if out=$(io_timeout dd if=/dev/zero of="$f" bs=512 count=1 conv=notrunc status=none 2>&1); then
         fail "dd of=$f conv=notrunc succeeded on a read-only mount"
     fi
     grep -q "Read-only file system" <<<"$out" \

@@ -1,0 +1,994 @@
+/*
+ * Unit tests for cluster: L2 entry decoding, and guest-to-host lookups over
+ * small images built in memory.
+ */
+#include "testutil.h"
+
+#include "cache.h"
+#include "cluster.h"
+#include "compress.h"
+#include "io.h"
+#include "meta.h"
+
+#include <errno.h>
+
+#define COPIED      META_L2_COPIED
+#define COMPRESSED  META_L2_COMPRESSED
+#define ZEROFLAG    META_L2_ZERO
+
+/* ---- cluster_decode_entry ------------------------------------------------ */
+
+struct decoded {
+    int ret;
+    enum cluster_kind kind;
+    uint64_t host;
+    const char *why;
+};
+
+static struct decoded decode(const struct meta *m, uint64_t entry, uint64_t bitmap,
+                             unsigned sc)
+{
+    struct decoded d = { .kind = (enum cluster_kind)99, .host = 0xdeadbeef, .why = NULL };
+
+    d.ret = cluster_decode_entry(m, entry, bitmap, sc, &d.kind, &d.host, &d.why);
+    return d;
+}
+
+static void expect_kind(const struct meta *m, uint64_t entry, uint64_t bitmap,
+                        unsigned sc, enum cluster_kind kind, uint64_t host)
+{
+    struct decoded d = decode(m, entry, bitmap, sc);
+
+    ck_assert_msg(d.ret == 0, "entry 0x%016llx bitmap 0x%016llx sc %u: returned %d (%s)",
+                  (unsigned long long)entry, (unsigned long long)bitmap, sc, d.ret,
+                  d.why ? d.why : "no reason");
+    ck_assert_msg(d.kind == kind, "entry 0x%016llx bitmap 0x%016llx sc %u: kind %d, expected %d",
+                  (unsigned long long)entry, (unsigned long long)bitmap, sc, d.kind, kind);
+    if (kind == CLUSTER_DATA || kind == CLUSTER_COMPRESSED)
+        ck_assert_msg(d.host == host, "entry 0x%016llx: host 0x%llx, expected 0x%llx",
+                      (unsigned long long)entry, (unsigned long long)d.host,
+                      (unsigned long long)host);
+}
+
+static void expect_invalid(const struct meta *m, uint64_t entry, uint64_t bitmap,
+                           unsigned sc)
+{
+    struct decoded d = decode(m, entry, bitmap, sc);
+
+    ck_assert_msg(d.ret == -EINVAL, "entry 0x%016llx bitmap 0x%016llx sc %u: returned %d, "
+                  "kind %d", (unsigned long long)entry, (unsigned long long)bitmap, sc,
+                  d.ret, d.kind);
+    ck_assert_msg(d.why != NULL && d.why[0] != '\0', "entry 0x%016llx: no reason given",
+                  (unsigned long long)entry);
+}
+
+START_TEST(decode_standard_v3)
+{
+    struct meta m;
+    const uint64_t cs = 1u << 16;
+
+    tu_meta_init(&m, NULL, 16, true, false);
+    expect_kind(&m, 0, 0, 0, CLUSTER_UNALLOCATED, 0);
+    expect_kind(&m, 5 * cs | COPIED, 0, 0, CLUSTER_DATA, 5 * cs);
+    expect_kind(&m, 5 * cs, 0, 0, CLUSTER_DATA, 5 * cs);
+    /* The highest offset the format allows. */
+    expect_kind(&m, (META_OFFSET_MASK & ~(cs - 1)) | COPIED, 0, 0, CLUSTER_DATA,
+                META_OFFSET_MASK & ~(cs - 1));
+    /* Zero clusters: plain, and with an allocation kept (preallocated). */
+    expect_kind(&m, ZEROFLAG, 0, 0, CLUSTER_ZERO, 0);
+    expect_kind(&m, 7 * cs | ZEROFLAG, 0, 0, CLUSTER_ZERO, 0);
+    expect_kind(&m, 7 * cs | COPIED | ZEROFLAG, 0, 0, CLUSTER_ZERO, 0);
+    {
+        struct decoded d = decode(&m, 7 * cs | COPIED | ZEROFLAG, 0, 0);
+        ck_assert_uint_eq(d.host, 7 * cs);
+    }
+}
+END_TEST
+
+START_TEST(decode_zero_flag_v2)
+{
+    struct meta m;
+    const uint64_t cs = 1u << 16;
+
+    tu_meta_init(&m, NULL, 16, false, false);
+    expect_invalid(&m, ZEROFLAG, 0, 0);
+    expect_invalid(&m, 7 * cs | COPIED | ZEROFLAG, 0, 0);
+    /* The rest of v2 is as v3. */
+    expect_kind(&m, 0, 0, 0, CLUSTER_UNALLOCATED, 0);
+    expect_kind(&m, 7 * cs | COPIED, 0, 0, CLUSTER_DATA, 7 * cs);
+}
+END_TEST
+
+START_TEST(decode_reserved_bits)
+{
+    struct meta m;
+    const uint64_t cs = 1u << 16;
+
+    tu_meta_init(&m, NULL, 16, true, false);
+    for (unsigned b = 1; b <= 8; b++) {
+        expect_invalid(&m, 5 * cs | COPIED | 1ull << b, 0, 0);
+        expect_invalid(&m, 1ull << b, 0, 0);
+    }
+    for (unsigned b = 56; b <= 61; b++) {
+        expect_invalid(&m, 5 * cs | COPIED | 1ull << b, 0, 0);
+        expect_invalid(&m, 5 * cs | 1ull << b, 0, 0);
+        expect_invalid(&m, 1ull << b, 0, 0);
+    }
+}
+END_TEST
+
+START_TEST(decode_misaligned)
+{
+    struct meta m;
+
+    tu_meta_init(&m, NULL, 16, true, false);
+    expect_invalid(&m, 0x50200 | COPIED, 0, 0);
+    expect_invalid(&m, 0x58000, 0, 0);
+    expect_invalid(&m, 0x200 | COPIED, 0, 0);
+    /* With 512-byte clusters every sector offset is aligned. */
+    tu_meta_init(&m, NULL, 9, true, false);
+    expect_kind(&m, 0x50200 | COPIED, 0, 0, CLUSTER_DATA, 0x50200);
+    /* 4 KiB clusters. */
+    tu_meta_init(&m, NULL, 12, true, false);
+    expect_invalid(&m, 0x50200 | COPIED, 0, 0);
+    expect_kind(&m, 0x51000 | COPIED, 0, 0, CLUSTER_DATA, 0x51000);
+}
+END_TEST
+
+START_TEST(decode_compressed)
+{
+    struct meta m;
+
+    for (unsigned cb = 9; cb <= 21; cb += 4) {
+        uint64_t cs = 1ull << cb;
+        uint64_t d;
+
+        tu_meta_init(&m, NULL, cb, true, false);
+        d = compress_descriptor_encode(0x123400 + 17, cs / 2, cb);
+        expect_kind(&m, COMPRESSED | d, 0, 0, CLUSTER_COMPRESSED, 0x123400 + 17);
+        /* The descriptor's offset and sector bits are not "reserved": an
+         * offset with low bits set and the largest sector count. */
+        d = 0x1234567ull | ((1ull << (cb - 8)) - 1) << (62 - (cb - 8));
+        expect_kind(&m, COMPRESSED | d, 0, 0, CLUSTER_COMPRESSED, 0x1234567);
+        /* COPIED is never set on a compressed cluster. */
+        expect_invalid(&m, COMPRESSED | COPIED | d, 0, 0);
+    }
+    /* Offset bits beyond 55 (only representable with small clusters). */
+    tu_meta_init(&m, NULL, 9, true, false);
+    expect_invalid(&m, COMPRESSED | 1ull << 56, 0, 0);
+    /* No compressed clusters with an external data file. */
+    tu_meta_init(&m, NULL, 16, true, false);
+    m.has_data_file = true;
+    expect_invalid(&m, COMPRESSED | compress_descriptor_encode(0x10000, 100, 16), 0, 0);
+}
+END_TEST
+
+START_TEST(decode_copied_offset_zero)
+{
+    struct meta m;
+
+    tu_meta_init(&m, NULL, 16, true, false);
+    expect_invalid(&m, COPIED, 0, 0);
+    /* With an external data file, offset 0 is real data when COPIED. */
+    m.has_data_file = true;
+    expect_kind(&m, COPIED, 0, 0, CLUSTER_DATA, 0);
+    expect_kind(&m, 0, 0, 0, CLUSTER_UNALLOCATED, 0);
+    expect_kind(&m, (1u << 16) | COPIED, 0, 0, CLUSTER_DATA, 1u << 16);
+}
+END_TEST
+
+START_TEST(decode_extended_l2)
+{
+    struct meta m;
+    const uint64_t cs = 1u << 16;
+    const uint64_t host = 9 * cs | COPIED;
+
+    tu_meta_init(&m, NULL, 16, true, true);
+    /* alloc bitmap in bits 0..31, zero bitmap in 32..63 */
+    for (unsigned sc = 0; sc < 32; sc++) {
+        expect_kind(&m, host, 1ull << sc, sc, CLUSTER_DATA, 9 * cs);
+        expect_kind(&m, host, 1ull << (32 + sc), sc, CLUSTER_ZERO, 0);
+        expect_kind(&m, host, 0, sc, CLUSTER_UNALLOCATED, 0);
+        /* Other subclusters' bits do not matter. */
+        expect_kind(&m, host, ~(1ull << sc) & 0xffffffffull, sc, CLUSTER_UNALLOCATED, 0);
+        expect_kind(&m, host, ~(1ull << sc) & 0xffffffffull, (sc + 1) % 32,
+                    CLUSTER_DATA, 9 * cs);
+        /* Both bits for the same subcluster: contradictory. */
+        expect_invalid(&m, host, 1ull << sc | 1ull << (32 + sc), sc);
+        /* Allocated subclusters in an unallocated cluster. */
+        expect_invalid(&m, 0, 1ull << sc, sc);
+        /* Zero subclusters need no allocation. */
+        expect_kind(&m, 0, 1ull << (32 + sc), sc, CLUSTER_ZERO, 0);
+        expect_kind(&m, 0, 0, sc, CLUSTER_UNALLOCATED, 0);
+    }
+    /* Standard-descriptor checks still apply. */
+    expect_invalid(&m, 9 * cs | COPIED | 1ull << 3, 1, 0);
+    expect_invalid(&m, (9 * cs + 512) | COPIED, 1, 0);
+}
+END_TEST
+
+/* ---- images in memory ---------------------------------------------------- */
+
+struct img {
+    uint8_t *buf;
+    size_t len;
+    unsigned cb;
+    uint64_t cs;
+    unsigned ebytes;            /* L2 entry bytes */
+};
+
+static void img_init(struct img *im, unsigned cb, bool ext, size_t nb_clusters)
+{
+    im->cb = cb;
+    im->cs = 1ull << cb;
+    im->ebytes = ext ? 16 : 8;
+    im->len = nb_clusters << cb;
+    im->buf = tu_zalloc(im->len);
+}
+
+static void l1_set(struct img *im, uint64_t l1_cluster, unsigned idx, uint64_t v)
+{
+    be64_put(im->buf + (l1_cluster << im->cb) + 8ull * idx, v);
+}
+
+static void l2_set(struct img *im, uint64_t l2_cluster, unsigned idx, uint64_t entry,
+                   uint64_t bitmap)
+{
+    uint8_t *p = im->buf + (l2_cluster << im->cb) + (uint64_t)im->ebytes * idx;
+    be64_put(p, entry);
+    if (im->ebytes == 16)
+        be64_put(p + 8, bitmap);
+}
+
+/* Host-offset fill so that reads of data clusters can be told apart. */
+static void fill_data(struct img *im, uint64_t cluster)
+{
+    for (uint64_t i = 0; i < im->cs; i++)
+        im->buf[(cluster << im->cb) + i] = (uint8_t)(cluster * 3 + i);
+}
+
+static struct io *img_io(struct img *im)
+{
+    struct io *io;
+    ck_assert_int_eq(io_open_memory(im->buf, im->len, &io), 0);
+    free(im->buf);
+    im->buf = NULL;
+    return io;
+}
+
+static struct cluster_run lookup(struct cluster *cl, uint64_t off, uint64_t max)
+{
+    struct cluster_run run;
+    int ret;
+
+    memset(&run, 0xa5, sizeof(run));
+    ret = cluster_lookup(cl, off, max, &run);
+    ck_assert_msg(ret == 0, "lookup at 0x%llx returned %d", (unsigned long long)off, ret);
+    ck_assert_msg(run.bytes >= 1 && run.bytes <= max,
+                  "lookup at 0x%llx max %llu: %llu bytes", (unsigned long long)off,
+                  (unsigned long long)max, (unsigned long long)run.bytes);
+    return run;
+}
+
+static void expect_run(struct cluster *cl, uint64_t off, uint64_t max,
+                       enum cluster_kind kind, uint64_t host, uint64_t bytes)
+{
+    struct cluster_run r = lookup(cl, off, max);
+
+    ck_assert_msg(r.kind == kind, "lookup 0x%llx: kind %d, expected %d",
+                  (unsigned long long)off, r.kind, kind);
+    ck_assert_msg(r.bytes == bytes, "lookup 0x%llx: %llu bytes, expected %llu",
+                  (unsigned long long)off, (unsigned long long)r.bytes,
+                  (unsigned long long)bytes);
+    if (kind == CLUSTER_DATA)
+        ck_assert_msg(r.host_offset == host, "lookup 0x%llx: host 0x%llx, expected 0x%llx",
+                      (unsigned long long)off, (unsigned long long)r.host_offset,
+                      (unsigned long long)host);
+}
+
+/* Expected state of each unit (cluster or subcluster) for the walk test. */
+struct unit_exp {
+    enum cluster_kind kind;
+    uint64_t host;              /* DATA: host offset of the unit's first byte */
+};
+
+/*
+ * Walk the whole range with lookups of assorted lengths and check every
+ * unit covered by every run against @exp.
+ */
+static void walk_check(struct cluster *cl, const struct unit_exp *exp, uint64_t nb_units,
+                       uint64_t unit, uint64_t cs, uint64_t seed)
+{
+    uint64_t end = nb_units * unit, off = 0, r = seed;
+
+    while (off < end) {
+        uint64_t max;
+        struct cluster_run run;
+
+        r = r * 6364136223846793005ull + 1442695040888963407ull;
+        switch ((r >> 40) % 4) {
+        case 0: max = end - off; break;
+        case 1: max = 1 + (r >> 20) % (3 * cs); break;
+        case 2: max = 1 + (r >> 20) % 700; break;
+        default: max = 1 + (r >> 20) % (64 * cs); break;
+        }
+        if (max > end - off)
+            max = end - off;
+        run = lookup(cl, off, max);
+        if (run.kind == CLUSTER_COMPRESSED)
+            ck_assert_uint_le(run.bytes, cs - off % cs);
+        for (uint64_t u = off / unit; u * unit < off + run.bytes; u++) {
+            uint64_t from = u * unit > off ? u * unit : off;
+            ck_assert_msg(exp[u].kind == run.kind,
+                          "run at 0x%llx (%llu bytes): unit %llu is kind %d, run says %d",
+                          (unsigned long long)off, (unsigned long long)run.bytes,
+                          (unsigned long long)u, exp[u].kind, run.kind);
+            if (run.kind == CLUSTER_DATA)
+                ck_assert_msg(exp[u].host + (from - u * unit) == run.host_offset + (from - off),
+                              "run at 0x%llx: unit %llu host mismatch",
+                              (unsigned long long)off, (unsigned long long)u);
+        }
+        off += run.bytes;
+    }
+}
+
+/*
+ * Standard image, cluster_bits 12 (512 L2 entries, one slice per table):
+ *   cluster 1: L1 (4 entries)   cluster 2: L2 of L1[0]   cluster 3: L2 of L1[2]
+ *   data clusters from 16.
+ * L1[0] guest clusters:
+ *   0-2 data at 16,17,18 (contiguous)   3-4 data at 25,26   5 zero   6 zero
+ *   (allocated at 27)   7-8 unallocated   9-10 compressed   11 data at 30
+ *   12.. unallocated
+ * L1[1] unallocated.  L1[2]: guest cluster 1024+1 data at 40, 1024+2 at 41.
+ */
+#define STD_CB      12
+#define STD_CS      (1ull << STD_CB)
+#define STD_L2E     512ull
+#define STD_L1SIZE  4u
+
+static uint64_t std_comp_desc(unsigned k)
+{
+    return compress_descriptor_encode(28 * STD_CS + 100 + 2000 * k, 1000, STD_CB);
+}
+
+static struct io *std_image(void)
+{
+    struct img im;
+
+    img_init(&im, STD_CB, false, 48);
+    l1_set(&im, 1, 0, 2 * STD_CS | COPIED);
+    l1_set(&im, 1, 2, 3 * STD_CS);
+    l2_set(&im, 2, 0, 16 * STD_CS | COPIED, 0);
+    l2_set(&im, 2, 1, 17 * STD_CS, 0);
+    l2_set(&im, 2, 2, 18 * STD_CS | COPIED, 0);
+    l2_set(&im, 2, 3, 25 * STD_CS | COPIED, 0);
+    l2_set(&im, 2, 4, 26 * STD_CS | COPIED, 0);
+    l2_set(&im, 2, 5, ZEROFLAG, 0);
+    l2_set(&im, 2, 6, 27 * STD_CS | COPIED | ZEROFLAG, 0);
+    l2_set(&im, 2, 9, COMPRESSED | std_comp_desc(0), 0);
+    l2_set(&im, 2, 10, COMPRESSED | std_comp_desc(1), 0);
+    l2_set(&im, 2, 11, 30 * STD_CS | COPIED, 0);
+    l2_set(&im, 3, 1, 40 * STD_CS | COPIED, 0);
+    l2_set(&im, 3, 2, 41 * STD_CS | COPIED, 0);
+    for (uint64_t c = 16; c < 48; c++)
+        fill_data(&im, c);
+    return img_io(&im);
+}
+
+static void std_open(struct meta *m, struct io **io, struct cluster **cl)
+{
+    *io = std_image();
+    tu_meta_init(m, *io, STD_CB, true, false);
+    m->virtual_size = STD_L1SIZE * STD_L2E * STD_CS;
+    ck_assert_int_eq(cluster_open(m, STD_CS, STD_L1SIZE, 1u << 20, cl), 0);
+}
+
+START_TEST(open_cache_minimum)
+{
+    struct meta m;
+    struct io *io = std_image();
+    struct cluster *cl;
+
+    tu_meta_init(&m, io, STD_CB, true, false);
+    ck_assert_int_eq(cluster_open(&m, STD_CS, STD_L1SIZE, 0, &cl), 0);
+    ck_assert_ptr_nonnull(cluster_l2_cache(cl));
+    ck_assert_uint_ge(cache_nb_entries(cluster_l2_cache(cl)), 16);
+    ck_assert_uint_le(cache_table_size(cluster_l2_cache(cl)), 4096);
+    /* Works with the minimum cache. */
+    expect_run(cl, 0, 1ull << 40, CLUSTER_DATA, 16 * STD_CS, 3 * STD_CS);
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+START_TEST(lookup_merges_contiguous)
+{
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+
+    std_open(&m, &io, &cl);
+    expect_run(cl, 0, 1ull << 40, CLUSTER_DATA, 16 * STD_CS, 3 * STD_CS);
+    /* Stops at the host discontinuity between guest clusters 2 and 3. */
+    expect_run(cl, 2 * STD_CS, 1ull << 40, CLUSTER_DATA, 18 * STD_CS, STD_CS);
+    expect_run(cl, 3 * STD_CS, 1ull << 40, CLUSTER_DATA, 25 * STD_CS, 2 * STD_CS);
+    /* Bounded by max_bytes. */
+    expect_run(cl, 0, 5000, CLUSTER_DATA, 16 * STD_CS, 5000);
+    expect_run(cl, 0, 1, CLUSTER_DATA, 16 * STD_CS, 1);
+    expect_run(cl, 11 * STD_CS, 1ull << 40, CLUSTER_DATA, 30 * STD_CS, STD_CS);
+    ck_assert(!meta_is_corrupt(&m));
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+START_TEST(lookup_mid_cluster)
+{
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+
+    std_open(&m, &io, &cl);
+    expect_run(cl, 100, 1ull << 40, CLUSTER_DATA, 16 * STD_CS + 100, 3 * STD_CS - 100);
+    expect_run(cl, STD_CS + 4095, 1ull << 40, CLUSTER_DATA, 17 * STD_CS + 4095,
+               STD_CS + 1);
+    expect_run(cl, 4 * STD_CS + 7, 10, CLUSTER_DATA, 26 * STD_CS + 7, 10);
+    expect_run(cl, 5 * STD_CS + 1, 1ull << 40, CLUSTER_ZERO, 0, 2 * STD_CS - 1);
+    expect_run(cl, 1024 * STD_CS + STD_CS + 333, 1ull << 40, CLUSTER_DATA,
+               40 * STD_CS + 333, 2 * STD_CS - 333);
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+START_TEST(lookup_kind_changes)
+{
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+
+    std_open(&m, &io, &cl);
+    /* Data run ends where the zero clusters start. */
+    expect_run(cl, 4 * STD_CS, 1ull << 40, CLUSTER_DATA, 26 * STD_CS, STD_CS);
+    /* Plain and allocated zero clusters are one zero run. */
+    expect_run(cl, 5 * STD_CS, 1ull << 40, CLUSTER_ZERO, 0, 2 * STD_CS);
+    /* Unallocated until the compressed cluster. */
+    expect_run(cl, 7 * STD_CS, 1ull << 40, CLUSTER_UNALLOCATED, 0, 2 * STD_CS);
+    expect_run(cl, 8 * STD_CS + 5, 1ull << 40, CLUSTER_UNALLOCATED, 0, STD_CS - 5);
+    /* Unallocated from 12 to the end of the first L2 table. */
+    expect_run(cl, 12 * STD_CS, 1ull << 40, CLUSTER_UNALLOCATED, 0,
+               (STD_L2E - 12) * STD_CS);
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+START_TEST(lookup_compressed)
+{
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+    struct cluster_run r;
+    uint64_t host, len;
+
+    std_open(&m, &io, &cl);
+    for (unsigned k = 0; k < 2; k++) {
+        uint64_t g = 9 + k;
+        r = lookup(cl, g * STD_CS, 1ull << 40);
+        ck_assert_int_eq(r.kind, CLUSTER_COMPRESSED);
+        ck_assert_uint_eq(r.bytes, STD_CS);     /* never merged */
+        ck_assert_uint_eq(r.l2_entry & ~(COPIED | COMPRESSED), std_comp_desc(k));
+        ck_assert_int_eq(compress_descriptor_decode(r.l2_entry & ~(COPIED | COMPRESSED),
+                                                    STD_CB, &host, &len), 0);
+        ck_assert_uint_eq(host, 28 * STD_CS + 100 + 2000 * k);
+        ck_assert_uint_ge(len, 1000);
+        /* From the middle: to the end of that cluster. */
+        r = lookup(cl, g * STD_CS + 1000, 1ull << 40);
+        ck_assert_int_eq(r.kind, CLUSTER_COMPRESSED);
+        ck_assert_uint_eq(r.bytes, STD_CS - 1000);
+        ck_assert_uint_eq(r.l2_entry & ~(COPIED | COMPRESSED), std_comp_desc(k));
+        r = lookup(cl, g * STD_CS + 1000, 10);
+        ck_assert_int_eq(r.kind, CLUSTER_COMPRESSED);
+        ck_assert_uint_eq(r.bytes, 10);
+    }
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+START_TEST(lookup_unallocated_l1)
+{
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+    const uint64_t table = STD_L2E * STD_CS;
+
+    std_open(&m, &io, &cl);
+    expect_run(cl, table, 1ull << 40, CLUSTER_UNALLOCATED, 0, table);
+    expect_run(cl, table + 7, 1ull << 40, CLUSTER_UNALLOCATED, 0, table - 7);
+    expect_run(cl, table + 12345, 1000, CLUSTER_UNALLOCATED, 0, 1000);
+    expect_run(cl, 2 * table - 1, 1ull << 40, CLUSTER_UNALLOCATED, 0, 1);
+    /* L1[3] as well: up to the end of the disk. */
+    expect_run(cl, 3 * table + STD_CS, 1ull << 40, CLUSTER_UNALLOCATED, 0,
+               table - STD_CS);
+    /* L1[2] is allocated; its first entry is unallocated. */
+    expect_run(cl, 2 * table, 1ull << 40, CLUSTER_UNALLOCATED, 0, STD_CS);
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+START_TEST(lookup_walk_standard)
+{
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+    uint64_t n = STD_L1SIZE * STD_L2E;
+    struct unit_exp *exp = tu_zalloc(n * sizeof(*exp));
+    static const struct { uint64_t g; enum cluster_kind k; uint64_t host; } set[] = {
+        { 0, CLUSTER_DATA, 16 }, { 1, CLUSTER_DATA, 17 }, { 2, CLUSTER_DATA, 18 },
+        { 3, CLUSTER_DATA, 25 }, { 4, CLUSTER_DATA, 26 }, { 5, CLUSTER_ZERO, 0 },
+        { 6, CLUSTER_ZERO, 0 }, { 9, CLUSTER_COMPRESSED, 0 },
+        { 10, CLUSTER_COMPRESSED, 0 }, { 11, CLUSTER_DATA, 30 },
+        { 1025, CLUSTER_DATA, 40 }, { 1026, CLUSTER_DATA, 41 },
+    };
+
+    for (uint64_t g = 0; g < n; g++)
+        exp[g].kind = CLUSTER_UNALLOCATED;
+    for (unsigned i = 0; i < sizeof(set) / sizeof(set[0]); i++) {
+        exp[set[i].g].kind = set[i].k;
+        exp[set[i].g].host = set[i].host * STD_CS;
+    }
+    std_open(&m, &io, &cl);
+    for (uint64_t seed = 1; seed <= 20; seed++)
+        walk_check(cl, exp, n, STD_CS, STD_CS, seed);
+    ck_assert(!meta_is_corrupt(&m));
+    cluster_close(cl);
+    io_close(io);
+    free(exp);
+}
+END_TEST
+
+START_TEST(lookup_get_entry)
+{
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+    uint64_t e, b;
+
+    std_open(&m, &io, &cl);
+    ck_assert_int_eq(cluster_get_entry(cl, 3, &e, &b), 0);
+    ck_assert_uint_eq(e, 25 * STD_CS | COPIED);
+    ck_assert_uint_eq(b, 0);
+    ck_assert_int_eq(cluster_get_entry(cl, 9, &e, &b), 0);
+    ck_assert_uint_eq(e, COMPRESSED | std_comp_desc(0));
+    ck_assert_int_eq(cluster_get_entry(cl, 1026, &e, &b), 0);
+    ck_assert_uint_eq(e, 41 * STD_CS | COPIED);
+    e = b = 99;
+    ck_assert_int_eq(cluster_get_entry(cl, 600, &e, &b), 0);    /* L1[1] empty */
+    ck_assert_uint_eq(e, 0);
+    ck_assert_uint_eq(b, 0);
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+/* Corrupt metadata. */
+
+static struct io *corrupt_image(uint64_t l1_0, uint64_t l2_5)
+{
+    struct img im;
+
+    img_init(&im, STD_CB, false, 8);
+    l1_set(&im, 1, 0, l1_0);
+    l1_set(&im, 1, 1, 3 * STD_CS | COPIED);
+    l2_set(&im, 2, 0, 5 * STD_CS | COPIED, 0);
+    l2_set(&im, 2, 5, l2_5, 0);
+    l2_set(&im, 3, 0, 6 * STD_CS | COPIED, 0);
+    /* A v3 header's incompatible_features: the dirty bit is set. */
+    be64_put(im.buf + 72, QCOW2_INCOMPAT_DIRTY);
+    return img_io(&im);
+}
+
+START_TEST(lookup_corrupt_l2_entry)
+{
+    static const uint64_t bad[] = {
+        6 * STD_CS | COPIED | 1ull << 4,        /* reserved bit */
+        6 * STD_CS + 512,                       /* misaligned */
+        COPIED,                                 /* COPIED, no offset */
+        COMPRESSED | COPIED | 0x10000,          /* compressed + COPIED */
+    };
+
+    for (unsigned i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        struct meta m;
+        struct io *io = corrupt_image(2 * STD_CS | COPIED, bad[i]);
+        struct cluster *cl;
+        struct cluster_run r;
+
+        tu_log_capture();
+        tu_meta_init(&m, io, STD_CB, true, false);
+        ck_assert_int_eq(cluster_open(&m, STD_CS, 2, 1u << 20, &cl), 0);
+        ck_assert(!meta_is_corrupt(&m));
+        /* Reaching the bad entry from the start of the table, or directly. */
+        ck_assert_int_eq(cluster_lookup(cl, 5 * STD_CS + 10, STD_CS, &r), -EIO);
+        ck_assert(meta_is_corrupt(&m));
+        ck_assert_uint_eq(tu_log_state()->nb_errors, 1);
+        ck_assert_int_eq(cluster_lookup(cl, 5 * STD_CS, 1, &r), -EIO);
+        /* Reported once. */
+        ck_assert_uint_eq(tu_log_state()->nb_errors, 1);
+        /* The entries before it still translate. */
+        r = lookup(cl, 0, STD_CS);
+        ck_assert_int_eq(r.kind, CLUSTER_DATA);
+        ck_assert_uint_eq(r.host_offset, 5 * STD_CS);
+        tu_log_release();
+        cluster_close(cl);
+        io_close(io);
+    }
+}
+END_TEST
+
+START_TEST(lookup_corrupt_run_stops_before)
+{
+    /* A run from a good cluster towards a corrupt one either stops before
+     * it or fails: it never reports the corrupt cluster as data. */
+    struct meta m;
+    struct io *io = corrupt_image(2 * STD_CS | COPIED, 6 * STD_CS | 1ull << 60);
+    struct cluster *cl;
+    struct cluster_run r;
+    int ret;
+
+    tu_log_capture();
+    tu_meta_init(&m, io, STD_CB, true, false);
+    ck_assert_int_eq(cluster_open(&m, STD_CS, 2, 1u << 20, &cl), 0);
+    ret = cluster_lookup(cl, 1 * STD_CS, 10 * STD_CS, &r);
+    if (ret == 0) {
+        ck_assert_int_eq(r.kind, CLUSTER_UNALLOCATED);
+        ck_assert_uint_le(r.bytes, 4 * STD_CS);
+    } else {
+        ck_assert_int_eq(ret, -EIO);
+    }
+    tu_log_release();
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+START_TEST(lookup_corrupt_l1_entry)
+{
+    static const uint64_t bad[] = {
+        2 * STD_CS | COPIED | 1ull << 60,       /* reserved bit */
+        2 * STD_CS | COPIED | 1,                /* reserved bit 0 */
+        2 * STD_CS + 512,                       /* misaligned */
+    };
+
+    for (unsigned i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        struct meta m;
+        struct io *io = corrupt_image(bad[i], 0);
+        struct cluster *cl;
+        struct cluster_run r;
+        int ret;
+
+        tu_log_capture();
+        tu_meta_init(&m, io, STD_CB, true, false);
+        ret = cluster_open(&m, STD_CS, 2, 1u << 20, &cl);
+        if (ret == 0) {
+            ck_assert_int_eq(cluster_lookup(cl, 0, STD_CS, &r), -EIO);
+            /* The other L1 entry is fine. */
+            r = lookup(cl, STD_L2E * STD_CS, STD_CS);
+            ck_assert_int_eq(r.kind, CLUSTER_DATA);
+            ck_assert_uint_eq(r.host_offset, 6 * STD_CS);
+            cluster_close(cl);
+        } else {
+            /* cluster.h allows rejecting a bad L1 at open. */
+            ck_assert_int_eq(ret, -EIO);
+        }
+        ck_assert(meta_is_corrupt(&m));
+        ck_assert_uint_eq(tu_log_state()->nb_errors, 1);
+        tu_log_release();
+        io_close(io);
+    }
+}
+END_TEST
+
+START_TEST(corrupt_sets_header_bit)
+{
+    /* On a writable v3 image the corrupt bit is recorded in the header; on
+     * a read-only one, or a v2 one (no feature bits: bytes 72.. belong to
+     * the extensions), the file is left alone. */
+    static const struct { bool writable, v3, sets; } cases[] = {
+        { false, true, false }, { true, true, true }, { true, false, false },
+    };
+
+    for (unsigned i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct meta m;
+        struct io *io = corrupt_image(2 * STD_CS | COPIED, 6 * STD_CS | 1ull << 2);
+        struct cluster *cl;
+        struct cluster_run r;
+        size_t len;
+
+        tu_log_capture();
+        tu_meta_init(&m, io, STD_CB, cases[i].v3, false);
+        m.read_only = !cases[i].writable;
+        m.incompatible = cases[i].v3 ? QCOW2_INCOMPAT_DIRTY : 0;
+        ck_assert_int_eq(cluster_open(&m, STD_CS, 2, 1u << 20, &cl), 0);
+        ck_assert_int_eq(cluster_lookup(cl, 5 * STD_CS, STD_CS, &r), -EIO);
+        ck_assert(meta_is_corrupt(&m));
+        ck_assert_uint_eq(tu_log_state()->nb_errors, 1);
+        ck_assert_uint_eq(be64_get(io_memory_data(io, &len) + 72),
+                          QCOW2_INCOMPAT_DIRTY |
+                          (cases[i].sets ? QCOW2_INCOMPAT_CORRUPT : 0));
+        tu_log_release();
+        cluster_close(cl);
+        io_close(io);
+    }
+}
+END_TEST
+
+/* External data file: offset 0 is real. */
+
+START_TEST(lookup_data_file)
+{
+    struct img im;
+    struct meta m;
+    struct io *io, *data;
+    struct cluster *cl;
+
+    img_init(&im, STD_CB, false, 4);
+    l1_set(&im, 1, 0, 2 * STD_CS | COPIED);
+    l2_set(&im, 2, 0, 0 | COPIED, 0);
+    l2_set(&im, 2, 1, STD_CS | COPIED, 0);
+    l2_set(&im, 2, 2, 0, 0);
+    l2_set(&im, 2, 3, 3 * STD_CS | COPIED, 0);
+    io = img_io(&im);
+    ck_assert_int_eq(io_open_memory(NULL, 0, &data), 0);
+    tu_meta_init(&m, io, STD_CB, true, false);
+    m.data_io = data;
+    m.has_data_file = true;
+    m.incompatible = QCOW2_INCOMPAT_DATA_FILE;
+    ck_assert_int_eq(cluster_open(&m, STD_CS, 1, 1u << 20, &cl), 0);
+    expect_run(cl, 0, 1ull << 40, CLUSTER_DATA, 0, 2 * STD_CS);
+    expect_run(cl, 10, 1ull << 40, CLUSTER_DATA, 10, 2 * STD_CS - 10);
+    expect_run(cl, 2 * STD_CS, 1ull << 40, CLUSTER_UNALLOCATED, 0, STD_CS);
+    expect_run(cl, 3 * STD_CS, 1ull << 40, CLUSTER_DATA, 3 * STD_CS, STD_CS);
+    ck_assert(!meta_is_corrupt(&m));
+    cluster_close(cl);
+    io_close(io);
+    io_close(data);
+}
+END_TEST
+
+/* Large clusters: L2 tables are cached in slices. */
+
+START_TEST(lookup_slices)
+{
+    /* cluster_bits 16: 8192 entries per table, 512 per 4 KiB slice. */
+    const unsigned cb = 16;
+    const uint64_t cs = 1ull << cb;
+    struct img im;
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+    static const uint64_t gs[] = { 0, 511, 512, 600, 1023, 1024, 5000, 8191 };
+
+    img_init(&im, cb, false, 4);
+    l1_set(&im, 1, 0, 2 * cs | COPIED);
+    for (unsigned i = 0; i < sizeof(gs) / sizeof(gs[0]); i++)
+        l2_set(&im, 2, (unsigned)gs[i], (100 + gs[i]) * cs | COPIED, 0);
+    io = img_io(&im);
+    tu_meta_init(&m, io, cb, true, false);
+    m.virtual_size = 8192 * cs;
+    ck_assert_int_eq(cluster_open(&m, cs, 1, 0, &cl), 0);
+    for (unsigned i = 0; i < sizeof(gs) / sizeof(gs[0]); i++) {
+        struct cluster_run r = lookup(cl, gs[i] * cs + 3, cs - 3);
+        ck_assert_int_eq(r.kind, CLUSTER_DATA);
+        ck_assert_uint_eq(r.host_offset, (100 + gs[i]) * cs + 3);
+        ck_assert_uint_eq(r.bytes, cs - 3);
+        r = lookup(cl, gs[i] * cs + cs / 2, 1ull << 40);
+        ck_assert_int_eq(r.kind, CLUSTER_DATA);
+        ck_assert_uint_eq(r.host_offset, (100 + gs[i]) * cs + cs / 2);
+        ck_assert_uint_ge(r.bytes, cs / 2);
+    }
+    /* 511 and 512 are contiguous on the host; a run may merge them or stop
+     * at the slice boundary, but must not get the host offset wrong. */
+    {
+        struct cluster_run r = lookup(cl, 511 * cs, 2 * cs);
+        ck_assert_int_eq(r.kind, CLUSTER_DATA);
+        ck_assert_uint_eq(r.host_offset, 611 * cs);
+        ck_assert(r.bytes == cs || r.bytes == 2 * cs);
+    }
+    /* Unallocated between them. */
+    expect_run(cl, 601 * cs, 422 * cs, CLUSTER_UNALLOCATED, 0, 422 * cs);
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+/* Extended L2 entries. */
+
+#define EXT_CB      14
+#define EXT_CS      (1ull << EXT_CB)
+#define EXT_SC      (EXT_CS / 32)
+#define EXT_L2E     1024ull
+
+static uint64_t alloc_bits(unsigned from, unsigned to)   /* [from, to) */
+{
+    uint64_t b = 0;
+    for (unsigned i = from; i < to; i++)
+        b |= 1ull << i;
+    return b;
+}
+
+static struct io *ext_image(void)
+{
+    struct img im;
+
+    img_init(&im, EXT_CB, true, 16);
+    l1_set(&im, 1, 0, 2 * EXT_CS | COPIED);
+    /* g0: sc 0-3 data, 4-5 zero, rest unallocated */
+    l2_set(&im, 2, 0, 8 * EXT_CS | COPIED, alloc_bits(0, 4) | alloc_bits(4, 6) << 32);
+    /* g1: all data */
+    l2_set(&im, 2, 1, 9 * EXT_CS | COPIED, alloc_bits(0, 32));
+    /* g2: sc 28-31 data; g3 all data, contiguous with it */
+    l2_set(&im, 2, 2, 10 * EXT_CS | COPIED, alloc_bits(28, 32));
+    l2_set(&im, 2, 3, 11 * EXT_CS | COPIED, alloc_bits(0, 32));
+    /* g4: unallocated, all zero; g5: unallocated */
+    l2_set(&im, 2, 4, 0, alloc_bits(0, 32) << 32);
+    /* g6: alternating data / unallocated subclusters */
+    l2_set(&im, 2, 6, 12 * EXT_CS | COPIED, 0x5555555555555555ull & 0xffffffffull);
+    /* g300: in the second 4 KiB slice of the table */
+    l2_set(&im, 2, 300, 13 * EXT_CS | COPIED, alloc_bits(0, 32));
+    return img_io(&im);
+}
+
+START_TEST(lookup_extended_l2)
+{
+    struct meta m;
+    struct io *io = ext_image();
+    struct cluster *cl;
+    struct cluster_run r;
+
+    tu_meta_init(&m, io, EXT_CB, true, true);
+    m.virtual_size = EXT_L2E * EXT_CS;
+    ck_assert_int_eq(cluster_open(&m, EXT_CS, 1, 1u << 20, &cl), 0);
+
+    expect_run(cl, 0, 1ull << 40, CLUSTER_DATA, 8 * EXT_CS, 4 * EXT_SC);
+    expect_run(cl, 100, 1ull << 40, CLUSTER_DATA, 8 * EXT_CS + 100, 4 * EXT_SC - 100);
+    expect_run(cl, 4 * EXT_SC, 1ull << 40, CLUSTER_ZERO, 0, 2 * EXT_SC);
+    expect_run(cl, 5 * EXT_SC + 1, 1ull << 40, CLUSTER_ZERO, 0, EXT_SC - 1);
+    expect_run(cl, 6 * EXT_SC, 1ull << 40, CLUSTER_UNALLOCATED, 0, EXT_CS - 6 * EXT_SC);
+    expect_run(cl, EXT_CS, 1ull << 40, CLUSTER_DATA, 9 * EXT_CS, EXT_CS);
+    expect_run(cl, EXT_CS + 17 * EXT_SC + 5, 1ull << 40, CLUSTER_DATA,
+               9 * EXT_CS + 17 * EXT_SC + 5, 15 * EXT_SC - 5);
+    /* g2 sc 0-27 unallocated, then data contiguous into g3. */
+    expect_run(cl, 2 * EXT_CS, 1ull << 40, CLUSTER_UNALLOCATED, 0, 28 * EXT_SC);
+    expect_run(cl, 2 * EXT_CS + 28 * EXT_SC, 1ull << 40, CLUSTER_DATA,
+               10 * EXT_CS + 28 * EXT_SC, 4 * EXT_SC + EXT_CS);
+    expect_run(cl, 4 * EXT_CS, 1ull << 40, CLUSTER_ZERO, 0, EXT_CS);
+    /* Alternating subclusters: one subcluster per run. */
+    for (unsigned sc = 0; sc < 32; sc++) {
+        r = lookup(cl, 6 * EXT_CS + sc * EXT_SC, 1ull << 40);
+        if (sc % 2 == 0) {
+            ck_assert_int_eq(r.kind, CLUSTER_DATA);
+            ck_assert_uint_eq(r.host_offset, 12 * EXT_CS + sc * EXT_SC);
+            ck_assert_uint_eq(r.bytes, EXT_SC);
+        } else {
+            ck_assert_int_eq(r.kind, CLUSTER_UNALLOCATED);
+            if (sc < 31)
+                ck_assert_uint_eq(r.bytes, EXT_SC);
+        }
+    }
+    expect_run(cl, 300 * EXT_CS + 1, 1ull << 40, CLUSTER_DATA, 13 * EXT_CS + 1,
+               EXT_CS - 1);
+    ck_assert(!meta_is_corrupt(&m));
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+START_TEST(lookup_walk_extended_l2)
+{
+    struct meta m;
+    struct io *io = ext_image();
+    struct cluster *cl;
+    uint64_t n = EXT_L2E * 32;
+    struct unit_exp *exp = tu_zalloc(n * sizeof(*exp));
+
+    for (uint64_t u = 0; u < n; u++)
+        exp[u].kind = CLUSTER_UNALLOCATED;
+    for (unsigned sc = 0; sc < 32; sc++) {
+        if (sc < 4)
+            exp[sc] = (struct unit_exp){ CLUSTER_DATA, 8 * EXT_CS + sc * EXT_SC };
+        else if (sc < 6)
+            exp[sc].kind = CLUSTER_ZERO;
+        exp[32 + sc] = (struct unit_exp){ CLUSTER_DATA, 9 * EXT_CS + sc * EXT_SC };
+        if (sc >= 28)
+            exp[64 + sc] = (struct unit_exp){ CLUSTER_DATA, 10 * EXT_CS + sc * EXT_SC };
+        exp[96 + sc] = (struct unit_exp){ CLUSTER_DATA, 11 * EXT_CS + sc * EXT_SC };
+        exp[128 + sc].kind = CLUSTER_ZERO;
+        if (sc % 2 == 0)
+            exp[192 + sc] = (struct unit_exp){ CLUSTER_DATA, 12 * EXT_CS + sc * EXT_SC };
+        exp[300 * 32 + sc] = (struct unit_exp){ CLUSTER_DATA, 13 * EXT_CS + sc * EXT_SC };
+    }
+    tu_meta_init(&m, io, EXT_CB, true, true);
+    m.virtual_size = EXT_L2E * EXT_CS;
+    ck_assert_int_eq(cluster_open(&m, EXT_CS, 1, 1u << 20, &cl), 0);
+    for (uint64_t seed = 1; seed <= 10; seed++)
+        walk_check(cl, exp, n, EXT_SC, EXT_CS, seed);
+    ck_assert(!meta_is_corrupt(&m));
+    cluster_close(cl);
+    io_close(io);
+    free(exp);
+}
+END_TEST
+
+START_TEST(lookup_extended_l2_corrupt)
+{
+    struct img im;
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+    struct cluster_run r;
+
+    tu_log_capture();
+    img_init(&im, EXT_CB, true, 8);
+    l1_set(&im, 1, 0, 2 * EXT_CS | COPIED);
+    l2_set(&im, 2, 0, 4 * EXT_CS | COPIED, 1 | 1ull << 32);      /* both bits */
+    l2_set(&im, 2, 1, 0, 1ull << 5);                             /* alloc, no host */
+    io = img_io(&im);
+    tu_meta_init(&m, io, EXT_CB, true, true);
+    ck_assert_int_eq(cluster_open(&m, EXT_CS, 1, 1u << 20, &cl), 0);
+    ck_assert_int_eq(cluster_lookup(cl, 0, EXT_CS, &r), -EIO);
+    ck_assert(meta_is_corrupt(&m));
+    ck_assert_int_eq(cluster_lookup(cl, EXT_CS + 5 * EXT_SC, EXT_SC, &r), -EIO);
+    ck_assert_uint_eq(tu_log_state()->nb_errors, 1);
+    tu_log_release();
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+static Suite *cluster_suite(void)
+{
+    Suite *s = suite_create("cluster");
+    TCase *tc = tcase_create("decode");
+
+    tcase_add_test(tc, decode_standard_v3);
+    tcase_add_test(tc, decode_zero_flag_v2);
+    tcase_add_test(tc, decode_reserved_bits);
+    tcase_add_test(tc, decode_misaligned);
+    tcase_add_test(tc, decode_compressed);
+    tcase_add_test(tc, decode_copied_offset_zero);
+    tcase_add_test(tc, decode_extended_l2);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("lookup");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, open_cache_minimum);
+    tcase_add_test(tc, lookup_merges_contiguous);
+    tcase_add_test(tc, lookup_mid_cluster);
+    tcase_add_test(tc, lookup_kind_changes);
+    tcase_add_test(tc, lookup_compressed);
+    tcase_add_test(tc, lookup_unallocated_l1);
+    tcase_add_test(tc, lookup_walk_standard);
+    tcase_add_test(tc, lookup_get_entry);
+    tcase_add_test(tc, lookup_data_file);
+    tcase_add_test(tc, lookup_slices);
+    tcase_add_test(tc, lookup_extended_l2);
+    tcase_add_test(tc, lookup_walk_extended_l2);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("corrupt");
+    tcase_add_test(tc, lookup_corrupt_l2_entry);
+    tcase_add_test(tc, lookup_corrupt_run_stops_before);
+    tcase_add_test(tc, lookup_corrupt_l1_entry);
+    tcase_add_test(tc, corrupt_sets_header_bit);
+    tcase_add_test(tc, lookup_extended_l2_corrupt);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return tu_run(cluster_suite());
+}

@@ -1,0 +1,1082 @@
+/*
+ * Unit tests for header: header_decode, header_encode, header_feature_name.
+ */
+#include "testutil.h"
+
+#include "header.h"
+
+#include <errno.h>
+#include <string.h>
+
+#define EXT_UNKNOWN     0x12345678u
+
+/* ---- helpers ------------------------------------------------------------- */
+
+static uint8_t *cluster_buf(unsigned cluster_bits)
+{
+    return tu_zalloc((size_t)1 << cluster_bits);
+}
+
+/* Decode @buf, expecting success; fails the test with the message if not. */
+static void decode_ok(const uint8_t *buf, size_t len, uint64_t file_size,
+                      struct qcow2_header *h)
+{
+    char err[512] = "";
+    int ret = header_decode(buf, len, file_size, h, err, sizeof(err));
+
+    ck_assert_msg(ret == 0, "header_decode returned %d: %s", ret, err);
+}
+
+/* Decode, re-encode into one cluster and require identical bytes. */
+static void check_roundtrip(const uint8_t *buf, size_t cluster_size,
+                            struct qcow2_header *h)
+{
+    uint8_t *out = tu_zalloc(cluster_size);
+    uint32_t ext_end = h->ext_end;
+    uint64_t bfo = h->backing_file_offset;
+    uint32_t bfs = h->backing_file_size;
+    int n = header_encode(h, out, cluster_size);
+
+    ck_assert_int_gt(n, 0);
+    ck_assert_int_le(n, (int)cluster_size);
+    for (size_t i = 0; i < cluster_size; i++)
+        ck_assert_msg(out[i] == buf[i], "encoded byte %zu is 0x%02x, expected 0x%02x",
+                      i, out[i], buf[i]);
+    ck_assert_uint_eq(h->ext_end, ext_end);
+    ck_assert_uint_eq(h->backing_file_offset, bfo);
+    ck_assert_uint_eq(h->backing_file_size, bfs);
+    /* Bytes used: up to the end of the backing name, or of the END marker. */
+    ck_assert_uint_eq((unsigned)n, bfo ? bfo + bfs : ext_end);
+    free(out);
+}
+
+/* Decode @buf and expect failure @code with @needle in the message
+ * (case-insensitive). */
+static void expect_fail_buf(const uint8_t *buf, size_t len, uint64_t file_size,
+                            int code, const char *needle)
+{
+    struct qcow2_header h;
+    char err[512] = "";
+    int ret = header_decode(buf, len, file_size, &h, err, sizeof(err));
+
+    ck_assert_msg(ret == code, "expected %d (%s), got %d; message: \"%s\"",
+                  code, needle, ret, err);
+    ck_assert_msg(strcasestr(err, needle) != NULL,
+                  "message \"%s\" does not name \"%s\"", err, needle);
+}
+
+static void expect_fail(const struct tu_hdr *th, uint64_t file_size, int code,
+                        const char *needle)
+{
+    size_t cs = (size_t)1 << (th->cluster_bits >= 9 && th->cluster_bits <= 21 ?
+                              th->cluster_bits : 16);
+    uint8_t *buf = tu_zalloc(cs);
+
+    tu_hdr_write(buf, th);
+    expect_fail_buf(buf, cs, file_size, code, needle);
+    free(buf);
+}
+
+static void check_fixed_fields(const struct qcow2_header *h, const struct tu_hdr *th)
+{
+    ck_assert_uint_eq(h->version, th->version);
+    ck_assert_uint_eq(h->cluster_bits, th->cluster_bits);
+    ck_assert_uint_eq(h->size, th->size);
+    ck_assert_uint_eq(h->crypt_method, 0);
+    ck_assert_uint_eq(h->l1_size, th->l1_size);
+    ck_assert_uint_eq(h->l1_table_offset, th->l1_table_offset);
+    ck_assert_uint_eq(h->refcount_table_offset, th->refcount_table_offset);
+    ck_assert_uint_eq(h->refcount_table_clusters, th->refcount_table_clusters);
+    ck_assert_uint_eq(h->nb_snapshots, th->nb_snapshots);
+    ck_assert_uint_eq(h->snapshots_offset, th->snapshots_offset);
+    if (th->version == 2) {
+        ck_assert_uint_eq(h->refcount_order, 4);
+        ck_assert_uint_eq(h->header_length, 72);
+        ck_assert_uint_eq(h->incompatible_features, 0);
+        ck_assert_uint_eq(h->compatible_features, 0);
+        ck_assert_uint_eq(h->autoclear_features, 0);
+    } else {
+        ck_assert_uint_eq(h->refcount_order, th->refcount_order);
+        ck_assert_uint_eq(h->header_length, th->header_length);
+        ck_assert_uint_eq(h->incompatible_features, th->incompatible_features);
+        ck_assert_uint_eq(h->compatible_features, th->compatible_features);
+        ck_assert_uint_eq(h->autoclear_features, th->autoclear_features);
+    }
+}
+
+/* ---- valid headers ------------------------------------------------------- */
+
+START_TEST(v2_minimal)
+{
+    struct tu_hdr th = tu_hdr_default(2, 16);
+    uint8_t *buf = cluster_buf(16);
+    struct qcow2_header h;
+
+    tu_hdr_write(buf, &th);
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    check_fixed_fields(&h, &th);
+    ck_assert_ptr_null(h.backing_file);
+    ck_assert_ptr_null(h.backing_format);
+    ck_assert_ptr_null(h.data_file);
+    ck_assert_uint_eq(h.nb_exts, 0);
+    ck_assert_uint_eq(h.nb_feature_names, 0);
+    ck_assert_uint_eq(h.extra_fields_len, 0);
+    ck_assert_uint_eq(h.compression_type, 0);
+    ck_assert_uint_eq(h.ext_end, 72 + 8);
+    check_roundtrip(buf, 1u << 16, &h);
+    header_free(&h);
+    free(buf);
+}
+END_TEST
+
+/* v2 and v3 over every cluster size, with a backing name and extensions. */
+static void full_header(uint32_t version, uint32_t cb)
+{
+    struct tu_hdr th = tu_hdr_default(version, cb);
+    size_t cs = (size_t)1 << cb, off;
+    uint8_t *buf = cluster_buf(cb);
+    uint8_t ft[48];
+    struct qcow2_header h;
+    const char *bname = "../base image.qcow2";
+
+    th.size = 64ull * cs - 4096 + 1;        /* not a cluster multiple */
+    if (version == 3)
+        th.compatible_features = QCOW2_COMPAT_LAZY_REFCOUNTS;
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "qcow2", 5);
+    tu_feature_put(ft, 1, 0, "lazy refcounts");
+    tu_ext_put(buf, &off, QCOW2_EXT_FEATURE_TABLE, ft, 48);
+    off += 8;                               /* END */
+    th.backing_file_offset = off;
+    th.backing_file_size = (uint32_t)strlen(bname);
+    memcpy(buf + off, bname, strlen(bname));
+    tu_hdr_write(buf, &th);
+
+    decode_ok(buf, cs, tu_default_file_size(cb), &h);
+    check_fixed_fields(&h, &th);
+    ck_assert_str_eq(h.backing_file, bname);
+    ck_assert_str_eq(h.backing_format, "qcow2");
+    ck_assert_uint_eq(h.nb_exts, 2);
+    ck_assert_uint_eq(h.nb_feature_names, 1);
+    ck_assert_uint_eq(h.ext_end, off);
+    check_roundtrip(buf, cs, &h);
+    header_free(&h);
+    free(buf);
+}
+
+START_TEST(v2_cluster_bits)
+{
+    full_header(2, (uint32_t)_i);
+}
+END_TEST
+
+START_TEST(v3_cluster_bits)
+{
+    full_header(3, (uint32_t)_i);
+}
+END_TEST
+
+START_TEST(v3_refcount_order)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    struct qcow2_header h;
+
+    th.refcount_order = (uint32_t)_i;
+    tu_hdr_write(buf, &th);
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    ck_assert_uint_eq(h.refcount_order, (uint32_t)_i);
+    check_roundtrip(buf, 1u << 16, &h);
+    header_free(&h);
+    free(buf);
+}
+END_TEST
+
+START_TEST(v3_header_length_104)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    struct qcow2_header h;
+    size_t off;
+
+    th.header_length = 104;
+    off = tu_hdr_write(buf, &th);
+    ck_assert_uint_eq(off, 104);
+    /* Extensions start right at byte 104. */
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "raw", 3);
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    ck_assert_uint_eq(h.header_length, 104);
+    ck_assert_uint_eq(h.compression_type, 0);
+    ck_assert_uint_eq(h.extra_fields_len, 0);
+    ck_assert_str_eq(h.backing_format, "raw");
+    ck_assert_uint_eq(h.ext_end, 104 + 16 + 8);
+    check_roundtrip(buf, 1u << 16, &h);
+    header_free(&h);
+    free(buf);
+}
+END_TEST
+
+START_TEST(v3_header_length_112_zstd)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    struct qcow2_header h;
+    size_t off;
+
+    th.incompatible_features = QCOW2_INCOMPAT_COMPRESSION;
+    th.compression_type = 1;
+    off = tu_hdr_write(buf, &th);
+    ck_assert_uint_eq(off, 112);
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "raw", 3);
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    ck_assert_uint_eq(h.header_length, 112);
+    ck_assert_uint_eq(h.compression_type, 1);
+    ck_assert_uint_eq(h.incompatible_features, QCOW2_INCOMPAT_COMPRESSION);
+    ck_assert_uint_eq(h.extra_fields_len, 0);
+    ck_assert_str_eq(h.backing_format, "raw");
+    check_roundtrip(buf, 1u << 16, &h);
+    header_free(&h);
+    free(buf);
+}
+END_TEST
+
+START_TEST(v3_header_length_120_extra_fields)
+{
+    static const uint8_t extra[16] = {
+        0xde, 0xad, 0xbe, 0xef, 0x01, 0x02, 0x03, 0x04,
+        0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0xff,
+    };
+    for (unsigned len = 120; len <= 128; len += 8) {
+        struct tu_hdr th = tu_hdr_default(3, 12);
+        uint8_t *buf = cluster_buf(12);
+        struct qcow2_header h;
+        size_t off;
+
+        th.header_length = len;
+        off = tu_hdr_write(buf, &th);
+        ck_assert_uint_eq(off, len);
+        memcpy(buf + 112, extra, len - 112);
+        tu_ext_put(buf, &off, EXT_UNKNOWN, "abc", 3);
+        decode_ok(buf, 1u << 12, tu_default_file_size(12), &h);
+        ck_assert_uint_eq(h.header_length, len);
+        ck_assert_uint_eq(h.extra_fields_len, len - 112);
+        ck_assert_mem_eq(h.extra_fields, extra, len - 112);
+        ck_assert_uint_eq(h.nb_exts, 1);
+        ck_assert_uint_eq(h.exts[0].type, EXT_UNKNOWN);
+        check_roundtrip(buf, 1u << 12, &h);
+        header_free(&h);
+        free(buf);
+    }
+}
+END_TEST
+
+START_TEST(extensions_all)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    uint8_t ft[4 * 48], bitmaps[24], unknown[13];
+    struct qcow2_header h;
+    size_t off, exts_start;
+    const char *bname = "base.qcow2";
+
+    th.incompatible_features = QCOW2_INCOMPAT_DATA_FILE;
+    th.autoclear_features = QCOW2_AUTOCLEAR_BITMAPS;
+    exts_start = off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "qcow2", 5);
+    tu_feature_put(ft, 0, 0, "dirty");
+    tu_feature_put(ft + 48, 0, 2, "external data file (test name)");
+    tu_feature_put(ft + 96, 1, 0, "lazy refcounts");
+    /* A full 46-byte name without a NUL. */
+    tu_feature_put(ft + 144, 2, 0, "bitmaps-bitmaps-bitmaps-bitmaps-bitmaps-bitmap");
+    tu_ext_put(buf, &off, QCOW2_EXT_FEATURE_TABLE, ft, sizeof(ft));
+    tu_ext_put(buf, &off, QCOW2_EXT_DATA_FILE, "disk.data", 9);
+    for (unsigned i = 0; i < sizeof(bitmaps); i++)
+        bitmaps[i] = (uint8_t)(0xa0 + i);
+    tu_ext_put(buf, &off, QCOW2_EXT_BITMAPS, bitmaps, sizeof(bitmaps));
+    for (unsigned i = 0; i < sizeof(unknown); i++)
+        unknown[i] = (uint8_t)(0xf0 ^ i);
+    tu_ext_put(buf, &off, EXT_UNKNOWN, unknown, sizeof(unknown));
+    off += 8;
+    memcpy(buf + off, bname, strlen(bname));
+    th.backing_file_offset = off;
+    th.backing_file_size = (uint32_t)strlen(bname);
+    tu_hdr_write(buf, &th);
+
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    ck_assert_str_eq(h.backing_file, bname);
+    ck_assert_str_eq(h.backing_format, "qcow2");
+    ck_assert_str_eq(h.data_file, "disk.data");
+    ck_assert_uint_eq(h.nb_feature_names, 4);
+    ck_assert_uint_eq(h.feature_names[0].type, 0);
+    ck_assert_uint_eq(h.feature_names[0].bit, 0);
+    ck_assert_str_eq(h.feature_names[0].name, "dirty");
+    ck_assert_uint_eq(h.feature_names[1].bit, 2);
+    ck_assert_uint_eq(h.feature_names[2].type, 1);
+    ck_assert_uint_eq(h.feature_names[3].type, 2);
+    ck_assert_str_eq(h.feature_names[3].name,
+                     "bitmaps-bitmaps-bitmaps-bitmaps-bitmaps-bitmap");
+    ck_assert_uint_eq(h.autoclear_features, QCOW2_AUTOCLEAR_BITMAPS);
+    ck_assert_uint_eq(h.incompatible_features, QCOW2_INCOMPAT_DATA_FILE);
+
+    /* Every extension, in file order, payload byte for byte. */
+    ck_assert_uint_eq(h.nb_exts, 5);
+    ck_assert_uint_eq(h.exts[0].type, QCOW2_EXT_BACKING_FORMAT);
+    ck_assert_uint_eq(h.exts[0].len, 5);
+    ck_assert_mem_eq(h.exts[0].data, "qcow2", 5);
+    ck_assert_uint_eq(h.exts[1].type, QCOW2_EXT_FEATURE_TABLE);
+    ck_assert_uint_eq(h.exts[1].len, sizeof(ft));
+    ck_assert_mem_eq(h.exts[1].data, ft, sizeof(ft));
+    ck_assert_uint_eq(h.exts[2].type, QCOW2_EXT_DATA_FILE);
+    ck_assert_mem_eq(h.exts[2].data, "disk.data", 9);
+    ck_assert_uint_eq(h.exts[3].type, QCOW2_EXT_BITMAPS);
+    ck_assert_uint_eq(h.exts[3].len, 24);
+    ck_assert_mem_eq(h.exts[3].data, bitmaps, 24);
+    ck_assert_uint_eq(h.exts[4].type, EXT_UNKNOWN);
+    ck_assert_uint_eq(h.exts[4].len, sizeof(unknown));
+    ck_assert_mem_eq(h.exts[4].data, unknown, sizeof(unknown));
+    ck_assert_uint_eq(h.ext_end, off);
+    ck_assert_uint_gt(h.ext_end, exts_start);
+
+    check_roundtrip(buf, 1u << 16, &h);
+
+    /* Feature names from the table override the built-in ones. */
+    ck_assert_str_eq(header_feature_name(&h, 0, 0), "dirty");
+    ck_assert_str_eq(header_feature_name(&h, 0, 2), "external data file (test name)");
+    ck_assert_str_eq(header_feature_name(&h, 1, 0), "lazy refcounts");
+    /* Not in the table: built-in names, then "unknown". */
+    ck_assert_str_ne(header_feature_name(&h, 0, 1), "unknown");
+    ck_assert_str_eq(header_feature_name(&h, 0, 40), "unknown");
+    header_free(&h);
+    free(buf);
+}
+END_TEST
+
+START_TEST(feature_name_builtin)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    struct qcow2_header h;
+
+    tu_hdr_write(buf, &th);
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    for (unsigned bit = 0; bit < 5; bit++) {
+        const char *n = header_feature_name(&h, 0, bit);
+        ck_assert_ptr_nonnull(n);
+        ck_assert_str_ne(n, "unknown");
+        ck_assert_str_ne(n, "");
+        /* Distinct names for distinct bits. */
+        for (unsigned b2 = 0; b2 < bit; b2++)
+            ck_assert_str_ne(n, header_feature_name(&h, 0, b2));
+    }
+    ck_assert_str_eq(header_feature_name(&h, 0, 5), "unknown");
+    ck_assert_str_eq(header_feature_name(&h, 0, 20), "unknown");
+    ck_assert_str_eq(header_feature_name(&h, 0, 63), "unknown");
+    header_free(&h);
+    free(buf);
+}
+END_TEST
+
+START_TEST(feature_name_type_matters)
+{
+    /* A name for compatible bit 7 must not be used for incompatible bit 7. */
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    uint8_t ft[48];
+    struct qcow2_header h;
+    size_t off;
+
+    off = tu_hdr_write(buf, &th);
+    tu_feature_put(ft, 1, 7, "compat seven");
+    tu_ext_put(buf, &off, QCOW2_EXT_FEATURE_TABLE, ft, sizeof(ft));
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    ck_assert_str_eq(header_feature_name(&h, 1, 7), "compat seven");
+    ck_assert_str_eq(header_feature_name(&h, 0, 7), "unknown");
+    ck_assert_str_eq(header_feature_name(&h, 2, 7), "unknown");
+    header_free(&h);
+    free(buf);
+}
+END_TEST
+
+START_TEST(backing_name_from_offset)
+{
+    /* The name is read where backing_file_offset points, not assumed to
+     * follow the extensions. */
+    for (uint32_t version = 2; version <= 3; version++) {
+        struct tu_hdr th = tu_hdr_default(version, 12);
+        uint8_t *buf = cluster_buf(12), *out = cluster_buf(12);
+        struct qcow2_header h, h2;
+        const char *name = "/images/base.raw";
+        size_t off;
+        int n;
+
+        off = tu_hdr_write(buf, &th);
+        tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "raw", 3);
+        th.backing_file_offset = 1000;
+        th.backing_file_size = (uint32_t)strlen(name);
+        memcpy(buf + 1000, name, strlen(name));
+        memcpy(buf + 1000 + strlen(name), "garbage", 7);
+        tu_hdr_write(buf, &th);
+
+        decode_ok(buf, 1u << 12, tu_default_file_size(12), &h);
+        ck_assert_str_eq(h.backing_file, name);
+        ck_assert_str_eq(h.backing_format, "raw");
+
+        /* Encoding moves the name right after the END marker. */
+        n = header_encode(&h, out, 1u << 12);
+        ck_assert_int_gt(n, 0);
+        ck_assert_uint_eq(h.backing_file_offset, h.ext_end);
+        ck_assert_uint_eq(h.backing_file_size, strlen(name));
+        ck_assert_uint_eq(be64_get(out + 8), h.ext_end);
+        ck_assert_uint_eq(be32_get(out + 16), strlen(name));
+        ck_assert_mem_eq(out + h.ext_end, name, strlen(name));
+        ck_assert_uint_eq((unsigned)n, h.ext_end + strlen(name));
+
+        decode_ok(out, 1u << 12, tu_default_file_size(12), &h2);
+        ck_assert_str_eq(h2.backing_file, name);
+        ck_assert_str_eq(h2.backing_format, "raw");
+        header_free(&h2);
+        header_free(&h);
+        free(out);
+        free(buf);
+    }
+}
+END_TEST
+
+START_TEST(encode_changed_backing)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16), *out = cluster_buf(16);
+    struct qcow2_header h, h2;
+    size_t off;
+    int n;
+
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, EXT_UNKNOWN, "0123456789", 10);
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    ck_assert_ptr_null(h.backing_file);
+
+    h.backing_file = strdup("new-backing.qcow2");
+    n = header_encode(&h, out, 1u << 16);
+    ck_assert_int_gt(n, 0);
+    decode_ok(out, 1u << 16, tu_default_file_size(16), &h2);
+    ck_assert_str_eq(h2.backing_file, "new-backing.qcow2");
+    ck_assert_uint_eq(h2.nb_exts, 1);
+    ck_assert_mem_eq(h2.exts[0].data, "0123456789", 10);
+    header_free(&h2);
+
+    /* And removing it again clears offset and size. */
+    free(h.backing_file);
+    h.backing_file = NULL;
+    n = header_encode(&h, out, 1u << 16);
+    ck_assert_int_gt(n, 0);
+    ck_assert_uint_eq(be64_get(out + 8), 0);
+    ck_assert_uint_eq(be32_get(out + 16), 0);
+    ck_assert_uint_eq(h.backing_file_offset, 0);
+    ck_assert_uint_eq(h.backing_file_size, 0);
+    ck_assert_mem_eq(out, buf, 1u << 16);
+    header_free(&h);
+    free(out);
+    free(buf);
+}
+END_TEST
+
+START_TEST(encode_enospc)
+{
+    struct tu_hdr th = tu_hdr_default(3, 9);
+    uint8_t *buf = cluster_buf(9), *out = cluster_buf(9);
+    uint8_t payload[200];
+    struct qcow2_header h;
+    size_t off;
+
+    memset(payload, 0x5a, sizeof(payload));
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, EXT_UNKNOWN, payload, sizeof(payload));
+    decode_ok(buf, 512, tu_default_file_size(9), &h);
+    /* 112 + 208 + 8 = 328 bytes fit in 512; with a 300-byte name they do not. */
+    ck_assert_int_eq(header_encode(&h, out, 512), 328);
+    ck_assert_int_eq(header_encode(&h, out, 327), -ENOSPC);
+    h.backing_file = tu_zalloc(301);
+    memset(h.backing_file, 'x', 300);
+    ck_assert_int_eq(header_encode(&h, out, 512), -ENOSPC);
+    header_free(&h);
+    free(out);
+    free(buf);
+}
+END_TEST
+
+START_TEST(decode_short_buffer_v2)
+{
+    /* A v2 image of only 72 bytes + END (the whole file). */
+    struct tu_hdr th = tu_hdr_default(2, 16);
+    uint8_t buf[80] = { 0 };
+    struct qcow2_header h;
+
+    th.l1_size = 0;
+    th.l1_table_offset = 0;
+    th.size = 0;
+    th.refcount_table_offset = 1u << 16;
+    tu_hdr_write(buf, &th);
+    decode_ok(buf, sizeof(buf), 2u << 16, &h);
+    ck_assert_uint_eq(h.size, 0);
+    header_free(&h);
+}
+END_TEST
+
+START_TEST(decode_reuse_after_free)
+{
+    /* header_free leaves *h ready to be decoded into again. */
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    struct qcow2_header h;
+    size_t off;
+
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "qcow2", 5);
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    header_free(&h);
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    ck_assert_str_eq(h.backing_format, "qcow2");
+    header_free(&h);
+    free(buf);
+}
+END_TEST
+
+/* ---- invalid headers ----------------------------------------------------- */
+
+START_TEST(bad_magic)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+
+    tu_hdr_write(buf, &th);
+    buf[3] = 0xfa;
+    expect_fail_buf(buf, 1u << 16, tu_default_file_size(16), -EINVAL, "magic");
+    memset(buf, 0, 4);
+    expect_fail_buf(buf, 1u << 16, tu_default_file_size(16), -EINVAL, "magic");
+    free(buf);
+}
+END_TEST
+
+START_TEST(bad_version)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+
+    th.version = 1;
+    expect_fail(&th, tu_default_file_size(16), -ENOTSUP, "version");
+    th.version = 4;
+    expect_fail(&th, tu_default_file_size(16), -ENOTSUP, "version");
+    th.version = 0;
+    expect_fail(&th, tu_default_file_size(16), -ENOTSUP, "version");
+}
+END_TEST
+
+START_TEST(bad_cluster_bits)
+{
+    for (uint32_t v = 2; v <= 3; v++) {
+        struct tu_hdr th = tu_hdr_default(v, 16);
+        th.cluster_bits = 8;
+        expect_fail(&th, 1u << 20, -EINVAL, "cluster_bits");
+        th.cluster_bits = 22;
+        expect_fail(&th, 1u << 24, -EINVAL, "cluster_bits");
+        th.cluster_bits = 0;
+        expect_fail(&th, 1u << 20, -EINVAL, "cluster_bits");
+        th.cluster_bits = 64;
+        expect_fail(&th, 1u << 20, -EINVAL, "cluster_bits");
+    }
+}
+END_TEST
+
+START_TEST(bad_header_length)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf;
+
+    th.header_length = 100;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "header_length");
+    th.header_length = 108;             /* not a multiple of 8 */
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "header_length");
+    th.header_length = 113;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "header_length");
+    th.header_length = 0;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "header_length");
+
+    /* Bigger than the cluster. */
+    th = tu_hdr_default(3, 9);
+    th.header_length = 520;
+    buf = tu_zalloc(1024);
+    tu_hdr_write(buf, &th);
+    expect_fail_buf(buf, 1024, tu_default_file_size(9), -EINVAL, "header_length");
+    free(buf);
+
+    /* Longer than the file. */
+    th = tu_hdr_default(3, 16);
+    th.header_length = 256;
+    buf = tu_zalloc(200);
+    tu_hdr_write(buf, &th);
+    expect_fail_buf(buf, 200, 200, -EINVAL, "header_length");
+    free(buf);
+}
+END_TEST
+
+START_TEST(bad_short_file)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t buf[104] = { 0 };
+    struct qcow2_header h;
+    char err[256] = "";
+
+    tu_hdr_write(buf, &th);
+    ck_assert_int_eq(header_decode(buf, 60, 60, &h, err, sizeof(err)), -EINVAL);
+    ck_assert_str_ne(err, "");
+    ck_assert_int_eq(header_decode(buf, 90, 90, &h, err, sizeof(err)), -EINVAL);
+    /* A NULL err is allowed. */
+    ck_assert_int_eq(header_decode(buf, 0, 0, &h, NULL, 0), -EINVAL);
+}
+END_TEST
+
+START_TEST(bad_refcount_order)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+
+    th.refcount_order = 7;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "refcount_order");
+    th.refcount_order = 0xffffffffu;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "refcount_order");
+    /* With unknown extra header fields allocated first (no leak). */
+    th.refcount_order = 7;
+    th.header_length = 128;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "refcount_order");
+}
+END_TEST
+
+START_TEST(bad_l1)
+{
+    struct tu_hdr th;
+    uint64_t fsz = tu_default_file_size(9);
+
+    /* cluster_bits 9: one L2 table maps 64 clusters. */
+    th = tu_hdr_default(3, 9);
+    th.size = 64 * 512 + 1;
+    expect_fail(&th, fsz, -EINVAL, "l1_size");
+    th.size = 640 * 512;
+    th.l1_size = 9;
+    expect_fail(&th, 1u << 20, -EINVAL, "l1_size");
+
+    th = tu_hdr_default(3, 16);
+    th.l1_size = HEADER_MAX_L1_BYTES / 8 + 1;
+    expect_fail(&th, 1ull << 40, -EINVAL, "l1_size");
+    th.l1_size = 0xffffffffu;
+    expect_fail(&th, 1ull << 40, -EINVAL, "l1_size");
+
+    th = tu_hdr_default(3, 16);
+    th.l1_table_offset += 8;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "l1_table_offset");
+    th.l1_table_offset = 0;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "l1_table_offset");
+
+    /* Past the end of the file. */
+    th = tu_hdr_default(3, 16);
+    th.l1_table_offset = 10ull << 16;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "l1_table_offset");
+    /* Starts inside but runs past the end. */
+    th = tu_hdr_default(3, 16);
+    th.l1_size = (1u << 16) / 8 + 1;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "l1_table_offset");
+    /* Offset so large that offset + size would wrap. */
+    th = tu_hdr_default(3, 16);
+    th.l1_table_offset = 0xffffffffffff0000ull;
+    expect_fail(&th, tu_default_file_size(16), -EINVAL, "l1_table_offset");
+}
+END_TEST
+
+START_TEST(bad_size)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+
+    th.size = 1ull << 62;
+    th.l1_size = HEADER_MAX_L1_BYTES / 8;
+    expect_fail(&th, 1ull << 40, -EINVAL, "size");
+    th.size = UINT64_MAX;
+    expect_fail(&th, 1ull << 40, -EINVAL, "size");
+}
+END_TEST
+
+START_TEST(bad_refcount_table)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint64_t fsz = tu_default_file_size(16);
+
+    th.refcount_table_offset += 512;
+    expect_fail(&th, fsz, -EINVAL, "refcount_table_offset");
+    th.refcount_table_offset = 0;
+    expect_fail(&th, fsz, -EINVAL, "refcount_table_offset");
+    th.refcount_table_offset = 100ull << 16;
+    expect_fail(&th, fsz, -EINVAL, "refcount_table_offset");
+    th.refcount_table_offset = 0xffffffffffff0000ull;
+    expect_fail(&th, fsz, -EINVAL, "refcount_table_offset");
+
+    th = tu_hdr_default(3, 16);
+    th.refcount_table_clusters = 0;
+    expect_fail(&th, fsz, -EINVAL, "refcount_table_clusters");
+    th.refcount_table_clusters = HEADER_MAX_REFTABLE_BYTES / (1u << 16) + 1;
+    expect_fail(&th, 1ull << 40, -EINVAL, "refcount_table_clusters");
+    th.refcount_table_clusters = 0xffffffffu;
+    expect_fail(&th, 1ull << 40, -EINVAL, "refcount_table_clusters");
+    /* Within the limit but running well past the end of the file. */
+    th.refcount_table_clusters = 10;
+    expect_fail(&th, fsz, -EINVAL, "refcount_table");
+}
+END_TEST
+
+START_TEST(bad_snapshots)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint64_t fsz = tu_default_file_size(16);
+
+    th.nb_snapshots = HEADER_MAX_SNAPSHOTS + 1;
+    th.snapshots_offset = 2ull << 16;
+    expect_fail(&th, fsz, -EINVAL, "nb_snapshots");
+    th.nb_snapshots = 1;
+    th.snapshots_offset = (2ull << 16) + 8;
+    expect_fail(&th, fsz, -EINVAL, "snapshots_offset");
+    th.snapshots_offset = 0;
+    expect_fail(&th, fsz, -EINVAL, "snapshots_offset");
+    th.snapshots_offset = 50ull << 16;
+    expect_fail(&th, fsz, -EINVAL, "snapshots_offset");
+}
+END_TEST
+
+START_TEST(bad_backing_file)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint64_t fsz = tu_default_file_size(16);
+    uint8_t *buf;
+
+    th.backing_file_offset = 200;
+    th.backing_file_size = 0;
+    expect_fail(&th, fsz, -EINVAL, "backing_file_size");
+    th.backing_file_size = 1024;
+    expect_fail(&th, fsz, -EINVAL, "backing_file_size");
+
+    /* Partly outside the first cluster. */
+    th.backing_file_offset = (1u << 16) - 4;
+    th.backing_file_size = 10;
+    expect_fail(&th, fsz, -EINVAL, "backing_file_offset");
+    /* Entirely outside. */
+    th.backing_file_offset = 3ull << 16;
+    expect_fail(&th, fsz, -EINVAL, "backing_file_offset");
+    th.backing_file_offset = 0xfffffffffffffff0ull;
+    expect_fail(&th, fsz, -EINVAL, "backing_file_offset");
+    /* Overlapping the fixed header. */
+    th.backing_file_offset = 8;
+    expect_fail(&th, fsz, -EINVAL, "backing_file_offset");
+
+    /* Inside the cluster but beyond the bytes we were given. */
+    th.backing_file_offset = 300;
+    th.backing_file_size = 10;
+    buf = tu_zalloc(304);
+    tu_hdr_write(buf, &th);
+    expect_fail_buf(buf, 304, 304 + (1u << 20), -EINVAL, "backing_file_offset");
+    free(buf);
+}
+END_TEST
+
+START_TEST(bad_backing_file_nul)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+
+    th.backing_file_offset = 200;
+    th.backing_file_size = 8;
+    tu_hdr_write(buf, &th);
+    memcpy(buf + 200, "ab\0cdefg", 8);
+    expect_fail_buf(buf, 1u << 16, tu_default_file_size(16), -EINVAL, "backing");
+    free(buf);
+}
+END_TEST
+
+START_TEST(bad_compression)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint64_t fsz = tu_default_file_size(16);
+
+    /* Bit without a type byte (header_length 104) or with type 0. */
+    th.incompatible_features = QCOW2_INCOMPAT_COMPRESSION;
+    th.header_length = 104;
+    expect_fail(&th, fsz, -EINVAL, "compression_type");
+    th.header_length = 112;
+    th.compression_type = 0;
+    expect_fail(&th, fsz, -EINVAL, "compression_type");
+    /* Type without the bit. */
+    th.incompatible_features = 0;
+    th.compression_type = 1;
+    expect_fail(&th, fsz, -EINVAL, "compression_type");
+    /* An unknown type. */
+    th.incompatible_features = QCOW2_INCOMPAT_COMPRESSION;
+    th.compression_type = 2;
+    expect_fail(&th, fsz, -ENOTSUP, "compression_type");
+    th.compression_type = 0xff;
+    expect_fail(&th, fsz, -ENOTSUP, "compression_type");
+}
+END_TEST
+
+START_TEST(bad_extended_l2_small_cluster)
+{
+    struct tu_hdr th = tu_hdr_default(3, 13);
+
+    th.incompatible_features = QCOW2_INCOMPAT_EXTL2;
+    expect_fail(&th, tu_default_file_size(13), -EINVAL, "cluster_bits");
+    th = tu_hdr_default(3, 9);
+    th.incompatible_features = QCOW2_INCOMPAT_EXTL2;
+    expect_fail(&th, tu_default_file_size(9), -EINVAL, "cluster_bits");
+}
+END_TEST
+
+START_TEST(ok_extended_l2_14)
+{
+    struct tu_hdr th = tu_hdr_default(3, 14);
+    uint8_t *buf = cluster_buf(14);
+    struct qcow2_header h;
+
+    th.incompatible_features = QCOW2_INCOMPAT_EXTL2;
+    tu_hdr_write(buf, &th);
+    decode_ok(buf, 1u << 14, tu_default_file_size(14), &h);
+    ck_assert_uint_eq(h.incompatible_features, QCOW2_INCOMPAT_EXTL2);
+    header_free(&h);
+    free(buf);
+}
+END_TEST
+
+START_TEST(bad_crypt_method)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint64_t fsz = tu_default_file_size(16);
+
+    for (uint32_t m = 1; m <= 2; m++) {
+        uint8_t *buf = cluster_buf(16);
+        struct qcow2_header h;
+        char err[512] = "";
+
+        th.crypt_method = m;
+        tu_hdr_write(buf, &th);
+        ck_assert_int_eq(header_decode(buf, 1u << 16, fsz, &h, err, sizeof(err)),
+                         -ENOTSUP);
+        ck_assert_msg(strstr(err, "not supported"), "message: %s", err);
+        ck_assert_msg(strstr(err, "crypt_method") || strcasestr(err, "encrypt"),
+                      "message: %s", err);
+        free(buf);
+    }
+    th.crypt_method = 3;
+    expect_fail(&th, fsz, -EINVAL, "crypt_method");
+}
+END_TEST
+
+START_TEST(bad_unknown_incompat_bit)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint64_t fsz = tu_default_file_size(16);
+
+    th.incompatible_features = 1ull << 20;
+    expect_fail(&th, fsz, -ENOTSUP, "bit 20");
+    th.incompatible_features = (1ull << 20) | (1ull << 33) | QCOW2_INCOMPAT_DIRTY;
+    expect_fail(&th, fsz, -ENOTSUP, "bit 20");
+    th.incompatible_features = 1ull << 63;
+    expect_fail(&th, fsz, -ENOTSUP, "bit 63");
+    /* On a v2 header the field does not exist: bytes 72.. are extensions. */
+}
+END_TEST
+
+START_TEST(bad_unknown_incompat_bit_named)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    uint8_t ft[3 * 48];
+    size_t off;
+
+    th.incompatible_features = 1ull << 20;
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "qcow2", 5);
+    tu_feature_put(ft, 1, 20, "compat twenty");
+    tu_feature_put(ft + 48, 0, 20, "frobnication");
+    tu_feature_put(ft + 96, 2, 20, "autoclear twenty");
+    tu_ext_put(buf, &off, QCOW2_EXT_FEATURE_TABLE, ft, sizeof(ft));
+    tu_ext_put(buf, &off, EXT_UNKNOWN, "xyz", 3);
+    expect_fail_buf(buf, 1u << 16, tu_default_file_size(16), -ENOTSUP,
+                    "frobnication");
+    free(buf);
+}
+END_TEST
+
+START_TEST(bad_ext_past_cluster)
+{
+    struct tu_hdr th = tu_hdr_default(3, 9);
+    uint8_t *buf = tu_zalloc(4096);
+    size_t off;
+
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "qcow2", 5);
+    /* 112 + 16 + 8 + 392 = 528 > 512: the payload runs into cluster 1. */
+    be32_put(buf + off, EXT_UNKNOWN);
+    be32_put(buf + off + 4, 392);
+    expect_fail_buf(buf, 4096, 4096, -EINVAL, "extension");
+    /* A huge length must not wrap around. */
+    be32_put(buf + off + 4, 0xfffffff8u);
+    expect_fail_buf(buf, 4096, 4096, -EINVAL, "extension");
+    free(buf);
+}
+END_TEST
+
+START_TEST(bad_ext_past_backing_name)
+{
+    /* Extensions end where the backing name starts. */
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    uint8_t payload[64] = { 0 };
+    size_t off;
+
+    th.backing_file_offset = 160;
+    th.backing_file_size = 4;
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, EXT_UNKNOWN, payload, sizeof(payload));  /* to 184 */
+    memcpy(buf + 160, "base", 4);
+    expect_fail_buf(buf, 1u << 16, tu_default_file_size(16), -EINVAL, "extension");
+    free(buf);
+}
+END_TEST
+
+START_TEST(bad_ext_duplicate)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    uint8_t ft[48];
+    size_t off;
+
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "qcow2", 5);
+    tu_feature_put(ft, 0, 0, "dirty");
+    tu_ext_put(buf, &off, QCOW2_EXT_FEATURE_TABLE, ft, sizeof(ft));
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "raw", 3);
+    expect_fail_buf(buf, 1u << 16, tu_default_file_size(16), -EINVAL, "e2792aca");
+    free(buf);
+}
+END_TEST
+
+START_TEST(bad_ext_payloads)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint64_t fsz = tu_default_file_size(16);
+    uint8_t *buf = cluster_buf(16);
+    uint8_t data[100] = { 0 };
+    size_t off;
+
+    /* Backing format: empty, too long, or with a NUL. */
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "", 0);
+    expect_fail_buf(buf, 1u << 16, fsz, -EINVAL, "backing format");
+    memset(buf, 0, 1u << 16);
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "qc\0w2", 5);
+    expect_fail_buf(buf, 1u << 16, fsz, -EINVAL, "backing format");
+
+    /* Feature table not a multiple of 48. */
+    memset(buf, 0, 1u << 16);
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_FEATURE_TABLE, data, 50);
+    expect_fail_buf(buf, 1u << 16, fsz, -EINVAL, "feature");
+
+    /* Bitmaps extension too short. */
+    memset(buf, 0, 1u << 16);
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_BITMAPS, data, 16);
+    expect_fail_buf(buf, 1u << 16, fsz, -EINVAL, "bitmaps");
+
+    /* Data file name empty. */
+    memset(buf, 0, 1u << 16);
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_DATA_FILE, "", 0);
+    expect_fail_buf(buf, 1u << 16, fsz, -EINVAL, "data file");
+    free(buf);
+}
+END_TEST
+
+START_TEST(bad_after_extensions_no_leak)
+{
+    /* An error found after extensions were decoded must free them (the
+     * ASan build checks): an invalid bitmaps extension after several valid
+     * ones, with a backing name and extra header fields. */
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    uint8_t ft[96], data[8] = { 0 };
+    size_t off;
+
+    th.header_length = 128;
+    th.backing_file_offset = 4000;
+    th.backing_file_size = 4;
+    off = tu_hdr_write(buf, &th);
+    tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "qcow2", 5);
+    tu_feature_put(ft, 0, 0, "a");
+    tu_feature_put(ft + 48, 0, 1, "b");
+    tu_ext_put(buf, &off, QCOW2_EXT_FEATURE_TABLE, ft, sizeof(ft));
+    tu_ext_put(buf, &off, QCOW2_EXT_DATA_FILE, "d", 1);
+    tu_ext_put(buf, &off, EXT_UNKNOWN, "u", 1);
+    tu_ext_put(buf, &off, QCOW2_EXT_BITMAPS, data, sizeof(data));
+    memcpy(buf + 4000, "base", 4);
+    expect_fail_buf(buf, 1u << 16, tu_default_file_size(16), -EINVAL, "bitmaps");
+    free(buf);
+}
+END_TEST
+
+static Suite *header_suite(void)
+{
+    Suite *s = suite_create("header");
+    TCase *tc = tcase_create("valid");
+
+    tcase_add_test(tc, v2_minimal);
+    tcase_add_loop_test(tc, v2_cluster_bits, 9, 22);
+    tcase_add_loop_test(tc, v3_cluster_bits, 9, 22);
+    tcase_add_loop_test(tc, v3_refcount_order, 0, 7);
+    tcase_add_test(tc, v3_header_length_104);
+    tcase_add_test(tc, v3_header_length_112_zstd);
+    tcase_add_test(tc, v3_header_length_120_extra_fields);
+    tcase_add_test(tc, extensions_all);
+    tcase_add_test(tc, feature_name_builtin);
+    tcase_add_test(tc, feature_name_type_matters);
+    tcase_add_test(tc, backing_name_from_offset);
+    tcase_add_test(tc, encode_changed_backing);
+    tcase_add_test(tc, encode_enospc);
+    tcase_add_test(tc, decode_short_buffer_v2);
+    tcase_add_test(tc, decode_reuse_after_free);
+    tcase_add_test(tc, ok_extended_l2_14);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("invalid");
+    tcase_add_test(tc, bad_magic);
+    tcase_add_test(tc, bad_version);
+    tcase_add_test(tc, bad_cluster_bits);
+    tcase_add_test(tc, bad_header_length);
+    tcase_add_test(tc, bad_short_file);
+    tcase_add_test(tc, bad_refcount_order);
+    tcase_add_test(tc, bad_l1);
+    tcase_add_test(tc, bad_size);
+    tcase_add_test(tc, bad_refcount_table);
+    tcase_add_test(tc, bad_snapshots);
+    tcase_add_test(tc, bad_backing_file);
+    tcase_add_test(tc, bad_backing_file_nul);
+    tcase_add_test(tc, bad_compression);
+    tcase_add_test(tc, bad_extended_l2_small_cluster);
+    tcase_add_test(tc, bad_crypt_method);
+    tcase_add_test(tc, bad_unknown_incompat_bit);
+    tcase_add_test(tc, bad_unknown_incompat_bit_named);
+    tcase_add_test(tc, bad_ext_past_cluster);
+    tcase_add_test(tc, bad_ext_past_backing_name);
+    tcase_add_test(tc, bad_ext_duplicate);
+    tcase_add_test(tc, bad_ext_payloads);
+    tcase_add_test(tc, bad_after_extensions_no_leak);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return tu_run(header_suite());
+}
