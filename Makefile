@@ -25,7 +25,7 @@ ALL_CFLAGS = -std=gnu11 $(WARN) $(CFLAGS) $(SANFLAGS) -D_GNU_SOURCE \
 LIBS      := $(shell pkg-config --libs $(PKGS)) -lpthread
 CHECK_LIBS = $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
 
-LIB_SRCS  := $(filter-out src/main.c,$(wildcard src/*.c))
+LIB_SRCS  := $(filter-out src/main.c src/qcow2check.c,$(wildcard src/*.c))
 LIB_OBJS  := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(LIB_SRCS))
 UNIT_SRCS := $(wildcard tests/unit/check_*.c)
 UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
@@ -33,7 +33,7 @@ TOOL_SRCS := $(wildcard tests/tools/*.c)
 TOOL_BINS := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(TOOL_SRCS))
 
 .PHONY: all check unit integration deps clean install
-all: $(BUILD)/qcow2fuse
+all: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)/obj
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
@@ -42,6 +42,9 @@ $(BUILD)/libqcow2fuse.a: $(LIB_OBJS)
 	rm -f $@ && ar rcs $@ $^
 
 $(BUILD)/qcow2fuse: $(BUILD)/obj/main.o $(BUILD)/libqcow2fuse.a
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LIBS)
+
+$(BUILD)/qcow2check: $(BUILD)/obj/qcow2check.o $(BUILD)/libqcow2fuse.a
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LIBS)
 
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libqcow2fuse.a $(wildcard tests/unit/*.h) | $(BUILD)/tests
@@ -56,8 +59,9 @@ $(BUILD)/obj $(BUILD)/tests:
 unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; CK_FORK=yes $$t; done
 
-integration: $(BUILD)/qcow2fuse $(TOOL_BINS)
-	QCOW2FUSE=$(abspath $(BUILD)/qcow2fuse) TOOLS=$(abspath $(BUILD)/tests) \
+integration: $(BUILD)/qcow2fuse $(BUILD)/qcow2check $(TOOL_BINS)
+	QCOW2FUSE=$(abspath $(BUILD)/qcow2fuse) QCOW2CHECK=$(abspath $(BUILD)/qcow2check) \
+	    TOOLS=$(abspath $(BUILD)/tests) \
 	    tests/integration/run.sh
 
 check: unit integration
@@ -69,9 +73,9 @@ deps:
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	else echo "all build and test dependencies are installed"; fi
 
-install: $(BUILD)/qcow2fuse
+install: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1
-	install -m 0755 $(BUILD)/qcow2fuse $(DESTDIR)$(PREFIX)/bin/
+	install -m 0755 $(BUILD)/qcow2fuse $(BUILD)/qcow2check $(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
 
 clean:

@@ -741,3 +741,51 @@ out:
     free(l2);
     return ret < 0 ? ret : fixed;
 }
+
+long check_fix_leaks(struct meta *m, const struct qcow2_header *h,
+                     struct check_refs *r)
+{
+    uint64_t rt_bytes = (uint64_t)h->refcount_table_clusters << m->cluster_bits;
+    uint64_t be = (m->cluster_size * 8) >> m->refcount_order;
+    uint8_t *rt = NULL, *block = NULL;
+    long fixed = 0;
+    int ret;
+
+    ret = read_table(m, h->refcount_table_offset, rt_bytes, &rt);
+    if (ret < 0)
+        return ret;
+    block = malloc(m->cluster_size);
+    if (!block) {
+        ret = -ENOMEM;
+        goto out;
+    }
+    for (uint64_t ti = 0; ti < rt_bytes / 8; ti++) {
+        uint64_t b = be64_get(rt + 8 * ti) & ~META_REFTABLE_RESERVED;
+        bool changed = false;
+        if (!b || (b & (m->cluster_size - 1)) || (b >> m->cluster_bits) >= r->nb)
+            continue;
+        ret = io_pread(m->io, block, m->cluster_size, b);
+        if (ret < 0)
+            goto out;
+        for (uint64_t i = 0; i < be; i++) {
+            uint64_t ci = ti * be + i;
+            uint64_t want = ci < r->nb ? r->ref[ci] : 0;
+            uint64_t v = refcount_entry(m->refcount_order, block, i);
+            if (v > want) {
+                refcount_entry_set(m->refcount_order, block, i, want);
+                changed = true;
+                fixed++;
+            }
+        }
+        if (changed) {
+            ret = io_pwrite(m->io, block, m->cluster_size, b);
+            if (ret < 0)
+                goto out;
+        }
+    }
+    ret = io_flush(m->io);
+out:
+    free(rt);
+    free(block);
+    return ret < 0 ? ret : fixed;
+}

@@ -72,6 +72,13 @@ int check_rebuild_refcounts(struct meta *m, struct qcow2_header *h,
                             struct check_refs *r);
 
 /*
+ * Lower every refcount that is higher than the counted references (leaks)
+ * to the count.  Returns the number of clusters fixed, or -errno.
+ */
+long check_fix_leaks(struct meta *m, const struct qcow2_header *h,
+                     struct check_refs *r);
+
+/*
  * Set the COPIED flags in the active L1 and L2 tables to match refcount 1
  * exactly, according to @r.  Returns the number of entries fixed, or -errno.
  */

@@ -176,65 +176,6 @@ static int open_data_file(struct image *img, const struct image_options *opts,
 }
 
 /*
- * QEMU-compatible image locking: OFD locks on byte 100+i for each permission
- * held and 200+i for each permission not shared with others (0 consistent
- * read, 1 write, 3 resize).  A conflicting lock held by anyone else means
- * the image is in use in an incompatible way.
- */
-static int lock_image(struct io *io, const char *path, bool writable)
-{
-    static const char *const perm_names[] = { "consistent read", "write",
-                                              "write unchanged", "resize" };
-    const unsigned held_rw[] = { 0, 1, 3 }, held_ro[] = { 0 };
-    const unsigned unshared[] = { 1, 3 };
-    const unsigned *held = writable ? held_rw : held_ro;
-    unsigned nb_held = writable ? 3 : 1;
-    int fd = io_file_fd(io);
-    struct flock fl;
-
-    if (fd < 0)
-        return 0;
-    /* Probe: others refusing to share what we hold, or holding what we
-     * refuse to share. */
-    for (unsigned pass = 0; pass < 2; pass++) {
-        unsigned n = pass == 0 ? nb_held : 2;
-        for (unsigned i = 0; i < n; i++) {
-            unsigned perm = pass == 0 ? held[i] : unshared[i];
-            memset(&fl, 0, sizeof(fl));
-            fl.l_type = F_WRLCK;
-            fl.l_whence = SEEK_SET;
-            fl.l_start = (pass == 0 ? 200 : 100) + perm;
-            fl.l_len = 1;
-            if (fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK) {
-                log_error("%s: failed to get the image lock: another process "
-                          "(QEMU?) %s \"%s\" access to the image; stop it or "
-                          "mount read-only", path,
-                          pass == 0 ? "refuses to share" : "holds",
-                          perm_names[perm]);
-                return -EAGAIN;
-            }
-        }
-    }
-    for (unsigned pass = 0; pass < 2; pass++) {
-        unsigned n = pass == 0 ? nb_held : 2;
-        for (unsigned i = 0; i < n; i++) {
-            memset(&fl, 0, sizeof(fl));
-            fl.l_type = F_RDLCK;
-            fl.l_whence = SEEK_SET;
-            fl.l_start = pass == 0 ? 100 + held[i] : 200 + unshared[i];
-            fl.l_len = 1;
-            if (fcntl(fd, F_OFD_SETLK, &fl) < 0) {
-                int err = errno;
-                log_error("%s: failed to get the image lock (byte %lld): %s",
-                          path, (long long)fl.l_start, strerror(err));
-                return -err;
-            }
-        }
-    }
-    return 0;
-}
-
-/*
  * A lazy-refcounts image left dirty by a crash: its refcounts cannot be
  * trusted, so they are rebuilt from the L1/L2 and snapshot tables before
  * anything is allocated, then the dirty bit is cleared.
@@ -311,7 +252,7 @@ static int open_chain(const char *path, const struct image_options *opts,
                   strerror(-ret));
         goto fail;
     }
-    ret = lock_image(img->io, path, writable);
+    ret = io_lock_image(img->io, path, writable);
     if (ret < 0)
         goto fail;
     if (depth == 0 && opts->trace_fd >= 0) {
@@ -353,20 +294,7 @@ static int open_chain(const char *path, const struct image_options *opts,
 
     img->size = img->hdr.size;
     img->compression = img->hdr.compression_type == 1 ? COMPRESS_ZSTD : COMPRESS_ZLIB;
-    img->meta.io = img->io;
-    img->meta.cluster_bits = img->hdr.cluster_bits;
-    img->meta.cluster_size = 1ull << img->hdr.cluster_bits;
-    img->meta.extended_l2 = !!(img->hdr.incompatible_features & QCOW2_INCOMPAT_EXTL2);
-    img->meta.l2_entry_bytes = img->meta.extended_l2 ? 16 : 8;
-    img->meta.l2_entries = img->meta.cluster_size / img->meta.l2_entry_bytes;
-    img->meta.has_data_file = !!(img->hdr.incompatible_features & QCOW2_INCOMPAT_DATA_FILE);
-    img->meta.data_file_raw = img->meta.has_data_file &&
-                              (img->hdr.autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW);
-    img->meta.v3 = img->hdr.version >= 3;
-    img->meta.read_only = !writable;
-    img->meta.refcount_order = img->hdr.refcount_order;
-    img->meta.virtual_size = img->hdr.size;
-    img->meta.incompatible = img->hdr.incompatible_features;
+    meta_init(&img->meta, &img->hdr, img->io, !writable);
 
     if (img->meta.has_data_file) {
         ret = open_data_file(img, opts, writable);

@@ -3,6 +3,8 @@
  */
 #include "io.h"
 
+#include "log.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -445,3 +447,65 @@ int io_open_trace(struct io *inner, int log_fd, struct io **out)
     *out = &t->io;
     return 0;
 }
+
+/* ---- image locking ---------------------------------------------------------- */
+
+/*
+ * QEMU-compatible image locking: OFD locks on byte 100+i for each permission
+ * held and 200+i for each permission not shared with others (0 consistent
+ * read, 1 write, 3 resize).  A conflicting lock held by anyone else means
+ * the image is in use in an incompatible way.
+ */
+int io_lock_image(struct io *io, const char *path, bool writable)
+{
+    static const char *const perm_names[] = { "consistent read", "write",
+                                              "write unchanged", "resize" };
+    const unsigned held_rw[] = { 0, 1, 3 }, held_ro[] = { 0 };
+    const unsigned unshared[] = { 1, 3 };
+    const unsigned *held = writable ? held_rw : held_ro;
+    unsigned nb_held = writable ? 3 : 1;
+    int fd = io_file_fd(io);
+    struct flock fl;
+
+    if (fd < 0)
+        return 0;
+    /* Probe: others refusing to share what we hold, or holding what we
+     * refuse to share. */
+    for (unsigned pass = 0; pass < 2; pass++) {
+        unsigned n = pass == 0 ? nb_held : 2;
+        for (unsigned i = 0; i < n; i++) {
+            unsigned perm = pass == 0 ? held[i] : unshared[i];
+            memset(&fl, 0, sizeof(fl));
+            fl.l_type = F_WRLCK;
+            fl.l_whence = SEEK_SET;
+            fl.l_start = (pass == 0 ? 200 : 100) + perm;
+            fl.l_len = 1;
+            if (fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK) {
+                log_error("%s: failed to get the image lock: another process "
+                          "(QEMU?) %s \"%s\" access to the image; stop it or "
+                          "mount read-only", path,
+                          pass == 0 ? "refuses to share" : "holds",
+                          perm_names[perm]);
+                return -EAGAIN;
+            }
+        }
+    }
+    for (unsigned pass = 0; pass < 2; pass++) {
+        unsigned n = pass == 0 ? nb_held : 2;
+        for (unsigned i = 0; i < n; i++) {
+            memset(&fl, 0, sizeof(fl));
+            fl.l_type = F_RDLCK;
+            fl.l_whence = SEEK_SET;
+            fl.l_start = pass == 0 ? 100 + held[i] : 200 + unshared[i];
+            fl.l_len = 1;
+            if (fcntl(fd, F_OFD_SETLK, &fl) < 0) {
+                int err = errno;
+                log_error("%s: failed to get the image lock (byte %lld): %s",
+                          path, (long long)fl.l_start, strerror(err));
+                return -err;
+            }
+        }
+    }
+    return 0;
+}
+

@@ -73,6 +73,14 @@ int io_open_file(const char *path, bool writable, struct io **out);
 int io_file_fd(struct io *io);
 
 /*
+ * Take QEMU-compatible OFD byte-range locks on a file backend (others: no-op)
+ * for a reader (@writable false) or a writer, after probing for conflicts.
+ * Returns: 0, -EAGAIN when another process holds a conflicting lock
+ * (logged, naming the permission and @path), -errno.
+ */
+int io_lock_image(struct io *io, const char *path, bool writable);
+
+/*
  * Memory backend over a copy of @data (may be NULL with @len 0); grows on
  * write.  Used by unit tests and fuzz targets.
  */

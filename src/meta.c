@@ -42,3 +42,23 @@ int meta_corrupt(struct meta *m, const char *fmt, ...)
     }
     return -EIO;
 }
+
+void meta_init(struct meta *m, const struct qcow2_header *h, struct io *io,
+               bool read_only)
+{
+    m->io = io;
+    m->data_io = io;
+    m->cluster_bits = h->cluster_bits;
+    m->cluster_size = 1ull << h->cluster_bits;
+    m->extended_l2 = !!(h->incompatible_features & QCOW2_INCOMPAT_EXTL2);
+    m->l2_entry_bytes = m->extended_l2 ? 16 : 8;
+    m->l2_entries = m->cluster_size / m->l2_entry_bytes;
+    m->has_data_file = !!(h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE);
+    m->data_file_raw = m->has_data_file &&
+                       (h->autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW);
+    m->v3 = h->version >= 3;
+    m->read_only = read_only;
+    m->refcount_order = h->refcount_order;
+    m->virtual_size = h->size;
+    m->incompatible = h->incompatible_features;
+}

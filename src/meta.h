@@ -43,6 +43,12 @@ struct meta {
 #define META_L2_STD_RESERVED    0x3f000000000001feull
 #define META_REFTABLE_RESERVED  0x1ffull
 
+struct qcow2_header;
+
+/* Fill @m's geometry from a decoded header; data_io starts as @io. */
+void meta_init(struct meta *m, const struct qcow2_header *h, struct io *io,
+               bool read_only);
+
 /*
  * Report corrupt metadata: @what names the structure and offsets.
  * On exit: the image is marked corrupt (writes refused); the first call also
