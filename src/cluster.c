@@ -295,10 +295,27 @@ out:
 
 /* ---- write side ---------------------------------------------------------- */
 
-void cluster_set_refcount(struct cluster *cl, struct refcount *rc)
+static int l2_write_check(void *opaque, uint64_t offset, size_t len)
 {
+    return meta_check_write(opaque, offset, len, META_KIND_L2);
+}
+
+int cluster_set_refcount(struct cluster *cl, struct refcount *rc)
+{
+    struct meta *m = cl->m;
+    int ret;
+
     cl->rc = rc;
     cache_set_dependency(cl->l2_cache, refcount_cache(rc));
+    cache_set_write_check(cl->l2_cache, l2_write_check, m);
+    /* The active L1 and L2 tables, for the overlap check. */
+    ret = meta_mark(m, cl->l1_offset, (uint64_t)cl->l1_size * 8, META_KIND_L1);
+    for (uint32_t i = 0; ret == 0 && i < cl->l1_size; i++) {
+        uint64_t l2 = cl->l1[i] & META_OFFSET_MASK;
+        if (l2 && !(l2 & (m->cluster_size - 1)))
+            ret = meta_mark(m, l2, m->cluster_size, META_KIND_L2);
+    }
+    return ret;
 }
 
 static uint64_t slice_offset(const struct cluster *cl, uint64_t l2_offset,
@@ -382,6 +399,11 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc)
     ret = refcount_alloc(cl->rc, 1, &new_offset, &fresh);
     if (ret < 0)
         goto out;
+    ret = meta_check_write(m, new_offset, m->cluster_size, META_KIND_L2);
+    if (ret == 0)
+        ret = meta_mark(m, new_offset, m->cluster_size, META_KIND_L2);
+    if (ret < 0)
+        goto out;
     for (uint64_t so = 0; so < m->cluster_size; so += cl->slice_bytes)
         cache_discard(cl->l2_cache, new_offset + so);
     /* Written at once: the table must be on disk before the L1 entry that
@@ -444,6 +466,9 @@ int cluster_flush_l1(struct cluster *cl)
         n = cl->l1_size - first < L1_CHUNK ? cl->l1_size - first : L1_CHUNK;
         for (uint64_t i = 0; i < n; i++)
             be64_put(buf + 8 * i, cl->l1[first + i]);
+        ret = meta_check_write(cl->m, cl->l1_offset + first * 8, n * 8, META_KIND_L1);
+        if (ret < 0)
+            break;
         ret = io_pwrite(cl->m->io, buf, n * 8, cl->l1_offset + first * 8);
         if (ret < 0) {
             log_error("writing the L1 table at 0x%llx failed: %s",
@@ -492,7 +517,9 @@ int cluster_grow_l1(struct cluster *cl, uint32_t new_size)
     ret = refcount_alloc(cl->rc, nb, &new_offset, &fresh);
     if (ret < 0)
         goto fail;
-    ret = io_pwrite(m->io, disk, nb << m->cluster_bits, new_offset);
+    ret = meta_check_write(m, new_offset, nb << m->cluster_bits, META_KIND_L1);
+    if (ret == 0)
+        ret = io_pwrite(m->io, disk, nb << m->cluster_bits, new_offset);
     /* The table and its refcounts on disk before the header points at it. */
     if (ret == 0)
         ret = cache_flush(refcount_cache(cl->rc));
@@ -518,10 +545,13 @@ int cluster_grow_l1(struct cluster *cl, uint32_t new_size)
     cl->l1_size = new_size;
     cl->l1_offset = new_offset;
     free(disk);
+    ret = meta_mark(m, old_offset, old_bytes, META_KIND_NONE);
+    if (ret == 0)
+        ret = meta_mark(m, new_offset, nb << m->cluster_bits, META_KIND_L1);
     /* Nothing refers to the old table once the header is durable. */
-    if (old_bytes)
-        return refcount_update(cl->rc, old_offset, old_bytes, -1);
-    return 0;
+    if (ret == 0 && old_bytes)
+        ret = refcount_update(cl->rc, old_offset, old_bytes, -1);
+    return ret;
 
 fail:
     free(l1);

@@ -71,8 +71,9 @@ struct cache *cluster_l2_cache(struct cluster *cl);
 
 struct refcount;
 
-/* Enable the write side: allocations go through @rc. */
-void cluster_set_refcount(struct cluster *cl, struct refcount *rc);
+/* Enable the write side: allocations go through @rc; the active L1 and L2
+ * tables are registered for the overlap check. */
+int cluster_set_refcount(struct cluster *cl, struct refcount *rc);
 
 /*
  * The raw L2 entry (and extended-L2 bitmap, else 0) of guest cluster @gc;

@@ -63,6 +63,7 @@ static void image_free(struct image *img)
         image_close(img->backing);
     cluster_close(img->cl);
     refcount_close(img->rc);
+    meta_set_destroy(&img->meta);
     io_close(img->data_io);
     io_close(img->io);
     header_free(&img->hdr);
@@ -221,6 +222,48 @@ out:
     return ret;
 }
 
+/*
+ * Register the snapshot table and the snapshots' L1 tables for the overlap
+ * check.  A table that cannot be parsed is left out: the read path does not
+ * use it, and qcow2check reports it.
+ */
+static int mark_snapshots(struct image *img)
+{
+    struct meta *m = &img->meta;
+    const struct qcow2_header *h = &img->hdr;
+    uint64_t file_size, avail, pos = 0;
+    uint8_t *t;
+    int ret;
+
+    if (!h->nb_snapshots)
+        return 0;
+    ret = io_get_size(img->io, &file_size);
+    if (ret < 0)
+        return ret;
+    avail = file_size - h->snapshots_offset;    /* header_decode bounded it */
+    if (avail > (64u << 20))
+        avail = 64u << 20;
+    t = malloc(avail);
+    if (!t)
+        return -ENOMEM;
+    ret = io_pread(img->io, t, avail, h->snapshots_offset);
+    for (uint32_t i = 0; ret == 0 && i < h->nb_snapshots && pos + 40 <= avail; i++) {
+        uint64_t l1 = be64_get(t + pos);
+        uint32_t l1_size = be32_get(t + pos + 8);
+        uint64_t len = (40 + (uint64_t)be32_get(t + pos + 36) + be16_get(t + pos + 12) +
+                        be16_get(t + pos + 14) + 7) & ~7ull;
+        if (l1_size && !(l1 & (m->cluster_size - 1)) &&
+            (uint64_t)l1_size * 8 <= HEADER_MAX_L1_BYTES && l1 < file_size)
+            ret = meta_mark(m, l1, (uint64_t)l1_size * 8, META_KIND_SNAPSHOTS);
+        pos += len;
+    }
+    if (ret == 0)
+        ret = meta_mark(m, h->snapshots_offset, pos < avail ? pos : avail,
+                        META_KIND_SNAPSHOTS);
+    free(t);
+    return ret;
+}
+
 static uint64_t default_l2_cache(const struct image *img)
 {
     uint64_t clusters = (img->size + img->meta.cluster_size - 1) >> img->meta.cluster_bits;
@@ -319,11 +362,20 @@ static int open_chain(const char *path, const struct image_options *opts,
     if (writable) {
         uint64_t rc_bytes = opts->refcount_cache_size ? opts->refcount_cache_size
                                                       : (1u << 20);
+        ret = meta_set_create(&img->meta);
+        if (ret == 0)
+            ret = meta_mark(&img->meta, 0, img->meta.cluster_size, META_KIND_HEADER);
+        if (ret == 0)
+            ret = mark_snapshots(img);
+        if (ret < 0)
+            goto fail;
         ret = refcount_open(&img->meta, img->hdr.refcount_table_offset,
                             img->hdr.refcount_table_clusters, rc_bytes, &img->rc);
         if (ret < 0)
             goto fail;
-        cluster_set_refcount(img->cl, img->rc);
+        ret = cluster_set_refcount(img->cl, img->rc);
+        if (ret < 0)
+            goto fail;
         if (opts->writethrough) {
             cache_set_writethrough(cluster_l2_cache(img->cl), true);
             cache_set_writethrough(refcount_cache(img->rc), true);
@@ -839,6 +891,11 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
             return ret;
         allocated = true;
     }
+    if (!m->has_data_file) {
+        ret = meta_check_write(m, new_host, cs, META_KIND_NONE);
+        if (ret < 0)
+            return ret;
+    }
     if (st.compressed) {
         uint64_t x = entry & ~(META_L2_COPIED | META_L2_COMPRESSED);
         unsigned shift = 62 - (m->cluster_bits - 8);
@@ -944,6 +1001,11 @@ static int write_range(struct image *img, const uint8_t *p, uint64_t len,
         if (ret < 0)
             break;
         if (bytes) {
+            if (!img->meta.has_data_file) {
+                ret = meta_check_write(&img->meta, host, bytes, META_KIND_NONE);
+                if (ret < 0)
+                    break;
+            }
             pthread_mutex_unlock(&img->lock);
             ret = io_pwrite(img->meta.data_io, p, bytes, host);
             pthread_mutex_lock(&img->lock);

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 int meta_corrupt(struct meta *m, const char *fmt, ...)
@@ -34,11 +35,11 @@ int meta_corrupt(struct meta *m, const char *fmt, ...)
         if (io_pwrite(m->io, buf, sizeof(buf), 72) == 0)
             (void)io_flush(m->io);
         log_error("corrupt image metadata: %s; the image is now marked "
-                  "corrupt and further writes are refused (run qemu-img check "
-                  "-r to repair)", msg);
+                  "corrupt and further writes are refused (run qcow2check -r "
+                  "all, or qemu-img check -r all, to repair)", msg);
     } else {
         log_error("corrupt image metadata: %s; writes are refused (run "
-                  "qemu-img check to inspect)", msg);
+                  "qcow2check to inspect)", msg);
     }
     return -EIO;
 }
@@ -61,4 +62,152 @@ void meta_init(struct meta *m, const struct qcow2_header *h, struct io *io,
     m->refcount_order = h->refcount_order;
     m->virtual_size = h->size;
     m->incompatible = h->incompatible_features;
+}
+
+/* ---- metadata cluster set ---------------------------------------------------- */
+
+/* Open addressing on cluster indices; a deleted slot keeps its place in a
+ * probe chain as a tombstone. */
+#define SLOT_EMPTY      UINT64_MAX
+#define SLOT_DELETED    (UINT64_MAX - 1)
+
+struct meta_set {
+    uint64_t *keys;
+    uint8_t *kinds;
+    size_t cap;                 /* power of two */
+    size_t used;                /* live + tombstones */
+};
+
+static size_t slot_of(const struct meta_set *s, uint64_t key)
+{
+    return (size_t)((key * 0x9e3779b97f4a7c15ull) >> 17) & (s->cap - 1);
+}
+
+static int set_resize(struct meta_set *s, size_t cap)
+{
+    uint64_t *keys = malloc(cap * sizeof(*keys));
+    uint8_t *kinds = malloc(cap);
+
+    if (!keys || !kinds) {
+        free(keys);
+        free(kinds);
+        return -ENOMEM;
+    }
+    memset(keys, 0xff, cap * sizeof(*keys));
+    struct meta_set old = *s;
+    s->keys = keys;
+    s->kinds = kinds;
+    s->cap = cap;
+    s->used = 0;
+    for (size_t i = 0; i < old.cap; i++) {
+        if (old.keys[i] >= SLOT_DELETED)
+            continue;
+        size_t j = slot_of(s, old.keys[i]);
+        while (s->keys[j] != SLOT_EMPTY)
+            j = (j + 1) & (s->cap - 1);
+        s->keys[j] = old.keys[i];
+        s->kinds[j] = old.kinds[i];
+        s->used++;
+    }
+    free(old.keys);
+    free(old.kinds);
+    return 0;
+}
+
+int meta_set_create(struct meta *m)
+{
+    m->set = calloc(1, sizeof(*m->set));
+    if (!m->set)
+        return -ENOMEM;
+    return set_resize(m->set, 1024);
+}
+
+void meta_set_destroy(struct meta *m)
+{
+    if (m->set) {
+        free(m->set->keys);
+        free(m->set->kinds);
+        free(m->set);
+        m->set = NULL;
+    }
+}
+
+static enum meta_kind set_get(const struct meta_set *s, uint64_t key)
+{
+    size_t j = slot_of(s, key);
+
+    while (s->keys[j] != SLOT_EMPTY) {
+        if (s->keys[j] == key)
+            return (enum meta_kind)s->kinds[j];
+        j = (j + 1) & (s->cap - 1);
+    }
+    return META_KIND_NONE;
+}
+
+static int set_put(struct meta_set *s, uint64_t key, enum meta_kind kind)
+{
+    size_t j;
+    int ret;
+
+    if ((s->used + 1) * 2 > s->cap) {
+        ret = set_resize(s, s->cap * 2);
+        if (ret < 0)
+            return ret;
+    }
+    j = slot_of(s, key);
+    while (s->keys[j] != SLOT_EMPTY) {
+        if (s->keys[j] == key) {
+            if (kind == META_KIND_NONE)
+                s->keys[j] = SLOT_DELETED;
+            else
+                s->kinds[j] = (uint8_t)kind;
+            return 0;
+        }
+        j = (j + 1) & (s->cap - 1);
+    }
+    if (kind == META_KIND_NONE)
+        return 0;
+    s->keys[j] = key;
+    s->kinds[j] = (uint8_t)kind;
+    s->used++;
+    return 0;
+}
+
+int meta_mark(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind)
+{
+    if (!m->set || len == 0)
+        return 0;
+    for (uint64_t ci = offset >> m->cluster_bits;
+         ci <= (offset + len - 1) >> m->cluster_bits; ci++) {
+        int ret = set_put(m->set, ci, kind);
+        if (ret < 0)
+            return ret;
+    }
+    return 0;
+}
+
+const char *meta_kind_name(enum meta_kind kind)
+{
+    static const char *const names[] = {
+        "guest data", "image header", "active L1 table", "L2 table",
+        "refcount table", "refcount block", "snapshot table or snapshot L1 table",
+    };
+    return kind <= META_KIND_SNAPSHOTS ? names[kind] : "unknown";
+}
+
+int meta_check_write(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind)
+{
+    if (!m->set || len == 0)
+        return 0;
+    for (uint64_t ci = offset >> m->cluster_bits;
+         ci <= (offset + len - 1) >> m->cluster_bits; ci++) {
+        enum meta_kind k = set_get(m->set, ci);
+        if (k != META_KIND_NONE && k != kind)
+            return meta_corrupt(m, "a write of %s at host offset 0x%llx (%llu "
+                                "bytes) would overwrite the %s at 0x%llx",
+                                meta_kind_name(kind), (unsigned long long)offset,
+                                (unsigned long long)len, meta_kind_name(k),
+                                (unsigned long long)(ci << m->cluster_bits));
+    }
+    return 0;
 }

@@ -15,6 +15,19 @@
 
 struct io;
 
+/* Kinds of metadata cluster, for the overlap check. */
+enum meta_kind {
+    META_KIND_NONE = 0,         /* guest data or free */
+    META_KIND_HEADER,
+    META_KIND_L1,
+    META_KIND_L2,
+    META_KIND_REFTABLE,
+    META_KIND_REFBLOCK,
+    META_KIND_SNAPSHOTS,        /* snapshot table and snapshot L1 tables */
+};
+
+struct meta_set;
+
 struct meta {
     struct io *io;              /* the qcow2 file: all metadata lives here */
     struct io *data_io;         /* guest data: external data file, or io */
@@ -30,6 +43,7 @@ struct meta {
     unsigned refcount_order;
     uint64_t virtual_size;
     uint64_t incompatible;      /* as on disk */
+    struct meta_set *set;       /* metadata clusters (writable images) */
     atomic_bool corrupt;
     atomic_flag corrupt_reported;
 };
@@ -57,6 +71,20 @@ void meta_init(struct meta *m, const struct qcow2_header *h, struct io *io,
  */
 int meta_corrupt(struct meta *m, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+/*
+ * The overlap check.  meta_mark() records the clusters of [@offset, +@len)
+ * as metadata of @kind (META_KIND_NONE forgets them).  meta_check_write()
+ * is called before writing [@offset, +@len) as @kind: if any cluster there
+ * is metadata of another kind, the image is marked corrupt (one report
+ * naming both structures) and -EIO is returned.  Without a set (read-only
+ * images) both do nothing.  Call with the metadata lock held.
+ */
+int meta_set_create(struct meta *m);
+void meta_set_destroy(struct meta *m);
+int meta_mark(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind);
+int meta_check_write(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind);
+const char *meta_kind_name(enum meta_kind kind);
 
 static inline bool meta_is_corrupt(const struct meta *m)
 {

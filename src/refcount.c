@@ -70,6 +70,11 @@ static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_
 
 /* ---- open/close ------------------------------------------------------------ */
 
+static int block_write_check(void *opaque, uint64_t offset, size_t len)
+{
+    return meta_check_write(opaque, offset, len, META_KIND_REFBLOCK);
+}
+
 int refcount_open(struct meta *m, uint64_t table_offset, uint32_t table_clusters,
                   uint64_t cache_bytes, struct refcount **out)
 {
@@ -126,6 +131,14 @@ int refcount_open(struct meta *m, uint64_t table_offset, uint32_t table_clusters
         ret = -ENOMEM;
         goto fail;
     }
+    cache_set_write_check(rc->cache, block_write_check, m);
+    ret = meta_mark(m, table_offset, (uint64_t)table_clusters << m->cluster_bits,
+                    META_KIND_REFTABLE);
+    for (uint64_t i = 0; ret == 0 && i < rc->table_entries; i++)
+        if (rc->table[i])
+            ret = meta_mark(m, rc->table[i], m->cluster_size, META_KIND_REFBLOCK);
+    if (ret < 0)
+        goto fail;
     *out = rc;
     return 0;
 
@@ -275,7 +288,11 @@ static int create_block(struct refcount *rc, uint64_t ti, const uint64_t *extra,
         if (extra[i] / rc->block_entries == ti)
             block_set(rc, buf, extra[i] % rc->block_entries, 1);
     cache_discard(rc->cache, ci0 << m->cluster_bits);
-    ret = io_pwrite(m->io, buf, m->cluster_size, ci0 << m->cluster_bits);
+    ret = meta_check_write(m, ci0 << m->cluster_bits, m->cluster_size, META_KIND_REFBLOCK);
+    if (ret == 0)
+        ret = meta_mark(m, ci0 << m->cluster_bits, m->cluster_size, META_KIND_REFBLOCK);
+    if (ret == 0)
+        ret = io_pwrite(m->io, buf, m->cluster_size, ci0 << m->cluster_bits);
     free(buf);
     if (ret < 0)
         return ret;
@@ -354,7 +371,10 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
 
     for (uint64_t i = 0; i < new_entries; i++)
         be64_put(&new_table[i], new_table[i]);
-    ret = io_pwrite(m->io, new_table, new_entries * 8, start << m->cluster_bits);
+    ret = meta_check_write(m, start << m->cluster_bits, new_clusters << m->cluster_bits,
+                           META_KIND_REFTABLE);
+    if (ret == 0)
+        ret = io_pwrite(m->io, new_table, new_entries * 8, start << m->cluster_bits);
     for (uint64_t i = 0; i < new_entries; i++)
         new_table[i] = be64_get(&new_table[i]);
     if (ret < 0)
@@ -381,6 +401,13 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
     log_debug("refcount table moved to 0x%llx (%llu clusters)",
               (unsigned long long)rc->table_offset, (unsigned long long)new_clusters);
 
+    ret = meta_mark(m, old_offset, (uint64_t)old_clusters << m->cluster_bits,
+                    META_KIND_NONE);
+    if (ret == 0)
+        ret = meta_mark(m, rc->table_offset, new_clusters << m->cluster_bits,
+                        META_KIND_REFTABLE);
+    if (ret < 0)
+        goto out;
     /* Nothing refers to the old table any more once the header is durable. */
     ret = refcount_update(rc, old_offset, (uint64_t)old_clusters << m->cluster_bits, -1);
 out:
