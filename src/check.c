@@ -9,13 +9,13 @@
 #include "io.h"
 #include "log.h"
 #include "meta.h"
+#include "snapshot.h"
 
 #include <errno.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_SNAPSHOT_TABLE  (64u << 20)
 #define MAX_BITMAP_DIR      (64u << 20)
 
 struct check_refs {
@@ -199,54 +199,20 @@ static int walk_l1(struct meta *m, struct check_refs *r, struct check_report *re
 static int walk_snapshots(struct meta *m, const struct qcow2_header *h,
                           struct check_refs *r, struct check_report *rep)
 {
-    uint64_t pos = 0, avail;
-    uint8_t *t;
-    int ret;
+    struct snapshot_table t;
+    char err[256];
+    int ret = snapshot_table_read(m->io, h, &t, err, sizeof(err));
 
-    if (h->nb_snapshots == 0)
+    if (ret == -EINVAL) {
+        finding(rep, CHECK_TABLE_INVALID, "%s", err);
         return 0;
-    avail = ((r->nb << m->cluster_bits) - h->snapshots_offset);
-    if (avail > MAX_SNAPSHOT_TABLE)
-        avail = MAX_SNAPSHOT_TABLE;
-    ret = read_table(m, h->snapshots_offset, avail, &t);
-    if (ret < 0)
-        return ret;
-    for (uint32_t i = 0; i < h->nb_snapshots; i++) {
-        uint64_t l1, len;
-        uint32_t l1_size, extra;
-        uint16_t id_len, name_len;
-
-        if (pos + 40 > avail) {
-            finding(rep, CHECK_TABLE_INVALID, "snapshot table at 0x%llx: entry %u "
-                    "runs past the end", (unsigned long long)h->snapshots_offset, i);
-            goto out;
-        }
-        l1 = be64_get(t + pos);
-        l1_size = be32_get(t + pos + 8);
-        id_len = be16_get(t + pos + 12);
-        name_len = be16_get(t + pos + 14);
-        extra = be32_get(t + pos + 36);
-        len = (40 + (uint64_t)extra + id_len + name_len + 7) & ~7ull;
-        if (pos + len > avail) {
-            finding(rep, CHECK_TABLE_INVALID, "snapshot table at 0x%llx: entry %u "
-                    "runs past the end", (unsigned long long)h->snapshots_offset, i);
-            goto out;
-        }
-        if ((l1 & (m->cluster_size - 1)) || (uint64_t)l1_size * 8 > HEADER_MAX_L1_BYTES ||
-            l1 + (uint64_t)l1_size * 8 > (r->nb << m->cluster_bits)) {
-            finding(rep, CHECK_OFFSET_INVALID, "snapshot %u: L1 table 0x%llx "
-                    "(%u entries) is misaligned or outside the file", i,
-                    (unsigned long long)l1, l1_size);
-        } else {
-            ret = walk_l1(m, r, rep, l1, l1_size, false);
-            if (ret < 0)
-                goto out;
-        }
-        pos += len;
     }
-    inc_refs(m, r, rep, h->snapshots_offset, pos, "snapshot table");
-out:
-    free(t);
+    if (ret < 0 || t.nb == 0)
+        return ret;
+    for (uint32_t i = 0; i < t.nb && ret == 0; i++)
+        ret = walk_l1(m, r, rep, t.s[i].l1_offset, t.s[i].l1_size, false);
+    inc_refs(m, r, rep, t.offset, t.bytes, "snapshot table");
+    snapshot_table_free(&t);
     return ret;
 }
 

@@ -293,6 +293,43 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
     fuse_reply_attr(req, &st, 1.0);
 }
 
+#define STATS_XATTR "user.qcow2fuse.stats"
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    char buf[1024];
+    size_t n;
+
+    if (ino != DISK_INO || strcmp(name, STATS_XATTR) != 0) {
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
+    image_stats(ctx_of(req)->img, buf, sizeof(buf));
+    n = strlen(buf);
+    if (size == 0)
+        fuse_reply_xattr(req, n);
+    else if (size < n)
+        fuse_reply_err(req, ERANGE);
+    else
+        fuse_reply_buf(req, buf, n);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    static const char names[] = STATS_XATTR;   /* with its NUL */
+
+    if (ino != DISK_INO) {
+        fuse_reply_xattr(req, 0);
+        return;
+    }
+    if (size == 0)
+        fuse_reply_xattr(req, sizeof(names));
+    else if (size < sizeof(names))
+        fuse_reply_err(req, ERANGE);
+    else
+        fuse_reply_buf(req, names, sizeof(names));
+}
+
 static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
                      struct fuse_file_info *fi)
 {
@@ -347,6 +384,8 @@ static const struct fuse_lowlevel_ops ops = {
     .fsync = op_fsync,
     .flush = op_flush,
     .lseek = op_lseek,
+    .getxattr = op_getxattr,
+    .listxattr = op_listxattr,
     .statfs = op_statfs,
     .release = op_release,
 };

@@ -15,6 +15,7 @@
 #include "log.h"
 #include "meta.h"
 #include "refcount.h"
+#include "snapshot.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -50,6 +51,7 @@ struct image {
     uint64_t flush_seq;
     enum image_discard_mode discard;
     enum image_detect_zeroes detect_zeroes;
+    _Atomic uint64_t bytes_read, bytes_written, clusters_allocated, flushes;
     struct range *ranges;
     pthread_cond_t range_cond;
     pthread_mutex_t lock;       /* metadata lock; also guards ranges */
@@ -224,44 +226,61 @@ out:
 
 /*
  * Register the snapshot table and the snapshots' L1 tables for the overlap
- * check.  A table that cannot be parsed is left out: the read path does not
- * use it, and qcow2check reports it.
+ * check.  A writable open needs a valid table: we could not protect it.
  */
 static int mark_snapshots(struct image *img)
 {
-    struct meta *m = &img->meta;
-    const struct qcow2_header *h = &img->hdr;
-    uint64_t file_size, avail, pos = 0;
-    uint8_t *t;
+    struct snapshot_table t;
+    char err[256];
+    int ret = snapshot_table_read(img->io, &img->hdr, &t, err, sizeof(err));
+
+    if (ret < 0) {
+        if (ret == -EINVAL)
+            log_error("%s: %s; mount it read-only (-o ro) or run qcow2check",
+                      img->path, err);
+        return ret;
+    }
+    if (t.nb)
+        ret = meta_mark(&img->meta, t.offset, t.bytes, META_KIND_SNAPSHOTS);
+    for (uint32_t i = 0; ret == 0 && i < t.nb; i++)
+        ret = meta_mark(&img->meta, t.s[i].l1_offset, (uint64_t)t.s[i].l1_size * 8,
+                        META_KIND_SNAPSHOTS);
+    snapshot_table_free(&t);
+    return ret;
+}
+
+/* The L1 table and size to show: the active ones, or a snapshot's. */
+static int choose_view(struct image *img, const char *snap_name, uint64_t *l1_offset,
+                       uint32_t *l1_size)
+{
+    const struct snapshot *s;
+    struct snapshot_table t;
+    char err[256];
     int ret;
 
-    if (!h->nb_snapshots)
+    *l1_offset = img->hdr.l1_table_offset;
+    *l1_size = img->hdr.l1_size;
+    if (!snap_name)
         return 0;
-    ret = io_get_size(img->io, &file_size);
-    if (ret < 0)
+    ret = snapshot_table_read(img->io, &img->hdr, &t, err, sizeof(err));
+    if (ret < 0) {
+        if (ret == -EINVAL)
+            log_error("%s: %s", img->path, err);
         return ret;
-    avail = file_size - h->snapshots_offset;    /* header_decode bounded it */
-    if (avail > (64u << 20))
-        avail = 64u << 20;
-    t = malloc(avail);
-    if (!t)
-        return -ENOMEM;
-    ret = io_pread(img->io, t, avail, h->snapshots_offset);
-    for (uint32_t i = 0; ret == 0 && i < h->nb_snapshots && pos + 40 <= avail; i++) {
-        uint64_t l1 = be64_get(t + pos);
-        uint32_t l1_size = be32_get(t + pos + 8);
-        uint64_t len = (40 + (uint64_t)be32_get(t + pos + 36) + be16_get(t + pos + 12) +
-                        be16_get(t + pos + 14) + 7) & ~7ull;
-        if (l1_size && !(l1 & (m->cluster_size - 1)) &&
-            (uint64_t)l1_size * 8 <= HEADER_MAX_L1_BYTES && l1 < file_size)
-            ret = meta_mark(m, l1, (uint64_t)l1_size * 8, META_KIND_SNAPSHOTS);
-        pos += len;
     }
-    if (ret == 0)
-        ret = meta_mark(m, h->snapshots_offset, pos < avail ? pos : avail,
-                        META_KIND_SNAPSHOTS);
-    free(t);
-    return ret;
+    s = snapshot_find(&t, snap_name);
+    if (!s) {
+        log_error("%s: no internal snapshot named \"%s\" (%u snapshots; list "
+                  "them with qcow2fuse --list-snapshots)", img->path, snap_name, t.nb);
+        snapshot_table_free(&t);
+        return -ENOENT;
+    }
+    *l1_offset = s->l1_offset;
+    *l1_size = s->l1_size;
+    if (s->disk_size)
+        img->size = s->disk_size;
+    snapshot_table_free(&t);
+    return 0;
 }
 
 static uint64_t default_l2_cache(const struct image *img)
@@ -348,9 +367,17 @@ static int open_chain(const char *path, const struct image_options *opts,
         img->meta.data_io = img->io;
     }
 
-    ret = cluster_open(&img->meta, img->hdr.l1_table_offset, img->hdr.l1_size,
-                       opts->l2_cache_size ? opts->l2_cache_size : default_l2_cache(img),
-                       &img->cl);
+    {
+        uint64_t l1_offset;
+        uint32_t l1_size;
+        ret = choose_view(img, depth == 0 ? opts->snapshot : NULL, &l1_offset, &l1_size);
+        if (ret < 0)
+            goto fail;
+        ret = cluster_open(&img->meta, l1_offset, l1_size,
+                           opts->l2_cache_size ? opts->l2_cache_size
+                                               : default_l2_cache(img),
+                           &img->cl);
+    }
     if (ret < 0)
         goto fail;
 
@@ -400,7 +427,8 @@ fail:
 int image_open(const char *path, const struct image_options *opts,
                struct image **out)
 {
-    int ret = open_chain(path, opts, !opts->read_only, 0, out);
+    /* A snapshot's view is history: never written. */
+    int ret = open_chain(path, opts, !opts->read_only && !opts->snapshot, 0, out);
 
     if (ret == 0) {
         (*out)->discard = opts->discard;
@@ -542,6 +570,7 @@ int image_read(struct image *img, void *buf, size_t len, uint64_t offset)
     struct range r;
     int ret;
 
+    img->bytes_read += len;
     /* Only a writable image has writers to keep out. */
     if (img->meta.read_only || img->is_raw || offset >= img->size)
         return read_range(img, buf, len, offset);
@@ -890,6 +919,7 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
         if (ret < 0)
             return ret;
         allocated = true;
+        img->clusters_allocated++;
     }
     if (!m->has_data_file) {
         ret = meta_check_write(m, new_host, cs, META_KIND_NONE);
@@ -1061,6 +1091,7 @@ int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
 
     if (ret < 0 || len == 0)
         return ret;
+    img->bytes_written += len;
     range_lock(img, &r, offset, len, true);
     if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && all_zero(buf, len))
         ret = zero_range(img, offset, len,
@@ -1136,6 +1167,7 @@ int image_flush(struct image *img)
     ret = flush_locked(img);
     if (ret == 0)
         io_mark(img->io, IMAGE_MARK_FLUSHED, ++img->flush_seq);
+    img->flushes++;
     pthread_mutex_unlock(&img->lock);
     if (ret < 0)
         log_error("%s: flushing metadata failed: %s", img->path, strerror(-ret));
@@ -1410,4 +1442,25 @@ int image_resize(struct image *img, uint64_t new_size)
 out:
     range_unlock(img, &r);
     return ret;
+}
+
+void image_stats(struct image *img, char *buf, size_t len)
+{
+    struct cache_stats l2 = { 0 }, rc = { 0 };
+
+    pthread_mutex_lock(&img->lock);
+    if (img->cl)
+        cache_get_stats(cluster_l2_cache(img->cl), &l2);
+    if (img->rc)
+        cache_get_stats(refcount_cache(img->rc), &rc);
+    pthread_mutex_unlock(&img->lock);
+    snprintf(buf, len,
+             "read %llu bytes, written %llu bytes, %llu clusters allocated, "
+             "%llu flushes, L2 cache %llu hits %llu misses %llu evictions, "
+             "refcount cache %llu hits %llu misses",
+             (unsigned long long)img->bytes_read, (unsigned long long)img->bytes_written,
+             (unsigned long long)img->clusters_allocated, (unsigned long long)img->flushes,
+             (unsigned long long)l2.hits, (unsigned long long)l2.misses,
+             (unsigned long long)l2.evictions, (unsigned long long)rc.hits,
+             (unsigned long long)rc.misses);
 }

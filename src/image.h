@@ -38,6 +38,7 @@ struct image_options {
     bool writethrough;              /* write metadata on every update */
     struct backing_options backing;
     int trace_fd;                   /* >= 0: record host I/O (tests) */
+    const char *snapshot;           /* show this internal snapshot (read-only) */
 };
 
 #define IMAGE_MAX_CHAIN_DEPTH   64
@@ -103,6 +104,10 @@ int image_preallocate(struct image *img, uint64_t offset, uint64_t len);
  * end.  @new_size must be a multiple of 512 (-EINVAL).
  */
 int image_resize(struct image *img, uint64_t new_size);
+
+/* A one-line summary of the counters: bytes read and written, clusters
+ * allocated, flushes, cache hits and misses. */
+void image_stats(struct image *img, char *buf, size_t len);
 
 /* Trace mark recorded after every successful image_flush(); the argument is
  * the flush's sequence number (1, 2, ...).  Used by the power-loss tests. */

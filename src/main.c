@@ -4,12 +4,19 @@
  * anything is mounted), mount, daemonize, serve, and on unmount or signal
  * write every piece of metadata back before exiting.
  */
+#include "create.h"
 #include "fuse_ops.h"
+#include "header.h"
 #include "image.h"
+#include "io.h"
 #include "log.h"
+#include "snapshot.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
 #include <limits.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -33,11 +40,22 @@ struct cli {
     char *io_trace;
     char *discard;
     char *detect_zeroes;
+    char *snapshot;
+    int create;
+    char *size;
+    char *cluster_size;
+    char *backing_file;
+    char *backing_format;
+    char *uid;
+    char *gid;
+    char *umask;
+    int list_snapshots;
     int show_help;
     int show_version;
 };
 
-enum { KEY_HELP, KEY_VERSION, KEY_RO, KEY_RW, KEY_FOREGROUND, KEY_DEBUG, KEY_SINGLE };
+enum { KEY_HELP, KEY_VERSION, KEY_RO, KEY_RW, KEY_FOREGROUND, KEY_DEBUG, KEY_SINGLE,
+       KEY_LIST, KEY_DROP };
 
 #define CLI_OPT(t, p) { t, offsetof(struct cli, p), 1 }
 static const struct fuse_opt cli_opts[] = {
@@ -49,6 +67,25 @@ static const struct fuse_opt cli_opts[] = {
     CLI_OPT("io-trace=%s", io_trace),
     CLI_OPT("discard=%s", discard),
     CLI_OPT("detect-zeroes=%s", detect_zeroes),
+    CLI_OPT("snapshot=%s", snapshot),
+    CLI_OPT("create", create),
+    CLI_OPT("size=%s", size),
+    CLI_OPT("cluster_size=%s", cluster_size),
+    CLI_OPT("backing_file=%s", backing_file),
+    CLI_OPT("backing_fmt=%s", backing_format),
+    CLI_OPT("uid=%s", uid),
+    CLI_OPT("gid=%s", gid),
+    CLI_OPT("umask=%s", umask),
+    FUSE_OPT_KEY("--list-snapshots", KEY_LIST),
+    /* Words mount(8) and fstab pass that mean nothing here. */
+    FUSE_OPT_KEY("defaults", KEY_DROP),
+    FUSE_OPT_KEY("auto", KEY_DROP),
+    FUSE_OPT_KEY("noauto", KEY_DROP),
+    FUSE_OPT_KEY("user", KEY_DROP),
+    FUSE_OPT_KEY("nouser", KEY_DROP),
+    FUSE_OPT_KEY("users", KEY_DROP),
+    FUSE_OPT_KEY("_netdev", KEY_DROP),
+    FUSE_OPT_KEY("nofail", KEY_DROP),
     FUSE_OPT_KEY("ro", KEY_RO),
     FUSE_OPT_KEY("rw", KEY_RW),
     FUSE_OPT_KEY("-h", KEY_HELP),
@@ -65,6 +102,7 @@ static void usage(FILE *out)
 {
     fprintf(out,
 "usage: qcow2fuse [-f] [-o OPTIONS] IMAGE MOUNTPOINT\n"
+"       qcow2fuse --list-snapshots IMAGE\n"
 "\n"
 "Mount the qcow2 image IMAGE so that MOUNTPOINT/disk is its raw disk.\n"
 "Unmount with: fusermount3 -u MOUNTPOINT\n"
@@ -86,6 +124,11 @@ static void usage(FILE *out)
 "                           or stay allocated; they read as zeros either way\n"
 "  -o detect-zeroes=off|on|unmap  all-zero writes become zero clusters\n"
 "                           (unmap: and give their space back; default off)\n"
+"  -o snapshot=NAME         show internal snapshot NAME (or ID), read-only\n"
+"  -o create,size=SIZE[,cluster_size=N][,backing_file=FILE[,backing_fmt=F]]\n"
+"                           create IMAGE (qcow2 v3) first if it does not exist\n"
+"  -o uid=N,gid=N,umask=M   owner and permissions of the disk file\n"
+"                           (default: those of the image file)\n"
 "  -o name=FILE             name of the disk file (default: disk)\n"
 "  -o allow_other           let other users access the mount (FUSE option)\n");
 }
@@ -127,7 +170,7 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
             cli->image = strdup(arg);
             return 0;
         }
-        if (!cli->mountpoint) {
+        if (!cli->mountpoint && !cli->list_snapshots) {
             cli->mountpoint = strdup(arg);
             return 0;
         }
@@ -155,6 +198,11 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
     case KEY_SINGLE:
         cli->single_thread = 1;
         return 0;
+    case KEY_LIST:
+        cli->list_snapshots = 1;
+        return 0;
+    case KEY_DROP:
+        return 0;
     }
     return 1;
 }
@@ -176,6 +224,98 @@ static char *fsname_arg(const char *path)
     }
     *p = '\0';
     return s;
+}
+
+static int list_snapshots(const char *path)
+{
+    struct snapshot_table t;
+    struct qcow2_header h;
+    struct io *io;
+    uint64_t size;
+    uint8_t *buf = NULL;
+    size_t len;
+    char err[512];
+    int ret;
+
+    ret = io_open_file(path, false, &io);
+    if (ret < 0) {
+        fprintf(stderr, "qcow2fuse: cannot open %s: %s\n", path, strerror(-ret));
+        return 1;
+    }
+    ret = io_get_size(io, &size);
+    len = size < (1u << QCOW2_MAX_CLUSTER_BITS) ? (size_t)size : (1u << QCOW2_MAX_CLUSTER_BITS);
+    if (ret == 0 && !(buf = malloc(len ? len : 1)))
+        ret = -ENOMEM;
+    if (ret == 0)
+        ret = io_pread(io, buf, len, 0);
+    if (ret == 0) {
+        ret = header_decode(buf, len, size, &h, err, sizeof(err));
+        if (ret < 0)
+            fprintf(stderr, "qcow2fuse: %s: %s\n", path, err);
+        else {
+            ret = snapshot_table_read(io, &h, &t, err, sizeof(err));
+            if (ret == -EINVAL)
+                fprintf(stderr, "qcow2fuse: %s: %s\n", path, err);
+            if (ret == 0) {
+                printf("%-10s %-20s %20s %-19s %s\n", "ID", "NAME", "DISK SIZE",
+                       "DATE", "VM CLOCK");
+                for (uint32_t i = 0; i < t.nb; i++) {
+                    char date[32];
+                    time_t tt = (time_t)t.s[i].date_sec;
+                    struct tm tm;
+                    uint64_t ms = t.s[i].vm_clock_nsec / 1000000;
+                    strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S",
+                             localtime_r(&tt, &tm));
+                    printf("%-10s %-20s %20llu %-19s %02llu:%02llu:%02llu.%03llu\n",
+                           t.s[i].id, t.s[i].name,
+                           (unsigned long long)(t.s[i].disk_size ? t.s[i].disk_size : h.size),
+                           date, (unsigned long long)(ms / 3600000),
+                           (unsigned long long)(ms / 60000 % 60),
+                           (unsigned long long)(ms / 1000 % 60),
+                           (unsigned long long)(ms % 1000));
+                }
+                snapshot_table_free(&t);
+            }
+            header_free(&h);
+        }
+    }
+    if (ret < 0 && ret != -EINVAL)
+        fprintf(stderr, "qcow2fuse: %s: %s\n", path, strerror(-ret));
+    free(buf);
+    io_close(io);
+    return ret < 0 ? 1 : 0;
+}
+
+/* SIGUSR1 logs the statistics; a thread waits for it so that no request
+ * thread is interrupted. */
+static void *stats_thread(void *arg)
+{
+    struct image *img = arg;
+    sigset_t set;
+    int sig;
+
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    for (;;) {
+        char buf[1024];
+        if (sigwait(&set, &sig) != 0)
+            continue;
+        image_stats(img, buf, sizeof(buf));
+        log_info("statistics: %s", buf);
+    }
+    return NULL;
+}
+
+static int parse_id(const char *s, const char *what, unsigned long max, unsigned long *out)
+{
+    char *end;
+    errno = 0;
+    *out = strtoul(s, &end, what[0] == 'u' && what[1] == 'm' ? 8 : 10);
+    if (errno || end == s || *end || *out > max) {
+        fprintf(stderr, "qcow2fuse: invalid %s \"%s\"\n", what, s);
+        return -EINVAL;
+    }
+    return 0;
 }
 
 int main(int argc, char *argv[])
@@ -203,12 +343,21 @@ int main(int argc, char *argv[])
         ret = 0;
         goto out;
     }
+    if (cli.list_snapshots) {
+        if (!cli.image) {
+            usage(stderr);
+            goto out;
+        }
+        ret = list_snapshots(cli.image);
+        goto out;
+    }
     if (!cli.image || !cli.mountpoint) {
         usage(stderr);
         goto out;
     }
 
     iopts.read_only = cli.read_only;
+    iopts.snapshot = cli.snapshot;
     if (cli.l2_cache_size &&
         parse_size(cli.l2_cache_size, "l2-cache-size", &iopts.l2_cache_size) < 0)
         goto out;
@@ -282,6 +431,35 @@ int main(int argc, char *argv[])
                 errno && !S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
         goto out;
     }
+    if (cli.create && access(cli.image, F_OK) != 0) {
+        struct create_options co = { .backing_file = cli.backing_file,
+                                     .backing_format = cli.backing_format };
+        uint64_t v = 0;
+        if (cli.size && parse_size(cli.size, "size", &co.size) < 0)
+            goto out;
+        if (!cli.size && !cli.backing_file) {
+            fprintf(stderr, "qcow2fuse: -o create needs size=SIZE (or "
+                    "backing_file=FILE)\n");
+            goto out;
+        }
+        if (cli.cluster_size) {
+            if (parse_size(cli.cluster_size, "cluster_size", &v) < 0)
+                goto out;
+            if (v < 512 || v > (2u << 20) || (v & (v - 1))) {
+                fprintf(stderr, "qcow2fuse: cluster_size=%s: must be a power of "
+                        "two from 512 to 2M\n", cli.cluster_size);
+                goto out;
+            }
+            co.cluster_bits = (unsigned)__builtin_ctzll(v);
+        }
+        if (create_image(cli.image, &co) < 0)
+            goto out;
+        log_info("created %s", cli.image);
+    } else if (!cli.create && (cli.size || cli.cluster_size || cli.backing_file)) {
+        fprintf(stderr, "qcow2fuse: size=, cluster_size= and backing_file= only "
+                "apply with -o create\n");
+        goto out;
+    }
     image_real = realpath(cli.image, NULL);
     if (!image_real) {
         fprintf(stderr, "qcow2fuse: image %s: %s\n", cli.image, strerror(errno));
@@ -300,6 +478,24 @@ int main(int argc, char *argv[])
     fcfg.uid = st.st_uid;
     fcfg.gid = st.st_gid;
     fcfg.mode = st.st_mode & 0666;
+    {
+        unsigned long v;
+        if (cli.uid) {
+            if (parse_id(cli.uid, "uid", UINT32_MAX - 1, &v) < 0)
+                goto out_close;
+            fcfg.uid = (uid_t)v;
+        }
+        if (cli.gid) {
+            if (parse_id(cli.gid, "gid", UINT32_MAX - 1, &v) < 0)
+                goto out_close;
+            fcfg.gid = (gid_t)v;
+        }
+        if (cli.umask) {
+            if (parse_id(cli.umask, "umask", 0777, &v) < 0)
+                goto out_close;
+            fcfg.mode = 0666 & ~(mode_t)v;
+        }
+    }
     fcfg.direct_io = true;
     fcfg.max_background = 64;
     ctx = fuse_ops_ctx_new(img, &fcfg);
@@ -323,6 +519,15 @@ int main(int argc, char *argv[])
     if (!cli.foreground)
         log_use_syslog("qcow2fuse");
 
+    {
+        sigset_t set;
+        pthread_t tid;
+        sigemptyset(&set);
+        sigaddset(&set, SIGUSR1);
+        pthread_sigmask(SIG_BLOCK, &set, NULL);
+        if (pthread_create(&tid, NULL, stats_thread, img) == 0)
+            pthread_detach(tid);
+    }
     if (cli.single_thread) {
         err = fuse_session_loop(se);
     } else {
@@ -366,5 +571,13 @@ out:
     free(cli.io_trace);
     free(cli.discard);
     free(cli.detect_zeroes);
+    free(cli.snapshot);
+    free(cli.size);
+    free(cli.cluster_size);
+    free(cli.backing_file);
+    free(cli.backing_format);
+    free(cli.uid);
+    free(cli.gid);
+    free(cli.umask);
     return ret;
 }

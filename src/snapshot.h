@@ -1,0 +1,48 @@
+/*
+ * snapshot — the internal snapshot table: decoding and validating its
+ * entries, and finding a snapshot by name or ID.  Pure decoding over bytes
+ * read through io; every length and offset is bounded before use.
+ */
+#ifndef QCOW2FUSE_SNAPSHOT_H
+#define QCOW2FUSE_SNAPSHOT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct io;
+struct qcow2_header;
+
+#define SNAPSHOT_MAX_TABLE  (64u << 20)
+
+struct snapshot {
+    uint64_t l1_offset;
+    uint32_t l1_size;
+    char *id;
+    char *name;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t vm_state_size;
+    uint64_t disk_size;         /* 0 when the entry does not record it */
+};
+
+struct snapshot_table {
+    struct snapshot *s;
+    uint32_t nb;
+    uint64_t offset;            /* where the table lives */
+    uint64_t bytes;             /* its length */
+};
+
+/*
+ * Read and validate the snapshot table of the image whose header is @h.
+ * On exit: *t owns its entries (snapshot_table_free); on failure @err names
+ * the entry and field.
+ * Returns: 0, -EINVAL (invalid table), -ENOMEM, -errno.
+ */
+int snapshot_table_read(struct io *io, const struct qcow2_header *h,
+                        struct snapshot_table *t, char *err, size_t err_len);
+void snapshot_table_free(struct snapshot_table *t);
+
+/* The snapshot whose name, or failing that ID, is @key; NULL if none. */
+const struct snapshot *snapshot_find(const struct snapshot_table *t, const char *key);
+
+#endif
