@@ -334,12 +334,15 @@ int cache_get_empty(struct cache *c, uint64_t offset, void **table)
 {
     uint32_t i = hash_find(c, offset);
 
-    /* A stale copy of a freed-and-reused table must not survive. */
-    if (i != NO_ENTRY && c->entries[i].ref == 0 && !c->entries[i].dirty) {
-        hash_remove(c, i);
-        c->entries[i].in_use = false;
-        lru_unlink(c, i);
-        lru_push_tail(c, i);
+    /* Whatever is cached for a freshly allocated cluster is stale, dirty or
+     * not: it belonged to a table that was freed. */
+    if (i != NO_ENTRY) {
+        if (c->entries[i].ref > 0) {
+            log_error("%s cache: table at 0x%llx requested as new while in use",
+                      c->name, (unsigned long long)offset);
+            return -EBUSY;
+        }
+        cache_discard(c, offset);
     }
     return do_get(c, offset, table, false);
 }
