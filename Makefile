@@ -32,7 +32,7 @@ UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
 TOOL_SRCS := $(wildcard tests/tools/*.c)
 TOOL_BINS := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(TOOL_SRCS))
 
-.PHONY: all check unit integration deps clean install
+.PHONY: all check unit integration deps clean install demo
 all: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)/obj
@@ -66,8 +66,12 @@ integration: $(BUILD)/qcow2fuse $(BUILD)/qcow2check $(TOOL_BINS)
 
 check: unit integration
 
+demo: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
+	QCOW2FUSE=$(abspath $(BUILD)/qcow2fuse) QCOW2CHECK=$(abspath $(BUILD)/qcow2check) \
+	    scripts/demo.sh
+
 deps:
-	@missing=""; for p in libfuse3-dev fuse3 zlib1g-dev libzstd-dev check pkg-config qemu-utils e2fsprogs fio; do \
+	@missing=""; for p in libfuse3-dev fuse3 zlib1g-dev libzstd-dev check pkg-config qemu-utils e2fsprogs fio attr; do \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
