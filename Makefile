@@ -32,7 +32,7 @@ UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
 TOOL_SRCS := $(wildcard tests/tools/*.c)
 TOOL_BINS := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(TOOL_SRCS))
 
-.PHONY: all check unit integration deps clean install demo
+.PHONY: all check unit integration deps clean install demo fuzz
 all: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)/obj
@@ -69,6 +69,26 @@ check: unit integration
 demo: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
 	QCOW2FUSE=$(abspath $(BUILD)/qcow2fuse) QCOW2CHECK=$(abspath $(BUILD)/qcow2check) \
 	    scripts/demo.sh
+
+# Fuzzing (clang with libFuzzer): every target for FUZZ_SECONDS each.
+FUZZ_SECONDS ?= 60
+FUZZ_CC      ?= clang
+FUZZ_DIR     := build/fuzz
+FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,$(FUZZ_DIR)/%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -std=gnu11 -D_GNU_SOURCE \
+                -D_FILE_OFFSET_BITS=64 -DQCOW2FUSE_VERSION='"$(VERSION)"' -Isrc \
+                $(shell pkg-config --cflags $(PKGS))
+
+$(FUZZ_DIR)/%: tests/fuzz/%.c $(LIB_SRCS) $(wildcard src/*.h)
+	mkdir -p $(FUZZ_DIR)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< $(LIB_SRCS) $(LIBS)
+
+fuzz: $(FUZZ_TARGETS)
+	tests/fuzz/seeds.sh $(FUZZ_DIR)/seeds
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	    mkdir -p $$t.corpus; echo "== $$t for $(FUZZ_SECONDS) s"; \
+	    $$t -max_total_time=$(FUZZ_SECONDS) -max_len=4194304 -rss_limit_mb=2048 \
+	        -timeout=10 -print_final_stats=1 $$t.corpus $(FUZZ_DIR)/seeds; done
 
 deps:
 	@missing=""; for p in libfuse3-dev fuse3 zlib1g-dev libzstd-dev check pkg-config qemu-utils e2fsprogs fio attr; do \

@@ -54,7 +54,7 @@ fi
 
 step "statistics of the mount"
 if command -v getfattr >/dev/null; then
-    getfattr -n user.qcow2fuse.stats --only-values "$mnt/disk"; echo
+    getfattr --absolute-names -n user.qcow2fuse.stats --only-values "$mnt/disk"; echo
 else
     echo "(install the attr package to read the user.qcow2fuse.stats xattr)"
 fi

@@ -86,8 +86,9 @@ static struct image *image_alloc(void)
     return img;
 }
 
-static int open_chain(const char *path, const struct image_options *opts,
-                      bool writable, unsigned depth, struct image **out);
+static int open_chain(const char *path, struct io *given_io,
+                      const struct image_options *opts, bool writable,
+                      unsigned depth, struct image **out);
 
 static int open_raw(const char *path, struct io *io, struct image **out)
 {
@@ -142,7 +143,7 @@ static int open_backing(struct image *img, const struct image_options *opts,
         ret = open_raw(bpath, bio, &img->backing);
     } else {
         io_close(bio);
-        ret = open_chain(bpath, opts, false, depth + 1, &img->backing);
+        ret = open_chain(bpath, NULL, opts, false, depth + 1, &img->backing);
     }
 out:
     free(bpath);
@@ -291,8 +292,9 @@ static uint64_t default_l2_cache(const struct image *img)
     return bytes < IMAGE_DEFAULT_L2_CACHE_MAX ? bytes : IMAGE_DEFAULT_L2_CACHE_MAX;
 }
 
-static int open_chain(const char *path, const struct image_options *opts,
-                      bool writable, unsigned depth, struct image **out)
+static int open_chain(const char *path, struct io *given_io,
+                      const struct image_options *opts, bool writable,
+                      unsigned depth, struct image **out)
 {
     struct image *img = image_alloc();
     uint8_t *buf = NULL;
@@ -301,22 +303,29 @@ static int open_chain(const char *path, const struct image_options *opts,
     char err[512];
     int ret;
 
-    if (!img)
+    if (!img) {
+        io_close(given_io);
         return -ENOMEM;
+    }
+    img->io = given_io;
     img->path = strdup(path);
     if (!img->path) {
         ret = -ENOMEM;
         goto fail;
     }
-    ret = io_open_file(path, writable, &img->io);
-    if (ret < 0) {
-        log_error("cannot open %s%s: %s", path, writable ? " for writing" : "",
-                  strerror(-ret));
-        goto fail;
+    if (given_io) {
+        img->io = given_io;
+    } else {
+        ret = io_open_file(path, writable, &img->io);
+        if (ret < 0) {
+            log_error("cannot open %s%s: %s", path, writable ? " for writing" : "",
+                      strerror(-ret));
+            goto fail;
+        }
+        ret = io_lock_image(img->io, path, writable);
+        if (ret < 0)
+            goto fail;
     }
-    ret = io_lock_image(img->io, path, writable);
-    if (ret < 0)
-        goto fail;
     if (depth == 0 && opts->trace_fd >= 0) {
         struct io *traced;
         ret = io_open_trace(img->io, dup(opts->trace_fd), &traced);
@@ -428,7 +437,19 @@ int image_open(const char *path, const struct image_options *opts,
                struct image **out)
 {
     /* A snapshot's view is history: never written. */
-    int ret = open_chain(path, opts, !opts->read_only && !opts->snapshot, 0, out);
+    int ret = open_chain(path, NULL, opts, !opts->read_only && !opts->snapshot, 0, out);
+
+    if (ret == 0) {
+        (*out)->discard = opts->discard;
+        (*out)->detect_zeroes = opts->detect_zeroes;
+    }
+    return ret;
+}
+
+int image_open_io(struct io *io, const char *name, const struct image_options *opts,
+                  struct image **out)
+{
+    int ret = open_chain(name, io, opts, !opts->read_only && !opts->snapshot, 0, out);
 
     if (ret == 0) {
         (*out)->discard = opts->discard;

@@ -53,6 +53,15 @@ struct image_options {
 int image_open(const char *path, const struct image_options *opts,
                struct image **out);
 
+/*
+ * As image_open, over an already open @io (e.g. the memory backend, for
+ * fuzzing); @name is used in messages and to resolve backing names.  The
+ * image owns @io from then on, also on failure.
+ */
+struct io;
+int image_open_io(struct io *io, const char *name, const struct image_options *opts,
+                  struct image **out);
+
 /* Write back all metadata, release locks, close files.
  * Returns: 0, or the first -errno of the final flush. */
 int image_close(struct image *img);

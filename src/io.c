@@ -183,7 +183,7 @@ static int mem_resize(struct io_memory *m, uint64_t size)
 {
     uint8_t *p;
 
-    if (size > ((uint64_t)1 << 34))     /* the memory backend is for tests */
+    if (size > ((uint64_t)1 << 30))     /* the memory backend is for tests */
         return -EFBIG;
     p = realloc(m->data, size ? size : 1);
     if (!p)
