@@ -48,16 +48,17 @@ $(BUILD)/qcow2check: $(BUILD)/obj/qcow2check.o $(BUILD)/libqcow2fuse.a
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LIBS)
 
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libqcow2fuse.a $(wildcard tests/unit/*.h) | $(BUILD)/tests
-	$(CC) $(ALL_CFLAGS) -Isrc -Itests/unit -o $@ $< $(BUILD)/libqcow2fuse.a $(CHECK_LIBS) $(LIBS)
+	$(CC) $(ALL_CFLAGS) -iquote src -iquote tests/unit -o $@ $< $(BUILD)/libqcow2fuse.a $(CHECK_LIBS) $(LIBS)
 
 $(BUILD)/tests/%: tests/tools/%.c $(BUILD)/libqcow2fuse.a | $(BUILD)/tests
-	$(CC) $(ALL_CFLAGS) -Isrc -o $@ $< $(BUILD)/libqcow2fuse.a $(LIBS)
+	$(CC) $(ALL_CFLAGS) -iquote src -o $@ $< $(BUILD)/libqcow2fuse.a $(LIBS)
 
 $(BUILD)/obj $(BUILD)/tests:
 	mkdir -p $@
 
 unit: $(UNIT_BINS)
-	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; CK_FORK=yes $$t; done
+	@failed=0; for t in $(UNIT_BINS); do echo "== $$t"; CK_FORK=yes $$t || failed=1; done; \
+	exit $$failed
 
 integration: $(BUILD)/qcow2fuse $(BUILD)/qcow2check $(TOOL_BINS)
 	QCOW2FUSE=$(abspath $(BUILD)/qcow2fuse) QCOW2CHECK=$(abspath $(BUILD)/qcow2check) \
@@ -76,7 +77,7 @@ FUZZ_CC      ?= clang
 FUZZ_DIR     := build/fuzz
 FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,$(FUZZ_DIR)/%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_FLAGS   := -g -O1 -fsanitize=fuzzer,address,undefined -std=gnu11 -D_GNU_SOURCE \
-                -D_FILE_OFFSET_BITS=64 -DQCOW2FUSE_VERSION='"$(VERSION)"' -Isrc \
+                -D_FILE_OFFSET_BITS=64 -DQCOW2FUSE_VERSION='"$(VERSION)"' -iquote src \
                 $(shell pkg-config --cflags $(PKGS))
 
 $(FUZZ_DIR)/%: tests/fuzz/%.c $(LIB_SRCS) $(wildcard src/*.h)

@@ -50,7 +50,10 @@ void cache_destroy(struct cache *c);
 /*
  * On entry: @offset is a multiple of the table size.
  * On exit:  *table points at the cached table, with one more reference.
- * Returns:  0, or -errno (read error, or every entry is referenced).
+ *           get_empty zeroes the table and forgets any cached copy of that
+ *           offset (it belonged to a freed table).
+ * Returns:  0, or -errno (read error, or every entry is referenced;
+ *           get_empty: -EBUSY when the offset is still referenced).
  */
 int cache_get(struct cache *c, uint64_t offset, void **table);
 int cache_get_empty(struct cache *c, uint64_t offset, void **table);

@@ -93,7 +93,7 @@ const uint8_t *io_memory_data(struct io *io, size_t *len);
 /*
  * Trace backend: forwards to @inner and appends a record of every write,
  * flush, punch, truncate and mark to @log_fd (format in io_trace_record).
- * Takes ownership of @inner.
+ * Takes ownership of @inner and of @log_fd (closed by io_close).
  */
 enum io_trace_type {
     IO_TRACE_WRITE = 1,

@@ -151,6 +151,16 @@ static unsigned count_writes(const struct tu_trace *t)
     return n;
 }
 
+/* Get @off, change its first 8 bytes to @val, mark it dirty and put it. */
+static void dirty_table(struct cache *c, uint64_t off, uint8_t val)
+{
+    void *t;
+    ck_assert_int_eq(cache_get(c, off, &t), 0);
+    memset(t, val, 8);
+    cache_mark_dirty(c, t);
+    cache_put(c, &t);
+}
+
 /* ---- basic get/put ------------------------------------------------------- */
 
 START_TEST(create_accessors)
@@ -294,6 +304,45 @@ START_TEST(get_empty_no_read)
 }
 END_TEST
 
+START_TEST(get_empty_over_dirty_copy)
+{
+    /* get_empty is for a freshly allocated cluster, so whatever the cache
+     * still holds for that offset is stale, dirty or not.  (Regression:
+     * cache.c used to drop only a clean copy and hand back the old dirty
+     * contents as the "empty" table.) */
+    struct io *io = pattern_io(TS);
+    struct cache *c = cache_create(io, "test", TS, 4);
+    void *t;
+
+    dirty_table(c, 9 * TS, 0x44);
+    ck_assert_int_eq(cache_get_empty(c, 9 * TS, &t), 0);
+    ck_assert_msg(is_zero(t, TS), "get_empty returned the stale dirty table (byte 0 = 0x%02x)",
+                  ((uint8_t *)t)[0]);
+    cache_put(c, &t);
+    cache_destroy(c);
+    io_close(io);
+}
+END_TEST
+
+START_TEST(get_empty_while_referenced)
+{
+    /* A table still in use cannot be a freshly allocated one: get_empty
+     * must fail rather than zero it under its holder. */
+    struct io *io = pattern_io(TS);
+    struct cache *c = cache_create(io, "test", TS, 4);
+    void *held, *t = NULL;
+
+    tu_log_capture();
+    ck_assert_int_eq(cache_get(c, 9 * TS, &held), 0);
+    ck_assert_int_lt(cache_get_empty(c, 9 * TS, &t), 0);
+    ck_assert(has_pattern(held, 9, TS));
+    cache_put(c, &held);
+    tu_log_release();
+    cache_destroy(c);
+    io_close(io);
+}
+END_TEST
+
 START_TEST(mark_dirty_flush_writes)
 {
     struct cnt_io *cio = counting_io(TS);
@@ -386,10 +435,9 @@ START_TEST(pinned_never_evicted)
     for (unsigned k = 0; k < 3; k++) {
         const uint8_t *p = pin[k];
         ck_assert_uint_eq(cache_offset_of(c, pin[k]), (uint64_t)(10 + k) * TS);
-        for (unsigned i = 0; i < 64; i++)
-            ck_assert_uint_eq(p[i], 0xc0 + k);
-        for (unsigned i = 64; i < TS; i++)
-            ck_assert_uint_eq(p[i], pattern_byte(10 + k, i));
+        for (unsigned i = 0; i < TS; i++)
+            if (p[i] != (i < 64 ? 0xc0 + k : pattern_byte(10 + k, i)))
+                ck_abort_msg("pinned table %u byte %u changed", k, i);
         /* Still cached: a get is a hit on the same table. */
         ck_assert_int_eq(cache_get(c, (uint64_t)(10 + k) * TS, &t), 0);
         ck_assert_uint_eq((uintptr_t)t, addr[k]);
@@ -457,10 +505,9 @@ START_TEST(dirty_evicted_written_back)
     ck_assert_uint_eq(st.writes, 1);
     ck_assert_uint_eq(cio->writes, 1);
     ck_assert(!cache_has_dirty(c));
-    for (unsigned i = 0; i < TS / 2; i++)
-        ck_assert_uint_eq(mem_at(cio->inner, 30 * TS)[i], 0x5a);
-    for (unsigned i = TS / 2; i < TS; i++)
-        ck_assert_uint_eq(mem_at(cio->inner, 30 * TS)[i], pattern_byte(30, i));
+    for (unsigned i = 0; i < TS; i++)
+        if (mem_at(cio->inner, 30 * TS)[i] != (i < TS / 2 ? 0x5a : pattern_byte(30, i)))
+            ck_abort_msg("byte %u of the written-back table is wrong", i);
     /* Reading it back gives the written data. */
     ck_assert_int_eq(cache_get(c, 30 * TS, &t), 0);
     ck_assert_uint_eq(((uint8_t *)t)[0], 0x5a);
@@ -655,14 +702,6 @@ static void traced_close(struct traced *tr)
     close(tr->fd);
 }
 
-static void dirty_table(struct cache *c, uint64_t off, uint8_t val)
-{
-    void *t;
-    ck_assert_int_eq(cache_get(c, off, &t), 0);
-    memset(t, val, 8);
-    cache_mark_dirty(c, t);
-    cache_put(c, &t);
-}
 
 START_TEST(dependency_flush_order)
 {
@@ -1086,6 +1125,7 @@ static Suite *cache_suite(void)
 {
     Suite *s = suite_create("cache");
     TCase *tc = tcase_create("get");
+    tcase_set_timeout(tc, 60);
 
     tcase_add_test(tc, create_accessors);
     tcase_add_test(tc, get_miss_reads);
@@ -1093,11 +1133,14 @@ static Suite *cache_suite(void)
     tcase_add_test(tc, get_hit_same_pointer_after_put);
     tcase_add_test(tc, get_read_error);
     tcase_add_test(tc, get_empty_no_read);
+    tcase_add_test(tc, get_empty_over_dirty_copy);
+    tcase_add_test(tc, get_empty_while_referenced);
     tcase_add_test(tc, mark_dirty_flush_writes);
     tcase_add_test(tc, write_dirty_without_flush);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("eviction");
+    tcase_set_timeout(tc, 60);
     tcase_add_test(tc, pinned_never_evicted);
     tcase_add_test(tc, all_pinned_fails);
     tcase_add_test(tc, dirty_evicted_written_back);
@@ -1107,6 +1150,7 @@ static Suite *cache_suite(void)
     suite_add_tcase(s, tc);
 
     tc = tcase_create("ordering");
+    tcase_set_timeout(tc, 60);
     tcase_add_test(tc, dependency_flush_order);
     tcase_add_test(tc, dependency_on_eviction);
     tcase_add_test(tc, dependency_not_needed_without_dirty);
@@ -1116,6 +1160,7 @@ static Suite *cache_suite(void)
     suite_add_tcase(s, tc);
 
     tc = tcase_create("errors");
+    tcase_set_timeout(tc, 60);
     tcase_add_test(tc, failed_write_stays_dirty);
     tcase_add_test(tc, failed_write_partial);
     tcase_add_test(tc, discard_drops_dirty);

@@ -401,6 +401,7 @@ static Suite *io_suite(void)
 {
     Suite *s = suite_create("io");
     TCase *tc = tcase_create("memory");
+    tcase_set_timeout(tc, 60);
 
     tcase_add_test(tc, mem_open_copies_data);
     tcase_add_test(tc, mem_open_empty);
@@ -413,6 +414,7 @@ static Suite *io_suite(void)
     suite_add_tcase(s, tc);
 
     tc = tcase_create("trace");
+    tcase_set_timeout(tc, 60);
     tcase_add_test(tc, trace_records_in_order);
     tcase_add_test(tc, trace_replay_reproduces_image);
     tcase_add_test(tc, trace_failed_write_propagates);

@@ -7,20 +7,9 @@
 #ifndef QCOW2FUSE_TESTUTIL_H
 #define QCOW2FUSE_TESTUTIL_H
 
-/*
- * The Check framework's header.  Tests are compiled with -Isrc, and
- * src/check.h (the image consistency checker) then shadows <check.h>; take
- * the framework's header by its installed path when it is there.
- */
-#if defined(__has_include)
-#if __has_include(</usr/include/check.h>)
-#include </usr/include/check.h>
-#else
+/* Tests are built with -iquote src: <check.h> is the Check framework,
+ * "check.h" the image consistency checker. */
 #include <check.h>
-#endif
-#else
-#include <check.h>
-#endif
 #include <errno.h>
 #include <stdarg.h>
 #include <stdbool.h>
