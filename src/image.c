@@ -1036,6 +1036,9 @@ relock:
     return ret;
 }
 
+static int64_t write_batch(struct image *img, const uint8_t *data, uint64_t offset,
+                           uint64_t len);
+
 /* The write proper.  On entry the caller holds the guest range
  * exclusively; the metadata lock is not held. */
 static int write_range(struct image *img, const uint8_t *p, uint64_t len,
@@ -1062,10 +1065,18 @@ static int write_range(struct image *img, const uint8_t *p, uint64_t len,
             pthread_mutex_lock(&img->lock);
         } else {
             uint64_t cs = img->meta.cluster_size;
-            bytes = cs - (offset & (cs - 1));
-            if (bytes > len)
-                bytes = len;
-            ret = write_cluster(img, p, offset, bytes);
+            int64_t done = write_batch(img, p, offset, len);
+            if (done < 0) {
+                ret = (int)done;
+                break;
+            }
+            bytes = (uint64_t)done;
+            if (!bytes) {
+                bytes = cs - (offset & (cs - 1));
+                if (bytes > len)
+                    bytes = len;
+                ret = write_cluster(img, p, offset, bytes);
+            }
         }
         p += bytes;
         offset += bytes;
@@ -1104,6 +1115,82 @@ static bool all_zero(const uint8_t *p, size_t len)
 }
 
 static int zero_range(struct image *img, uint64_t offset, uint64_t len, bool unmap);
+
+/*
+ * Whole clusters that the write covers entirely and that need a new host
+ * cluster: allocate them as one contiguous run and write them with one host
+ * I/O.  Returns the bytes written (0 when the first cluster does not
+ * qualify).  Called with the metadata lock held; drops it around the I/O.
+ */
+#define BATCH_MAX_CLUSTERS 256
+
+static int64_t write_batch(struct image *img, const uint8_t *data, uint64_t offset,
+                           uint64_t len)
+{
+    struct meta *m = &img->meta;
+    uint64_t cs = m->cluster_size, gc0 = offset >> m->cluster_bits;
+    uint64_t old_entry[BATCH_MAX_CLUSTERS];
+    uint64_t n = 0, host;
+    int fresh, ret;
+
+    if ((offset & (cs - 1)) || len < 2 * cs || m->has_data_file)
+        return 0;
+    while (n < BATCH_MAX_CLUSTERS && (n + 1) * cs <= len) {
+        uint64_t entry, bitmap;
+        ret = cluster_prepare_l2(img->cl, gc0 + n);
+        if (ret == 0)
+            ret = cluster_get_entry(img->cl, gc0 + n, &entry, &bitmap);
+        if (ret < 0)
+            return ret;
+        /* Clusters we own are overwritten in place by the caller. */
+        if (!(entry & META_L2_COMPRESSED) && (entry & META_L2_COPIED))
+            break;
+        {
+            enum cluster_kind kind;
+            uint64_t h;
+            const char *why;
+            if (cluster_decode_entry(m, entry, bitmap, 0, &kind, &h, &why) < 0)
+                break;          /* write_cluster reports it */
+        }
+        old_entry[n++] = entry;
+    }
+    if (n < 2)
+        return 0;
+
+    ret = refcount_alloc(img->rc, n, &host, &fresh);
+    if (ret < 0)
+        return ret;
+    ret = meta_check_write(m, host, n * cs, META_KIND_NONE);
+    if (ret < 0)
+        return ret;
+    img->clusters_allocated += n;
+
+    pthread_mutex_unlock(&img->lock);
+    ret = io_pwrite(m->data_io, data, n * cs, host);
+    pthread_mutex_lock(&img->lock);
+    if (ret < 0) {
+        (void)refcount_update(img->rc, host, n * cs, -1);
+        return ret;
+    }
+
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t e = old_entry[i];
+        ret = cluster_set_entry(img->cl, gc0 + i, (host + i * cs) | META_L2_COPIED,
+                                m->extended_l2 ? 0xffffffffull : 0, true);
+        if (ret < 0)
+            return ret;
+        if (e & META_L2_COMPRESSED) {
+            uint64_t x = e & ~(META_L2_COPIED | META_L2_COMPRESSED), h, l;
+            compress_descriptor_decode(x, m->cluster_bits, &h, &l);
+            ret = refcount_defer_free(img->rc, h & ~511ull, l + (h & 511));
+        } else if (e & META_OFFSET_MASK) {
+            ret = refcount_defer_free(img->rc, e & META_OFFSET_MASK, cs);
+        }
+        if (ret < 0)
+            return ret;
+    }
+    return (int64_t)(n * cs);
+}
 
 int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
 {
