@@ -270,108 +270,112 @@ out:
     return ret;
 }
 
-/* A new refcount block for table index @ti at the first cluster it covers,
- * describing itself; used only where no block exists, so that cluster is
- * free by definition. */
-static int create_block(struct refcount *rc, uint64_t ti, const uint64_t *extra,
-                        uint64_t nb_extra, uint64_t **table)
+/* Table indices in [lo, hi) (cluster indices) that have no refcount block. */
+static uint64_t missing_blocks(const struct refcount *rc, uint64_t lo, uint64_t hi)
+{
+    uint64_t n = 0;
+
+    for (uint64_t ti = lo / rc->block_entries; hi > lo && ti <= (hi - 1) / rc->block_entries; ti++)
+        n += !has_block(rc, ti);
+    return n;
+}
+
+/*
+ * Write a new refcount block for table index @ti at cluster @at, holding
+ * refcount 1 for the clusters of [@lo, @hi) in its range: the new
+ * structures being laid out.  The block is not linked into the table yet.
+ */
+static int write_new_block(struct refcount *rc, uint64_t ti, uint64_t at,
+                           uint64_t lo, uint64_t hi)
 {
     struct meta *m = rc->m;
-    uint64_t ci0 = ti * rc->block_entries;
+    uint64_t first = ti * rc->block_entries, last = first + rc->block_entries;
     uint8_t *buf = calloc(1, m->cluster_size);
     int ret;
 
     if (!buf)
         return -ENOMEM;
-    block_set(rc, buf, 0, 1);
-    for (uint64_t i = 0; i < nb_extra; i++)       /* new table clusters */
-        if (extra[i] / rc->block_entries == ti)
-            block_set(rc, buf, extra[i] % rc->block_entries, 1);
-    cache_discard(rc->cache, ci0 << m->cluster_bits);
-    ret = meta_check_write(m, ci0 << m->cluster_bits, m->cluster_size, META_KIND_REFBLOCK);
+    for (uint64_t ci = lo > first ? lo : first; ci < hi && ci < last; ci++)
+        block_set(rc, buf, ci - first, 1);
+    cache_discard(rc->cache, at << m->cluster_bits);
+    ret = meta_check_write(m, at << m->cluster_bits, m->cluster_size, META_KIND_REFBLOCK);
     if (ret == 0)
-        ret = meta_mark(m, ci0 << m->cluster_bits, m->cluster_size, META_KIND_REFBLOCK);
+        ret = meta_mark(m, at << m->cluster_bits, m->cluster_size, META_KIND_REFBLOCK);
     if (ret == 0)
-        ret = io_pwrite(m->io, buf, m->cluster_size, ci0 << m->cluster_bits);
+        ret = io_pwrite(m->io, buf, m->cluster_size, at << m->cluster_bits);
     free(buf);
-    if (ret < 0)
-        return ret;
-    (*table)[ti] = ci0 << m->cluster_bits;
-    note_used(rc, ci0 + 1);
-    return 0;
+    if (ret == 0)
+        note_used(rc, at + 1);
+    return ret;
 }
 
+/*
+ * Replace the refcount table by one with room for index @ti_needed.  The new
+ * table goes past everything in use, followed by new refcount blocks for
+ * whatever of that area no block covers yet (a block may describe clusters
+ * outside itself).  Written and flushed, then the header switches, then
+ * the old table is released.
+ */
 static int grow_table(struct refcount *rc, uint64_t ti_needed)
 {
     struct meta *m = rc->m;
-    uint64_t per_cluster = m->cluster_size / 8;
-    uint64_t new_entries = rc->table_entries * 2;
-    uint64_t new_clusters, start, from = rc->free_hint;
-    uint64_t *new_table = NULL, *table_cis = NULL;
+    uint64_t per_cluster = m->cluster_size / 8, be = rc->block_entries;
+    uint64_t new_entries = rc->table_entries * 2, t_clusters, k = 0, start, end;
+    uint64_t *new_table = NULL;
     uint64_t old_offset = rc->table_offset, old_clusters = rc->table_clusters;
     uint8_t hdr[12];
     int ret;
 
     if (new_entries < ti_needed + 1)
         new_entries = ti_needed + 1;
-    new_entries = (new_entries + per_cluster - 1) / per_cluster * per_cluster;
-    new_clusters = new_entries / per_cluster;
-    if (new_clusters * m->cluster_size > HEADER_MAX_REFTABLE_BYTES) {
+    start = rc->used_end > rc->file_end >> m->cluster_bits ? rc->used_end
+                                                            : rc->file_end >> m->cluster_bits;
+    for (;;) {
+        uint64_t k2;
+        new_entries = (new_entries + per_cluster - 1) / per_cluster * per_cluster;
+        t_clusters = new_entries / per_cluster;
+        while ((k2 = missing_blocks(rc, start, start + t_clusters + k)) != k)
+            k = k2;
+        end = start + t_clusters + k;
+        if ((end - 1) / be < new_entries)
+            break;
+        new_entries = (end - 1) / be + 1;
+    }
+    if (t_clusters * m->cluster_size > HEADER_MAX_REFTABLE_BYTES) {
         log_error("the refcount table would exceed %u bytes; the image cannot "
                   "grow further", HEADER_MAX_REFTABLE_BYTES);
         return -EFBIG;
     }
 
-    /* Place the new table where no new refcount block would land on it. */
-    for (;;) {
-        bool clash = false;
-        ret = find_free_run(rc, from, new_clusters, &start);
-        if (ret < 0)
-            return ret;
-        for (uint64_t bi = start / rc->block_entries;
-             bi <= (start + new_clusters - 1) / rc->block_entries; bi++) {
-            uint64_t bci = bi * rc->block_entries;
-            if (!has_block(rc, bi) && bci >= start && bci < start + new_clusters) {
-                from = bci + 1;
-                clash = true;
-                break;
-            }
-        }
-        if (!clash)
-            break;
-    }
-
     new_table = calloc(new_entries, 8);
-    table_cis = malloc(new_clusters * 8);
-    if (!new_table || !table_cis) {
-        ret = -ENOMEM;
-        goto out;
-    }
+    if (!new_table)
+        return -ENOMEM;
     memcpy(new_table, rc->table, rc->table_entries * 8);
-    for (uint64_t i = 0; i < new_clusters; i++)
-        table_cis[i] = start + i;
 
-    /* Refcounts for the table's clusters: new self-describing blocks where
-     * none exists, increments in existing ones otherwise. */
-    for (uint64_t bi = start / rc->block_entries;
-         bi <= (start + new_clusters - 1) / rc->block_entries; bi++) {
-        if (bi < rc->table_entries && rc->table[bi]) {
-            uint64_t lo = bi * rc->block_entries > start ? bi * rc->block_entries : start;
-            uint64_t hi = (bi + 1) * rc->block_entries < start + new_clusters ?
-                          (bi + 1) * rc->block_entries : start + new_clusters;
-            ret = refcount_update(rc, lo << m->cluster_bits,
-                                  (hi - lo) << m->cluster_bits, 1);
-        } else {
-            ret = create_block(rc, bi, table_cis, new_clusters, &new_table);
+    /* Refcounts of the new area: new blocks where none exists, increments
+     * in the existing blocks otherwise. */
+    {
+        uint64_t j = 0;
+        for (uint64_t ti = start / be; ti <= (end - 1) / be; ti++) {
+            uint64_t lo = ti * be > start ? ti * be : start;
+            uint64_t hi = (ti + 1) * be < end ? (ti + 1) * be : end;
+            if (has_block(rc, ti)) {
+                ret = refcount_update(rc, lo << m->cluster_bits,
+                                      (hi - lo) << m->cluster_bits, 1);
+            } else {
+                uint64_t at = start + t_clusters + j++;
+                ret = write_new_block(rc, ti, at, start, end);
+                new_table[ti] = at << m->cluster_bits;
+            }
+            if (ret < 0)
+                goto out;
         }
-        if (ret < 0)
-            goto out;
     }
-    note_used(rc, start + new_clusters);
+    note_used(rc, end);
 
     for (uint64_t i = 0; i < new_entries; i++)
         be64_put(&new_table[i], new_table[i]);
-    ret = meta_check_write(m, start << m->cluster_bits, new_clusters << m->cluster_bits,
+    ret = meta_check_write(m, start << m->cluster_bits, t_clusters << m->cluster_bits,
                            META_KIND_REFTABLE);
     if (ret == 0)
         ret = io_pwrite(m->io, new_table, new_entries * 8, start << m->cluster_bits);
@@ -379,13 +383,12 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
         new_table[i] = be64_get(&new_table[i]);
     if (ret < 0)
         goto out;
-    /* Blocks, their increments and the table durable before the header. */
+    /* Blocks, increments and table durable before the header points there. */
     ret = cache_flush(rc->cache);
     if (ret < 0)
         goto out;
-
     be64_put(hdr, start << m->cluster_bits);
-    be32_put(hdr + 8, (uint32_t)new_clusters);
+    be32_put(hdr + 8, (uint32_t)t_clusters);
     ret = io_pwrite(m->io, hdr, sizeof(hdr), 48);
     if (ret == 0)
         ret = io_flush(m->io);
@@ -397,55 +400,21 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
     new_table = NULL;
     rc->table_entries = new_entries;
     rc->table_offset = start << m->cluster_bits;
-    rc->table_clusters = (uint32_t)new_clusters;
+    rc->table_clusters = (uint32_t)t_clusters;
     log_debug("refcount table moved to 0x%llx (%llu clusters)",
-              (unsigned long long)rc->table_offset, (unsigned long long)new_clusters);
+              (unsigned long long)rc->table_offset, (unsigned long long)t_clusters);
 
     ret = meta_mark(m, old_offset, (uint64_t)old_clusters << m->cluster_bits,
                     META_KIND_NONE);
     if (ret == 0)
-        ret = meta_mark(m, rc->table_offset, new_clusters << m->cluster_bits,
+        ret = meta_mark(m, rc->table_offset, t_clusters << m->cluster_bits,
                         META_KIND_REFTABLE);
-    if (ret < 0)
-        goto out;
     /* Nothing refers to the old table any more once the header is durable. */
-    ret = refcount_update(rc, old_offset, (uint64_t)old_clusters << m->cluster_bits, -1);
+    if (ret == 0)
+        ret = refcount_update(rc, old_offset, (uint64_t)old_clusters << m->cluster_bits, -1);
 out:
     free(new_table);
-    free(table_cis);
     return ret;
-}
-
-/* Make sure table index @ti has a refcount block.  *created tells whether a
- * cluster was taken for it. */
-static int ensure_block(struct refcount *rc, uint64_t ti, bool *created)
-{
-    int ret;
-
-    *created = false;
-    if (has_block(rc, ti))
-        return 0;
-    if (ti >= rc->table_entries) {
-        ret = grow_table(rc, ti);
-        if (ret < 0)
-            return ret;
-        *created = true;
-        if (has_block(rc, ti))
-            return 0;
-    }
-    ret = create_block(rc, ti, NULL, 0, &rc->table);
-    if (ret < 0)
-        return ret;
-    /* The block must be on disk before the table entry that points at it. */
-    ret = io_flush(rc->m->io);
-    if (ret == 0)
-        ret = write_table_entry(rc, ti);
-    if (ret < 0) {
-        rc->table[ti] = 0;
-        return ret;
-    }
-    *created = true;
-    return 0;
 }
 
 /* ---- updates ----------------------------------------------------------------- */
@@ -467,7 +436,6 @@ int refcount_update(struct refcount *rc, uint64_t offset, uint64_t len, int delt
         uint64_t ti = ci / rc->block_entries, v;
 
         if (ti != block_ti) {
-            bool created;
             if (block)
                 cache_put(rc->cache, (void **)&block);
             if (!has_block(rc, ti)) {
@@ -477,9 +445,12 @@ int refcount_update(struct refcount *rc, uint64_t offset, uint64_t len, int delt
                                        (unsigned long long)(ci << m->cluster_bits));
                     goto out;
                 }
-                ret = ensure_block(rc, ti, &created);
-                if (ret < 0)
-                    goto out;
+                /* Allocation covers every run before raising refcounts. */
+                log_error("internal error: refcount of host cluster 0x%llx "
+                          "raised without a refcount block",
+                          (unsigned long long)(ci << m->cluster_bits));
+                ret = -EIO;
+                goto out;
             }
             ret = cache_get(rc->cache, rc->table[ti], (void **)&block);
             if (ret < 0)
@@ -512,26 +483,66 @@ out:
 int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fresh)
 {
     struct meta *m = rc->m;
-    uint64_t start;
+    uint64_t be = rc->block_entries, start = 0, k = 0, max_ti;
     int ret;
 
     for (;;) {
-        bool any_created = false;
-
-        ret = find_free_run(rc, rc->free_hint, nb, &start);
-        if (ret < 0)
-            return ret;
-        for (uint64_t ti = start / rc->block_entries;
-             ti <= (start + nb - 1) / rc->block_entries; ti++) {
-            bool created;
-            ret = ensure_block(rc, ti, &created);
+        /* A free run with room after it for the blocks that must cover
+         * it and themselves. */
+        unsigned tries = 0;
+        for (;;) {
+            uint64_t k2;
+            ret = find_free_run(rc, rc->free_hint, nb + k, &start);
             if (ret < 0)
                 return ret;
-            any_created |= created;
+            k2 = missing_blocks(rc, start, start + nb + k);
+            if (k2 == k)
+                break;
+            if (++tries > 64) {
+                log_error("internal error: no stable layout for %llu clusters",
+                          (unsigned long long)nb);
+                return -EIO;
+            }
+            k = k2;
         }
-        if (!any_created)
+        if (k == 0)
             break;
-        /* A new block or table may have taken clusters of this run. */
+        max_ti = (start + nb + k - 1) / be;
+        if (max_ti >= rc->table_entries) {
+            ret = grow_table(rc, max_ti);
+            if (ret < 0)
+                return ret;
+            k = 0;
+            continue;           /* the table took space: look again */
+        }
+        {
+            uint64_t j = 0, first_new = start + nb;
+            uint64_t tis[64];
+            uint64_t nb_tis = 0;
+            for (uint64_t ti = start / be; ti <= max_ti; ti++) {
+                if (has_block(rc, ti))
+                    continue;
+                ret = write_new_block(rc, ti, first_new + j, first_new, first_new + k);
+                if (ret < 0)
+                    return ret;
+                if (nb_tis < 64)
+                    tis[nb_tis++] = ti;
+                rc->table[ti] = (first_new + j) << m->cluster_bits;
+                j++;
+            }
+            /* Blocks on disk before the table entries that point at them. */
+            ret = io_flush(m->io);
+            for (uint64_t ti = start / be; ret == 0 && ti <= max_ti; ti++) {
+                bool is_new = false;
+                for (uint64_t i = 0; i < nb_tis; i++)
+                    is_new |= tis[i] == ti;
+                if (is_new || nb_tis == 64)
+                    ret = write_table_entry(rc, ti);
+            }
+            if (ret < 0)
+                return ret;
+        }
+        break;
     }
 
     *fresh = (start << m->cluster_bits) >= rc->file_end;
@@ -539,7 +550,7 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
     if (ret < 0)
         return ret;
     if (rc->free_hint == start)
-        rc->free_hint = start + nb;
+        rc->free_hint = start + nb + k;
     *offset = start << m->cluster_bits;
     return 0;
 }
