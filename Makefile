@@ -51,7 +51,7 @@ $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libqcow2fuse.a $(wildcard tests/unit/*
 	$(CC) $(ALL_CFLAGS) -iquote src -iquote tests/unit -o $@ $< $(BUILD)/libqcow2fuse.a $(CHECK_LIBS) $(LIBS)
 
 $(BUILD)/tests/%: tests/tools/%.c $(BUILD)/libqcow2fuse.a | $(BUILD)/tests
-	$(CC) $(ALL_CFLAGS) -iquote src -o $@ $< $(BUILD)/libqcow2fuse.a $(LIBS)
+	$(CC) $(ALL_CFLAGS) -pthread -iquote src -o $@ $< $(BUILD)/libqcow2fuse.a $(LIBS)
 
 $(BUILD)/obj $(BUILD)/tests:
 	mkdir -p $@
