@@ -1310,8 +1310,10 @@ static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_w
     }
     if (m->has_data_file) {
         keep_host = true;       /* the mapping is fixed; raw files get zeros */
-    } else if (!unmap && st.has_host && (entry & META_L2_COPIED)) {
-        keep_host = true;       /* zero range keeps the allocation */
+    } else if (!unmap && st.has_host && (entry & META_L2_COPIED) &&
+               (m->v3 || m->extended_l2)) {
+        keep_host = true;       /* zero range keeps the allocation (needs the
+                                 * zero flag: v2 has none) */
     }
 
     if (keep_host && st.has_host) {

@@ -482,10 +482,9 @@ int io_lock_image(struct io *io, const char *path, bool writable)
             fl.l_len = 1;
             if (fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK) {
                 log_error("%s: failed to get the image lock: another process "
-                          "(QEMU?) %s \"%s\" access to the image; stop it or "
-                          "mount read-only", path,
+                          "(QEMU?) %s \"%s\" access to the image; stop it%s", path,
                           pass == 0 ? "refuses to share" : "holds",
-                          perm_names[perm]);
+                          perm_names[perm], writable ? " or mount read-only" : " first");
                 return -EAGAIN;
             }
         }

@@ -245,6 +245,7 @@ static int find_free_run(struct refcount *rc, uint64_t from, uint64_t nb,
 {
     uint8_t *block = NULL;
     uint64_t block_ti = 0, run = 0, ci = from;
+    bool scanning_from_hint = from == rc->free_hint;
     int ret = 0;
 
     while (run < nb) {
@@ -260,6 +261,10 @@ static int find_free_run(struct refcount *rc, uint64_t from, uint64_t nb,
         ret = get_cluster(rc, ci, &v, &block, &block_ti);
         if (ret < 0)
             goto out;
+        /* Everything below the first free cluster is in use: the next
+         * search can start there. */
+        if (scanning_from_hint && v != 0 && run == 0 && ci == rc->free_hint)
+            rc->free_hint = ci + 1;
         ci++;
         run = v == 0 ? run + 1 : 0;
     }

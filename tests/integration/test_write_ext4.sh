@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+#
+# A real file system on a writable mount: a 256 MiB qcow2 is mounted, its
+# disk attached to a loop device, formatted with mkfs.ext4 and mounted; a
+# generated tree (~45 MiB, a few thousand files: small and odd-sized files,
+# large random and text files, empty files, symlinks, a hard link, a sparse
+# file) is copied twice, one copy partly deleted and rewritten; then
+# everything is unmounted and detached and the daemon unmounted.  Then:
+# "qemu-img check" clean; "qemu-img convert -O raw" gives a file system
+# that "e2fsck -fn" finds clean, and that, loop-mounted read-only, holds
+# exactly the expected trees (diff -r, and names/modes/sizes/link targets).
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=functions.sh
+. "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
+
+requires qemu-img losetup mkfs.ext4 e2fsck mount umount diff split find cp
+requires_fuse
+[[ $(id -u) == 0 ]] || skip "needs root (losetup, mount)"
+
+M=$((1024 * 1024))
+
+# Loop devices and kernel mounts of this test, undone before the FUSE mount
+# is (a loop device keeps MNT/disk busy).
+_LOOPS=()
+_KMOUNTS=()
+ext4_cleanup() {
+    local d i
+    for ((i = ${#_KMOUNTS[@]} - 1; i >= 0; i--)); do
+        d=${_KMOUNTS[i]}
+        if mountpoint -q "$d" 2>/dev/null; then
+            umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null
+        fi
+    done
+    for d in "${_LOOPS[@]}"; do
+        losetup -d "$d" 2>/dev/null
+    done
+    return 0
+}
+_status() { return "$1"; }
+# The EXIT trap: first the kernel mounts and loop devices, then the cleanup
+# of functions.sh (which gets the original exit status in $?).
+ext4_exit_trap() {
+    local rc=$?
+    set +e
+    trap - ERR
+    ext4_cleanup
+    _status "$rc"
+    cleanup
+}
+trap ext4_exit_trap EXIT
+
+# loop_attach FILE [OPTS...]: attach FILE to a free loop device, print it.
+# Sets LOOP_DEV (the caller must not use $(...) so the array stays filled).
+loop_attach() {
+    local f=$1 dev err
+    shift
+    err="$T/losetup.$(_seq).err"
+    if ! dev=$(losetup -f --show "$@" "$f" 2>"$err"); then
+        LOOP_DEV=""
+        LOOP_ERR=$(cat "$err")
+        return 1
+    fi
+    _LOOPS+=("$dev")
+    LOOP_DEV=$dev
+}
+
+loop_detach() {
+    local dev=$1 i
+    for ((i = 0; i < 50; i++)); do
+        losetup -d "$dev" 2>/dev/null && break
+        sleep 0.1
+    done
+    # losetup -d is asynchronous (autoclear); wait until the device is free
+    for ((i = 0; i < 100; i++)); do
+        losetup "$dev" >/dev/null 2>&1 || return 0
+        sleep 0.1
+    done
+    fail "loop device $dev is still attached"
+}
+
+# make_tree DIR: the generated source tree.
+make_tree() {
+    local d=$1 i
+    mkdir -p "$d"/{a,b,c,e}
+    head -c $((16 * M)) /dev/urandom | split -b 8192 -a 4 - "$d/a/f"
+    head -c $((12 * M)) /dev/urandom | split -b 99991 -a 3 - "$d/b/odd_"
+    seq 1 1000000 >"$d/c/text"
+    head -c $((5 * M)) /dev/urandom >"$d/c/big1"
+    head -c $((4 * M + 123)) /dev/urandom >"$d/c/big2"
+    for i in 0 1 2 3 4; do
+        mkdir -p "$d/d$i/level2/level3"
+        head -c 65536 /dev/urandom | split -b 200 -a 3 - "$d/d$i/level2/level3/s"
+        printf 'dir %s\n' "$i" >"$d/d$i/README"
+    done
+    for i in $(seq 1 40); do : >"$d/e/empty$i"; done
+    ln -s ../c/text "$d/e/link"
+    ln -s does-not-exist "$d/e/dangling"
+    ln "$d/c/big1" "$d/e/hardlink"
+    truncate -s $((20 * M)) "$d/e/sparse"
+    printf 'middle' | dd of="$d/e/sparse" bs=1 seek=$((7 * M + 3)) conv=notrunc status=none
+    printf 'end' | dd of="$d/e/sparse" bs=1 seek=$((20 * M - 3)) conv=notrunc status=none
+    chmod 0600 "$d/c/big2"
+    chmod 0755 "$d/d0"
+    printf 'x' >"$d/long_name_$(printf 'n%.0s' $(seq 1 200))"
+}
+
+# listing DIR: names, types, modes, link counts, sizes (not of directories)
+# and link targets, sorted.
+listing() {
+    (cd "$1" && {
+        find . -type d -printf '%p %y %m\n'
+        find . ! -type d -printf '%p %y %m %n %s %l\n'
+    } | sort)
+}
+
+# same_tree A B WHAT
+same_tree() {
+    local a=$1 b=$2 what=$3
+    if ! diff -r --no-dereference "$a" "$b" >"$T/diff.out" 2>&1; then
+        head -n 20 "$T/diff.out" >&2
+        fail "$what: diff -r found differences"
+    fi
+    if ! diff <(listing "$a") <(listing "$b") >"$T/diff.out" 2>&1; then
+        head -n 20 "$T/diff.out" >&2
+        fail "$what: names/types/modes/link counts/sizes/link targets differ"
+    fi
+}
+
+img="$T/fs.qcow2"
+mnt="$T/mnt"
+ext="$T/ext"
+src="$T/src"
+mkdir -p "$ext" "$T/ro"
+
+make_tree "$src"
+info "source tree: $(find "$src" | wc -l) entries, $(du -sm "$src" | cut -f1) MiB"
+
+qemu-img create -q -f qcow2 "$img" $((256 * M)) || fail "qemu-img create failed"
+mount_image "$img" "$mnt"
+
+if ! loop_attach "$mnt/disk"; then
+    info "losetup on the FUSE file failed ($LOOP_ERR); trying --direct-io=off"
+    if ! loop_attach "$mnt/disk" --direct-io=off; then
+        if [[ ! -e /dev/loop-control ]] || grep -qiE 'no such device|could not find any free|permission' <<<"$LOOP_ERR"; then
+            skip "loop devices are not available: $LOOP_ERR"
+        fi
+        fail "losetup $mnt/disk failed: $LOOP_ERR"
+    fi
+fi
+dev=$LOOP_DEV
+info "loop device $dev -> $mnt/disk"
+
+mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4 on $dev failed"
+mount -t ext4 "$dev" "$ext" || fail "mount $dev failed"
+_KMOUNTS+=("$ext")
+
+t0=$(date +%s%N)
+cp -a "$src" "$ext/tree1" || fail "cp -a to ext4 (tree1) failed"
+cp -a "$src" "$ext/tree2" || fail "cp -a to ext4 (tree2) failed"
+sync
+# free blocks in the middle of the file system and reuse them
+rm -rf "$ext/tree1/a" "$ext/tree1/c/big2"
+sync
+cp -a "$src/b" "$ext/tree1/b2" || fail "cp -a to ext4 (b2) failed"
+head -c $((3 * M)) /dev/urandom >"$T/new"
+cp "$T/new" "$ext/tree1/c/new" || fail "cp to ext4 failed"
+sync
+info "copied ~$(du -sm "$ext" | cut -f1) MiB in $((($(date +%s%N) - t0) / 1000000)) ms"
+
+# expected content of tree1
+exp1="$T/exp1"
+cp -a "$src" "$exp1"
+rm -rf "$exp1/a" "$exp1/c/big2"
+cp -a "$src/b" "$exp1/b2"
+cp "$T/new" "$exp1/c/new"
+
+same_tree "$src" "$ext/tree2" "live ext4, tree2"
+same_tree "$exp1" "$ext/tree1" "live ext4, tree1"
+
+umount "$ext" || fail "umount $ext failed"
+loop_detach "$dev"
+unmount_image "$mnt"
+
+out=$(qemu-img check "$img" 2>&1) || { echo "$out" >&2; fail "qemu-img check failed"; }
+if grep -Eqi 'leak' <<<"$out" || grep -Eq 'ERROR|[0-9]+ errors? were found|corrupt' <<<"$out"; then
+    echo "$out" >&2
+    fail "qemu-img check is not clean"
+fi
+info "qemu-img check clean ($(grep -m1 -o '[0-9.]*% allocated' <<<"$out"))"
+
+raw=$(ref_raw "$img" "$T/fs.raw")
+if ! out=$(e2fsck -fn "$raw" 2>&1); then
+    echo "$out" | head -n 40 >&2
+    fail "e2fsck -fn on the converted raw image is not clean"
+fi
+info "e2fsck -fn clean: $(tail -n1 <<<"$out")"
+
+loop_attach "$raw" -r || fail "losetup -r $raw failed: $LOOP_ERR"
+rodev=$LOOP_DEV
+mount -t ext4 -o ro,noload "$rodev" "$T/ro" || fail "mount -o ro $rodev failed"
+_KMOUNTS+=("$T/ro")
+same_tree "$src" "$T/ro/tree2" "converted image, tree2"
+same_tree "$exp1" "$T/ro/tree1" "converted image, tree1 (after deletes and rewrites)"
+info "converted image: both trees as expected"
+umount "$T/ro" || fail "umount $T/ro failed"
+loop_detach "$rodev"
