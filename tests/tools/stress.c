@@ -11,7 +11,6 @@
  * Writes the final expected content of the region to SHADOW_OUT (for
  * qemu-img compare after unmount).  Exit 0 when every read matched.
  */
-#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
