@@ -9,6 +9,7 @@
 #include "io.h"
 #include "log.h"
 #include "meta.h"
+#include "refcount.h"
 #include "snapshot.h"
 
 #include <errno.h>
@@ -349,38 +350,6 @@ struct disk_refcounts {
     uint64_t block_entries;
 };
 
-static uint64_t refcount_entry(unsigned order, const uint8_t *b, uint64_t i)
-{
-    switch (order) {
-    case 0: case 1: case 2: {
-        unsigned bits = 1u << order;
-        uint64_t bit = i * bits;
-        return (b[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
-    }
-    case 3: return b[i];
-    case 4: return be16_get(b + 2 * i);
-    case 5: return be32_get(b + 4 * i);
-    default: return be64_get(b + 8 * i);
-    }
-}
-
-static void refcount_entry_set(unsigned order, uint8_t *b, uint64_t i, uint64_t v)
-{
-    switch (order) {
-    case 0: case 1: case 2: {
-        unsigned bits = 1u << order;
-        uint64_t bit = i * bits;
-        uint8_t mask = (uint8_t)(((1u << bits) - 1) << (bit % 8));
-        b[bit / 8] = (uint8_t)((b[bit / 8] & ~mask) | ((v << (bit % 8)) & mask));
-        break;
-    }
-    case 3: b[i] = (uint8_t)v; break;
-    case 4: be16_put(b + 2 * i, (uint16_t)v); break;
-    case 5: be32_put(b + 4 * i, (uint32_t)v); break;
-    default: be64_put(b + 8 * i, v); break;
-    }
-}
-
 static int disk_refcount(struct disk_refcounts *d, uint64_t ci, uint64_t *v)
 {
     uint64_t ti = ci / d->block_entries, b;
@@ -398,7 +367,7 @@ static int disk_refcount(struct disk_refcounts *d, uint64_t ci, uint64_t *v)
             return ret;
         d->block_index = ti;
     }
-    *v = refcount_entry(d->m->refcount_order, d->block, ci % d->block_entries);
+    *v = refcount_entry_get(d->m->refcount_order, d->block, ci % d->block_entries);
     return 0;
 }
 
@@ -736,7 +705,7 @@ long check_fix_leaks(struct meta *m, const struct qcow2_header *h,
         for (uint64_t i = 0; i < be; i++) {
             uint64_t ci = ti * be + i;
             uint64_t want = ci < r->nb ? r->ref[ci] : 0;
-            uint64_t v = refcount_entry(m->refcount_order, block, i);
+            uint64_t v = refcount_entry_get(m->refcount_order, block, i);
             if (v > want) {
                 refcount_entry_set(m->refcount_order, block, i, want);
                 changed = true;

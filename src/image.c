@@ -433,11 +433,11 @@ fail:
     return ret;
 }
 
-int image_open(const char *path, const struct image_options *opts,
-               struct image **out)
+static int open_top(const char *path, struct io *io, const struct image_options *opts,
+                    struct image **out)
 {
     /* A snapshot's view is history: never written. */
-    int ret = open_chain(path, NULL, opts, !opts->read_only && !opts->snapshot, 0, out);
+    int ret = open_chain(path, io, opts, !opts->read_only && !opts->snapshot, 0, out);
 
     if (ret == 0) {
         (*out)->discard = opts->discard;
@@ -446,16 +446,16 @@ int image_open(const char *path, const struct image_options *opts,
     return ret;
 }
 
+int image_open(const char *path, const struct image_options *opts,
+               struct image **out)
+{
+    return open_top(path, NULL, opts, out);
+}
+
 int image_open_io(struct io *io, const char *name, const struct image_options *opts,
                   struct image **out)
 {
-    int ret = open_chain(name, io, opts, !opts->read_only && !opts->snapshot, 0, out);
-
-    if (ret == 0) {
-        (*out)->discard = opts->discard;
-        (*out)->detect_zeroes = opts->detect_zeroes;
-    }
-    return ret;
+    return open_top(name, io, opts, out);
 }
 
 static int write_header_u64(struct image *img, unsigned offset, uint64_t v)

@@ -32,10 +32,8 @@ struct refcount {
 
 /* ---- refcount block entry access ----------------------------------------- */
 
-static uint64_t block_get(const struct refcount *rc, const uint8_t *b, uint64_t i)
+uint64_t refcount_entry_get(unsigned order, const uint8_t *b, uint64_t i)
 {
-    unsigned order = rc->m->refcount_order;
-
     switch (order) {
     case 0: case 1: case 2: {
         unsigned bits = 1u << order;
@@ -49,10 +47,8 @@ static uint64_t block_get(const struct refcount *rc, const uint8_t *b, uint64_t 
     }
 }
 
-static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_t v)
+void refcount_entry_set(unsigned order, uint8_t *b, uint64_t i, uint64_t v)
 {
-    unsigned order = rc->m->refcount_order;
-
     switch (order) {
     case 0: case 1: case 2: {
         unsigned bits = 1u << order;
@@ -66,6 +62,16 @@ static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_
     case 5: be32_put(b + 4 * i, (uint32_t)v); break;
     default: be64_put(b + 8 * i, v); break;
     }
+}
+
+static uint64_t block_get(const struct refcount *rc, const uint8_t *b, uint64_t i)
+{
+    return refcount_entry_get(rc->m->refcount_order, b, i);
+}
+
+static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_t v)
+{
+    refcount_entry_set(rc->m->refcount_order, b, i, v);
 }
 
 /* ---- open/close ------------------------------------------------------------ */

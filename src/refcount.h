@@ -24,6 +24,11 @@ struct meta;
 struct cache;
 struct refcount;
 
+/* Entry @i of a refcount block of 2^@order-bit refcounts (the on-disk
+ * layout: big endian, sub-byte widths from the least significant bit). */
+uint64_t refcount_entry_get(unsigned order, const uint8_t *block, uint64_t i);
+void refcount_entry_set(unsigned order, uint8_t *block, uint64_t i, uint64_t v);
+
 /*
  * Load the refcount table.  @cache_bytes bounds the refcount-block cache.
  * Returns: 0, -EIO (corrupt table, reported) or -errno.
