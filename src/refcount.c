@@ -491,6 +491,71 @@ out:
     return ret;
 }
 
+/*
+ * Create and link the refcount blocks missing for table indices
+ * [@ti_lo, @ti_hi], placing them at clusters @first_new .. + @k.
+ *
+ * A new block's own refcount lives in whichever block covers its cluster,
+ * possibly another new one; a table entry may reach the disk only after
+ * the block holding its block's refcount is linked, or a crash between two
+ * entry writes leaves a referenced cluster with refcount 0.  So the blocks
+ * are linked in rounds, each round only those whose refcount holder is
+ * already linked (or themselves), with a flush after each round.  Blocks
+ * are laid out in table order, so the holder never lies below: no cycles.
+ */
+static int link_new_blocks(struct refcount *rc, uint64_t ti_lo, uint64_t ti_hi,
+                           uint64_t first_new, uint64_t k)
+{
+    struct meta *m = rc->m;
+    uint64_t be = rc->block_entries, at[64], tis[64], n = 0;
+    bool linked[64] = { false };
+    uint64_t left;
+    int ret;
+
+    if (k > 64) {
+        log_error("internal error: %llu refcount blocks needed at once",
+                  (unsigned long long)k);
+        return -EIO;
+    }
+    for (uint64_t ti = ti_lo; ti <= ti_hi; ti++) {
+        if (has_block(rc, ti))
+            continue;
+        at[n] = first_new + n;
+        tis[n] = ti;
+        ret = write_new_block(rc, ti, at[n], first_new, first_new + k);
+        if (ret < 0)
+            return ret;
+        n++;
+    }
+    /* Blocks on disk before any table entry points at them. */
+    ret = io_flush(m->io);
+    for (left = n; ret == 0 && left > 0;) {
+        uint64_t progress = 0;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t holder = at[i] / be;
+            bool ready = holder == tis[i] || has_block(rc, holder);
+            if (linked[i] || !ready)
+                continue;
+            rc->table[tis[i]] = at[i] << m->cluster_bits;
+            ret = write_table_entry(rc, tis[i]);
+            if (ret < 0) {
+                rc->table[tis[i]] = 0;
+                return ret;
+            }
+            linked[i] = true;
+            progress++;
+        }
+        if (!progress) {
+            log_error("internal error: refcount blocks depend on each other");
+            return -EIO;
+        }
+        left -= progress;
+        if (left)
+            ret = io_flush(m->io);
+    }
+    return ret;
+}
+
 int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fresh)
 {
     struct meta *m = rc->m;
@@ -526,33 +591,9 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
             k = 0;
             continue;           /* the table took space: look again */
         }
-        {
-            uint64_t j = 0, first_new = start + nb;
-            uint64_t tis[64];
-            uint64_t nb_tis = 0;
-            for (uint64_t ti = start / be; ti <= max_ti; ti++) {
-                if (has_block(rc, ti))
-                    continue;
-                ret = write_new_block(rc, ti, first_new + j, first_new, first_new + k);
-                if (ret < 0)
-                    return ret;
-                if (nb_tis < 64)
-                    tis[nb_tis++] = ti;
-                rc->table[ti] = (first_new + j) << m->cluster_bits;
-                j++;
-            }
-            /* Blocks on disk before the table entries that point at them. */
-            ret = io_flush(m->io);
-            for (uint64_t ti = start / be; ret == 0 && ti <= max_ti; ti++) {
-                bool is_new = false;
-                for (uint64_t i = 0; i < nb_tis; i++)
-                    is_new |= tis[i] == ti;
-                if (is_new || nb_tis == 64)
-                    ret = write_table_entry(rc, ti);
-            }
-            if (ret < 0)
-                return ret;
-        }
+        ret = link_new_blocks(rc, start / be, max_ti, start + nb, k);
+        if (ret < 0)
+            return ret;
         break;
     }
 

@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+#
+# Power-loss simulation.  The daemon is mounted with -o io-trace=TRACE and
+# driven by $TOOLS/plwriter (a seeded single-threaded workload of
+# self-describing sector writes, some zeroing fallocates (punch hole, zero
+# range) and fsyncs); after a clean unmount
+# $TOOLS/plreplay rebuilds crash states from the trace (everything before
+# a host flush F, any subset of the records between F and the next flush,
+# writes torn at 4 KiB) and checks every state with qemu-img check (no
+# corruption; leaks are allowed) and its guest content against plwriter's
+# log (every write covered by a completed fsync must be there).
+#
+# Cases: 64K clusters, 4K clusters with refcount_bits=16 (new L2 tables and
+# refcount blocks), 512-byte clusters with refcount_bits=1 and =64 (the
+# refcount table grows), an overlay over a raw backing file (partial-cluster
+# copy-on-write from the backing file), a compressed image and an image with
+# an internal snapshot (copy-on-write of shared clusters, freed clusters).
+#
+# Environment: POWERLOSS_SEED (default fixed, printed) changes every
+# workload and every choice of states; POWERLOSS_SCALE=N multiplies the
+# number of operations and states; POWERLOSS_JOBS (default 2) is the number
+# of plreplay workers.  Run with KEEP_TMP=1 to keep the images of the bad
+# states (plreplay --keep-bad) for inspection.
+# shellcheck disable=SC2317  # case functions are called indirectly (run_case)
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=functions.sh
+. "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
+
+requires qemu-img seq timeout
+requires_fuse
+PLWRITER=$(require_tool plwriter)
+PLREPLAY=$(require_tool plreplay)
+
+M=$((1024 * 1024))
+SEED=${POWERLOSS_SEED:-1913}
+SCALE=${POWERLOSS_SCALE:-1}
+JOBS=${POWERLOSS_JOBS:-2}
+# plwriter takes about a second; plreplay runs qemu-img twice per state.
+WRITER_TIMEOUT=${WRITER_TIMEOUT:-60}
+REPLAY_TIMEOUT=${REPLAY_TIMEOUT:-240}
+
+echo "powerloss: seed $SEED (set POWERLOSS_SEED to change), scale $SCALE, $JOBS replay jobs"
+
+# A 32 MiB raw file of text lines "000000000000001\n"... (every 16 bytes
+# unique): the backing file, and its first 16 MiB the source of the
+# pre-filled images (small, so that the workload overwrites most clusters).
+BASE_RAW="$TEST_TMP/base.raw"
+BASE16_RAW="$TEST_TMP/base16.raw"
+seq -f '%015g' 1 2097152 >"$BASE_RAW"
+head -c $((16 * M)) "$BASE_RAW" >"$BASE16_RAW"
+
+# json_field JSON KEY: an integer field of qemu-img's JSON output (0 if absent)
+json_field() {
+    local v
+    v=$(sed -n "s/^ *\"$2\": *\([0-9][0-9]*\),*\$/\1/p" <<<"$1" | head -n1)
+    printf '%s\n' "${v:-0}"
+}
+
+# powerloss IMG NOPS STATES SEED [BASE_RAW]: IMG is the prepared image
+# (its state before the mount); mount it with an I/O trace, run plwriter,
+# unmount, check the final image, replay STATES crash states.  Sets
+# IMAGE_END (the final image's end offset according to qemu-img check).
+powerloss() {
+    local img=$1 nops=$(($2 * SCALE)) states=$(($3 * SCALE)) seed=$4 base=${5:-}
+    local orig="$T/orig.qcow2" trace="$T/trace" log="$T/plwriter.log" mnt="$T/mnt"
+    local rc out json
+
+    cp --sparse=always "$img" "$orig" || fail "test setup: cp failed"
+    mount_image "$img" "$mnt" "io-trace=$trace"
+    info "plwriter: seed $seed, $nops operations"
+    rc=0
+    timeout -k 5 "$WRITER_TIMEOUT" "$PLWRITER" "$mnt/disk" "$log" "$seed" "$nops" || rc=$?
+    if ((rc == 124 || rc == 137)); then
+        echo "    last operations that returned:" >&2
+        tail -n 3 "$log" | sed 's/^/    | /' >&2
+        fail "plwriter did not finish within ${WRITER_TIMEOUT}s (daemon hung?; seed $seed)"
+    fi
+    ((rc == 0)) || fail "plwriter failed (exit $rc; seed $seed)"
+    unmount_image "$mnt"
+
+    # The image the daemon left behind is clean: no corruption, no leaks.
+    rc=0
+    json=$(qemu-img check -f qcow2 --output=json "$img" 2>"$T/check.err") || rc=$?
+    if ((rc != 0)); then
+        sed 's/^/    | /' "$T/check.err" >&2
+        printf '%s\n' "$json" | sed 's/^/    | /' >&2
+        fail "qemu-img check of the final image: exit $rc (seed $seed)"
+    fi
+    IMAGE_END=$(json_field "$json" image-end-offset)
+
+    local args=("$orig" "$trace" "$log" "$states" "$seed" "$T/replay"
+        --keep-bad --expect-final "$img" --jobs "$JOBS")
+    if [[ -n $base ]]; then args+=(--base "$base"); fi
+    rc=0
+    out=$(timeout -k 5 "$REPLAY_TIMEOUT" "$PLREPLAY" "${args[@]}" 2>&1) || rc=$?
+    printf '%s\n' "$out" | sed 's/^/    /'
+    if ((rc == 124 || rc == 137)); then
+        fail "plreplay timed out after ${REPLAY_TIMEOUT}s"
+    fi
+    local summary
+    summary=$(grep '^powerloss: states=' <<<"$out" | tail -n1) || true
+    [[ -n $summary ]] || fail "plreplay printed no summary (exit $rc)"
+    if ((rc != 0)); then
+        echo "    reproduce one state: $PLREPLAY ${args[*]} --only N" >&2
+        [[ ${KEEP_TMP:-0} == 1 ]] && echo "    bad state images kept in $T/replay" >&2
+        fail "crash states with corruption or lost data (seed $seed): $summary"
+    fi
+    local n=${summary#*states=}
+    n=${n%% *}
+    ((n == states)) || fail "plreplay checked $n states, expected $states"
+}
+
+case_64k() {
+    local img="$T/img.qcow2"
+    qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" $((256 * M)) \
+        || fail "test setup: qemu-img create failed"
+    powerloss "$img" 300 150 "$SEED"
+}
+
+# 4K clusters: one L2 table maps 2 MiB and one refcount block (16-bit
+# refcounts) covers 8 MiB of the image file, so writes spread over 256 MiB
+# allocate many L2 tables and several refcount blocks.
+case_4k() {
+    local img="$T/img.qcow2"
+    qemu-img create -q -f qcow2 -o cluster_size=4096,refcount_bits=16 "$img" $((256 * M)) \
+        || fail "test setup: qemu-img create failed"
+    powerloss "$img" 400 150 $((SEED + 1))
+    info "final image ends at $IMAGE_END"
+    ((IMAGE_END > 8 * M)) || fail "the workload did not need a second refcount block (image end $IMAGE_END)"
+}
+
+# 512-byte clusters, 1-bit refcounts: one L2 table maps 32 KiB, one
+# refcount block covers 2 MiB.
+case_512_rb1() {
+    local img="$T/img.qcow2"
+    qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=1 "$img" $((64 * M)) \
+        || fail "test setup: qemu-img create failed"
+    powerloss "$img" 150 100 $((SEED + 2))
+}
+
+# 512-byte clusters, 64-bit refcounts: a refcount block covers 32 KiB and
+# the one-cluster refcount table 2 MiB, so the table has to grow (and move).
+case_512_rb64() {
+    local img="$T/img.qcow2" before after
+    qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 "$img" $((64 * M)) \
+        || fail "test setup: qemu-img create failed"
+    before=$(od -An -t x1 -j 48 -N 12 "$img")
+    powerloss "$img" 150 80 $((SEED + 3))
+    after=$(od -An -t x1 -j 48 -N 12 "$img")
+    info "refcount table (offset, clusters): $before -> $after"
+    [[ $before != "$after" ]] || fail "the refcount table did not grow"
+}
+
+# An overlay over a raw backing file: a sector never written reads the
+# backing file's content; partial-cluster writes copy the rest from it.
+case_backing() {
+    local img="$T/img.qcow2"
+    qemu-img create -q -f qcow2 -o cluster_size=65536 -b "$BASE_RAW" -F raw "$img" \
+        || fail "test setup: qemu-img create failed"
+    powerloss "$img" 300 100 $((SEED + 4)) "$BASE_RAW"
+}
+
+# Every cluster compressed: overwrites copy the clusters out, the
+# compressed clusters' refcounts drop, host clusters are freed (punched)
+# and reused.
+case_compressed() {
+    local img="$T/img.qcow2"
+    qemu-img convert -c -O qcow2 -o cluster_size=65536 "$BASE16_RAW" "$img" \
+        || fail "test setup: qemu-img convert -c failed"
+    powerloss "$img" 300 100 $((SEED + 5))
+}
+
+# An internal snapshot: every cluster has refcount 2, overwrites copy.
+case_snapshot() {
+    local img="$T/img.qcow2"
+    qemu-img convert -O qcow2 -o cluster_size=65536 "$BASE16_RAW" "$img" \
+        || fail "test setup: qemu-img convert failed"
+    qemu-img snapshot -c before "$img" || fail "test setup: qemu-img snapshot failed"
+    powerloss "$img" 300 100 $((SEED + 6))
+}
+
+run_case 64k case_64k
+run_case 4k case_4k
+run_case 512-rb1 case_512_rb1
+run_case 512-rb64 case_512_rb64
+run_case backing case_backing
+run_case compressed case_compressed
+run_case snapshot case_snapshot
+finish_cases

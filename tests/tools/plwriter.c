@@ -1,0 +1,351 @@
+/*
+ * plwriter — the guest workload of the power-loss test.
+ *
+ *   plwriter DISK LOG SEED NOPS
+ *
+ * Issues NOPS operations to DISK (a qcow2fuse mount's disk file), single
+ * threaded, and fsync(DISK) after every 1..8 of them (random).  About 90%
+ * are writes, 512-byte aligned and a multiple of 512 bytes long (1 sector
+ * .. 1 MiB, mostly small); offsets are biased so that writes cross cluster
+ * and L2-table boundaries and partly overwrite earlier writes (in-place
+ * overwrites, partial-cluster copy-on-write).  The other ~10% zero a range
+ * with fallocate (PUNCH_HOLE|KEEP_SIZE or ZERO_RANGE, 1 sector .. 1 MiB,
+ * mostly over earlier writes), which frees clusters; if the disk does not
+ * support fallocate (EOPNOTSUPP) only writes are issued.
+ *
+ * Every 512-byte sector written is self-describing (see fill_sector):
+ *   u64 magic  "PLWSECT1"
+ *   u64 write id (1, 2, ...)
+ *   u64 guest sector number
+ *   u64 seed
+ *   480 bytes of filler derived from (seed, id, sector)
+ *   u64 hash over the 504 bytes before it
+ * so a sector read back later can be attributed to exactly one write, and a
+ * torn, stale or misplaced sector is detected.  plreplay.c decodes the
+ * same layout (keep the two in sync).
+ *
+ * LOG (text) records the sequence, in the order the calls returned:
+ *   plwriter v1 seed=SEED size=BYTES nops=NOPS
+ *   W ID OFFSET LENGTH        a write returned (bytes)
+ *   Z ID OFFSET LENGTH MODE   a zeroing fallocate returned (MODE: punch or
+ *                             zero-range); the range reads as zeros
+ *   F SEQ                     fsync number SEQ (1, 2, ...) returned
+ *   E                         end (the workload completed)
+ * Operation ids (W and Z share them) are 1, 2, ... in LOG order.
+ *
+ * At the end every written or zeroed sector is read back through DISK and
+ * must hold its last write (or zeros).  LOG is line-buffered, so a hung run
+ * shows the last operation that returned.  Exit 0 on success, 1 on an I/O error or a mismatch, 2 on
+ * a usage error.  Uses libc only.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define SECTOR 512u
+#define MAX_SECTORS 2048u               /* 1 MiB */
+#define PL_MAGIC 0x3154434553574c50ULL  /* "PLWSECT1" little-endian */
+
+/* ------------------------------------------------------------------ */
+/* Sector pattern (identical copy in plreplay.c) */
+
+static uint64_t mix64(uint64_t z)
+{
+    z += 0x9e3779b97f4a7c15ULL;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static uint64_t sector_hash(const uint64_t *w)
+{
+    uint64_t h = 0x243f6a8885a308d3ULL;
+    for (unsigned i = 0; i < 63; i++)
+        h = mix64(h ^ w[i]) + i;
+    return h;
+}
+
+static void fill_sector(uint64_t *w, uint64_t seed, uint64_t id, uint64_t sector)
+{
+    uint64_t s = mix64(seed ^ mix64(id ^ mix64(sector)));
+
+    w[0] = PL_MAGIC;
+    w[1] = id;
+    w[2] = sector;
+    w[3] = seed;
+    for (unsigned i = 4; i < 63; i++) {
+        s += 0x9e3779b97f4a7c15ULL;
+        w[i] = mix64(s);
+    }
+    w[63] = sector_hash(w);
+}
+
+/* ------------------------------------------------------------------ */
+
+static uint64_t rng_state;
+
+static uint64_t rng(void)
+{
+    rng_state += 0x9e3779b97f4a7c15ULL;
+    uint64_t z = rng_state;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static uint64_t rnd(uint64_t n)
+{
+    return n ? rng() % n : 0;
+}
+
+static int parse_u64(const char *s, uint64_t *out)
+{
+    char *end;
+    unsigned long long v;
+
+    errno = 0;
+    v = strtoull(s, &end, 0);
+    if (errno || end == s || *end || *s == '-')
+        return -1;
+    *out = v;
+    return 0;
+}
+
+struct wr {
+    uint64_t sector;
+    uint32_t count;
+    bool zero;                  /* a zeroing fallocate, not a write */
+};
+
+static uint32_t pick_length(void)
+{
+    uint64_t r = rnd(100);
+
+    if (r < 55)
+        return 1 + (uint32_t)rnd(8);
+    if (r < 80)
+        return 9 + (uint32_t)rnd(120);
+    if (r < 95)
+        return 129 + (uint32_t)rnd(384);
+    return 513 + (uint32_t)rnd(MAX_SECTORS - 512);
+}
+
+/* Guest-side boundaries worth crossing: 4K/64K clusters, the 32K and 2M
+ * that one L2 table maps with 512-byte and 4K clusters, 8M. */
+static const uint64_t boundaries[] = {
+    4096, 32768, 65536, 65536, 2 << 20, 2 << 20, 8 << 20,
+};
+
+int main(int argc, char **argv)
+{
+    uint64_t seed, nops, size, nsect, id = 0, fsyncs = 0;
+    struct wr *hist;
+    uint32_t *last;
+    uint64_t *buf;
+    FILE *log;
+    struct stat st;
+    int fd, countdown;
+    bool zero_ok = true;
+
+    if (argc != 5 || parse_u64(argv[3], &seed) || parse_u64(argv[4], &nops)) {
+        fprintf(stderr, "usage: plwriter DISK LOG SEED NOPS\n");
+        return 2;
+    }
+    fd = open(argv[1], O_RDWR);
+    if (fd < 0) {
+        fprintf(stderr, "plwriter: open %s: %s\n", argv[1], strerror(errno));
+        return 1;
+    }
+    if (fstat(fd, &st) < 0) {
+        fprintf(stderr, "plwriter: stat %s: %s\n", argv[1], strerror(errno));
+        return 1;
+    }
+    size = (uint64_t)st.st_size;
+    nsect = size / SECTOR;
+    if (nsect < 2 * MAX_SECTORS) {
+        fprintf(stderr, "plwriter: %s is too small (%" PRIu64 " bytes)\n", argv[1], size);
+        return 1;
+    }
+    log = fopen(argv[2], "w");
+    if (!log) {
+        fprintf(stderr, "plwriter: %s: %s\n", argv[2], strerror(errno));
+        return 1;
+    }
+    hist = calloc(nops ? nops : 1, sizeof(*hist));
+    last = calloc(nsect, sizeof(*last));
+    buf = aligned_alloc(4096, (size_t)MAX_SECTORS * SECTOR);
+    if (!hist || !last || !buf) {
+        fprintf(stderr, "plwriter: out of memory\n");
+        return 1;
+    }
+    setvbuf(log, NULL, _IOLBF, 0);      /* a hung run shows how far it got */
+    rng_state = mix64(seed);
+    fprintf(log, "plwriter v1 seed=%" PRIu64 " size=%" PRIu64 " nops=%" PRIu64 "\n",
+            seed, size, nops);
+
+    countdown = 1 + (int)rnd(8);
+    for (uint64_t op = 0; op < nops; op++) {
+        uint32_t count;
+        uint64_t r, start;
+
+        if (zero_ok && id > 0 && rnd(100) < 10) {
+            /* zero a range (mostly over earlier writes): PUNCH_HOLE frees
+             * clusters, ZERO_RANGE may too */
+            uint64_t k = rnd(10);
+            int mode = rnd(2) ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                              : FALLOC_FL_ZERO_RANGE | (rnd(2) ? FALLOC_FL_KEEP_SIZE : 0);
+
+            count = k < 3 ? 1 + (uint32_t)rnd(16)                   /* sectors */
+                  : k < 7 ? 8 * (1 + (uint32_t)rnd(32))             /* 4K .. 128K */
+                  : 128 * (1 + (uint32_t)rnd(16));                  /* 64K .. 1M */
+            if (rnd(10) < 7) {
+                const struct wr *p = &hist[rnd(id)];
+                int64_t st0 = (int64_t)p->sector + (int64_t)rnd(p->count) - (int64_t)count / 2;
+                start = st0 < 0 ? 0 : (uint64_t)st0;
+            } else {
+                start = rnd(nsect);
+            }
+            if (k >= 3)
+                start &= ~(uint64_t)(k < 7 ? 7 : 127);
+            if (start >= nsect)
+                start = nsect - 1;
+            if (start + count > nsect)
+                count = (uint32_t)(nsect - start);
+            if (fallocate(fd, mode, (off_t)(start * SECTOR), (off_t)count * SECTOR) == 0) {
+                id++;
+                hist[id - 1] = (struct wr){ .sector = start, .count = count, .zero = true };
+                for (uint32_t i = 0; i < count; i++)
+                    last[start + i] = (uint32_t)id;
+                fprintf(log, "Z %" PRIu64 " %" PRIu64 " %" PRIu64 " %s\n", id, start * SECTOR,
+                        (uint64_t)count * SECTOR,
+                        mode & FALLOC_FL_PUNCH_HOLE ? "punch" : "zero-range");
+                goto maybe_fsync;
+            }
+            if (errno != EOPNOTSUPP) {
+                fprintf(stderr, "plwriter: fallocate %s (%u sectors at sector %" PRIu64
+                        "): %s\n", mode & FALLOC_FL_PUNCH_HOLE ? "punch" : "zero-range",
+                        count, start, strerror(errno));
+                return 1;
+            }
+            fprintf(stderr, "plwriter: fallocate is not supported; writes only\n");
+            zero_ok = false;
+        }
+
+        count = pick_length();
+        r = rnd(100);
+        if (r < 40 || id == 0) {
+            /* anywhere; sometimes 4K-aligned */
+            start = rnd(nsect);
+            if (rnd(3) == 0)
+                start &= ~(uint64_t)7;
+        } else if (r < 55) {
+            /* straddle a boundary */
+            uint64_t b = boundaries[rnd(sizeof(boundaries) / sizeof(boundaries[0]))] / SECTOR;
+            if (nsect / b < 2)
+                b = 4096 / SECTOR;
+            uint64_t k = 1 + rnd(nsect / b - 1);
+            if (count < 2)
+                count = 2 + (uint32_t)rnd(16);
+            start = k * b - 1 - rnd(count - 1);
+        } else if (r < 90) {
+            /* overlap an earlier write, partly or wholly */
+            const struct wr *p = &hist[rnd(4) == 0 ? id - 1 : rnd(id)];
+            int64_t shift = (int64_t)rnd(p->count + count) - (int64_t)count / 2;
+            int64_t s = (int64_t)p->sector + shift;
+            start = s < 0 ? 0 : (uint64_t)s;
+            if (rnd(3) == 0) {
+                start = p->sector;          /* exact in-place rewrite */
+                count = p->count;
+            }
+        } else {
+            /* right after the previous write */
+            start = hist[id - 1].sector + hist[id - 1].count;
+        }
+        if (start >= nsect)
+            start = nsect - 1;
+        if (start + count > nsect)
+            count = (uint32_t)(nsect - start);
+
+        id++;
+        for (uint32_t i = 0; i < count; i++)
+            fill_sector(buf + i * (SECTOR / 8), seed, id, start + i);
+        ssize_t n = pwrite(fd, buf, (size_t)count * SECTOR, (off_t)(start * SECTOR));
+        if (n != (ssize_t)count * SECTOR) {
+            fprintf(stderr, "plwriter: write %" PRIu64 " (%u sectors at sector %" PRIu64
+                    "): %s\n", id, count, start, n < 0 ? strerror(errno) : "short write");
+            return 1;
+        }
+        hist[id - 1] = (struct wr){ .sector = start, .count = count };
+        for (uint32_t i = 0; i < count; i++)
+            last[start + i] = (uint32_t)id;
+        fprintf(log, "W %" PRIu64 " %" PRIu64 " %" PRIu64 "\n", id, start * SECTOR,
+                (uint64_t)count * SECTOR);
+
+maybe_fsync:
+        if (--countdown == 0) {
+            if (fsync(fd) < 0) {
+                fprintf(stderr, "plwriter: fsync %" PRIu64 ": %s\n", fsyncs + 1, strerror(errno));
+                return 1;
+            }
+            fsyncs++;
+            fprintf(log, "F %" PRIu64 "\n", fsyncs);
+            countdown = 1 + (int)rnd(8);
+        }
+    }
+    fprintf(log, "E\n");
+    if (fflush(log) || ferror(log) || fclose(log)) {
+        fprintf(stderr, "plwriter: writing %s failed\n", argv[2]);
+        return 1;
+    }
+
+    /* Read back every written sector through the mount. */
+    uint64_t bad = 0, checked = 0;
+    for (uint64_t s = 0; s < nsect;) {
+        uint64_t e = s;
+        while (e < nsect && e - s < MAX_SECTORS && last[e])
+            e++;
+        if (e == s) {
+            s++;
+            continue;
+        }
+        ssize_t n = pread(fd, buf, (size_t)(e - s) * SECTOR, (off_t)(s * SECTOR));
+        if (n != (ssize_t)((e - s) * SECTOR)) {
+            fprintf(stderr, "plwriter: read back at sector %" PRIu64 ": %s\n", s,
+                    n < 0 ? strerror(errno) : "short read");
+            return 1;
+        }
+        for (uint64_t i = s; i < e; i++) {
+            uint64_t want[64];
+            if (hist[last[i] - 1].zero)
+                memset(want, 0, sizeof(want));
+            else
+                fill_sector(want, seed, last[i], i);
+            if (memcmp(want, buf + (i - s) * (SECTOR / 8), SECTOR)) {
+                if (bad++ < 5)
+                    fprintf(stderr, "plwriter: sector %" PRIu64 " does not hold %s %u\n",
+                            i, hist[last[i] - 1].zero ? "the zeros of fallocate" : "write",
+                            last[i]);
+            }
+            checked++;
+        }
+        s = e;
+    }
+    close(fd);
+    uint64_t nzero = 0;
+    for (uint64_t i = 0; i < id; i++)
+        nzero += hist[i].zero;
+    printf("plwriter: seed=%" PRIu64 " writes=%" PRIu64 " zero-ops=%" PRIu64 " fsyncs=%" PRIu64
+           " sectors-verified=%" PRIu64 " bad=%" PRIu64 "\n", seed, id - nzero, nzero, fsyncs,
+           checked, bad);
+    free(hist);
+    free(last);
+    free(buf);
+    return bad ? 1 : 0;
+}
