@@ -147,7 +147,7 @@ for t in "${tests[@]}"; do
     case $rc in
     0)
         passed=$((passed + 1))
-        echo "PASS $name"
+        echo "PASS $name ($((ms / 1000)).$((ms % 1000 / 100)) s)"
         ;;
     77)
         skipped=$((skipped + 1))
