@@ -546,14 +546,16 @@ int check_rebuild_refcounts(struct meta *m, struct qcow2_header *h,
         return -EFBIG;
     entries = (table_clusters << m->cluster_bits) / 8;
 
-    grown = realloc(r->ref, (start + nb_blocks + table_clusters) * sizeof(uint32_t));
-    if (!grown)
-        return -ENOMEM;
-    r->ref = grown;
-    for (uint64_t ci = r->nb; ci < start + nb_blocks + table_clusters; ci++)
-        r->ref[ci] = 0;
-    if (start + nb_blocks + table_clusters > r->nb)
+    if (start + nb_blocks + table_clusters > r->nb) {
+        /* The array covers the file; the new structures may extend it. */
+        grown = realloc(r->ref, (start + nb_blocks + table_clusters) * sizeof(uint32_t));
+        if (!grown)
+            return -ENOMEM;
+        r->ref = grown;
+        for (uint64_t ci = r->nb; ci < start + nb_blocks + table_clusters; ci++)
+            r->ref[ci] = 0;
         r->nb = start + nb_blocks + table_clusters;
+    }
     for (uint64_t ci = start; ci < start + nb_blocks + table_clusters; ci++)
         r->ref[ci] = 1;
 

@@ -15,6 +15,14 @@
 #include <unistd.h>
 
 static uint64_t seed;
+static uint8_t *bufs[2];
+
+static void free_bufs(void)
+{
+    free(bufs[0]);
+    free(bufs[1]);
+    bufs[0] = bufs[1] = NULL;
+}
 
 static uint64_t rnd(void)
 {
@@ -72,6 +80,9 @@ int main(int argc, char *argv[])
     b = malloc(max);
     if (!a || !b)
         return 2;
+    bufs[0] = a;
+    bufs[1] = b;
+    atexit(free_bufs);
 
     for (uint64_t i = 0; i < nops; i++) {
         uint64_t op = rnd() % 100, len = pick_len(max), off = pick_off(size, len);
@@ -121,5 +132,7 @@ int main(int argc, char *argv[])
     }
     printf("fallocmix: %llu ops: %ld writes, %ld punches, %ld zero ranges, %ld reads "
            "compared\n", (unsigned long long)nops, w, p, z, r);
+    close(fd);
+    close(rfd);
     return 0;
 }

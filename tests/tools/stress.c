@@ -194,5 +194,9 @@ int main(int argc, char *argv[])
            (long)ops_done, (long)writes, (long)reads, (long)punches, (long)zeroes,
            (long)syncs, (long)mismatches);
     close(fd);
+    for (uint64_t i = 0; i < nblocks; i++)
+        pthread_mutex_destroy(&locks[i]);
+    free(locks);
+    free(shadow);
     return mismatches ? 1 : 0;
 }
