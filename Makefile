@@ -32,7 +32,7 @@ UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
 TOOL_SRCS := $(wildcard tests/tools/*.c)
 TOOL_BINS := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(TOOL_SRCS))
 
-.PHONY: all check unit integration deps clean install demo fuzz
+.PHONY: all check unit integration deps clean install demo fuzz bench
 all: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)/obj
@@ -70,6 +70,17 @@ check: unit integration
 demo: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
 	QCOW2FUSE=$(abspath $(BUILD)/qcow2fuse) QCOW2CHECK=$(abspath $(BUILD)/qcow2check) \
 	    scripts/demo.sh
+
+# Benchmark against qemu-storage-daemon's FUSE export and a raw passthrough
+# daemon (not a test: figures only).  BENCH_ARGS=--quick for a short run.
+BENCH_ARGS ?=
+$(BUILD)/bench/passthrough: bench/passthrough.c
+	@mkdir -p $(@D)
+	$(CC) -std=gnu11 $(WARN) -O2 -g -o $@ $< $(shell pkg-config --cflags --libs fuse3)
+
+bench: $(BUILD)/qcow2fuse $(BUILD)/bench/passthrough
+	QCOW2FUSE=$(abspath $(BUILD)/qcow2fuse) PASSTHROUGH=$(abspath $(BUILD)/bench/passthrough) \
+	    bench/run.sh $(BENCH_ARGS)
 
 # Fuzzing (clang with libFuzzer): every target for FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60

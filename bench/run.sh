@@ -1,0 +1,536 @@
+#!/usr/bin/env bash
+#
+# bench/run.sh — throughput of qcow2fuse against qemu-storage-daemon's FUSE
+# export of the same kind of qcow2 image, and against bench/passthrough (the
+# same FUSE session set-up over a raw file: the ceiling without any qcow2
+# translation).  See bench/README for what every job measures.
+#
+# usage: bench/run.sh [--quick]
+#
+# Environment:
+#   QCOW2FUSE     the daemon (default: build/qcow2fuse)
+#   PASSTHROUGH   the baseline daemon (default: build/bench/passthrough)
+#   QSD           qemu-storage-daemon (default: from PATH; without it the
+#                 qsd column shows "-")
+#   RUNTIME       seconds per fio run (default 10, --quick 3)
+#   REPS          runs of every (job, implementation) pair; the table shows
+#                 the median (default 3, --quick 1)
+#   JOBS          space-separated subset of job names (default: all)
+#   RESULTS       results directory (default build/bench/results-DATE)
+#   BENCH_TMPDIR  where the images are made (default build/bench); needs
+#                 about 35 GiB free, on a real disk file system
+#   SCRATCH       auto (default), loop or dir.  loop: the images live on a
+#                 private ext4 on a loop device (direct I/O to a zero-filled
+#                 SCRATCH_SIZE file under BENCH_TMPDIR, default 32G, 16G
+#                 with --quick), mounted without online discard; dir: right
+#                 in BENCH_TMPDIR.  auto picks loop when running as root and
+#                 BENCH_TMPDIR's file system is mounted with "discard": there,
+#                 deleting an image that random allocating writes left in
+#                 tens of thousands of extents issues one discard per extent
+#                 and takes minutes.
+#   PERF=1        perf record the qcow2fuse daemon during every run
+#                 (perf.JOB.rREP.data and a text report in RESULTS);
+#                 PERF_ARGS: its options (default: -F 999 --call-graph
+#                 dwarf,8192, as the daemon has no frame pointers)
+#   EXTRAS=0      skip the RSS and mount-time part (1 TiB image)
+#   COLD=0        skip the cold-cache mount time (it drops the page cache
+#                 of the whole machine: echo 3 > /proc/sys/vm/drop_caches)
+#
+# Every run starts from a fresh image: the implementations take turns within
+# each job, in an order that rotates with each repetition (qcow2fuse qsd
+# passthrough, then qsd passthrough qcow2fuse, ...).
+# Raw fio JSON, the daemons' logs and a summary.tsv go to RESULTS.
+# The figures are for comparing implementations on one machine; nothing here
+# is a pass/fail test.
+
+set -euo pipefail
+shopt -s inherit_errexit
+export LC_ALL=C
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+
+QUICK=0
+for arg in "$@"; do
+    case $arg in
+    --quick) QUICK=1 ;;
+    -h|--help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    *) echo "bench/run.sh: unknown argument $arg (usage: bench/run.sh [--quick])" >&2; exit 2 ;;
+    esac
+done
+
+if ((QUICK)); then
+    RUNTIME=${RUNTIME:-3}
+    REPS=${REPS:-1}
+else
+    RUNTIME=${RUNTIME:-10}
+    REPS=${REPS:-3}
+fi
+QCOW2FUSE=${QCOW2FUSE:-$ROOT/build/qcow2fuse}
+PASSTHROUGH=${PASSTHROUGH:-$ROOT/build/bench/passthrough}
+QSD=${QSD:-$(command -v qemu-storage-daemon || true)}
+PERF=${PERF:-0}
+SCRATCH=${SCRATCH:-auto}
+if ((QUICK)); then SCRATCH_SIZE=${SCRATCH_SIZE:-16G}; else SCRATCH_SIZE=${SCRATCH_SIZE:-32G}; fi
+PERF_ARGS=${PERF_ARGS:--F 999 --call-graph dwarf,8192}
+COLD=${COLD:-1}
+EXTRAS=${EXTRAS:-1}
+
+CLUSTER=65536
+EMPTY_SIZE=64G          # allocating jobs: large enough that no run wraps
+FILL_SIZE=4G            # read and overwrite jobs: virtual size ...
+FILL_BYTES=1G           # ... and the prefilled working set at its start
+BIG_SIZE=1T             # RSS and mount time image
+BIG_CLUSTERS=100000     # allocated clusters in it, evenly spread
+
+die() { echo "bench/run.sh: $*" >&2; exit 1; }
+note() { echo "bench/run.sh: $*" >&2; }
+
+for tool in fio jq qemu-img qemu-io fusermount3 awk; do
+    command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+[[ -x $QCOW2FUSE ]] || die "QCOW2FUSE=$QCOW2FUSE is not an executable (run make)"
+[[ -x $PASSTHROUGH ]] || die "PASSTHROUGH=$PASSTHROUGH is not an executable (run make bench)"
+[[ -n $QSD && -x $QSD ]] || { note "qemu-storage-daemon not found: the qsd column stays empty"; QSD=""; }
+[[ -e /dev/fuse ]] || die "/dev/fuse is missing"
+QCOW2FUSE=$(realpath "$QCOW2FUSE")
+PASSTHROUGH=$(realpath "$PASSTHROUGH")
+
+# --- jobs ------------------------------------------------------------------
+# name | label | image (empty: fresh empty EMPTY_SIZE image; filled: FILL_SIZE
+# image with FILL_BYTES prefilled) | fio direction | figure (bw: MB/s,
+# iops) | fio arguments
+ALL_JOBS=(
+    "seqwrite-alloc|alloc seq write 1M QD16|empty|write|bw|--rw=write --bs=1M --iodepth=16"
+    "seqread|seq read 1M QD16|filled|read|bw|--rw=read --bs=1M --iodepth=16"
+    "randread-qd1|rand read 4k QD1|filled|read|iops|--rw=randread --bs=4k --iodepth=1"
+    "randread-qd16|rand read 4k QD16|filled|read|iops|--rw=randread --bs=4k --iodepth=16"
+    "randwrite-alloc|alloc rand write 4k QD16|empty|write|iops|--rw=randwrite --bs=4k --iodepth=16"
+    "randwrite-over|overwrite rand write 4k QD16|filled|write|iops|--rw=randwrite --bs=4k --iodepth=16"
+    "randwrite-fsync|rand write 4k QD1 fsync=1|filled|write|iops|--rw=randwrite --bs=4k --iodepth=1 --fsync=1"
+)
+SELECTED=()
+for j in "${ALL_JOBS[@]}"; do
+    name=${j%%|*}
+    if [[ -z ${JOBS:-} || " $JOBS " == *" $name "* ]]; then
+        SELECTED+=("$j")
+    fi
+done
+((${#SELECTED[@]})) || die "JOBS=$JOBS matches no job"
+IMPLS=(qcow2fuse qsd passthrough)
+
+# --- directories and clean-up ------------------------------------------------
+STAMP=$(date +%Y%m%d-%H%M%S)
+RESULTS=${RESULTS:-$ROOT/build/bench/results-$STAMP}
+mkdir -p "$RESULTS/logs"
+RESULTS=$(cd "$RESULTS" && pwd -P)
+TMPBASE=${BENCH_TMPDIR:-$ROOT/build/bench}
+mkdir -p "$TMPBASE"
+WORKBASE=$(mktemp -d "$(cd "$TMPBASE" && pwd -P)/work.XXXXXX")
+WORK=$WORKBASE
+LOOPDEV=""
+SCRATCH_MNT=""
+SUMMARY=$RESULTS/summary.tsv
+printf 'job\timpl\trep\tvalue\tunit\tdaemon_vmhwm_kb\tloadavg1_before\n' >"$SUMMARY"
+
+CUR_PID=""      # the daemon currently running (started by this script)
+CUR_MP=""       # its mount point
+CUR_KIND=""
+
+is_mounted() {
+    awk -v p="$1" '$5 == p { found = 1 } END { exit !found }' /proc/self/mountinfo
+}
+
+# alive PID: the process exists and is not a zombie.
+alive() {
+    local st
+    st=$(awk '/^State:/ { print $2 }' "/proc/$1/status" 2>/dev/null) || return 1
+    [[ -n $st && $st != Z ]]
+}
+
+# wait_exit PID SECONDS: wait for a process this shell started (or, for
+# the daemonized qcow2fuse, found by its exact command line) to exit.
+wait_exit() {
+    local pid=$1 t=$(($2 * 20))
+    while alive "$pid" && ((t-- > 0)); do
+        sleep 0.05
+    done
+    if alive "$pid"; then
+        note "process $pid did not exit; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    if [[ -n $CUR_MP ]] && is_mounted "$CUR_MP"; then
+        fusermount3 -u "$CUR_MP" 2>/dev/null || fusermount3 -uz "$CUR_MP" 2>/dev/null || true
+    fi
+    if [[ -n $CUR_PID ]] && alive "$CUR_PID"; then
+        kill -TERM "$CUR_PID" 2>/dev/null || true
+        wait_exit "$CUR_PID" 20
+    fi
+    if [[ -n $SCRATCH_MNT ]]; then
+        umount "$SCRATCH_MNT" 2>/dev/null || umount -l "$SCRATCH_MNT" 2>/dev/null || true
+    fi
+    [[ -z $LOOPDEV ]] || losetup -d "$LOOPDEV" 2>/dev/null || true
+    rm -rf "$WORKBASE"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+[[ $WORKBASE != *[[:space:]]* ]] || die "BENCH_TMPDIR must not contain white space"
+avail_gib=$(df -P -BG "$WORKBASE" | awk 'NR == 2 { sub("G", "", $4); print $4 }')
+need_gib=25
+if [[ $SCRATCH == auto ]]; then
+    SCRATCH=dir
+    if [[ $EUID == 0 ]] && findmnt -no OPTIONS -T "$WORKBASE" | tr ',' '\n' | grep -qx discard; then
+        SCRATCH=loop
+    fi
+fi
+case $SCRATCH in
+loop)
+    need_gib=$(($(numfmt --from=iec "$SCRATCH_SIZE") >> 30))
+    ((avail_gib > need_gib)) || die "SCRATCH_SIZE=$SCRATCH_SIZE does not fit in the ${avail_gib} GiB free under $WORKBASE"
+    for tool in losetup mkfs.ext4 dd; do
+        command -v "$tool" >/dev/null || die "$tool is not installed (or run with SCRATCH=dir)"
+    done
+    note "writing a $SCRATCH_SIZE scratch file system (SCRATCH=loop) ..."
+    dd if=/dev/zero of="$WORKBASE/scratch.img" bs=64M count=$((need_gib * 16)) \
+        oflag=direct status=none
+    LOOPDEV=$(losetup --find --show --direct-io=on "$WORKBASE/scratch.img")
+    mkfs.ext4 -q -F -m 0 -N 4096 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$LOOPDEV"
+    SCRATCH_MNT=$WORKBASE/fs
+    mkdir -p "$SCRATCH_MNT"
+    mount -t ext4 -o nodiscard "$LOOPDEV" "$SCRATCH_MNT"
+    WORK=$SCRATCH_MNT
+    ;;
+dir)
+    ((avail_gib >= need_gib)) || note "only ${avail_gib} GiB free under $WORK; the allocating jobs may need ~20 GiB"
+    ;;
+*) die "SCRATCH=$SCRATCH: expected auto, loop or dir" ;;
+esac
+
+# --- machine -----------------------------------------------------------------
+machine_info() {
+    echo "date:        $(date -Is)"
+    echo "machine:     $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)," \
+        "$(awk '/^MemTotal/ { printf "%.1f GiB RAM", $2 / 1048576 }' /proc/meminfo)"
+    echo "kernel:      $(uname -sr)"
+    echo "qcow2fuse:   $QCOW2FUSE ($("$QCOW2FUSE" --version 2>&1 | head -n1)," \
+        "git $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown))"
+    echo "qsd:         ${QSD:-none}${QSD:+ ($("$QSD" --version | head -n1))}"
+    echo "fio:         $(fio --version)"
+    if [[ $SCRATCH == loop ]]; then
+        echo "image dir:   $WORK (ext4 on $LOOPDEV, direct I/O to a zero-filled $SCRATCH_SIZE file" \
+            "on $(df -PT "$WORKBASE" | awk 'NR == 2 { print $2 " " $1 }'), nodiscard)"
+    else
+        echo "image dir:   $WORK ($(df -PT "$WORK" | awk 'NR == 2 { print $2 " " $1 }'))"
+    fi
+    echo "runs:        ${RUNTIME}s each, $REPS repetition(s), median shown"
+    echo "load:        $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min) before the first run"
+}
+
+# --- images ------------------------------------------------------------------
+# make_image IMPL KIND: a fresh image for IMPL (qcow2, or raw for the
+# passthrough); prints its path.
+make_image() {
+    local impl=$1 kind=$2 fmt=qcow2 img size cmds=()
+    [[ $impl == passthrough ]] && fmt=raw
+    img=$WORK/img.$fmt
+    rm -f "$img"
+    if [[ $kind == empty ]]; then size=$EMPTY_SIZE; else size=$FILL_SIZE; fi
+    if [[ $fmt == qcow2 ]]; then
+        qemu-img create -q -f qcow2 -o cluster_size=$CLUSTER "$img" "$size"
+    else
+        truncate -s "$size" "$img"
+    fi
+    if [[ $kind == filled ]]; then
+        local chunk=$((64 << 20)) total off
+        total=$(numfmt --from=iec "$FILL_BYTES")
+        for ((off = 0; off < total; off += chunk)); do
+            cmds+=(-c "write -q -P 0xa5 $off $chunk")
+        done
+        qemu-io -f "$fmt" "${cmds[@]}" "$img" >/dev/null
+    fi
+    sync -f "$img"
+    echo "$img"
+}
+
+# make_big_image: BIG_SIZE qcow2 with BIG_CLUSTERS allocated clusters spread
+# evenly over the disk (so every L2 table exists).  fio writes 4 KiB every
+# STRIDE clusters into a sparse raw file; qemu-img convert skips the holes.
+make_big_image() {
+    local raw=$WORK/big.raw img=$WORK/big.qcow2 total stride
+    total=$(($(numfmt --from=iec "$BIG_SIZE") / CLUSTER))
+    stride=$((total / BIG_CLUSTERS))
+    rm -f "$raw" "$img"
+    truncate -s "$BIG_SIZE" "$raw"
+    fio --name=gen --filename="$raw" --rw=write:$((stride * CLUSTER - 4096)) --bs=4k \
+        --number_ios=$BIG_CLUSTERS --size="$BIG_SIZE" --ioengine=psync \
+        --buffer_pattern=0x5a --output=/dev/null
+    qemu-img convert -f raw -O qcow2 -o cluster_size=$CLUSTER "$raw" "$img"
+    rm -f "$raw"
+    sync -f "$img"
+    echo "$img"
+}
+
+# --- daemons -----------------------------------------------------------------
+wait_mounted() {
+    local mp=$1 pid=$2 t=600
+    while ! is_mounted "$mp"; do
+        alive "$pid" || { wait "$pid" 2>/dev/null || true; return 1; }
+        ((t-- > 0)) || return 1
+        sleep 0.05
+    done
+}
+
+# start_impl IMPL IMAGE LOG: mount IMAGE with IMPL in the background of this
+# shell; sets CUR_PID, CUR_MP and TARGET (the file fio uses).
+start_impl() {
+    local impl=$1 img=$2 log=$3
+    CUR_KIND=$impl
+    case $impl in
+    qcow2fuse|passthrough)
+        CUR_MP=$WORK/mnt
+        mkdir -p "$CUR_MP"
+        if [[ $impl == qcow2fuse ]]; then
+            "$QCOW2FUSE" -f "$img" "$CUR_MP" >>"$log" 2>&1 &
+        else
+            "$PASSTHROUGH" -f "$img" "$CUR_MP" >>"$log" 2>&1 &
+        fi
+        CUR_PID=$!
+        TARGET=$CUR_MP/disk
+        ;;
+    qsd)
+        CUR_MP=$WORK/qsd-export
+        : >"$CUR_MP"
+        "$QSD" \
+            --blockdev "driver=file,node-name=file,filename=$img,cache.direct=off" \
+            --blockdev driver=qcow2,node-name=qcow2,file=file \
+            --export "type=fuse,id=exp,node-name=qcow2,mountpoint=$CUR_MP,writable=on" \
+            >>"$log" 2>&1 &
+        CUR_PID=$!
+        TARGET=$CUR_MP
+        ;;
+    esac
+    if ! wait_mounted "$CUR_MP" "$CUR_PID"; then
+        note "$impl did not mount $img (log: $log)"
+        tail -n 5 "$log" >&2 || true
+        if alive "$CUR_PID"; then
+            kill -TERM "$CUR_PID" 2>/dev/null || true
+            wait_exit "$CUR_PID" 20
+        fi
+        return 1
+    fi
+}
+
+# stop_impl: unmount, wait for the daemon to exit; sets HWM to its VmHWM
+# (KiB) read just before the unmount.  Runs in the main shell (the daemon
+# is its child).
+stop_impl() {
+    local hwm
+    hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$CUR_PID/status" 2>/dev/null || true)
+    fusermount3 -u "$CUR_MP" || note "fusermount3 -u $CUR_MP failed"
+    # qsd keeps running without exports: end it (qcow2fuse and the
+    # passthrough exit on unmount, after writing their metadata back).
+    [[ $CUR_KIND == qsd ]] && kill -TERM "$CUR_PID" 2>/dev/null
+    wait_exit "$CUR_PID" 120
+    CUR_PID="" CUR_MP=""
+    HWM=${hwm:--}
+}
+
+# --- fio -----------------------------------------------------------------------
+# run_fio NAME OUT SIZE DIR FIGURE ARGS...: one time-based fio run on TARGET;
+# prints the figure (MB/s or IOPS), or "-" if fio failed.
+run_fio() {
+    local name=$1 out=$2 size=$3 dir=$4 fig=$5
+    shift 5
+    if ! fio --name="$name" --filename="$TARGET" --direct=1 --ioengine=libaio \
+        --time_based --runtime="$RUNTIME" --size="$size" "$@" \
+        --output-format=json --output="$out" >/dev/null 2>"$out.err"; then
+        note "fio $name failed (see $out.err)"
+        echo -
+        return
+    fi
+    [[ -s $out.err ]] || rm -f "$out.err"
+    if [[ $fig == bw ]]; then
+        jq -r ".jobs[0].$dir.bw_bytes / 1e6" "$out"
+    else
+        jq -r ".jobs[0].$dir.iops" "$out"
+    fi
+}
+
+median() {
+    sort -g | awk '$1 != "-" { a[++n] = $1 }
+        END { if (!n) print "-"; else if (n % 2) print a[(n + 1) / 2];
+              else print (a[n / 2] + a[n / 2 + 1]) / 2 }'
+}
+
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-";
+                                     else printf "%.2fx", a / b }'
+}
+
+fmt_fig() {
+    awk -v v="$1" 'BEGIN { if (v == "-") print "-"; else if (v >= 100) printf "%.0f", v;
+                           else printf "%.1f", v }'
+}
+
+# --- main ----------------------------------------------------------------------
+INFO=$(machine_info)
+echo "$INFO" | tee "$RESULTS/machine.txt"
+echo "cache:       qcow2fuse and the passthrough use the host page cache for the" \
+    "image file; qsd runs with cache.direct=off (host page cache too);"
+echo "             images are written just before each run, so reads hit warm cache"
+echo "fio:         --direct=1 --ioengine=libaio on MNT/disk (qsd: its export file)"
+echo "images:      qcow2 with 64 KiB clusters; allocating jobs: fresh empty $EMPTY_SIZE" \
+    "image, whole disk as fio's range; others: $FILL_SIZE image, first $FILL_BYTES" \
+    "prefilled and used as fio's range"
+echo "results:     $RESULTS"
+echo
+
+declare -A VAL
+for j in "${SELECTED[@]}"; do
+    IFS='|' read -r name label kind dir fig args <<<"$j"
+    if [[ $kind == empty ]]; then size=$EMPTY_SIZE; else size=$FILL_BYTES; fi
+    read -r -a fio_args <<<"$args"
+    for ((rep = 1; rep <= REPS; rep++)); do
+        # The order rotates with every repetition (A B C, B C A, C A B, ...)
+        # so that no implementation always runs first or last.
+        order=()
+        for ((k = 0; k < ${#IMPLS[@]}; k++)); do
+            order+=("${IMPLS[(k + rep - 1) % ${#IMPLS[@]}]}")
+        done
+        for impl in "${order[@]}"; do
+            [[ $impl == qsd && -z $QSD ]] && continue
+            img=$(make_image "$impl" "$kind")
+            log=$RESULTS/logs/$name.$impl.r$rep.log
+            if ! start_impl "$impl" "$img" "$log"; then
+                CUR_PID="" CUR_MP=""
+                printf '%s\t%s\t%s\t-\t\t-\t-\n' "$name" "$impl" "$rep" >>"$SUMMARY"
+                rm -f "$img"
+                continue
+            fi
+            load=$(cut -d' ' -f1 /proc/loadavg)
+            perf_pid=""
+            if [[ $PERF == 1 && $impl == qcow2fuse ]]; then
+                # shellcheck disable=SC2086  # PERF_ARGS is a list of options
+                perf record -q $PERF_ARGS -p "$CUR_PID" -o "$RESULTS/perf.$name.r$rep.data" \
+                    -- sleep "$RUNTIME" >/dev/null 2>&1 &
+                perf_pid=$!
+            fi
+            v=$(run_fio "$name" "$RESULTS/$name.$impl.r$rep.json" "$size" "$dir" "$fig" \
+                "${fio_args[@]}")
+            if [[ -n $perf_pid ]]; then
+                wait "$perf_pid" || true
+                perf report -i "$RESULTS/perf.$name.r$rep.data" --stdio --no-children \
+                    --percent-limit 1 >"$RESULTS/perf.$name.r$rep.txt" 2>/dev/null || true
+            fi
+            stop_impl
+            hwm=$HWM
+            rm -f "$img"
+            unit=IOPS
+            [[ $fig == bw ]] && unit=MB/s
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$impl" "$rep" "$v" "$unit" "$hwm" "$load" >>"$SUMMARY"
+            printf '  %-16s %-12s run %d: %10s %-5s (load %s)\n' "$name" "$impl" "$rep" \
+                "$(fmt_fig "$v")" "$unit" "$load"
+        done
+    done
+    for impl in "${IMPLS[@]}"; do
+        VAL[$name.$impl]=$(awk -F'\t' -v j="$name" -v i="$impl" '$1 == j && $2 == i { print $4 }' \
+            "$SUMMARY" | median)
+    done
+done
+
+# --- table -----------------------------------------------------------------------
+TABLE=$RESULTS/table.txt
+{
+    echo
+    printf '%-30s %-5s %10s %10s %8s %11s %8s\n' job unit qcow2fuse qsd q/qsd passthrough q/pt
+    logsum=0 nlog=0
+    for j in "${SELECTED[@]}"; do
+        IFS='|' read -r name label kind dir fig args <<<"$j"
+        unit=IOPS
+        [[ $fig == bw ]] && unit=MB/s
+        q=${VAL[$name.qcow2fuse]} s=${VAL[$name.qsd]} p=${VAL[$name.passthrough]}
+        r=$(ratio "$q" "$s")
+        printf '%-30s %-5s %10s %10s %8s %11s %8s\n' "$label" "$unit" "$(fmt_fig "$q")" \
+            "$(fmt_fig "$s")" "$r" "$(fmt_fig "$p")" "$(ratio "$q" "$p")"
+        if [[ $r != - ]]; then
+            logsum=$(awk -v s="$logsum" -v q="$q" -v d="$s" 'BEGIN { printf "%.12g", s + log(q / d) }')
+            nlog=$((nlog + 1))
+        fi
+    done
+    if ((nlog)); then
+        awk -v s="$logsum" -v n="$nlog" \
+            'BEGIN { printf "\ngeometric mean of qcow2fuse/qsd over %d jobs: %.2fx\n", n, exp(s / n) }'
+    fi
+    awk -F'\t' 'NR > 1 && $2 == "qcow2fuse" && $6 != "-" && $6 > m { m = $6 }
+        END { if (m) printf "qcow2fuse peak RSS (VmHWM) over these jobs: %.1f MiB\n", m / 1024 }' "$SUMMARY"
+} | tee "$TABLE"
+
+# --- RSS and mount time on a 1 TiB image ------------------------------------------
+if [[ $EXTRAS != 1 ]]; then
+    echo
+    echo "raw fio JSON, daemon logs, summary.tsv and table.txt: $RESULTS"
+    exit 0
+fi
+echo | tee -a "$TABLE"
+echo "1 TiB image, $BIG_CLUSTERS allocated 64 KiB clusters spread evenly (every L2 table exists):" | tee -a "$TABLE"
+BIG=$(make_big_image)
+for impl in qcow2fuse qsd; do
+    [[ $impl == qsd && -z $QSD ]] && continue
+    log=$RESULTS/logs/rss.$impl.log
+    start_impl "$impl" "$BIG" "$log" || { CUR_PID="" CUR_MP=""; continue; }
+    v=$(run_fio rss-randread "$RESULTS/rss-randread.$impl.json" "$BIG_SIZE" read iops \
+        --rw=randread --bs=4k --iodepth=16)
+    stop_impl
+    hwm=$HWM
+    printf '%s\t%s\t1\t%s\tIOPS\t%s\t-\n' rss-randread "$impl" "$v" "$hwm" >>"$SUMMARY"
+    awk -v i="$impl" -v h="$hwm" -v v="$v" -v t="$RUNTIME" 'BEGIN {
+        printf "  peak RSS (VmHWM) of %-9s after %ss of 4k random reads QD16 over the whole disk: %s (%s IOPS)\n",
+            i, t, h == "-" ? "-" : sprintf("%.1f MiB", h / 1024), v == "-" ? "-" : sprintf("%.0f", v) }' | tee -a "$TABLE"
+done
+
+# Mount time: from starting the daemon (it daemonizes once mounted)
+# until that command returns.
+mnt=$WORK/mnt
+mkdir -p "$mnt"
+# Sets MT (ms).
+mount_once() {
+    local s e pid
+    MT=-
+    s=$(date +%s%N)
+    "$QCOW2FUSE" "$BIG" "$mnt" 2>>"$RESULTS/logs/mount-time.log" || return 0
+    e=$(date +%s%N)
+    CUR_MP=$mnt CUR_KIND=qcow2fuse
+    # The daemon forked away; find it by its exact command line (made of
+    # this run's own paths) so as to wait for its exit after unmount.
+    pid=$(pgrep -o -x -f -- "$QCOW2FUSE $BIG $mnt" || true)
+    fusermount3 -u "$mnt"
+    [[ -n $pid ]] && wait_exit "$pid" 60
+    CUR_MP=""
+    MT=$(awk -v n=$((e - s)) 'BEGIN { printf "%.1f", n / 1e6 }')
+}
+tries=5
+((QUICK)) && tries=3
+times=()
+for ((i = 0; i < tries; i++)); do
+    mount_once
+    times+=("$MT")
+done
+printf '  mount time, warm page cache: median %s ms of %d (%s)\n' \
+    "$(printf '%s\n' "${times[@]}" | median)" "$tries" "${times[*]}" | tee -a "$TABLE"
+if [[ $COLD == 1 && -w /proc/sys/vm/drop_caches ]]; then
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    mount_once
+    printf '  mount time, cold page cache (after drop_caches): %s ms\n' "$MT" | tee -a "$TABLE"
+fi
+rm -f "$BIG"
+
+echo
+echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min); per run: summary.tsv"
+echo "raw fio JSON, daemon logs, summary.tsv and table.txt: $RESULTS"
