@@ -640,3 +640,63 @@ write_fails_erofs() {
     grep -q "Read-only file system" <<<"$out" \
         || fail "dd of=$f failed, but not with EROFS: $out"
 }
+
+# ---------------------------------------------------------------------------
+# Checks shared by the write-path tests
+
+# WRITEMIX_TIMEOUT: seconds one guarded I/O run may take (a hung daemon).
+WRITEMIX_TIMEOUT=${WRITEMIX_TIMEOUT:-60}
+
+# check_clean IMG WHAT: "qemu-img check IMG" exits 0 and reports neither
+# leaked clusters nor errors.
+check_clean() {
+    local img=$1 what=$2 out rc=0
+    out=$(qemu-img check "$img" 2>&1) || rc=$?
+    if ((rc != 0)) || grep -Eqi 'leak' <<<"$out" || grep -Eq 'ERROR|[0-9]+ errors? were found|corrupt' <<<"$out"; then
+        sed 's/^/    | /' <<<"$out" >&2
+        fail "$what: qemu-img check $(basename "$img") is not clean (exit status $rc)"
+    fi
+    info "$what: qemu-img check clean ($(grep -m1 -o '[0-9.]*% allocated' <<<"$out" || echo '?'))"
+}
+
+# check_identical IMG RAW WHAT: "qemu-img compare IMG RAW" says identical.
+check_identical() {
+    local img=$1 raw=$2 what=$3 out rc=0
+    out=$(qemu-img compare -f qcow2 -F raw "$img" "$raw" 2>&1) || rc=$?
+    if ((rc != 0)); then
+        sed 's/^/    | /' <<<"$out" >&2
+        fail "$what: qemu-img compare $(basename "$img") $(basename "$raw") exit status $rc (expected identical)"
+    fi
+    grep -q 'Images are identical' <<<"$out" || fail "$what: qemu-img compare said: $out"
+}
+
+# guarded MNT OUT CMD...: run CMD (which does I/O on MNT/disk) with its
+# output in OUT and a deadline of WRITEMIX_TIMEOUT seconds.  A process
+# waiting for a FUSE request the daemon never answers cannot even be killed,
+# so on the deadline the daemon's stacks are shown (with gdb, if installed)
+# and the daemon, started by this test, is killed to abort the connection.
+# Returns CMD's status, or 124 on the deadline.
+guarded() {
+    local mnt=$1 out=$2 cpid dpid i rc=0
+    shift 2
+    "$@" >"$out" 2>&1 &
+    cpid=$!
+    for ((i = 0; i < WRITEMIX_TIMEOUT * 10; i++)); do
+        pid_alive "$cpid" || break
+        sleep 0.1
+    done
+    if pid_alive "$cpid"; then
+        dpid=${_MNT_PID[$(canon_path "$mnt")]:-}
+        echo "    $1 did not finish within ${WRITEMIX_TIMEOUT}s; daemon pid ${dpid:-?}" >&2
+        if [[ -n $dpid ]] && command -v gdb >/dev/null 2>&1; then
+            timeout -k 5 30 gdb -p "$dpid" -batch -ex 'thread apply all bt 10' 2>/dev/null \
+                | grep -E '^(Thread|#)' | sed 's/^/    gdb| /' >&2 || true
+        fi
+        if [[ -n $dpid ]]; then kill -KILL "$dpid" 2>/dev/null || true; fi
+        kill -KILL "$cpid" 2>/dev/null || true
+        wait "$cpid" 2>/dev/null || true
+        return 124
+    fi
+    wait "$cpid" || rc=$?
+    return "$rc"
+}

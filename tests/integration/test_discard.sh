@@ -8,15 +8,6 @@
 
 requires qemu-img qemu-io
 
-check_clean() {
-    local img=$1 out rc=0
-    out=$(qemu-img check "$img" 2>&1) || rc=$?
-    if ((rc != 0)) || ! grep -q '^No errors were found' <<<"$out"; then
-        echo "$out" >&2
-        fail "qemu-img check of $(basename "$img") is not clean (exit $rc)"
-    fi
-}
-
 # mix KIND: create the image kind, pre-fill it, run fallocmix, compare.
 case_mix() {
     local kind=$1 seed=$2 opts=${3:-} img=$T/img.qcow2 mnt=$T/mnt raw=$T/mirror.raw
@@ -52,7 +43,7 @@ case_mix() {
     mount_image "$img" "$mnt" "$opts"
     io_timeout "$fm" "$mnt/disk" "$raw" "$seed" 400 3145728 || fail "fallocmix on $kind failed"
     unmount_image "$mnt"
-    check_clean "$img"
+    check_clean "$img" "$(basename "$img")"
     qemu-img compare -q "$img" "$raw" || fail "$kind: image differs from the mirrored raw copy"
     if [[ $kind == backing* ]]; then
         cmp -s "$T/base.raw" <(head -c 64M /dev/zero | tr '\0' '\272') ||
@@ -74,7 +65,7 @@ case_space() {
     ((before - after >= 60 * 1024)) || fail "punching 64 MiB freed only $((before - after)) KiB"
     cmp -n $((64 << 20)) "$mnt/disk" /dev/zero || fail "punched range does not read as zeros"
     unmount_image "$mnt"
-    check_clean "$img"
+    check_clean "$img" "$(basename "$img")"
 }
 
 case_seek_after_discard() {
@@ -90,7 +81,7 @@ case_seek_after_discard() {
     want=$(printf '%s %s\n' $((1 << 20)) $((2 << 20)) $((21 << 20)) $((1 << 20)))
     [[ $got == "$want" ]] || fail "SEEK_DATA extents after discards: got [$got], want [$want]"
     unmount_image "$mnt"
-    check_clean "$img"
+    check_clean "$img" "$(basename "$img")"
 }
 
 case_resize() {
@@ -112,7 +103,7 @@ case_resize() {
     fallocate --punch-hole --offset $((size - 65536)) --length 65536 "$mnt/disk"
     truncate -s $((512 << 20)) "$mnt/disk" || fail "shrinking over unallocated clusters was refused"
     unmount_image "$mnt"
-    check_clean "$img"
+    check_clean "$img" "$(basename "$img")"
     [[ $(virtual_size "$img") == $((512 << 20)) ]] || fail "qemu-img info shows $(virtual_size "$img") bytes"
     # Grow past what the L1 table maps (64K clusters: 512 MiB per L1 entry).
     mount_image "$img" "$mnt"
@@ -120,7 +111,7 @@ case_resize() {
     dd if=/dev/urandom of="$T/tail" bs=64k count=1 status=none
     dd if="$T/tail" of="$mnt/disk" bs=64k seek=$(((100 << 30) / 65536 - 1)) conv=notrunc status=none
     unmount_image "$mnt"
-    check_clean "$img"
+    check_clean "$img" "$(basename "$img")"
     [[ $(virtual_size "$img") == $((100 << 30)) ]] || fail "qemu-img info shows $(virtual_size "$img") after growing to 100G"
     ref_range "$img" $(((100 << 30) - 65536)) 65536 "$T/got"
     cmp "$T/got" "$T/tail" || fail "data written at the end of the grown disk differs"
@@ -139,7 +130,7 @@ case_detect_zeroes() {
     after=$(du -k "$img" | cut -f1)
     info "detect-zeroes=unmap: du ${before} KiB -> ${after} KiB"
     ((before - after >= 15 * 1024)) || fail "all-zero writes did not free the clusters"
-    check_clean "$img"
+    check_clean "$img" "$(basename "$img")"
     ref_range "$img" 0 $((16 << 20)) "$T/z"
     cmp -n $((16 << 20)) "$T/z" /dev/zero || fail "zeroed range does not read as zeros"
 }
