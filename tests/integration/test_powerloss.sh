@@ -3,12 +3,21 @@
 # Power-loss simulation.  The daemon is mounted with -o io-trace=TRACE and
 # driven by $TOOLS/plwriter (a seeded single-threaded workload of
 # self-describing sector writes, some zeroing fallocates (punch hole, zero
-# range) and fsyncs); after a clean unmount
+# range), fsyncs, resizes that grow the disk (one in the middle of every
+# run, a few random ones; later writes land in the new area too) and a
+# refused shrink over written data); after a clean unmount
 # $TOOLS/plreplay rebuilds crash states from the trace (everything before
 # a host flush F, any subset of the records between F and the next flush,
 # writes torn at 4 KiB) and checks every state with qemu-img check (no
 # corruption; leaks are allowed) and its guest content against plwriter's
-# log (every write covered by a completed fsync must be there).
+# log (every write covered by a completed fsync must be there; the virtual
+# size must be at least the one set by the last resize before that fsync,
+# and a grown area never written reads as zeros).
+#
+# Every case checks that the final image's virtual size grew; the cases
+# whose growth needs a larger L1 table (64K clusters grown past 512 MiB, 4K
+# and 512-byte clusters, whose L1 tables exactly cover the created size)
+# check that the L1 table moved.
 #
 # Cases: 64K clusters, 4K clusters with refcount_bits=16 (new L2 tables and
 # refcount blocks), 512-byte clusters with refcount_bits=1 and =64 (the
@@ -49,6 +58,14 @@ BASE16_RAW="$TEST_TMP/base16.raw"
 seq -f '%015g' 1 2097152 >"$BASE_RAW"
 head -c $((16 * M)) "$BASE_RAW" >"$BASE16_RAW"
 
+# be_int FILE OFFSET BYTES: a big-endian unsigned header field
+be_int() {
+    local hex
+    hex=$(od -An -t x1 -j "$2" -N "$3" "$1" | tr -d ' \n')
+    [[ ${#hex} == $((2 * $3)) ]] || fail "cannot read $3 bytes at $2 of $1"
+    printf '%s\n' "$((16#$hex))"
+}
+
 # json_field JSON KEY: an integer field of qemu-img's JSON output (0 if absent)
 json_field() {
     local v
@@ -56,20 +73,27 @@ json_field() {
     printf '%s\n' "${v:-0}"
 }
 
-# powerloss IMG NOPS STATES SEED [BASE_RAW]: IMG is the prepared image
-# (its state before the mount); mount it with an I/O trace, run plwriter,
-# unmount, check the final image, replay STATES crash states.  Sets
-# IMAGE_END (the final image's end offset according to qemu-img check).
+# powerloss IMG NOPS STATES SEED [BASE_RAW [GROW]]: IMG is the prepared
+# image (its state before the mount); mount it with an I/O trace, run
+# plwriter (GROW: the growth of its mid-run resize, default random 1..64
+# MiB), unmount, check the final image (it must have grown to the last size
+# plwriter logged), replay STATES crash states.  Sets IMAGE_END (the final
+# image's end offset according to qemu-img check) and L1_MOVED (1 if the
+# header's L1 table offset changed).
 powerloss() {
-    local img=$1 nops=$(($2 * SCALE)) states=$(($3 * SCALE)) seed=$4 base=${5:-}
+    local img=$1 nops=$(($2 * SCALE)) states=$(($3 * SCALE)) seed=$4 base=${5:-} grow=${6:-}
     local orig="$T/orig.qcow2" trace="$T/trace" log="$T/plwriter.log" mnt="$T/mnt"
-    local rc out json
+    local rc out json size0 size1 l1off0 l1off1 l1n0 l1n1 logged nres nshrink
 
     cp --sparse=always "$img" "$orig" || fail "test setup: cp failed"
+    size0=$(be_int "$img" 24 8)
+    l1n0=$(be_int "$img" 36 4)
+    l1off0=$(be_int "$img" 40 8)
     mount_image "$img" "$mnt" "io-trace=$trace"
-    info "plwriter: seed $seed, $nops operations"
+    info "plwriter: seed $seed, $nops operations${grow:+, mid-run growth $grow bytes}"
     rc=0
-    timeout -k 5 "$WRITER_TIMEOUT" "$PLWRITER" "$mnt/disk" "$log" "$seed" "$nops" || rc=$?
+    timeout -k 5 "$WRITER_TIMEOUT" "$PLWRITER" "$mnt/disk" "$log" "$seed" "$nops" \
+        ${grow:+"$grow"} || rc=$?
     if ((rc == 124 || rc == 137)); then
         echo "    last operations that returned:" >&2
         tail -n 3 "$log" | sed 's/^/    | /' >&2
@@ -87,6 +111,21 @@ powerloss() {
         fail "qemu-img check of the final image: exit $rc (seed $seed)"
     fi
     IMAGE_END=$(json_field "$json" image-end-offset)
+
+    # It grew to the size of the last resize plwriter logged.
+    size1=$(be_int "$img" 24 8)
+    l1n1=$(be_int "$img" 36 4)
+    l1off1=$(be_int "$img" 40 8)
+    logged=$(sed -n 's/^R \([0-9][0-9]*\)$/\1/p' "$log" | tail -n1)
+    nres=$(grep -c '^R ' "$log" || true)
+    nshrink=$(grep -c '^X ' "$log" || true)
+    info "virtual size $size0 -> $size1 ($nres resizes, $nshrink refused shrinks);" \
+        "L1 table $l1n0 entries at $l1off0 -> $l1n1 entries at $l1off1"
+    [[ -n $logged ]] || fail "plwriter logged no resize (seed $seed)"
+    ((size1 > size0)) || fail "the virtual size did not grow ($size0 -> $size1; seed $seed)"
+    ((size1 == logged)) || fail "the virtual size is $size1, plwriter's last resize $logged"
+    L1_MOVED=0
+    if ((l1off1 != l1off0)); then L1_MOVED=1; fi
 
     local args=("$orig" "$trace" "$log" "$states" "$seed" "$T/replay"
         --keep-bad --expect-final "$img" --jobs "$JOBS")
@@ -114,7 +153,9 @@ case_64k() {
     local img="$T/img.qcow2"
     qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" $((256 * M)) \
         || fail "test setup: qemu-img create failed"
-    powerloss "$img" 300 150 "$SEED"
+    # grown past 512 MiB (what one L1 entry maps): the L1 table grows
+    powerloss "$img" 300 150 "$SEED" "" $((300 * M))
+    ((L1_MOVED)) || fail "the L1 table did not move"
 }
 
 # 4K clusters: one L2 table maps 2 MiB and one refcount block (16-bit
@@ -127,6 +168,7 @@ case_4k() {
     powerloss "$img" 400 150 $((SEED + 1))
     info "final image ends at $IMAGE_END"
     ((IMAGE_END > 8 * M)) || fail "the workload did not need a second refcount block (image end $IMAGE_END)"
+    ((L1_MOVED)) || fail "the L1 table did not move"
 }
 
 # 512-byte clusters, 1-bit refcounts: one L2 table maps 32 KiB, one
@@ -136,6 +178,7 @@ case_512_rb1() {
     qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=1 "$img" $((64 * M)) \
         || fail "test setup: qemu-img create failed"
     powerloss "$img" 150 100 $((SEED + 2))
+    ((L1_MOVED)) || fail "the L1 table did not move"
 }
 
 # 512-byte clusters, 64-bit refcounts: a refcount block covers 32 KiB and
@@ -149,6 +192,7 @@ case_512_rb64() {
     after=$(od -An -t x1 -j 48 -N 12 "$img")
     info "refcount table (offset, clusters): $before -> $after"
     [[ $before != "$after" ]] || fail "the refcount table did not grow"
+    ((L1_MOVED)) || fail "the L1 table did not move"
 }
 
 # An overlay over a raw backing file: a sector never written reads the

@@ -8,7 +8,8 @@
  * TRACE       the daemon's io-trace file (records of struct io_trace_record,
  *             host byte order: u32 type, u32 what, u64 offset, u64 length,
  *             then `length` payload bytes for a WRITE)
- * LOG         plwriter's log of the guest workload (see plwriter.c)
+ * LOG         plwriter's log of the guest workload (see plwriter.c): writes,
+ *             zeroing operations, fsyncs, resizes (v2)
  * STATES      how many crash states to generate
  * SEED        seed for the choice of states
  * WORKDIR     scratch directory (state images are created there)
@@ -30,20 +31,29 @@
  * be torn at 4 KiB boundaries of the host offset.  The states are spread
  * over the flush points: "exactly at F" (nothing after F), subsets of the
  * records between F and F' (a prefix, a random subset, all but one, only
- * one, all of them torn), and the final state (the whole trace).
+ * one, all of them torn), and the final state (the whole trace).  About a
+ * sixth of the subset states (at most 3 per segment) go to the segments of
+ * the resizes: those with a write to the header's size or L1 fields (bytes
+ * 24..47) and the segment before each (the new L1 table).
  *
  * For each state the image is built in WORKDIR, then
  *   qemu-img check -f qcow2 --output=json     exit 2, corruptions > 0 or
  *                                             check-errors > 0: CORRUPT;
  *                                             leaks only: LEAKY (allowed)
  *   qemu-img convert -f qcow2 -O raw          and every guest sector checked:
- * with K the highest guest fsync whose MARK lies before F', a sector must
- * hold the last write to it issued before fsync K returned, or any later
- * write to it (LOG order); a sector not written before fsync K may also
- * hold its original content.  A zeroing fallocate in LOG ("Z" line) counts
- * as a write of zeros.  Anything else (an older write, the original content
- * where a write was required, a torn, misplaced or unknown sector) is LOST
- * data.
+ * with K the highest guest fsync whose MARK lies before F', the virtual
+ * size must be the size at fsync K (LOG: the start size, or that of the
+ * last "R" line before "F K"; ftruncate returns once the size is durable)
+ * or a larger one set by a resize logged before fsync K+1 (its ftruncate
+ * may have been under way at the cut; one logged after fsync K+1 returned
+ * started after mark K+1, so after F').  A smaller or unknown size is LOST
+ * data.  Within that size a sector must hold the last write to it issued
+ * before fsync K returned, or any later write to it (LOG order); a sector
+ * not written before fsync K may also hold its original content (zeros in
+ * a grown area, as past the end of the original content).  A zeroing
+ * fallocate in LOG ("Z" line) counts as a write of zeros.  Anything else
+ * (an older write, the original content where a write was required, a
+ * torn, misplaced or unknown sector) is LOST data.
  *
  * Prints one line per bad state, then exactly
  *   powerloss: states=N corrupt=C lost=L leaky=K
@@ -361,8 +371,12 @@ static size_t nflush;
 static size_t *seg_begin, *seg_end;
 static uint64_t *seg_k;
 
-static uint64_t disk_size, nsect, wseed;
+static uint64_t disk_size, nsect, wseed;   /* the final (largest) size */
 static uint64_t nwrites, nfsync;
+static uint64_t *sizes;             /* sizes[0]: at the start; sizes[i]: after resize i */
+static size_t nsizes;
+static size_t *fsync_res;           /* resizes logged before fsync k returned */
+static uint64_t nshrink;            /* refused shrinks (X lines) */
 static uint64_t *w_off, *w_len;     /* by operation id (1-based) */
 static uint8_t *w_zero;             /* by operation id: a zeroing fallocate */
 static uint64_t *fsync_w;           /* fsync k returned after writes 1..fsync_w[k] */
@@ -462,25 +476,31 @@ static void load_log(const char *path)
     char line[256];
     size_t wcap = 1024, fcap = 256;
     bool ended = false;
+    unsigned version;
+    size_t scap = 8;
 
     if (!f)
         die("%s: %s", path, strerror(errno));
     if (!fgets(line, sizeof(line), f) ||
-        sscanf(line, "plwriter v1 seed=%" SCNu64 " size=%" SCNu64, &wseed, &disk_size) != 2)
-        die("%s: not a plwriter log", path);
+        sscanf(line, "plwriter v%u seed=%" SCNu64 " size=%" SCNu64, &version, &wseed,
+               &disk_size) != 3 || version < 1 || version > 2)
+        die("%s: not a plwriter log (v1 or v2)", path);
     if (disk_size % SECTOR || !disk_size)
         die("%s: bad disk size %" PRIu64, path, disk_size);
-    nsect = disk_size / SECTOR;
     w_off = xcalloc(wcap, sizeof(*w_off));
     w_len = xcalloc(wcap, sizeof(*w_len));
     w_zero = xcalloc(wcap, sizeof(*w_zero));
     fsync_w = xcalloc(fcap, sizeof(*fsync_w));
+    fsync_res = xcalloc(fcap, sizeof(*fsync_res));
+    sizes = xcalloc(scap, sizeof(*sizes));
+    sizes[nsizes++] = disk_size;
     while (fgets(line, sizeof(line), f)) {
         uint64_t a, b, c;
         if ((line[0] == 'W' || line[0] == 'Z') &&
             sscanf(line + 1, " %" SCNu64 " %" SCNu64 " %" SCNu64, &a, &b, &c) == 3) {
             if (a != nwrites + 1 || b % SECTOR || c % SECTOR || !c || b + c > disk_size)
-                die("%s: bad write line: %s", path, line);
+                die("%s: bad write line (or past the size %" PRIu64 "): %s", path, disk_size,
+                    line);
             if (a + 1 >= wcap) {
                 wcap *= 2;
                 w_off = realloc(w_off, wcap * sizeof(*w_off));
@@ -499,11 +519,29 @@ static void load_log(const char *path)
             if (a + 1 >= fcap) {
                 fcap *= 2;
                 fsync_w = realloc(fsync_w, fcap * sizeof(*fsync_w));
-                if (!fsync_w)
+                fsync_res = realloc(fsync_res, fcap * sizeof(*fsync_res));
+                if (!fsync_w || !fsync_res)
                     die("out of memory");
             }
             nfsync = a;
             fsync_w[a] = nwrites;
+            fsync_res[a] = nsizes - 1;
+        } else if (line[0] == 'R' && sscanf(line, "R %" SCNu64, &a) == 1) {
+            /* the disk grew (only grows succeed) */
+            if (a <= disk_size || a % SECTOR)
+                die("%s: bad resize line (the size is %" PRIu64 "): %s", path, disk_size, line);
+            if (nsizes == scap) {
+                scap *= 2;
+                sizes = realloc(sizes, scap * sizeof(*sizes));
+                if (!sizes)
+                    die("out of memory");
+            }
+            sizes[nsizes++] = disk_size = a;
+        } else if (line[0] == 'X' && sscanf(line, "X %" SCNu64, &a) == 1) {
+            /* a refused shrink: nothing changed */
+            if (a >= disk_size)
+                die("%s: bad shrink line (the size is %" PRIu64 "): %s", path, disk_size, line);
+            nshrink++;
         } else if (line[0] == 'E') {
             ended = true;
         } else {
@@ -515,6 +553,7 @@ static void load_log(const char *path)
         die("%s: no end line (the workload did not complete)", path);
     if (nwrites >= UINT32_MAX)
         die("%s: too many writes", path);
+    nsect = disk_size / SECTOR;
 
     /* sector -> covering writes */
     cov_start = xcalloc(nsect + 1, sizeof(*cov_start));
@@ -533,6 +572,15 @@ static void load_log(const char *path)
                 last_zero[s] = (uint32_t)id;
         }
     free(fill);
+}
+
+/* The number of resizes logged before fsync K returned (all of them for
+ * the final flush). */
+static size_t resizes_durable(uint64_t k)
+{
+    if (k == 0)
+        return 0;
+    return k <= nfsync ? fsync_res[k] : nsizes - 1;
 }
 
 /* Last write id before fsync K returned (all writes for the final flush). */
@@ -595,6 +643,7 @@ struct state {
     uint32_t num;               /* 1-based, in trace order */
     uint32_t seg;
     enum mode mode;
+    bool resize;                /* chosen as a segment of a resize */
     uint64_t gen;               /* generation order (tie-break) */
 };
 
@@ -609,6 +658,21 @@ static struct result *results;  /* shared with the workers */
 static uint64_t seed;
 static bool keep_bad, verbose;
 static const char *workdir;
+
+static size_t n_resize_segs, n_resize_states;
+
+/* A WRITE to the header's size (24..31) or L1 fields (36..47): a resize. */
+static bool header_resize_write(const struct rec *r)
+{
+    return r->type == T_WRITE && r->off < 48 && r->off + r->len > 24;
+}
+
+static enum mode pick_subset_mode(struct rng *r)
+{
+    uint64_t m = rnd(r, 100);
+    return m < 20 ? M_PREFIX : m < 60 ? M_RANDOM : m < 80 ? M_ALL_BUT_ONE
+         : m < 90 ? M_ONLY_ONE : M_ALL_TORN;
+}
 
 static int cmp_state(const void *a, const void *b)
 {
@@ -645,6 +709,25 @@ static void plan_states(uint64_t want)
     if (n_at > want - 1)
         n_at = want - 1;
     uint64_t n_sub = ncand ? want - 1 - n_at : 0;
+    /* the segments of the resizes: a header write to the size or the L1
+     * fields, and the segment before it (the new L1 table, its refcounts) */
+    size_t *rseg = xcalloc(nflush + 1, sizeof(*rseg)), nrseg = 0;
+    for (size_t j = 0; j <= nflush; j++) {
+        bool hdr = false;
+        for (size_t i = seg_begin[j]; i < seg_end[j] && !hdr; i++)
+            hdr = header_resize_write(&recs[i]);
+        for (size_t jj = j ? j - 1 : 0; hdr && jj <= j; jj++) {
+            bool any = false;
+            for (size_t i = seg_begin[jj]; i < seg_end[jj] && !any; i++)
+                any = applicable(&recs[i]);
+            if (any && (nrseg == 0 || rseg[nrseg - 1] < jj))
+                rseg[nrseg++] = jj;
+        }
+    }
+    uint64_t n_res = 3 * (uint64_t)nrseg < n_sub / 6 ? 3 * (uint64_t)nrseg : n_sub / 6;
+    n_sub -= n_res;
+    n_resize_segs = nrseg;
+    n_resize_states = (size_t)n_res;
     /* stratified over the flushes: "exactly at flush j" is segment j */
     for (uint64_t i = 0; i < n_at; i++) {
         uint64_t lo = i * nflush / n_at, hi = (i + 1) * nflush / n_at;
@@ -657,11 +740,16 @@ static void plan_states(uint64_t want)
     for (uint64_t i = 0; i < n_sub; i++) {
         uint64_t lo = i * ncand / n_sub, hi = (i + 1) * ncand / n_sub;
         size_t j = cand[lo + rnd(&r, hi > lo ? hi - lo : 1)];
-        uint64_t m = rnd(&r, 100);
-        enum mode mode = m < 20 ? M_PREFIX : m < 60 ? M_RANDOM : m < 80 ? M_ALL_BUT_ONE
-                       : m < 90 ? M_ONLY_ONE : M_ALL_TORN;
+        enum mode mode = pick_subset_mode(&r);
         states[n++] = (struct state){ .seg = (uint32_t)j, .mode = mode };
     }
+    /* round robin over the resize segments */
+    for (uint64_t i = 0; i < n_res; i++) {
+        enum mode mode = pick_subset_mode(&r);
+        states[n++] = (struct state){ .seg = (uint32_t)rseg[i % nrseg], .mode = mode,
+                                      .resize = true };
+    }
+    free(rseg);
     for (size_t i = 0; i < n; i++)
         states[i].gen = i;
     nstates = n;
@@ -871,9 +959,12 @@ static bool check_sector(struct verify *v, uint64_t s, const uint8_t *data)
     return false;
 }
 
-/* Check the raw guest image RAW; returns the number of bad sectors. */
-static uint64_t verify_raw(const char *raw, uint64_t w, char *msg, size_t msgsize)
+/* Check the raw guest image RAW of a state with K durable guest fsyncs;
+ * returns the number of bad sectors (1 for a wrong size). */
+static uint64_t verify_raw(const char *raw, uint64_t k, char *msg, size_t msgsize)
 {
+    uint64_t w = writes_durable(k);
+    uint64_t min_size = sizes[resizes_durable(k)], max_size = sizes[resizes_durable(k + 1)];
     int fd = open(raw, O_RDONLY | O_CLOEXEC);
     struct verify v = { .w = w };
     struct stat st;
@@ -884,34 +975,45 @@ static uint64_t verify_raw(const char *raw, uint64_t w, char *msg, size_t msgsiz
         buf = xcalloc(1, chunk);
     if (fd < 0 || fstat(fd, &st) < 0)
         die("%s: %s", raw, strerror(errno));
-    if ((uint64_t)st.st_size != disk_size) {
-        snprintf(msg, msgsize, "guest size %lld, expected %" PRIu64, (long long)st.st_size,
-                 disk_size);
+    /* the size: one the log knows, at least that of fsync K, none set by a
+     * resize that started after fsync K+1 */
+    uint64_t vsize = (uint64_t)st.st_size;
+    bool known = false;
+    for (size_t i = 0; i < nsizes; i++)
+        known |= sizes[i] == vsize;
+    if (!known || vsize < min_size || vsize > max_size) {
+        if (min_size == max_size)
+            snprintf(msg, msgsize, "virtual size %" PRIu64 ", expected %" PRIu64, vsize,
+                     min_size);
+        else
+            snprintf(msg, msgsize, "virtual size %" PRIu64 ", expected %" PRIu64 " or a size "
+                     "from a later resize up to %" PRIu64, vsize, min_size, max_size);
         close(fd);
         return 1;
     }
+    uint64_t ns = vsize / SECTOR;
     uint64_t s = 0;
-    while (s < nsect) {
+    while (s < ns) {
         off_t data = lseek(fd, (off_t)(s * SECTOR), SEEK_DATA);
         if (data < 0) {
             if (errno != ENXIO)
                 die("SEEK_DATA on %s: %s", raw, strerror(errno));
-            data = (off_t)disk_size;
+            data = (off_t)vsize;
         }
         /* hole: zeros */
-        for (; s < nsect && s * SECTOR + SECTOR <= (uint64_t)data; s++) {
+        for (; s < ns && s * SECTOR + SECTOR <= (uint64_t)data; s++) {
             if (cov_start[s] == cov_start[s + 1] && orig_zero[s])
                 continue;
             check_sector(&v, s, NULL);
         }
-        if (s >= nsect)
+        if (s >= ns)
             break;
         off_t hole = lseek(fd, (off_t)(s * SECTOR), SEEK_HOLE);
         if (hole < 0)
-            hole = (off_t)disk_size;
+            hole = (off_t)vsize;
         uint64_t end = ((uint64_t)hole + SECTOR - 1) / SECTOR;
-        if (end > nsect)
-            end = nsect;
+        if (end > ns)
+            end = ns;
         if (end <= s)
             end = s + 1;
         while (s < end) {
@@ -936,12 +1038,20 @@ static uint64_t verify_raw(const char *raw, uint64_t w, char *msg, size_t msgsiz
 static void describe(const struct state *st, char *buf, size_t size)
 {
     uint64_t k = seg_k[st->seg];
-    if (st->mode == M_FINAL)
-        snprintf(buf, size, "final state (all %zu records), fsyncs<=%" PRIu64, nrec, k);
+    uint64_t lo = sizes[resizes_durable(k)], hi = sizes[resizes_durable(k + 1)];
+    char sz[64];
+    if (lo == hi)
+        snprintf(sz, sizeof(sz), "size %" PRIu64, lo);
     else
-        snprintf(buf, size, "%s after flush #%u (records %zu..%zu), fsyncs<=%" PRIu64
-                 " (writes<=%" PRIu64 ")", mode_name[st->mode], st->seg,
-                 seg_begin[st->seg], seg_end[st->seg], k, writes_durable(k));
+        snprintf(sz, sizeof(sz), "size %" PRIu64 "..%" PRIu64, lo, hi);
+    if (st->mode == M_FINAL)
+        snprintf(buf, size, "final state (all %zu records), fsyncs<=%" PRIu64 ", %s", nrec, k,
+                 sz);
+    else
+        snprintf(buf, size, "%s after flush #%u (records %zu..%zu)%s, fsyncs<=%" PRIu64
+                 " (writes<=%" PRIu64 "), %s", mode_name[st->mode], st->seg,
+                 seg_begin[st->seg], seg_end[st->seg], st->resize ? " [resize]" : "", k,
+                 writes_durable(k), sz);
 }
 
 static void check_state(const struct state *st, const char *dir, const char *base_path,
@@ -1003,7 +1113,7 @@ static void check_state(const struct state *st, const char *dir, const char *bas
                      rc, line);
     } else {
         char m[500] = "";
-        if (verify_raw(raw, writes_durable(seg_k[st->seg]), m, sizeof(m))) {
+        if (verify_raw(raw, seg_k[st->seg], m, sizeof(m))) {
             res->lost = 1;
             snprintf(lost_msg, sizeof(lost_msg), "LOST: %s", m);
         }
@@ -1198,11 +1308,14 @@ int main(int argc, char **argv)
     }
     printf("plreplay: trace: %zu records (%zu writes, %zu flushes, %zu punches, %zu truncates, "
            "%zu marks), host writes up to %" PRIu64 "; log: %" PRIu64 " writes, %" PRIu64
-           " zero-ops, %" PRIu64 " fsyncs\n", nrec, counts[T_WRITE], counts[T_FLUSH],
+           " zero-ops, %" PRIu64 " fsyncs, %zu resizes (%" PRIu64 " -> %" PRIu64 " bytes), %"
+           PRIu64 " refused shrinks\n", nrec, counts[T_WRITE], counts[T_FLUSH],
            counts[T_PUNCH], counts[T_TRUNCATE], counts[T_MARK], host_end, nwrites - nzero,
-           nzero, nfsync);
+           nzero, nfsync, nsizes - 1, sizes[0], disk_size, nshrink);
 
     plan_states(nwant);
+    printf("plreplay: %zu states, %zu of them on the %zu trace segments of the resizes\n",
+           nstates, n_resize_states, n_resize_segs);
     if (only > 0 && (uint64_t)only > nstates)
         die("--only %ld: there are %zu states", only, nstates);
     size_t rsize = (nstates ? nstates : 1) * sizeof(*results);
@@ -1265,6 +1378,8 @@ int main(int argc, char **argv)
     free(w_zero);
     free(last_zero);
     free(fsync_w);
+    free(fsync_res);
+    free(sizes);
     free(cov_start);
     free(cov_ids);
     free(orig_zero);

@@ -1,7 +1,7 @@
 /*
  * plwriter — the guest workload of the power-loss test.
  *
- *   plwriter DISK LOG SEED NOPS
+ *   plwriter DISK LOG SEED NOPS [GROW]
  *
  * Issues NOPS operations to DISK (a qcow2fuse mount's disk file), single
  * threaded, and fsync(DISK) after every 1..8 of them (random).  About 90%
@@ -12,6 +12,16 @@
  * with fallocate (PUNCH_HOLE|KEEP_SIZE or ZERO_RANGE, 1 sector .. 1 MiB,
  * mostly over earlier writes), which frees clusters; if the disk does not
  * support fallocate (EOPNOTSUPP) only writes are issued.
+ *
+ * The disk also grows: ftruncate(DISK, size + N) once in the middle of the
+ * run (operation NOPS/2; N is GROW bytes if given, e.g. enough to need a
+ * larger L1 table, else random) and with a small probability elsewhere (at
+ * most MAX_GROWS in all; N random, 1..64 MiB in 512-byte steps, so the size
+ * is often not a multiple of the cluster size).  Later writes and zeroing
+ * operations may land in the new area (some straddle the old end).  The
+ * daemon flushes before ftruncate returns, so the new size is durable then.
+ * At 3/4 of the run (and rarely elsewhere) it tries to shrink the disk over
+ * written data: that must fail with EOPNOTSUPP and change nothing.
  *
  * Every 512-byte sector written is self-describing (see fill_sector):
  *   u64 magic  "PLWSECT1"
@@ -25,18 +35,22 @@
  * same layout (keep the two in sync).
  *
  * LOG (text) records the sequence, in the order the calls returned:
- *   plwriter v1 seed=SEED size=BYTES nops=NOPS
+ *   plwriter v2 seed=SEED size=BYTES nops=NOPS  (size: at the start)
  *   W ID OFFSET LENGTH        a write returned (bytes)
  *   Z ID OFFSET LENGTH MODE   a zeroing fallocate returned (MODE: punch or
  *                             zero-range); the range reads as zeros
  *   F SEQ                     fsync number SEQ (1, 2, ...) returned
+ *   R SIZE                    ftruncate grew the disk to SIZE bytes
+ *   X SIZE                    a shrink to SIZE was refused (nothing changed)
  *   E                         end (the workload completed)
  * Operation ids (W and Z share them) are 1, 2, ... in LOG order.
  *
- * At the end every written or zeroed sector is read back through DISK and
- * must hold its last write (or zeros).  LOG is line-buffered, so a hung run
- * shows the last operation that returned.  Exit 0 on success, 1 on an I/O error or a mismatch, 2 on
- * a usage error.  Uses libc only.
+ * At the end the disk must have the last size logged, every written or
+ * zeroed sector is read back through DISK and must hold its last write (or
+ * zeros), and so must the first 2 MiB past each old end that were never
+ * written (zeros).  LOG is line-buffered, so a hung run shows the last
+ * operation that returned.  Exit 0 on success, 1 on an I/O error or a
+ * mismatch, 2 on a usage error.  Uses libc only.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -143,19 +157,39 @@ static const uint64_t boundaries[] = {
     4096, 32768, 65536, 65536, 2 << 20, 2 << 20, 8 << 20,
 };
 
+#define MAX_GROWS 4                     /* resizes per run, the forced one included */
+#define MAX_RANDOM_GROW (64ULL << 20)
+#define SAMPLE_SECTORS 4096u            /* 2 MiB past each old end read back */
+
+static uint64_t grown_at[MAX_GROWS];    /* the sizes before each grow */
+static unsigned ngrows;
+
+/* Sector S lies in the first SAMPLE_SECTORS past an old end. */
+static bool in_sample(uint64_t s)
+{
+    for (unsigned g = 0; g < ngrows; g++)
+        if (s >= grown_at[g] / SECTOR && s - grown_at[g] / SECTOR < SAMPLE_SECTORS)
+            return true;
+    return false;
+}
+
 int main(int argc, char **argv)
 {
-    uint64_t seed, nops, size, nsect, id = 0, fsyncs = 0;
+    uint64_t seed, nops, grow = 0, size, nsect, max_nsect, id = 0, fsyncs = 0;
     struct wr *hist;
     uint32_t *last;
     uint64_t *buf;
     FILE *log;
     struct stat st;
     int fd, countdown;
-    bool zero_ok = true;
+    unsigned nshrinks = 0;
+    bool zero_ok = true, forced_grow = false;
 
-    if (argc != 5 || parse_u64(argv[3], &seed) || parse_u64(argv[4], &nops)) {
-        fprintf(stderr, "usage: plwriter DISK LOG SEED NOPS\n");
+    if ((argc != 5 && argc != 6) || parse_u64(argv[3], &seed) || parse_u64(argv[4], &nops) ||
+        (argc == 6 && (parse_u64(argv[5], &grow) || grow == 0 || grow % SECTOR ||
+                       grow > (1ULL << 40)))) {
+        fprintf(stderr, "usage: plwriter DISK LOG SEED NOPS [GROW]\n"
+                "       (GROW: bytes, a multiple of 512, the growth of the mid-run resize)\n");
         return 2;
     }
     fd = open(argv[1], O_RDWR);
@@ -169,17 +203,20 @@ int main(int argc, char **argv)
     }
     size = (uint64_t)st.st_size;
     nsect = size / SECTOR;
-    if (nsect < 2 * MAX_SECTORS) {
-        fprintf(stderr, "plwriter: %s is too small (%" PRIu64 " bytes)\n", argv[1], size);
+    if (nsect < 2 * MAX_SECTORS || size % SECTOR) {
+        fprintf(stderr, "plwriter: %s is too small or not a multiple of 512 (%" PRIu64
+                " bytes)\n", argv[1], size);
         return 1;
     }
+    /* room for every sector the disk can grow to */
+    max_nsect = nsect + (grow + MAX_GROWS * MAX_RANDOM_GROW) / SECTOR;
     log = fopen(argv[2], "w");
     if (!log) {
         fprintf(stderr, "plwriter: %s: %s\n", argv[2], strerror(errno));
         return 1;
     }
     hist = calloc(nops ? nops : 1, sizeof(*hist));
-    last = calloc(nsect, sizeof(*last));
+    last = calloc(max_nsect, sizeof(*last));
     buf = aligned_alloc(4096, (size_t)MAX_SECTORS * SECTOR);
     if (!hist || !last || !buf) {
         fprintf(stderr, "plwriter: out of memory\n");
@@ -187,13 +224,71 @@ int main(int argc, char **argv)
     }
     setvbuf(log, NULL, _IOLBF, 0);      /* a hung run shows how far it got */
     rng_state = mix64(seed);
-    fprintf(log, "plwriter v1 seed=%" PRIu64 " size=%" PRIu64 " nops=%" PRIu64 "\n",
+    fprintf(log, "plwriter v2 seed=%" PRIu64 " size=%" PRIu64 " nops=%" PRIu64 "\n",
             seed, size, nops);
 
     countdown = 1 + (int)rnd(8);
     for (uint64_t op = 0; op < nops; op++) {
         uint32_t count;
         uint64_t r, start;
+
+        /* Grow the disk: once in the middle, rarely elsewhere. */
+        if (op == nops / 2 ||
+            (op > 0 && ngrows + !forced_grow < MAX_GROWS && rnd(1000) < 7)) {
+            bool forced = op == nops / 2;
+            uint64_t n = forced && grow ? grow
+                       : ((1ULL << 20) + rnd(MAX_RANDOM_GROW - (1ULL << 20) + 1)) &
+                         ~(uint64_t)(SECTOR - 1);
+
+            if (forced)
+                forced_grow = true;
+            if (ftruncate(fd, (off_t)(size + n)) < 0) {
+                fprintf(stderr, "plwriter: ftruncate to %" PRIu64 " (grow by %" PRIu64
+                        "): %s\n", size + n, n, strerror(errno));
+                return 1;
+            }
+            if (fstat(fd, &st) < 0 || (uint64_t)st.st_size != size + n) {
+                fprintf(stderr, "plwriter: after ftruncate to %" PRIu64 " the size is %lld\n",
+                        size + n, (long long)st.st_size);
+                return 1;
+            }
+            grown_at[ngrows++] = size;
+            size += n;
+            nsect = size / SECTOR;
+            fprintf(log, "R %" PRIu64 "\n", size);
+            goto maybe_fsync;
+        }
+
+        /* Try to shrink the disk over written data: must be refused. */
+        if (id > 0 && (op == 3 * nops / 4 || (nshrinks < 3 && rnd(1000) < 3))) {
+            uint64_t s = nsect, target;
+            while (s > 0 && !(last[s - 1] && !hist[last[s - 1] - 1].zero))
+                s--;
+            /* sector s - 1 holds a write: cut 2..4 MiB below it, so that
+             * its whole cluster (up to 1 MiB) lies past the end (a cut
+             * inside a cluster zeroes its tail, allowed with data) */
+            if (s > 5 * MAX_SECTORS) {
+                target = (s - 1 - 2 * MAX_SECTORS - rnd(2 * MAX_SECTORS)) * SECTOR;
+                if (ftruncate(fd, (off_t)target) == 0) {
+                    fprintf(stderr, "plwriter: shrinking to %" PRIu64 " succeeded, but "
+                            "sector %" PRIu64 " holds write %u\n", target, s - 1, last[s - 1]);
+                    return 1;
+                }
+                if (errno != EOPNOTSUPP) {
+                    fprintf(stderr, "plwriter: shrinking to %" PRIu64 ": %s (expected %s)\n",
+                            target, strerror(errno), strerror(EOPNOTSUPP));
+                    return 1;
+                }
+                if (fstat(fd, &st) < 0 || (uint64_t)st.st_size != size) {
+                    fprintf(stderr, "plwriter: after a refused shrink the size is %lld, "
+                            "not %" PRIu64 "\n", (long long)st.st_size, size);
+                    return 1;
+                }
+                nshrinks++;
+                fprintf(log, "X %" PRIu64 "\n", target);
+                goto maybe_fsync;
+            }
+        }
 
         if (zero_ok && id > 0 && rnd(100) < 10) {
             /* zero a range (mostly over earlier writes): PUNCH_HOLE frees
@@ -240,7 +335,17 @@ int main(int argc, char **argv)
 
         count = pick_length();
         r = rnd(100);
-        if (r < 40 || id == 0) {
+        if (ngrows && rnd(100) < 15) {
+            /* into a grown area, or straddling its start (the old end) */
+            uint64_t old = grown_at[rnd(ngrows)] / SECTOR;
+            if (rnd(3) == 0) {
+                if (count < 2)
+                    count = 2 + (uint32_t)rnd(16);
+                start = old - 1 - rnd(count - 1);
+            } else {
+                start = old + rnd(nsect - old);
+            }
+        } else if (r < 40 || id == 0) {
             /* anywhere; sometimes 4K-aligned */
             start = rnd(nsect);
             if (rnd(3) == 0)
@@ -305,11 +410,17 @@ maybe_fsync:
         return 1;
     }
 
-    /* Read back every written sector through the mount. */
+    /* The disk has its last size; read back every written sector and the
+     * start of each grown area through the mount. */
+    if (fstat(fd, &st) < 0 || (uint64_t)st.st_size != size) {
+        fprintf(stderr, "plwriter: at the end the disk has %lld bytes, expected %" PRIu64 "\n",
+                (long long)st.st_size, size);
+        return 1;
+    }
     uint64_t bad = 0, checked = 0;
     for (uint64_t s = 0; s < nsect;) {
         uint64_t e = s;
-        while (e < nsect && e - s < MAX_SECTORS && last[e])
+        while (e < nsect && e - s < MAX_SECTORS && (last[e] || in_sample(e)))
             e++;
         if (e == s) {
             s++;
@@ -323,15 +434,20 @@ maybe_fsync:
         }
         for (uint64_t i = s; i < e; i++) {
             uint64_t want[64];
-            if (hist[last[i] - 1].zero)
+            if (!last[i] || hist[last[i] - 1].zero)
                 memset(want, 0, sizeof(want));
             else
                 fill_sector(want, seed, last[i], i);
             if (memcmp(want, buf + (i - s) * (SECTOR / 8), SECTOR)) {
-                if (bad++ < 5)
-                    fprintf(stderr, "plwriter: sector %" PRIu64 " does not hold %s %u\n",
-                            i, hist[last[i] - 1].zero ? "the zeros of fallocate" : "write",
-                            last[i]);
+                if (bad++ < 5) {
+                    if (last[i])
+                        fprintf(stderr, "plwriter: sector %" PRIu64 " does not hold %s %u\n",
+                                i, hist[last[i] - 1].zero ? "the zeros of fallocate" : "write",
+                                last[i]);
+                    else
+                        fprintf(stderr, "plwriter: sector %" PRIu64 " (grown, never written) "
+                                "does not read as zeros\n", i);
+                }
             }
             checked++;
         }
@@ -342,7 +458,8 @@ maybe_fsync:
     for (uint64_t i = 0; i < id; i++)
         nzero += hist[i].zero;
     printf("plwriter: seed=%" PRIu64 " writes=%" PRIu64 " zero-ops=%" PRIu64 " fsyncs=%" PRIu64
-           " sectors-verified=%" PRIu64 " bad=%" PRIu64 "\n", seed, id - nzero, nzero, fsyncs,
+           " grows=%u shrinks-refused=%u size=%" PRIu64 " sectors-verified=%" PRIu64
+           " bad=%" PRIu64 "\n", seed, id - nzero, nzero, fsyncs, ngrows, nshrinks, size,
            checked, bad);
     free(hist);
     free(last);
