@@ -131,12 +131,12 @@ static int walk_l2(struct meta *m, struct check_refs *r, struct check_report *re
                 rep->allocated_clusters++;
             continue;
         }
-        if (e & META_L2_STD_RESERVED) {
+        /* Reported, but the offset still counts as a reference, as QEMU
+         * counts it: freeing it as a leak would lose data. */
+        if (e & META_L2_STD_RESERVED)
             finding(rep, CHECK_RESERVED_BITS, "L2 table 0x%llx entry %llu = "
                     "0x%016llx has reserved bits set", (unsigned long long)l2_offset,
                     (unsigned long long)i, (unsigned long long)e);
-            continue;
-        }
         uint64_t host = e & META_OFFSET_MASK;
         if (!host)
             continue;
@@ -170,12 +170,10 @@ static int walk_l1(struct meta *m, struct check_refs *r, struct check_report *re
         return ret;
     for (uint32_t i = 0; i < l1_size && ret == 0; i++) {
         uint64_t e = be64_get(t + 8 * i), l2 = e & META_OFFSET_MASK;
-        if (e & META_L1_RESERVED) {
+        if (e & META_L1_RESERVED)
             finding(rep, CHECK_RESERVED_BITS, "L1 table 0x%llx entry %u = 0x%016llx "
                     "has reserved bits set", (unsigned long long)l1_offset, i,
                     (unsigned long long)e);
-            continue;
-        }
         if (!l2)
             continue;
         if (l2 & (m->cluster_size - 1)) {

@@ -55,6 +55,10 @@ int cluster_decode_entry(const struct meta *m, uint64_t entry, uint64_t bitmap,
             *why = "compressed cluster with the COPIED flag";
             return -EINVAL;
         }
+        if (*host >= m->file_end) {
+            *why = "compressed data past the end of the image file";
+            return -EINVAL;
+        }
         *kind = CLUSTER_COMPRESSED;
         return 0;
     }
@@ -80,6 +84,10 @@ int cluster_decode_entry(const struct meta *m, uint64_t entry, uint64_t bitmap,
         return -EINVAL;
     }
     *host = off;
+    if (!m->has_data_file && off >= m->file_end) {
+        *why = "data cluster offset past the end of the image file";
+        return -EINVAL;
+    }
 
     if (m->extended_l2) {
         uint32_t alloc = (uint32_t)bitmap, zero = (uint32_t)(bitmap >> 32);
@@ -190,6 +198,13 @@ static int l2_table_of(struct cluster *cl, uint64_t l1_index, uint64_t *l2_offse
                             "reserved bits set", (unsigned long long)l1_index,
                             (unsigned long long)cl->l1_offset, (unsigned long long)e);
     *l2_offset = e & META_OFFSET_MASK;
+    if (*l2_offset && *l2_offset >= m->file_end)
+        return meta_corrupt(m, "L1 entry %llu (table at 0x%llx) points at L2 "
+                            "table offset 0x%llx, past the end of the image "
+                            "file (0x%llx)", (unsigned long long)l1_index,
+                            (unsigned long long)cl->l1_offset,
+                            (unsigned long long)*l2_offset,
+                            (unsigned long long)m->file_end);
     if (*l2_offset & (m->cluster_size - 1))
         return meta_corrupt(m, "L1 entry %llu (table at 0x%llx) points at L2 "
                             "table offset 0x%llx, not cluster aligned",

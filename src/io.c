@@ -484,7 +484,7 @@ int io_lock_image(struct io *io, const char *path, bool writable)
                 log_error("%s: failed to get the image lock: another process "
                           "(QEMU?) %s \"%s\" access to the image; stop it%s", path,
                           pass == 0 ? "refuses to share" : "holds",
-                          perm_names[perm], writable ? " or mount read-only" : " first");
+                          perm_names[perm], " first");
                 return -EAGAIN;
             }
         }

@@ -10,6 +10,12 @@
 static enum log_level max_level = LOG_LEVEL_INFO;
 static bool to_syslog;
 static log_hook_fn *hook;
+static const char *program = "qcow2fuse";
+
+void log_set_ident(const char *ident)
+{
+    program = ident;
+}
 
 void log_set_level(enum log_level level)
 {
@@ -45,5 +51,5 @@ void log_msg(enum log_level level, const char *fmt, ...)
     else if (to_syslog)
         syslog(prio[level], "%s", msg);
     else
-        fprintf(stderr, "qcow2fuse: %s: %s\n", names[level], msg);
+        fprintf(stderr, "%s: %s: %s\n", program, names[level], msg);
 }

@@ -17,6 +17,9 @@ enum log_level {
 /* Messages above @max_level are dropped.  Default: LOG_LEVEL_INFO. */
 void log_set_level(enum log_level max_level);
 
+/* The program name that prefixes messages on stderr (default qcow2fuse). */
+void log_set_ident(const char *ident);
+
 /* Switch the sink from stderr to syslog (after daemonizing). */
 void log_use_syslog(const char *ident);
 

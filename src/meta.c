@@ -62,6 +62,13 @@ void meta_init(struct meta *m, const struct qcow2_header *h, struct io *io,
     m->refcount_order = h->refcount_order;
     m->virtual_size = h->size;
     m->incompatible = h->incompatible_features;
+    {
+        uint64_t size = 0;
+        if (io_get_size(io, &size) < 0)
+            size = UINT64_MAX;   /* unknown: offsets are checked on I/O */
+        m->file_end = size == UINT64_MAX ? size
+                                         : (size + m->cluster_size - 1) & ~(m->cluster_size - 1);
+    }
 }
 
 /* ---- metadata cluster set ---------------------------------------------------- */
@@ -77,6 +84,8 @@ struct meta_set {
     size_t cap;                 /* power of two */
     size_t used;                /* live + tombstones */
 };
+
+static enum meta_kind set_get(const struct meta_set *s, uint64_t key);
 
 static size_t slot_of(const struct meta_set *s, uint64_t key)
 {
@@ -179,7 +188,15 @@ int meta_mark(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind
         return 0;
     for (uint64_t ci = offset >> m->cluster_bits;
          ci <= (offset + len - 1) >> m->cluster_bits; ci++) {
-        int ret = set_put(m->set, ci, kind);
+        enum meta_kind old = set_get(m->set, ci);
+        int ret;
+        /* Two structures in one cluster: the image is damaged. */
+        if (kind != META_KIND_NONE && old != META_KIND_NONE && old != kind)
+            return meta_corrupt(m, "the %s at host offset 0x%llx overlaps the %s "
+                                "there", meta_kind_name(kind),
+                                (unsigned long long)(ci << m->cluster_bits),
+                                meta_kind_name(old));
+        ret = set_put(m->set, ci, kind);
         if (ret < 0)
             return ret;
     }

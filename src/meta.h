@@ -44,6 +44,8 @@ struct meta {
     uint64_t virtual_size;
     uint64_t incompatible;      /* as on disk */
     struct meta_set *set;       /* metadata clusters (writable images) */
+    _Atomic uint64_t file_end;  /* bytes of the image file in use: every
+                                 * valid offset lies below it */
     atomic_bool corrupt;
     atomic_flag corrupt_reported;
 };

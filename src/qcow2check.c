@@ -88,6 +88,7 @@ int main(int argc, char *argv[])
     long fixed_leaks = 0, fixed_other = 0;
     int c, ret, status;
 
+    log_set_ident("qcow2check");
     while ((c = getopt_long(argc, argv, "r:o:h", longopts, NULL)) != -1) {
         switch (c) {
         case 'r':
@@ -160,7 +161,9 @@ int main(int argc, char *argv[])
             }
             fixed_leaks = n;
         }
-        if (repair == REPAIR_ALL && rep.count[CHECK_COPIED_WRONG]) {
+        /* After a refcount rebuild the right COPIED flags may differ from
+         * what the first pass saw: fix them against the new counts. */
+        if (repair == REPAIR_ALL) {
             long n = check_fix_copied(&m, &h, refs);
             if (n < 0) {
                 ret = (int)n;

@@ -76,6 +76,51 @@ static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_
 
 /* ---- open/close ------------------------------------------------------------ */
 
+/* Clusters a crash can leave counted past the end of the file: at most the
+ * allocations in flight (16 requests of up to 256 clusters). */
+#define REFCOUNT_SLACK_PAST_END 8192u
+
+/*
+ * A refcount block that counts clusters far past the end of the file is not
+ * a refcount block (a damaged table entry pointing at data, say): trusting
+ * it would send allocations gigabytes past the end.  Only the blocks that
+ * cover the end of the file are read.
+ */
+static int check_blocks_past_end(struct refcount *rc)
+{
+    struct meta *m = rc->m;
+    uint64_t limit = (rc->file_end >> m->cluster_bits) + REFCOUNT_SLACK_PAST_END;
+    uint8_t *buf = NULL;
+    int ret = 0;
+
+    for (uint64_t ti = limit / rc->block_entries; ti < rc->table_entries; ti++) {
+        if (!rc->table[ti])
+            continue;
+        if (!buf && !(buf = malloc(m->cluster_size)))
+            return -ENOMEM;
+        ret = io_pread(m->io, buf, m->cluster_size, rc->table[ti]);
+        if (ret < 0)
+            break;
+        for (uint64_t i = 0; i < rc->block_entries; i++) {
+            uint64_t ci = ti * rc->block_entries + i;
+            if (ci >= limit && refcount_entry_get(m->refcount_order, buf, i)) {
+                ret = meta_corrupt(m, "the refcount block at 0x%llx (refcount "
+                                   "table entry %llu) counts host cluster 0x%llx, "
+                                   "far past the end of the file (0x%llx): it is "
+                                   "not a refcount block",
+                                   (unsigned long long)rc->table[ti],
+                                   (unsigned long long)ti,
+                                   (unsigned long long)(ci << m->cluster_bits),
+                                   (unsigned long long)rc->file_end);
+                goto out;
+            }
+        }
+    }
+out:
+    free(buf);
+    return ret;
+}
+
 static int block_write_check(void *opaque, uint64_t offset, size_t len)
 {
     return meta_check_write(opaque, offset, len, META_KIND_REFBLOCK);
@@ -112,9 +157,11 @@ int refcount_open(struct meta *m, uint64_t table_offset, uint32_t table_clusters
 
     for (uint64_t i = 0; i < rc->table_entries; i++) {
         uint64_t e = be64_get(&rc->table[i]);
-        if ((e & META_REFTABLE_RESERVED) || (e & (m->cluster_size - 1))) {
+        if ((e & META_REFTABLE_RESERVED) || (e & (m->cluster_size - 1)) ||
+            e >= m->file_end) {
             ret = meta_corrupt(m, "refcount table entry %llu (table at 0x%llx) = "
-                               "0x%llx: reserved bits set or not cluster aligned",
+                               "0x%llx: reserved bits set, not cluster aligned, or past "
+                               "the end of the file",
                                (unsigned long long)i,
                                (unsigned long long)table_offset,
                                (unsigned long long)e);
@@ -126,6 +173,10 @@ int refcount_open(struct meta *m, uint64_t table_offset, uint32_t table_clusters
     }
     if (rc->used_end > rc->file_end >> m->cluster_bits)
         rc->used_end = rc->file_end >> m->cluster_bits;
+
+    ret = check_blocks_past_end(rc);
+    if (ret < 0)
+        goto fail;
 
     nb_blocks = cache_bytes / m->cluster_size;
     if (nb_blocks < 4)
@@ -240,6 +291,8 @@ static void note_used(struct refcount *rc, uint64_t ci_end)
         rc->used_end = ci_end;
     if (end_bytes > rc->file_end)
         rc->file_end = end_bytes;
+    if (end_bytes > rc->m->file_end)
+        rc->m->file_end = end_bytes;
 }
 
 /*
@@ -475,7 +528,6 @@ int refcount_update(struct refcount *rc, uint64_t offset, uint64_t len, int delt
                                "changing it by %d leaves the range of %u-bit "
                                "refcounts", (unsigned long long)(ci << m->cluster_bits),
                                (unsigned long long)v, delta, 1u << m->refcount_order);
-            ret = -ERANGE;
             goto out;
         }
         block_set(rc, block, ci % rc->block_entries, v + (uint64_t)(int64_t)delta);
