@@ -214,7 +214,9 @@ _remove_dir() {
 cleanup() {
     local rc=$?
     set +e
-    trap - EXIT
+    # Cleanup commands may fail on purpose (a daemon already reaped): they
+    # are not the failure the ERR trap should name.
+    trap - EXIT ERR
     _cleanup_scope
     if [[ -n $CASE_NAME ]]; then
         _remove_dir "$T"
