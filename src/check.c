@@ -369,11 +369,22 @@ static int disk_refcount(struct disk_refcounts *d, uint64_t ci, uint64_t *v)
     return 0;
 }
 
-static int check_copied(struct meta *m, const struct qcow2_header *h,
-                        struct disk_refcounts *d, struct check_report *rep)
+/*
+ * Walk the active L1 and L2 tables and compare every OFLAG_COPIED flag with
+ * "refcount is exactly one", the refcount coming from @refcount_of.  Each
+ * mismatch is reported in @rep, or with @fix the flag is corrected and the
+ * table written back.  Returns the number of mismatches, or -errno.
+ */
+typedef int refcount_of_fn(void *opaque, uint64_t ci, uint64_t *v);
+
+static long walk_copied(struct meta *m, const struct qcow2_header *h,
+                        refcount_of_fn *refcount_of, void *opaque,
+                        struct check_report *rep, bool fix)
 {
+    uint64_t file_clusters = m->file_end >> m->cluster_bits;
     uint8_t *l1 = NULL, *l2 = NULL;
-    int ret = 0;
+    long mismatches = 0;
+    int ret;
 
     if (!h->l1_size)
         return 0;
@@ -387,15 +398,26 @@ static int check_copied(struct meta *m, const struct qcow2_header *h,
     }
     for (uint32_t i = 0; i < h->l1_size; i++) {
         uint64_t e = be64_get(l1 + 8 * i), off = e & META_OFFSET_MASK, v;
-        if (!off || (off & (m->cluster_size - 1)) || (e & META_L1_RESERVED))
+        bool l2_changed = false;
+        if (!off || (off & (m->cluster_size - 1)) || (e & META_L1_RESERVED) ||
+            (off >> m->cluster_bits) >= file_clusters)
             continue;
-        ret = disk_refcount(d, off >> m->cluster_bits, &v);
+        ret = refcount_of(opaque, off >> m->cluster_bits, &v);
         if (ret < 0)
             goto out;
-        if ((v == 1) != !!(e & META_L2_COPIED))
-            finding(rep, CHECK_COPIED_WRONG, "OFLAG_COPIED L2 cluster: l1_index=%u "
-                    "l1_entry=%llx refcount=%llu", i, (unsigned long long)e,
-                    (unsigned long long)v);
+        if ((v == 1) != !!(e & META_L2_COPIED)) {
+            mismatches++;
+            if (fix) {
+                be64_put(l1 + 8 * i, e ^ META_L2_COPIED);
+                ret = io_pwrite(m->io, l1 + 8 * i, 8, h->l1_table_offset + 8 * i);
+                if (ret < 0)
+                    goto out;
+            } else {
+                finding(rep, CHECK_COPIED_WRONG, "OFLAG_COPIED L2 cluster: "
+                        "l1_index=%u l1_entry=%llx refcount=%llu", i,
+                        (unsigned long long)e, (unsigned long long)v);
+            }
+        }
         ret = io_pread(m->io, l2, m->cluster_size, off);
         if (ret < 0)
             goto out;
@@ -403,21 +425,40 @@ static int check_copied(struct meta *m, const struct qcow2_header *h,
             uint64_t le = be64_get(l2 + j * m->l2_entry_bytes);
             uint64_t host = le & META_OFFSET_MASK;
             if ((le & META_L2_COMPRESSED) || !host || m->has_data_file ||
-                (le & META_L2_STD_RESERVED))
+                (le & META_L2_STD_RESERVED) || (host >> m->cluster_bits) >= file_clusters)
                 continue;
-            ret = disk_refcount(d, host >> m->cluster_bits, &v);
+            ret = refcount_of(opaque, host >> m->cluster_bits, &v);
             if (ret < 0)
                 goto out;
-            if ((v == 1) != !!(le & META_L2_COPIED))
+            if ((v == 1) == !!(le & META_L2_COPIED))
+                continue;
+            mismatches++;
+            if (fix) {
+                be64_put(l2 + j * m->l2_entry_bytes, le ^ META_L2_COPIED);
+                l2_changed = true;
+            } else {
                 finding(rep, CHECK_COPIED_WRONG, "OFLAG_COPIED data cluster: "
                         "l2_entry=%llx refcount=%llu", (unsigned long long)le,
                         (unsigned long long)v);
+            }
+        }
+        if (l2_changed) {
+            ret = io_pwrite(m->io, l2, m->cluster_size, off);
+            if (ret < 0)
+                goto out;
         }
     }
+    if (fix)
+        ret = io_flush(m->io);
 out:
     free(l1);
     free(l2);
-    return ret;
+    return ret < 0 ? ret : mismatches;
+}
+
+static int disk_refcount_of(void *opaque, uint64_t ci, uint64_t *v)
+{
+    return disk_refcount(opaque, ci, v);
 }
 
 int check_compare(struct meta *m, const struct qcow2_header *h,
@@ -453,7 +494,10 @@ int check_compare(struct meta *m, const struct qcow2_header *h,
                     "reference=%llu", (unsigned long long)ci,
                     (unsigned long long)v, (unsigned long long)want);
     }
-    ret = check_copied(m, h, &d, rep);
+    {
+        long n = walk_copied(m, h, disk_refcount_of, &d, rep, false);
+        ret = n < 0 ? (int)n : 0;
+    }
 out:
     free(d.table);
     free(d.block);
@@ -617,64 +661,18 @@ out:
     return ret;
 }
 
+static int counted_refcount_of(void *opaque, uint64_t ci, uint64_t *v)
+{
+    struct check_refs *r = opaque;
+
+    *v = ci < r->nb ? r->ref[ci] : 0;
+    return 0;
+}
+
 long check_fix_copied(struct meta *m, const struct qcow2_header *h,
                       struct check_refs *r)
 {
-    uint8_t *l1 = NULL, *l2 = NULL;
-    long fixed = 0;
-    int ret;
-
-    if (!h->l1_size)
-        return 0;
-    ret = read_table(m, h->l1_table_offset, (uint64_t)h->l1_size * 8, &l1);
-    if (ret < 0)
-        return ret;
-    l2 = malloc(m->cluster_size);
-    if (!l2) {
-        ret = -ENOMEM;
-        goto out;
-    }
-    for (uint32_t i = 0; i < h->l1_size; i++) {
-        uint64_t e = be64_get(l1 + 8 * i), off = e & META_OFFSET_MASK;
-        bool l2_changed = false;
-        if (!off || (off & (m->cluster_size - 1)) || (off >> m->cluster_bits) >= r->nb)
-            continue;
-        if ((r->ref[off >> m->cluster_bits] == 1) != !!(e & META_L2_COPIED)) {
-            e ^= META_L2_COPIED;
-            be64_put(l1 + 8 * i, e);
-            ret = io_pwrite(m->io, l1 + 8 * i, 8, h->l1_table_offset + 8 * i);
-            if (ret < 0)
-                goto out;
-            fixed++;
-        }
-        ret = io_pread(m->io, l2, m->cluster_size, off);
-        if (ret < 0)
-            goto out;
-        for (uint64_t j = 0; j < m->l2_entries; j++) {
-            uint64_t le = be64_get(l2 + j * m->l2_entry_bytes);
-            uint64_t host = le & META_OFFSET_MASK;
-            bool want;
-            if ((le & META_L2_COMPRESSED) || !host || m->has_data_file ||
-                (host >> m->cluster_bits) >= r->nb)
-                continue;
-            want = r->ref[host >> m->cluster_bits] == 1;
-            if (want != !!(le & META_L2_COPIED)) {
-                be64_put(l2 + j * m->l2_entry_bytes, le ^ META_L2_COPIED);
-                l2_changed = true;
-                fixed++;
-            }
-        }
-        if (l2_changed) {
-            ret = io_pwrite(m->io, l2, m->cluster_size, off);
-            if (ret < 0)
-                goto out;
-        }
-    }
-    ret = io_flush(m->io);
-out:
-    free(l1);
-    free(l2);
-    return ret < 0 ? ret : fixed;
+    return walk_copied(m, h, counted_refcount_of, r, NULL, true);
 }
 
 long check_fix_leaks(struct meta *m, const struct qcow2_header *h,
