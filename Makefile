@@ -50,7 +50,7 @@ $(BUILD)/qcow2check: $(BUILD)/obj/qcow2check.o $(BUILD)/libqcow2fuse.a
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libqcow2fuse.a $(wildcard tests/unit/*.h) | $(BUILD)/tests
 	$(CC) $(ALL_CFLAGS) -iquote src -iquote tests/unit -o $@ $< $(BUILD)/libqcow2fuse.a $(CHECK_LIBS) $(LIBS)
 
-$(BUILD)/tests/%: tests/tools/%.c $(BUILD)/libqcow2fuse.a | $(BUILD)/tests
+$(BUILD)/tests/%: tests/tools/%.c $(wildcard tests/tools/*.h) $(BUILD)/libqcow2fuse.a | $(BUILD)/tests
 	$(CC) $(ALL_CFLAGS) -pthread -iquote src -o $@ $< $(BUILD)/libqcow2fuse.a $(LIBS)
 
 $(BUILD)/obj $(BUILD)/tests:
