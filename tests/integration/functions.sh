@@ -371,6 +371,19 @@ qio() {
     fi
 }
 
+# qio_unmap IMG CMD...: qemu-io with discard=unmap (qio's default ignores
+# discard requests, so "discard" would leave the clusters allocated).
+qio_unmap() {
+    local img=$1 c log="$T/qemu-io.$(_seq).log"
+    shift
+    local args=()
+    for c in "$@"; do args+=(-c "$c"); done
+    if ! qemu-io -d unmap -f qcow2 "${args[@]}" "$img" >"$log" 2>&1; then
+        cat "$log" >&2
+        fail "test setup: qemu-io on $img failed (commands: $*)"
+    fi
+}
+
 # make_sources: create pattern files for "qemu-io write -s FILE" in
 # $TEST_TMP/src (call once, at the top level of a test):
 #   R1 R2 R3  8 MiB of random bytes each (incompressible, all different)

@@ -67,19 +67,6 @@ PAT="$TEST_TMP/pattern"
 # ---------------------------------------------------------------------------
 # Base images
 
-# qio_unmap IMG CMD...: qemu-io with discard=unmap (qio's default ignores
-# discard requests, so "discard" would leave the clusters allocated).
-qio_unmap() {
-    local img=$1 c log="$TEST_TMP/qemu-io.log"
-    shift
-    local args=()
-    for c in "$@"; do args+=(-c "$c"); done
-    if ! qemu-io -d unmap -f qcow2 "${args[@]}" "$img" >"$log" 2>&1; then
-        cat "$log" >&2
-        fail "test setup: qemu-io on $img failed (commands: $*)"
-    fi
-}
-
 make_bases() {
     local r1="$TEST_TMP/r1" x1="$TEST_TMP/x1" b
     mkdir -p "$BASES"
