@@ -42,6 +42,8 @@ struct cache {
     bool writethrough;
     cache_write_check_fn *write_check;
     void *write_check_opaque;
+    cache_flush_hook_fn *flush_hook;
+    void *flush_hook_opaque;
     struct cache_stats stats;
 };
 
@@ -238,9 +240,18 @@ int cache_write_dirty(struct cache *c)
 int cache_flush(struct cache *c)
 {
     int ret = cache_write_dirty(c);
-    int ret2 = io_flush(c->io);
+    int ret2;
 
+    if (ret == 0 && c->flush_hook)
+        ret = c->flush_hook(c->flush_hook_opaque);
+    ret2 = io_flush(c->io);
     return ret < 0 ? ret : ret2;
+}
+
+void cache_set_flush_hook(struct cache *c, cache_flush_hook_fn *fn, void *opaque)
+{
+    c->flush_hook = fn;
+    c->flush_hook_opaque = opaque;
 }
 
 void cache_set_dependency(struct cache *c, struct cache *dependency)

@@ -6,8 +6,8 @@
  *   cache_get_empty()  table for a freshly allocated cluster: no read
  *   cache_put()        give the reference back
  *   cache_mark_dirty() the table changed; it is written back later
- *   cache_flush()      write every dirty table (dependencies first), then
- *                      flush the host file
+ *   cache_flush()      write every dirty table (dependencies first), run
+ *                      the flush hook, then flush the host file
  *   cache_set_dependency(c, d)  before any table of c is written, every
  *                      dirty table of d is written and the host flushed
  *   cache_depends_on_flush(c)   before any table of c is written, the host
@@ -99,6 +99,16 @@ void cache_set_writethrough(struct cache *c, bool on);
  */
 typedef int cache_write_check_fn(void *opaque, uint64_t offset, size_t len);
 void cache_set_write_check(struct cache *c, cache_write_check_fn *fn, void *opaque);
+
+/*
+ * Called by cache_flush() after the dirty tables are written and before the
+ * final host flush; it may write and flush on its own.  The refcount module
+ * uses it to link refcount blocks into the table (the table itself is not
+ * cached), so every path that flushes refcounts also links them.
+ * Returns 0 or -errno (returned by cache_flush).
+ */
+typedef int cache_flush_hook_fn(void *opaque);
+void cache_set_flush_hook(struct cache *c, cache_flush_hook_fn *fn, void *opaque);
 
 void cache_get_stats(const struct cache *c, struct cache_stats *out);
 unsigned cache_nb_entries(const struct cache *c);

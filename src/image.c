@@ -1224,16 +1224,14 @@ static int flush_locked(struct image *img)
     bool tables = cache_has_dirty(l2) || cluster_l1_dirty(img->cl);
     int ret;
 
-    /* 1. Guest data and refcount increments, then one host flush. */
+    /* 1. Guest data, refcount increments and links of new refcount
+     *    blocks, then a host flush. */
     if (img->data_io) {
         ret = io_flush(img->data_io);
         if (ret < 0)
             return ret;
     }
-    ret = cache_write_dirty(rcc);
-    if (ret < 0)
-        return ret;
-    ret = io_flush(img->io);
+    ret = cache_flush(rcc);
     if (ret < 0)
         return ret;
     cache_dependency_met(l2);

@@ -28,7 +28,11 @@ struct refcount {
     uint64_t used_end;          /* cluster index past the last one in use */
     struct { uint64_t offset, len; } *deferred;
     size_t nb_deferred, cap_deferred;
+    uint64_t *pending;          /* table indices of new blocks not linked on disk */
+    size_t nb_pending, cap_pending;
 };
+
+static int link_pending(void *opaque);
 
 /* ---- refcount block entry access ----------------------------------------- */
 
@@ -189,6 +193,7 @@ int refcount_open(struct meta *m, uint64_t table_offset, uint32_t table_clusters
         goto fail;
     }
     cache_set_write_check(rc->cache, block_write_check, m);
+    cache_set_flush_hook(rc->cache, link_pending, rc);
     ret = meta_mark(m, table_offset, (uint64_t)table_clusters << m->cluster_bits,
                     META_KIND_REFTABLE);
     for (uint64_t i = 0; ret == 0 && i < rc->table_entries; i++)
@@ -210,6 +215,7 @@ void refcount_close(struct refcount *rc)
         return;
     cache_destroy(rc->cache);
     free(rc->deferred);
+    free(rc->pending);
     free(rc->table);
     free(rc);
 }
@@ -544,68 +550,125 @@ out:
 }
 
 /*
- * Create and link the refcount blocks missing for table indices
- * [@ti_lo, @ti_hi], placing them at clusters @first_new .. + @k.
- *
- * A new block's own refcount lives in whichever block covers its cluster,
- * possibly another new one; a table entry may reach the disk only after
- * the block holding its block's refcount is linked, or a crash between two
- * entry writes leaves a referenced cluster with refcount 0.  So the blocks
- * are linked in rounds, each round only those whose refcount holder is
- * already linked (or themselves), with a flush after each round.  Blocks
- * are laid out in table order, so the holder never lies below: no cycles.
+ * Create the refcount blocks missing for table indices [@ti_lo, @ti_hi],
+ * placing them at clusters @first_new .. + @k, and enter them in the
+ * in-memory table.  Their on-disk table entries are written by
+ * link_pending() when the refcount cache is next flushed: linking here
+ * would need a host flush (the block before the entry that points at it)
+ * in the middle of the write stream, with the metadata lock held.  Until
+ * then no L2 entry that points into their range reaches the disk (L2
+ * tables depend on the refcount cache), so a crash only leaks.
  */
-static int link_new_blocks(struct refcount *rc, uint64_t ti_lo, uint64_t ti_hi,
-                           uint64_t first_new, uint64_t k)
+static int create_blocks(struct refcount *rc, uint64_t ti_lo, uint64_t ti_hi,
+                         uint64_t first_new, uint64_t k)
 {
     struct meta *m = rc->m;
-    uint64_t be = rc->block_entries, at[64], tis[64], n = 0;
-    bool linked[64] = { false };
-    uint64_t left;
+    uint64_t be = rc->block_entries, n = 0;
     int ret;
 
-    if (k > 64) {
-        log_error("internal error: %llu refcount blocks needed at once",
-                  (unsigned long long)k);
-        return -EIO;
+    if (rc->nb_pending + k > rc->cap_pending) {
+        size_t cap = rc->cap_pending ? rc->cap_pending : 16;
+        void *p;
+        while (cap < rc->nb_pending + k)
+            cap *= 2;
+        p = realloc(rc->pending, cap * sizeof(*rc->pending));
+        if (!p)
+            return -ENOMEM;
+        rc->pending = p;
+        rc->cap_pending = cap;
     }
-    for (uint64_t ti = ti_lo; ti <= ti_hi; ti++) {
+    for (uint64_t ti = ti_lo; ti <= ti_hi && n < k; ti++) {
+        uint64_t at = first_new + n;
         if (has_block(rc, ti))
             continue;
-        at[n] = first_new + n;
-        tis[n] = ti;
-        ret = write_new_block(rc, ti, at[n], first_new, first_new + k);
+        ret = write_new_block(rc, ti, at, first_new, first_new + k);
         if (ret < 0)
             return ret;
+        rc->table[ti] = at << m->cluster_bits;
+        rc->pending[rc->nb_pending++] = ti;
         n++;
     }
-    /* Blocks on disk before any table entry points at them. */
-    ret = io_flush(m->io);
-    for (left = n; ret == 0 && left > 0;) {
-        uint64_t progress = 0;
-        for (uint64_t i = 0; i < n; i++) {
-            uint64_t holder = at[i] / be;
-            bool ready = holder == tis[i] || has_block(rc, holder);
-            if (linked[i] || !ready)
-                continue;
-            rc->table[tis[i]] = at[i] << m->cluster_bits;
-            ret = write_table_entry(rc, tis[i]);
-            if (ret < 0) {
-                rc->table[tis[i]] = 0;
+    if (n != k) {
+        log_error("internal error: %llu refcount blocks laid out, %llu needed",
+                  (unsigned long long)k, (unsigned long long)n);
+        return -EIO;
+    }
+    /* A block whose own cluster lies in the range of a block that already
+     * existed gets its refcount there (write_new_block only set the ones
+     * inside the new blocks). */
+    for (uint64_t i = 0; i < k; i++) {
+        uint64_t at = first_new + i, holder = at / be;
+        bool holder_new = false;
+        for (size_t j = rc->nb_pending - k; j < rc->nb_pending; j++)
+            holder_new |= rc->pending[j] == holder;
+        if (!holder_new) {
+            ret = refcount_update(rc, at << m->cluster_bits, m->cluster_size, 1);
+            if (ret < 0)
                 return ret;
-            }
-            linked[i] = true;
-            progress++;
         }
-        if (!progress) {
+    }
+    return 0;
+}
+
+static bool is_pending(const struct refcount *rc, uint64_t ti)
+{
+    for (size_t i = 0; i < rc->nb_pending; i++)
+        if (rc->pending[i] == ti)
+            return true;
+    return false;
+}
+
+/*
+ * The refcount cache's flush hook: write the table entries of new blocks.
+ * On entry every dirty refcount block has been written (not flushed).
+ *
+ * A new block's own refcount lives in whichever block covers its cluster,
+ * possibly another new one; an entry may reach the disk only after the
+ * block holding its block's refcount is linked, or a crash between two
+ * entry writes leaves a referenced cluster with refcount 0.  So the
+ * entries are written in rounds, each round those whose holder is linked
+ * (or themselves), with a host flush before each round: the first one
+ * makes the blocks durable before anything points at them.  The caller
+ * (cache_flush) flushes after the last round.
+ */
+static int link_pending(void *opaque)
+{
+    struct refcount *rc = opaque;
+    uint64_t be = rc->block_entries;
+    int ret;
+
+    while (rc->nb_pending > 0) {
+        size_t kept = 0, nb = rc->nb_pending;
+        uint64_t ready[64];
+        size_t nb_ready = 0;
+
+        for (size_t i = 0; i < nb && nb_ready < 64; i++) {
+            uint64_t ti = rc->pending[i], holder = (rc->table[ti] >> rc->m->cluster_bits) / be;
+            if (holder == ti || !is_pending(rc, holder))
+                ready[nb_ready++] = ti;
+        }
+        if (!nb_ready) {
             log_error("internal error: refcount blocks depend on each other");
             return -EIO;
         }
-        left -= progress;
-        if (left)
-            ret = io_flush(m->io);
+        ret = io_flush(rc->m->io);
+        if (ret < 0)
+            return ret;
+        for (size_t i = 0; i < nb_ready; i++) {
+            ret = write_table_entry(rc, ready[i]);
+            if (ret < 0)
+                return ret;     /* still pending: the next flush retries */
+        }
+        for (size_t i = 0; i < nb; i++) {
+            bool done = false;
+            for (size_t j = 0; j < nb_ready; j++)
+                done |= rc->pending[i] == ready[j];
+            if (!done)
+                rc->pending[kept++] = rc->pending[i];
+        }
+        rc->nb_pending = kept;
     }
-    return ret;
+    return 0;
 }
 
 int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fresh)
@@ -643,7 +706,7 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
             k = 0;
             continue;           /* the table took space: look again */
         }
-        ret = link_new_blocks(rc, start / be, max_ti, start + nb, k);
+        ret = create_blocks(rc, start / be, max_ti, start + nb, k);
         if (ret < 0)
             return ret;
         break;

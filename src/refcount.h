@@ -4,10 +4,14 @@
  * refcount structures (new self-describing refcount blocks, and a relocated,
  * larger refcount table) when the file outgrows them.
  *
- * Ordering: a new refcount block is written and flushed before the table
- * entry that points at it; a new refcount table is written and flushed
- * before the header points at it, and the old table is released only after
- * that.  Increments are always safe to write early (a crash leaks); callers
+ * Ordering: a new refcount block is written when it is created but linked
+ * into the on-disk table only when the refcount cache is next flushed (its
+ * flush hook): blocks flushed first, then the table entries in dependency
+ * rounds.  So allocation never waits for a host flush, and as L2 tables
+ * depend on the refcount cache, no reference into a new block's range
+ * reaches the disk before the block is linked.  A new refcount table is
+ * written and flushed before the header points at it, and the old table is
+ * released only after that.  Increments are always safe to write early (a crash leaks); callers
  * must make decrements visible only after the references they drop are gone
  * from disk (see image.c, deferred frees).
  *

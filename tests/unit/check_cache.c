@@ -746,6 +746,72 @@ START_TEST(dependency_flush_order)
 }
 END_TEST
 
+/* A flush hook that writes one marker table, as the refcount module writes
+ * refcount-table entries. */
+struct hook_state {
+    struct io *io;
+    unsigned calls;
+    int result;
+};
+
+static int marker_hook(void *opaque)
+{
+    struct hook_state *h = opaque;
+    uint8_t buf[TS];
+
+    h->calls++;
+    if (h->result < 0)
+        return h->result;
+    memset(buf, 0x77, sizeof(buf));
+    return io_pwrite(h->io, buf, TS, 60 * TS);
+}
+
+START_TEST(flush_hook_order)
+{
+    /* The hook runs after the cache's own tables are written and before the
+     * final flush, also when a dependent cache triggers the flush. */
+    struct traced tr;
+    struct cache *l2, *rc;
+    struct tu_trace t;
+    struct hook_state h = { 0 };
+    int iw_r, iw_h, iflush, iw_l;
+
+    traced_open(&tr);
+    h.io = tr.io;
+    l2 = cache_create(tr.io, "L2", TS, 4);
+    rc = cache_create(tr.io, "refcount", TS, 4);
+    cache_set_flush_hook(rc, marker_hook, &h);
+    dirty_table(rc, 20 * TS, 0x11);
+    dirty_table(l2, 40 * TS, 0x22);
+    cache_set_dependency(l2, rc);
+    ck_assert_int_eq(cache_flush(l2), 0);
+    ck_assert_uint_eq(h.calls, 1);
+
+    tu_trace_read(tr.fd, &t);
+    iw_r = index_of(&t, IO_TRACE_WRITE, 20 * TS, 0);
+    iw_h = index_of(&t, IO_TRACE_WRITE, 60 * TS, 0);
+    iw_l = index_of(&t, IO_TRACE_WRITE, 40 * TS, 0);
+    ck_assert_int_ge(iw_r, 0);
+    ck_assert_int_gt(iw_h, iw_r);
+    iflush = index_of(&t, IO_TRACE_FLUSH, 0, (unsigned)iw_h);
+    ck_assert_int_ge(iflush, 0);
+    ck_assert_int_lt(iflush, iw_l);
+    tu_trace_free(&t);
+
+    /* A failing hook fails the flush; the next flush calls it again. */
+    h.result = -EIO;
+    ck_assert_int_eq(cache_flush(rc), -EIO);
+    ck_assert_uint_eq(h.calls, 2);
+    h.result = 0;
+    ck_assert_int_eq(cache_flush(rc), 0);
+    ck_assert_uint_eq(h.calls, 3);
+
+    cache_destroy(l2);
+    cache_destroy(rc);
+    traced_close(&tr);
+}
+END_TEST
+
 START_TEST(dependency_on_eviction)
 {
     /* The ordering also holds when the dirty L2 table leaves the cache by
@@ -1168,6 +1234,7 @@ static Suite *cache_suite(void)
     tcase_add_test(tc, write_check_cancels);
     tcase_add_test(tc, writethrough_writes_on_last_put);
     tcase_add_test(tc, writethrough_respects_dependency);
+    tcase_add_test(tc, flush_hook_order);
     suite_add_tcase(s, tc);
     return s;
 }
