@@ -25,12 +25,14 @@
 #include <string.h>
 #include <unistd.h>
 
-/* A guest byte range in use by a request (cluster aligned).  Writes take
- * ranges exclusively, reads shared: a read never sees a cluster that a
- * concurrent write is moving, and two writes never allocate one cluster. */
+/* A guest byte range in use by a request that changes the image (cluster
+ * aligned): two writes never allocate or move one cluster at once.  Reads
+ * take no range: a write sets an L2 entry only after the data it points at
+ * is written, and the host cluster it replaces stays allocated until a flush
+ * applies the deferred frees; a read that raced with that (free_gen moved
+ * while it read a host cluster) reads the run again. */
 struct range {
     uint64_t start, end;
-    bool exclusive;
     struct range *next;
 };
 
@@ -43,7 +45,7 @@ struct image {
     struct qcow2_header hdr;
     struct cluster *cl;
     struct image *backing;
-    uint64_t size;
+    _Atomic uint64_t size;      /* read without the lock by reads */
     enum compress_type compression;
     struct refcount *rc;        /* writable images only */
     bool write_prepared;        /* header feature bits updated for writing */
@@ -53,7 +55,9 @@ struct image {
     enum image_detect_zeroes detect_zeroes;
     _Atomic uint64_t bytes_read, bytes_written, clusters_allocated, flushes;
     struct range *ranges;
+    unsigned range_waiters;
     pthread_cond_t range_cond;
+    _Atomic uint64_t free_gen;  /* bumped before host clusters are released */
     pthread_mutex_t lock;       /* metadata lock; also guards ranges */
 };
 
@@ -92,6 +96,7 @@ static int open_chain(const char *path, struct io *given_io,
 
 static int open_raw(const char *path, struct io *io, struct image **out)
 {
+    uint64_t size = 0;
     struct image *img = image_alloc();
     int ret;
 
@@ -102,7 +107,8 @@ static int open_raw(const char *path, struct io *io, struct image **out)
     img->is_raw = true;
     img->io = io;
     img->path = strdup(path);
-    ret = io_get_size(io, &img->size);
+    ret = io_get_size(io, &size);
+    img->size = size;
     if (ret < 0 || !img->path) {
         image_free(img);
         return ret < 0 ? ret : -ENOMEM;
@@ -500,45 +506,67 @@ uint32_t image_cluster_size(const struct image *img)
 
 /* ---- request ranges -------------------------------------------------------- */
 
-static void range_lock(struct image *img, struct range *r, uint64_t offset,
-                       uint64_t len, bool exclusive)
+/* Wait until no other request holds a range overlapping [offset, +len),
+ * then hold it.  Called with the metadata lock held (released while
+ * waiting). */
+static void range_lock_locked(struct image *img, struct range *r, uint64_t offset,
+                              uint64_t len)
 {
     uint64_t cs = img->meta.cluster_size;
 
     r->start = offset & ~(cs - 1);
     r->end = (offset + len + cs - 1) & ~(cs - 1);
-    r->exclusive = exclusive;
-    pthread_mutex_lock(&img->lock);
     for (;;) {
         struct range *o;
         for (o = img->ranges; o; o = o->next)
-            if (o->start < r->end && r->start < o->end && (o->exclusive || exclusive))
+            if (o->start < r->end && r->start < o->end)
                 break;
         if (!o)
             break;
+        img->range_waiters++;
         pthread_cond_wait(&img->range_cond, &img->lock);
+        img->range_waiters--;
     }
     r->next = img->ranges;
     img->ranges = r;
+}
+
+static void range_unlock_locked(struct image *img, struct range *r)
+{
+    struct range **p;
+
+    for (p = &img->ranges; *p != r; p = &(*p)->next)
+        ;
+    *p = r->next;
+    if (img->range_waiters)
+        pthread_cond_broadcast(&img->range_cond);
+}
+
+static void range_lock(struct image *img, struct range *r, uint64_t offset,
+                       uint64_t len)
+{
+    pthread_mutex_lock(&img->lock);
+    range_lock_locked(img, r, offset, len);
     pthread_mutex_unlock(&img->lock);
 }
 
 static void range_unlock(struct image *img, struct range *r)
 {
-    struct range **p;
-
     pthread_mutex_lock(&img->lock);
-    for (p = &img->ranges; *p != r; p = &(*p)->next)
-        ;
-    *p = r->next;
-    pthread_cond_broadcast(&img->range_cond);
+    range_unlock_locked(img, r);
     pthread_mutex_unlock(&img->lock);
 }
 
 /* ---- read path ----------------------------------------------------------- */
 
+/*
+ * Read and decompress the cluster of @run into @buf.  @gen: the free_gen
+ * seen at the lookup, for a reader that holds no range (else NULL): when it
+ * moved, the data may have been released and reused under the read, so a
+ * failure is -EAGAIN (read again) rather than corruption.
+ */
 static int read_compressed(struct image *img, const struct cluster_run *run,
-                           uint64_t offset, void *buf)
+                           uint64_t offset, void *buf, const uint64_t *gen)
 {
     struct meta *m = &img->meta;
     uint64_t host, max_len, file_size;
@@ -552,6 +580,8 @@ static int read_compressed(struct image *img, const struct cluster_run *run,
     ret = io_get_size(img->io, &file_size);
     if (ret < 0)
         return ret;
+    if (host >= file_size && gen && img->free_gen != *gen)
+        return -EAGAIN;
     if (host >= file_size)
         return meta_corrupt(m, "compressed cluster at guest offset 0x%llx points "
                             "at host offset 0x%llx, past the end of the file",
@@ -570,6 +600,10 @@ static int read_compressed(struct image *img, const struct cluster_run *run,
     if (ret < 0)
         goto out;
     ret = compress_decode(img->compression, comp, max_len, plain, m->cluster_size);
+    if (ret < 0 && gen && img->free_gen != *gen) {
+        ret = -EAGAIN;
+        goto out;
+    }
     if (ret < 0) {
         ret = meta_corrupt(m, "compressed cluster at guest offset 0x%llx (host "
                            "offset 0x%llx, %llu bytes) does not decompress",
@@ -588,17 +622,8 @@ static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset
 
 int image_read(struct image *img, void *buf, size_t len, uint64_t offset)
 {
-    struct range r;
-    int ret;
-
     img->bytes_read += len;
-    /* Only a writable image has writers to keep out. */
-    if (img->meta.read_only || img->is_raw || offset >= img->size)
-        return read_range(img, buf, len, offset);
-    range_lock(img, &r, offset, len, false);
-    ret = read_range(img, buf, len, offset);
-    range_unlock(img, &r);
-    return ret;
+    return read_range(img, buf, len, offset);
 }
 
 static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset)
@@ -606,12 +631,14 @@ static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset
     void *buf = p;
     int ret;
 
-    if (offset >= img->size) {
+    uint64_t size = img->size;  /* once: a resize may run concurrently */
+
+    if (offset >= size) {
         memset(buf, 0, len);
         return 0;
     }
-    if (len > img->size - offset) {
-        size_t tail = len - (size_t)(img->size - offset);
+    if (len > size - offset) {
+        size_t tail = len - (size_t)(size - offset);
         memset(p + len - tail, 0, tail);
         len -= tail;
     }
@@ -620,9 +647,11 @@ static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset
 
     while (len > 0) {
         struct cluster_run run;
+        uint64_t gen;
 
         pthread_mutex_lock(&img->lock);
         ret = cluster_lookup(img->cl, offset, len, &run);
+        gen = img->free_gen;
         pthread_mutex_unlock(&img->lock);
         if (ret < 0)
             return ret;
@@ -642,9 +671,14 @@ static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset
                 memset(p, 0, run.bytes);
             break;
         case CLUSTER_COMPRESSED:
-            ret = read_compressed(img, &run, offset, p);
+            ret = read_compressed(img, &run, offset, p, &gen);
             break;
         }
+        /* Host clusters released (and maybe reused) under the read: the
+         * data or the error may belong to something else.  Look up again. */
+        if ((run.kind == CLUSTER_DATA || run.kind == CLUSTER_COMPRESSED) &&
+            img->free_gen != gen)
+            continue;
         if (ret < 0)
             return ret;
         p += run.bytes;
@@ -661,15 +695,16 @@ static int block_status(struct image *img, uint64_t offset, uint64_t max,
                         bool *data, uint64_t *bytes)
 {
     struct cluster_run run;
+    uint64_t size = img->size;
     int ret;
 
-    if (offset >= img->size) {
+    if (offset >= size) {
         *data = false;
         *bytes = max;
         return 0;
     }
-    if (max > img->size - offset)
-        max = img->size - offset;
+    if (max > size - offset)
+        max = size - offset;
     if (img->is_raw) {
         *data = true;
         *bytes = max;
@@ -702,14 +737,14 @@ static int block_status(struct image *img, uint64_t offset, uint64_t max,
 
 int image_seek(struct image *img, uint64_t offset, bool data, uint64_t *result)
 {
-    uint64_t pos = offset;
+    uint64_t pos = offset, size = img->size;
 
-    if (offset >= img->size)
+    if (offset >= size)
         return -ENXIO;
-    while (pos < img->size) {
+    while (pos < size) {
         bool is_data;
         uint64_t bytes;
-        int ret = block_status(img, pos, img->size - pos, &is_data, &bytes);
+        int ret = block_status(img, pos, size - pos, &is_data, &bytes);
 
         if (ret < 0)
             return ret;
@@ -721,7 +756,7 @@ int image_seek(struct image *img, uint64_t offset, bool data, uint64_t *result)
     }
     if (data)
         return -ENXIO;
-    *result = img->size;
+    *result = size;
     return 0;
 }
 
@@ -974,7 +1009,7 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
         struct cluster_run run = { .kind = CLUSTER_COMPRESSED, .bytes = cs,
                                    .l2_entry = entry };
         plain = malloc(cs);
-        ret = plain ? read_compressed(img, &run, gc << m->cluster_bits, plain) : -ENOMEM;
+        ret = plain ? read_compressed(img, &run, gc << m->cluster_bits, plain, NULL) : -ENOMEM;
         if (ret < 0)
             goto relock;
     }
@@ -1039,14 +1074,14 @@ relock:
 static int64_t write_batch(struct image *img, const uint8_t *data, uint64_t offset,
                            uint64_t len);
 
-/* The write proper.  On entry the caller holds the guest range
- * exclusively; the metadata lock is not held. */
+/* The write proper.  On entry the caller holds the guest range and the
+ * metadata lock; on exit it still holds both (the lock is dropped around
+ * data I/O). */
 static int write_range(struct image *img, const uint8_t *p, uint64_t len,
                        uint64_t offset)
 {
     int ret;
 
-    pthread_mutex_lock(&img->lock);
     ret = prepare_write(img);
     while (ret == 0 && len > 0) {
         uint64_t host = 0, bytes;
@@ -1082,17 +1117,18 @@ static int write_range(struct image *img, const uint8_t *p, uint64_t len,
         offset += bytes;
         len -= bytes;
     }
-    pthread_mutex_unlock(&img->lock);
     return ret;
 }
 
 static int check_writable(struct image *img, uint64_t offset, uint64_t len)
 {
+    uint64_t size = img->size;
+
     if (image_is_read_only(img))
         return -EROFS;
     if (meta_is_corrupt(&img->meta))
         return -EIO;
-    if (offset > img->size || len > img->size - offset)
+    if (offset > size || len > size - offset)
         return -ENOSPC;
     return 0;
 }
@@ -1200,13 +1236,19 @@ int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
     if (ret < 0 || len == 0)
         return ret;
     img->bytes_written += len;
-    range_lock(img, &r, offset, len, true);
-    if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && all_zero(buf, len))
+    if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && all_zero(buf, len)) {
+        range_lock(img, &r, offset, len);
         ret = zero_range(img, offset, len,
                          img->detect_zeroes == IMAGE_DETECT_ZEROES_UNMAP);
-    else
-        ret = write_range(img, buf, len, offset);
-    range_unlock(img, &r);
+        range_unlock(img, &r);
+        return ret;
+    }
+    /* One lock round trip for the range and the metadata. */
+    pthread_mutex_lock(&img->lock);
+    range_lock_locked(img, &r, offset, len);
+    ret = write_range(img, buf, len, offset);
+    range_unlock_locked(img, &r);
+    pthread_mutex_unlock(&img->lock);
     return ret;
 }
 
@@ -1255,6 +1297,7 @@ static int flush_locked(struct image *img)
 
     /* 3. The references are gone from disk: drop their refcounts. */
     if (refcount_has_deferred(img->rc)) {
+        img->free_gen++;        /* reads in flight re-read (read_range) */
         ret = refcount_apply_deferred(img->rc, punch_freed, img);
         if (ret < 0)
             return ret;
@@ -1399,7 +1442,9 @@ static int zero_range(struct image *img, uint64_t offset, uint64_t len, bool unm
             ret = -ENOMEM;
             break;
         }
+        pthread_mutex_lock(&img->lock);
         ret = write_range(img, zeros, n, offset);
+        pthread_mutex_unlock(&img->lock);
 next:
         offset += n;
     }
@@ -1420,7 +1465,7 @@ int image_zero(struct image *img, uint64_t offset, uint64_t len, bool punch)
 
     if (ret < 0 || len == 0)
         return ret;
-    range_lock(img, &r, offset, len, true);
+    range_lock(img, &r, offset, len);
     ret = zero_range(img, offset, len, punch && img->discard == IMAGE_DISCARD_UNMAP);
     range_unlock(img, &r);
     return ret;
@@ -1437,7 +1482,7 @@ int image_preallocate(struct image *img, uint64_t offset, uint64_t len)
         return ret;
     end = offset + len;
     offset &= ~(cs - 1);
-    range_lock(img, &r, offset, end - offset, true);
+    range_lock(img, &r, offset, end - offset);
     buf = malloc(cs);
     if (!buf)
         ret = -ENOMEM;
@@ -1453,8 +1498,11 @@ int image_preallocate(struct image *img, uint64_t offset, uint64_t len)
         /* Writing back what the cluster reads allocates it unchanged. */
         if (!(run.kind == CLUSTER_DATA && run.bytes == n)) {
             ret = read_range(img, buf, n, offset);
-            if (ret == 0)
+            if (ret == 0) {
+                pthread_mutex_lock(&img->lock);
                 ret = write_range(img, buf, n, offset);
+                pthread_mutex_unlock(&img->lock);
+            }
         }
         offset += n;
     }
@@ -1488,7 +1536,7 @@ int image_resize(struct image *img, uint64_t new_size)
     if (need_l1 * 8 > HEADER_MAX_L1_BYTES || new_size >> 61)
         return -EFBIG;
 
-    range_lock(img, &r, 0, (old > new_size ? old : new_size) + cs, true);
+    range_lock(img, &r, 0, (old > new_size ? old : new_size) + cs);
     if (new_size < old) {
         /* Only unallocated clusters may be cut off. */
         uint64_t pos = (new_size + cs - 1) & ~(cs - 1);

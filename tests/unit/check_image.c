@@ -1,0 +1,632 @@
+/*
+ * Unit tests for image: reads racing with the release and reuse of the host
+ * cluster they read (plain and compressed clusters: a read never returns
+ * another guest offset's data), write/read round trips across a cluster
+ * boundary and a reopen, reads past the virtual size, read-only images,
+ * detect-zeroes.
+ *
+ * Images are made with create_image() in a temporary directory, loaded into
+ * the memory backend and opened with image_open_io() through a "gate"
+ * backend that can hold one pread of a chosen host offset until the test
+ * lets it go.
+ */
+#include "testutil.h"
+
+#include "compress.h"
+#include "create.h"
+#include "image.h"
+#include "io.h"
+#include "meta.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#define CB          16u                 /* cluster bits */
+#define CS          (1u << CB)          /* 64 KiB clusters */
+#define VSIZE       (16ull << 20)       /* 16 MiB virtual disk */
+#define OTHER_GOFF  (1ull << 20)        /* a second guest cluster: 1 MiB */
+#define SAFETY_S    5                   /* a wait longer than this fails */
+
+/* ---- a gating backend around the memory backend -------------------------- */
+
+/*
+ * Forwards everything to @inner.  When armed with a host offset, the first
+ * pread whose range contains it announces itself (blocked) and waits until
+ * the test sets released; only then does it read from @inner, so it sees
+ * what the host holds at that later time.  The gate is one-shot.
+ */
+struct gate_io {
+    struct io io;
+    struct io *inner;
+    bool keep_inner;            /* close leaves @inner open (for a reopen) */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool armed, blocked, released, timed_out;
+    uint64_t arm_offset;
+    unsigned hits;              /* preads containing arm_offset since arming */
+    uint8_t gated_first, gated_last;    /* what the held pread returned */
+};
+
+static void deadline(struct timespec *ts)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += SAFETY_S;
+}
+
+static int gate_pread(struct io *io, void *buf, size_t len, uint64_t off)
+{
+    struct gate_io *g = (struct gate_io *)io;
+    bool held = false;
+    int ret;
+
+    pthread_mutex_lock(&g->lock);
+    if (g->arm_offset >= off && g->arm_offset - off < len) {
+        g->hits++;
+        if (g->armed) {
+            struct timespec ts;
+            g->armed = false;
+            g->blocked = true;
+            held = true;
+            pthread_cond_broadcast(&g->cond);
+            deadline(&ts);
+            while (!g->released && !g->timed_out)
+                if (pthread_cond_timedwait(&g->cond, &g->lock, &ts) == ETIMEDOUT)
+                    g->timed_out = true;
+        }
+    }
+    pthread_mutex_unlock(&g->lock);
+    ret = io_pread(g->inner, buf, len, off);
+    if (held && len) {
+        pthread_mutex_lock(&g->lock);
+        g->gated_first = ((uint8_t *)buf)[g->arm_offset - off];
+        g->gated_last = ((uint8_t *)buf)[len - 1];
+        pthread_mutex_unlock(&g->lock);
+    }
+    return ret;
+}
+
+static int gate_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
+{
+    return io_pwrite(((struct gate_io *)io)->inner, buf, len, off);
+}
+
+static int gate_flush(struct io *io)
+{
+    return io_flush(((struct gate_io *)io)->inner);
+}
+
+static int gate_get_size(struct io *io, uint64_t *size)
+{
+    return io_get_size(((struct gate_io *)io)->inner, size);
+}
+
+static int gate_truncate(struct io *io, uint64_t size)
+{
+    return io_truncate(((struct gate_io *)io)->inner, size);
+}
+
+static int gate_punch(struct io *io, uint64_t off, uint64_t len)
+{
+    return io_punch_hole(((struct gate_io *)io)->inner, off, len);
+}
+
+static void gate_close(struct io *io)
+{
+    struct gate_io *g = (struct gate_io *)io;
+
+    if (!g->keep_inner)
+        io_close(g->inner);
+    pthread_mutex_destroy(&g->lock);
+    pthread_cond_destroy(&g->cond);
+    free(g);
+}
+
+static const struct io_ops gate_ops = {
+    .pread = gate_pread,
+    .pwrite = gate_pwrite,
+    .flush = gate_flush,
+    .get_size = gate_get_size,
+    .truncate = gate_truncate,
+    .punch_hole = gate_punch,
+    .close = gate_close,
+};
+
+static struct gate_io *gate_new(struct io *inner, bool keep_inner)
+{
+    struct gate_io *g = tu_zalloc(sizeof(*g));
+
+    g->io.ops = &gate_ops;
+    g->io.read_only = inner->read_only;
+    g->inner = inner;
+    g->keep_inner = keep_inner;
+    g->arm_offset = UINT64_MAX;
+    pthread_mutex_init(&g->lock, NULL);
+    pthread_cond_init(&g->cond, NULL);
+    return g;
+}
+
+static void gate_arm(struct gate_io *g, uint64_t host)
+{
+    pthread_mutex_lock(&g->lock);
+    g->arm_offset = host;
+    g->armed = true;
+    g->blocked = g->released = g->timed_out = false;
+    g->hits = 0;
+    pthread_mutex_unlock(&g->lock);
+}
+
+/* Wait until a pread is held at the gate; false after the safety timeout. */
+static bool gate_wait_blocked(struct gate_io *g)
+{
+    struct timespec ts;
+    bool ok;
+
+    deadline(&ts);
+    pthread_mutex_lock(&g->lock);
+    while (!g->blocked)
+        if (pthread_cond_timedwait(&g->cond, &g->lock, &ts) == ETIMEDOUT)
+            break;
+    ok = g->blocked;
+    pthread_mutex_unlock(&g->lock);
+    return ok;
+}
+
+static void gate_release(struct gate_io *g)
+{
+    pthread_mutex_lock(&g->lock);
+    g->released = true;
+    pthread_cond_broadcast(&g->cond);
+    pthread_mutex_unlock(&g->lock);
+}
+
+/* ---- fixtures ------------------------------------------------------------ */
+
+/* A fresh, empty 16 MiB image with 64 KiB clusters, in a memory backend. */
+static struct io *new_image_io(void)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[64];
+    struct create_options co = { .size = VSIZE, .cluster_bits = CB };
+    struct io *file, *mem;
+    uint64_t size;
+    uint8_t *bytes;
+
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/t.qcow2", dir);
+    ck_assert_int_eq(create_image(path, &co), 0);
+    ck_assert_int_eq(io_open_file(path, false, &file), 0);
+    ck_assert_int_eq(io_get_size(file, &size), 0);
+    bytes = tu_zalloc((size_t)size);
+    ck_assert_int_eq(io_pread(file, bytes, (size_t)size, 0), 0);
+    io_close(file);
+    unlink(path);
+    rmdir(dir);
+    ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &mem), 0);
+    free(bytes);
+    return mem;
+}
+
+static struct image_options default_opts(void)
+{
+    struct image_options o = {
+        .read_only = false,
+        .discard = IMAGE_DISCARD_UNMAP,
+        .detect_zeroes = IMAGE_DETECT_ZEROES_OFF,
+        .trace_fd = -1,
+        .backing = { BACKING_DENY, NULL },
+    };
+    return o;
+}
+
+static struct image *open_on(struct gate_io *g, const struct image_options *o)
+{
+    struct image *img = NULL;
+
+    ck_assert_int_eq(image_open_io(&g->io, "test.qcow2", o, &img), 0);
+    ck_assert_ptr_nonnull(img);
+    return img;
+}
+
+/* The on-disk L2 entry of guest cluster @gc (0 when it has no L2 table):
+ * what a flush has made durable, read straight from the backend. */
+static uint64_t disk_l2_entry(struct io *inner, uint64_t gc)
+{
+    uint8_t b[8];
+    uint64_t l1_off, l1e, l2_off;
+
+    ck_assert_int_eq(io_pread(inner, b, 8, 40), 0);
+    l1_off = be64_get(b);
+    ck_assert_uint_ne(l1_off, 0);
+    ck_assert_int_eq(io_pread(inner, b, 8, l1_off + 8 * (gc / (CS / 8))), 0);
+    l1e = be64_get(b);
+    l2_off = l1e & META_OFFSET_MASK;
+    if (!l2_off)
+        return 0;
+    ck_assert_int_eq(io_pread(inner, b, 8, l2_off + 8 * (gc % (CS / 8))), 0);
+    return be64_get(b);
+}
+
+static void put_disk_l2_entry(struct io *inner, uint64_t gc, uint64_t entry)
+{
+    uint8_t b[8];
+    uint64_t l1_off, l2_off;
+
+    ck_assert_int_eq(io_pread(inner, b, 8, 40), 0);
+    l1_off = be64_get(b);
+    ck_assert_int_eq(io_pread(inner, b, 8, l1_off + 8 * (gc / (CS / 8))), 0);
+    l2_off = be64_get(b) & META_OFFSET_MASK;
+    ck_assert_uint_ne(l2_off, 0);
+    be64_put(b, entry);
+    ck_assert_int_eq(io_pwrite(inner, b, 8, l2_off + 8 * (gc % (CS / 8))), 0);
+}
+
+/* Whether the backend holds @len bytes of @byte at @off. */
+static bool host_is(struct io *inner, uint64_t off, size_t len, uint8_t byte)
+{
+    uint8_t *b = tu_zalloc(len);
+    bool ok = true;
+
+    ck_assert_int_eq(io_pread(inner, b, len, off), 0);
+    for (size_t i = 0; i < len && ok; i++)
+        ok = b[i] == byte;
+    free(b);
+    return ok;
+}
+
+static bool all_bytes(const uint8_t *p, size_t len, uint8_t byte)
+{
+    for (size_t i = 0; i < len; i++)
+        if (p[i] != byte)
+            return false;
+    return true;
+}
+
+static void write_pattern(struct image *img, uint64_t goff, size_t len, uint8_t byte)
+{
+    uint8_t *b = tu_zalloc(len);
+
+    memset(b, byte, len);
+    ck_assert_int_eq(image_write(img, b, len, goff), 0);
+    free(b);
+}
+
+/* ---- the racing reader ---------------------------------------------------- */
+
+struct reader {
+    struct image *img;
+    uint64_t offset;
+    uint8_t buf[4096];
+    int ret;
+};
+
+static void *reader_main(void *arg)
+{
+    struct reader *r = arg;
+
+    memset(r->buf, 0x5a, sizeof(r->buf));       /* neither 0x00, 0xAA nor 0xBB */
+    r->ret = image_read(r->img, r->buf, sizeof(r->buf), r->offset);
+    return NULL;
+}
+
+/*
+ * Hold a 4 KiB read of guest cluster 0 at its host pread of @host; meanwhile
+ * discard guest cluster 0 (its host cluster is released at the flush) and
+ * write 0xBB to guest cluster OTHER_GOFF, which must reuse @host; then let
+ * the read go on.  On return the reader has finished.
+ */
+static void race_release_and_reuse(struct image *img, struct gate_io *g, uint64_t host,
+                                   struct reader *r)
+{
+    pthread_t t;
+
+    r->img = img;
+    r->offset = 0;
+    gate_arm(g, host);
+    ck_assert_int_eq(pthread_create(&t, NULL, reader_main, r), 0);
+    if (!gate_wait_blocked(g)) {
+        gate_release(g);
+        pthread_join(t, NULL);
+        ck_abort_msg("the read never reached host offset 0x%llx", (unsigned long long)host);
+    }
+
+    /* The read holds no lock now: release and reuse the cluster under it. */
+    ck_assert_int_eq(image_zero(img, 0, CS, true), 0);
+    ck_assert_int_eq(image_flush(img), 0);      /* applies the deferred free */
+    ck_assert_uint_eq(disk_l2_entry(g->inner, 0) & META_OFFSET_MASK, 0);
+    write_pattern(img, OTHER_GOFF, CS, 0xbb);
+    ck_assert_int_eq(image_flush(img), 0);
+    /* The allocator handed the released cluster to the other guest offset. */
+    ck_assert_uint_eq(disk_l2_entry(g->inner, OTHER_GOFF / CS) & META_OFFSET_MASK, host);
+    ck_assert(host_is(g->inner, host, CS, 0xbb));
+
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(t, NULL), 0);
+    ck_assert_msg(!g->timed_out, "the held read timed out at the gate");
+}
+
+/* ---- tests --------------------------------------------------------------- */
+
+/*
+ * A read of a plain data cluster, held at its host pread while the cluster
+ * is discarded, freed by a flush and reallocated to another guest offset
+ * with other data, must not return that data: the host pread did return
+ * 0xBB, but free_gen moved, so read_range looks the run up again and finds
+ * the discarded (zero) cluster.
+ */
+START_TEST(read_races_with_release_and_reuse)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct gate_io *g = gate_new(inner, false);
+    struct image *img = open_on(g, &o);
+    struct reader r;
+    uint8_t check[4096];
+    uint64_t entry, host;
+
+    write_pattern(img, 0, CS, 0xaa);
+    ck_assert_int_eq(image_flush(img), 0);
+    entry = disk_l2_entry(inner, 0);
+    host = entry & META_OFFSET_MASK;
+    ck_assert_uint_ne(host, 0);
+    ck_assert_uint_eq(host % CS, 0);
+    ck_assert(!(entry & META_L2_COMPRESSED));
+    ck_assert(host_is(inner, host, CS, 0xaa));
+    /* The L2 table is cached now: the read's only pread is the data one. */
+
+    race_release_and_reuse(img, g, host, &r);
+
+    ck_assert_int_eq(r.ret, 0);
+    /* The race did happen: the held pread saw the other guest's data. */
+    ck_assert_uint_eq(g->gated_first, 0xbb);
+    ck_assert_uint_eq(g->gated_last, 0xbb);
+    ck_assert_uint_eq(g->hits, 1);
+    /* Never 0xBB; with the retry, the discarded cluster's zeros. */
+    ck_assert_msg(!memchr(r.buf, 0xbb, sizeof(r.buf)),
+                  "a read returned another guest offset's data");
+    ck_assert_msg(all_bytes(r.buf, sizeof(r.buf), 0x00) ||
+                  all_bytes(r.buf, sizeof(r.buf), 0xaa),
+                  "a read returned neither the old nor the new content");
+    ck_assert(all_bytes(r.buf, sizeof(r.buf), 0x00));
+
+    /* Both guest clusters read as they should afterwards. */
+    ck_assert_int_eq(image_read(img, check, sizeof(check), 0), 0);
+    ck_assert(all_bytes(check, sizeof(check), 0x00));
+    ck_assert_int_eq(image_read(img, check, sizeof(check), OTHER_GOFF), 0);
+    ck_assert(all_bytes(check, sizeof(check), 0xbb));
+    ck_assert_int_eq(image_close(img), 0);
+}
+END_TEST
+
+/*
+ * The same race on a compressed cluster (made by rewriting guest cluster 0's
+ * data and L2 entry by hand): the held pread returns 0xBB bytes that do not
+ * decompress; as free_gen moved this is a retry, not corruption.
+ */
+START_TEST(compressed_read_races_with_release_and_reuse)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct gate_io *g = gate_new(inner, true);
+    struct image *img = open_on(g, &o);
+    uint8_t *plain = tu_zalloc(CS), *comp = tu_zalloc(CS);
+    struct reader r;
+    uint8_t check[4096];
+    uint64_t host;
+    long clen;
+
+    /* Allocate guest cluster 0 (and its L2 table), then compress it. */
+    write_pattern(img, 0, CS, 0xaa);
+    ck_assert_int_eq(image_close(img), 0);
+    host = disk_l2_entry(inner, 0) & META_OFFSET_MASK;
+    ck_assert_uint_ne(host, 0);
+    memset(plain, 0xaa, CS);
+    clen = compress_encode(COMPRESS_ZLIB, plain, CS, comp, CS);
+    ck_assert_int_gt(clen, 0);
+    ck_assert_int_eq(io_pwrite(inner, comp, (size_t)clen, host), 0);
+    put_disk_l2_entry(inner, 0, META_L2_COMPRESSED |
+                      compress_descriptor_encode(host, (uint64_t)clen, CB));
+    /* What the held read will find there must not decompress, so that the
+     * read_compressed path (not only the final free_gen check) is taken. */
+    memset(plain, 0xbb, CS);
+    ck_assert_int_ne(compress_decode(COMPRESS_ZLIB, plain, CS, comp, CS), 0);
+
+    g = gate_new(inner, false);
+    img = open_on(g, &o);
+    memset(check, 0, sizeof(check));
+    ck_assert_int_eq(image_read(img, check, sizeof(check), 0), 0);
+    ck_assert(all_bytes(check, sizeof(check), 0xaa));      /* compressed read works */
+
+    race_release_and_reuse(img, g, host, &r);
+
+    ck_assert_int_eq(r.ret, 0);
+    ck_assert_uint_eq(g->gated_first, 0xbb);
+    ck_assert_uint_eq(g->hits, 1);
+    ck_assert_msg(!memchr(r.buf, 0xbb, sizeof(r.buf)),
+                  "a read returned another guest offset's data");
+    ck_assert(all_bytes(r.buf, sizeof(r.buf), 0x00));
+    /* Not taken for corruption: the image still accepts writes. */
+    write_pattern(img, 2 * CS, 4096, 0xcc);
+    ck_assert_int_eq(image_read(img, check, sizeof(check), 2 * CS), 0);
+    ck_assert(all_bytes(check, sizeof(check), 0xcc));
+    ck_assert_int_eq(image_close(img), 0);
+    free(plain);
+    free(comp);
+}
+END_TEST
+
+/* A write spanning two clusters reads back the same, before and after a
+ * close and reopen; the bytes around it stay zero. */
+START_TEST(write_read_across_cluster_boundary)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct gate_io *g = gate_new(inner, true);
+    struct image *img = open_on(g, &o);
+    const size_t len = 12288, around = 4096;
+    const uint64_t off = CS - 5000;
+    uint8_t *data = tu_zalloc(len), *back = tu_zalloc(len + 2 * around);
+
+    for (size_t i = 0; i < len; i++)
+        data[i] = (uint8_t)(i * 131 + 7 + (i >> 8));
+    ck_assert_int_eq(image_write(img, data, len, off), 0);
+
+    for (int pass = 0; pass < 2; pass++) {
+        memset(back, 0x5a, len + 2 * around);
+        ck_assert_int_eq(image_read(img, back, len + 2 * around, off - around), 0);
+        ck_assert(all_bytes(back, around, 0));
+        ck_assert_mem_eq(back + around, data, len);
+        ck_assert(all_bytes(back + around + len, around, 0));
+        /* A read that starts exactly at the boundary. */
+        ck_assert_int_eq(image_read(img, back, 4096, CS), 0);
+        ck_assert_mem_eq(back, data + (CS - off), 4096);
+        if (pass == 0) {
+            ck_assert_int_eq(image_close(img), 0);
+            g = gate_new(inner, false);
+            img = open_on(g, &o);
+        }
+    }
+    /* Two host clusters, one per guest cluster. */
+    ck_assert_uint_ne(disk_l2_entry(inner, 0) & META_OFFSET_MASK, 0);
+    ck_assert_uint_ne(disk_l2_entry(inner, 1) & META_OFFSET_MASK, 0);
+    ck_assert_int_eq(image_close(img), 0);
+    free(data);
+    free(back);
+}
+END_TEST
+
+/* Reads at or past the virtual size return zeros for the part beyond it. */
+START_TEST(read_past_end)
+{
+    struct image_options o = default_opts();
+    struct gate_io *g = gate_new(new_image_io(), false);
+    struct image *img = open_on(g, &o);
+    uint8_t buf[8192];
+
+    ck_assert_uint_eq(image_size(img), VSIZE);
+    write_pattern(img, VSIZE - CS, CS, 0xee);
+
+    memset(buf, 0x5a, sizeof(buf));
+    ck_assert_int_eq(image_read(img, buf, sizeof(buf), VSIZE - 4096), 0);
+    ck_assert(all_bytes(buf, 4096, 0xee));
+    ck_assert(all_bytes(buf + 4096, 4096, 0));
+
+    memset(buf, 0x5a, sizeof(buf));
+    ck_assert_int_eq(image_read(img, buf, sizeof(buf), VSIZE), 0);
+    ck_assert(all_bytes(buf, sizeof(buf), 0));
+    memset(buf, 0x5a, sizeof(buf));
+    ck_assert_int_eq(image_read(img, buf, sizeof(buf), VSIZE + 12345), 0);
+    ck_assert(all_bytes(buf, sizeof(buf), 0));
+
+    /* Writes may not go past it. */
+    ck_assert_int_eq(image_write(img, buf, sizeof(buf), VSIZE - 4096), -ENOSPC);
+    ck_assert_int_eq(image_close(img), 0);
+}
+END_TEST
+
+/* A read-only image refuses writes, zeroing and resizes with -EROFS and
+ * leaves the host bytes alone. */
+START_TEST(read_only_refuses_writes)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct gate_io *g;
+    struct image *img;
+    uint8_t buf[4096], *before, *after;
+    uint64_t size;
+
+    ck_assert_int_eq(io_get_size(inner, &size), 0);
+    before = tu_zalloc((size_t)size);
+    after = tu_zalloc((size_t)size);
+    ck_assert_int_eq(io_pread(inner, before, (size_t)size, 0), 0);
+
+    o.read_only = true;
+    inner->read_only = true;
+    g = gate_new(inner, true);
+    img = open_on(g, &o);
+    ck_assert(image_is_read_only(img));
+    memset(buf, 0xab, sizeof(buf));
+    ck_assert_int_eq(image_write(img, buf, sizeof(buf), 0), -EROFS);
+    ck_assert_int_eq(image_zero(img, 0, CS, true), -EROFS);
+    ck_assert_int_eq(image_resize(img, 2 * VSIZE), -EROFS);
+    ck_assert_int_eq(image_flush(img), 0);
+    ck_assert_int_eq(image_read(img, buf, sizeof(buf), 0), 0);
+    ck_assert(all_bytes(buf, sizeof(buf), 0));
+    ck_assert_int_eq(image_close(img), 0);
+
+    ck_assert_int_eq(io_get_size(inner, &size), 0);
+    ck_assert_int_eq(io_pread(inner, after, (size_t)size, 0), 0);
+    ck_assert_mem_eq(before, after, (size_t)size);
+    io_close(inner);
+    free(before);
+    free(after);
+}
+END_TEST
+
+/* With detect-zeroes on, an all-zero write allocates no host cluster (a
+ * whole cluster becomes a zero entry, a partial one is left alone); with it
+ * off, the same write allocates one. */
+START_TEST(detect_zeroes_leaves_cluster_unallocated)
+{
+    struct image_options o = default_opts();
+    uint8_t *zeros = tu_zalloc(CS), buf[4096];
+    uint64_t pos = 0, entry;
+
+    for (int on = 1; on >= 0; on--) {
+        struct io *inner = new_image_io();
+        struct gate_io *g = gate_new(inner, true);
+        struct image *img;
+
+        o.detect_zeroes = on ? IMAGE_DETECT_ZEROES_ON : IMAGE_DETECT_ZEROES_OFF;
+        img = open_on(g, &o);
+        write_pattern(img, 4 * CS, 4096, 0x11);    /* so an L2 table exists */
+        ck_assert_int_eq(image_write(img, zeros, CS, 0), 0);
+        ck_assert_int_eq(image_write(img, zeros, 4096, 2 * CS + 512), 0);
+        ck_assert_int_eq(image_flush(img), 0);
+
+        entry = disk_l2_entry(inner, 0);
+        if (on) {
+            ck_assert_uint_eq(entry & META_OFFSET_MASK, 0);
+            ck_assert_uint_eq(disk_l2_entry(inner, 2) & META_OFFSET_MASK, 0);
+            /* No data before the cluster written with 0x11. */
+            ck_assert_int_eq(image_seek(img, 0, true, &pos), 0);
+            ck_assert_uint_eq(pos, 4 * CS);
+        } else {
+            ck_assert_uint_ne(entry & META_OFFSET_MASK, 0);
+            ck_assert_uint_ne(disk_l2_entry(inner, 2) & META_OFFSET_MASK, 0);
+            ck_assert_int_eq(image_seek(img, 0, true, &pos), 0);
+            ck_assert_uint_eq(pos, 0);
+        }
+        memset(buf, 0x5a, sizeof(buf));
+        ck_assert_int_eq(image_read(img, buf, sizeof(buf), 0), 0);
+        ck_assert(all_bytes(buf, sizeof(buf), 0));
+        memset(buf, 0x5a, sizeof(buf));
+        ck_assert_int_eq(image_read(img, buf, sizeof(buf), 2 * CS + 512), 0);
+        ck_assert(all_bytes(buf, sizeof(buf), 0));
+        ck_assert_int_eq(image_close(img), 0);
+        io_close(inner);
+    }
+    free(zeros);
+}
+END_TEST
+
+static Suite *image_suite(void)
+{
+    Suite *s = suite_create("image");
+    TCase *tc = tcase_create("core");
+
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, read_races_with_release_and_reuse);
+    tcase_add_test(tc, compressed_read_races_with_release_and_reuse);
+    tcase_add_test(tc, write_read_across_cluster_boundary);
+    tcase_add_test(tc, read_past_end);
+    tcase_add_test(tc, read_only_refuses_writes);
+    tcase_add_test(tc, detect_zeroes_leaves_cluster_unallocated);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return tu_run(image_suite());
+}
