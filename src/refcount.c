@@ -675,6 +675,7 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
 {
     struct meta *m = rc->m;
     uint64_t be = rc->block_entries, start = 0, k = 0, max_ti;
+    uint64_t file_end = rc->file_end;   /* before new blocks extend it */
     int ret;
 
     for (;;) {
@@ -712,7 +713,7 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
         break;
     }
 
-    *fresh = (start << m->cluster_bits) >= rc->file_end;
+    *fresh = (start << m->cluster_bits) >= file_end;
     ret = refcount_update(rc, start << m->cluster_bits, nb << m->cluster_bits, 1);
     if (ret < 0)
         return ret;
@@ -755,20 +756,25 @@ int refcount_apply_deferred(struct refcount *rc, refcount_freed_fn *freed, void 
     int ret = 0;
 
     for (i = 0; i < rc->nb_deferred; i++) {
-        uint64_t off = rc->deferred[i].offset, len = rc->deferred[i].len;
+        uint64_t off = rc->deferred[i].offset, end = off + rc->deferred[i].len;
         uint64_t first = off >> m->cluster_bits;
-        uint64_t last = (off + len - 1) >> m->cluster_bits;
+        uint64_t last = (end - 1) >> m->cluster_bits;
 
-        ret = refcount_update(rc, off, len, -1);
+        /* Cluster by cluster, so that after a failure the queue holds
+         * exactly what is not done yet (a retry must not decrement twice). */
+        for (uint64_t ci = first; ci <= last; ci++) {
+            uint64_t v;
+            ret = refcount_update(rc, ci << m->cluster_bits, 1, -1);
+            if (ret < 0) {
+                rc->deferred[i].offset = ci << m->cluster_bits;
+                rc->deferred[i].len = end - (ci << m->cluster_bits);
+                break;
+            }
+            if (freed && refcount_get(rc, ci << m->cluster_bits, &v) == 0 && v == 0)
+                freed(opaque, ci << m->cluster_bits, m->cluster_size);
+        }
         if (ret < 0)
             break;
-        if (freed) {
-            for (uint64_t ci = first; ci <= last; ci++) {
-                uint64_t v;
-                if (refcount_get(rc, ci << m->cluster_bits, &v) == 0 && v == 0)
-                    freed(opaque, ci << m->cluster_bits, m->cluster_size);
-            }
-        }
     }
     memmove(rc->deferred, rc->deferred + i, (rc->nb_deferred - i) * sizeof(*rc->deferred));
     rc->nb_deferred -= i;

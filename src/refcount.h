@@ -49,8 +49,8 @@ int refcount_get(struct refcount *rc, uint64_t offset, uint64_t *value);
 /*
  * Add @delta to the refcount of every host cluster overlapping
  * [@offset, @offset + @len).
- * Returns: 0, -ERANGE on overflow/underflow (reported as corruption),
- * -errno.
+ * Returns: 0, -EIO on overflow/underflow (reported as corruption, the
+ * value unchanged), -errno.
  */
 int refcount_update(struct refcount *rc, uint64_t offset, uint64_t len, int delta);
 
