@@ -15,8 +15,7 @@
 /* ---- a counting backend around the memory backend ------------------------ */
 
 struct cnt_io {
-    struct io io;
-    struct io *inner;
+    struct tu_fwd_io fwd;
     unsigned reads, writes, flushes;
     bool fail_reads;
 };
@@ -27,42 +26,27 @@ static int cnt_pread(struct io *io, void *buf, size_t len, uint64_t off)
     c->reads++;
     if (c->fail_reads)
         return -EIO;
-    return io_pread(c->inner, buf, len, off);
+    return io_pread(c->fwd.inner, buf, len, off);
 }
 
 static int cnt_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
 {
     struct cnt_io *c = (struct cnt_io *)io;
     c->writes++;
-    return io_pwrite(c->inner, buf, len, off);
+    return io_pwrite(c->fwd.inner, buf, len, off);
 }
 
 static int cnt_flush(struct io *io)
 {
     struct cnt_io *c = (struct cnt_io *)io;
     c->flushes++;
-    return io_flush(c->inner);
-}
-
-static int cnt_get_size(struct io *io, uint64_t *size)
-{
-    return io_get_size(((struct cnt_io *)io)->inner, size);
-}
-
-static int cnt_truncate(struct io *io, uint64_t size)
-{
-    return io_truncate(((struct cnt_io *)io)->inner, size);
-}
-
-static int cnt_punch(struct io *io, uint64_t off, uint64_t len)
-{
-    return io_punch_hole(((struct cnt_io *)io)->inner, off, len);
+    return io_flush(c->fwd.inner);
 }
 
 static void cnt_close(struct io *io)
 {
     struct cnt_io *c = (struct cnt_io *)io;
-    io_close(c->inner);
+    io_close(c->fwd.inner);
     free(c);
 }
 
@@ -70,9 +54,9 @@ static const struct io_ops cnt_ops = {
     .pread = cnt_pread,
     .pwrite = cnt_pwrite,
     .flush = cnt_flush,
-    .get_size = cnt_get_size,
-    .truncate = cnt_truncate,
-    .punch_hole = cnt_punch,
+    .get_size = tu_fwd_get_size,
+    .truncate = tu_fwd_truncate,
+    .punch_hole = tu_fwd_punch,
     .close = cnt_close,
 };
 
@@ -101,8 +85,8 @@ static struct io *pattern_io(size_t ts)
 static struct cnt_io *counting_io(size_t ts)
 {
     struct cnt_io *c = tu_zalloc(sizeof(*c));
-    c->io.ops = &cnt_ops;
-    c->inner = pattern_io(ts);
+    c->fwd.io.ops = &cnt_ops;
+    c->fwd.inner = pattern_io(ts);
     return c;
 }
 
@@ -180,7 +164,7 @@ END_TEST
 START_TEST(get_miss_reads)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     struct cache_stats st;
     void *t = NULL;
 
@@ -196,14 +180,14 @@ START_TEST(get_miss_reads)
     ck_assert_ptr_null(t);
     ck_assert_uint_eq(cio->writes, 0);
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
 START_TEST(get_hit_same_pointer)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     struct cache_stats st;
     void *t1, *t2, *t3;
     uint8_t junk[TS];
@@ -219,7 +203,7 @@ START_TEST(get_hit_same_pointer)
     /* After the backend changes, a hit still returns the cached table:
      * no second read. */
     memset(junk, 0xee, sizeof(junk));
-    ck_assert_int_eq(io_pwrite(cio->inner, junk, TS, 2 * TS), 0);
+    ck_assert_int_eq(io_pwrite(cio->fwd.inner, junk, TS, 2 * TS), 0);
     ck_assert_int_eq(cache_get(c, 2 * TS, &t3), 0);
     ck_assert_uint_eq((uintptr_t)t3, first);
     ck_assert(has_pattern(t3, 2, TS));
@@ -229,7 +213,7 @@ START_TEST(get_hit_same_pointer)
     ck_assert_uint_eq(st.hits, 2);
     cache_put(c, &t3);
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
@@ -254,7 +238,7 @@ END_TEST
 START_TEST(get_read_error)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     void *t = NULL;
 
     tu_log_capture();
@@ -268,14 +252,14 @@ START_TEST(get_read_error)
     cache_put(c, &t);
     tu_log_release();
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
 START_TEST(get_empty_no_read)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     void *t;
 
     ck_assert_int_eq(cache_get_empty(c, 7 * TS, &t), 0);
@@ -296,11 +280,11 @@ START_TEST(get_empty_no_read)
     cache_mark_dirty(c, t);
     cache_put(c, &t);
     ck_assert_int_eq(cache_flush(c), 0);
-    ck_assert_uint_eq(mem_at(cio->inner, 8 * TS)[0], 0x42);
-    ck_assert_uint_eq(mem_at(cio->inner, 8 * TS)[99], 0x42);
-    ck_assert(is_zero(mem_at(cio->inner, 8 * TS) + 100, TS - 100));
+    ck_assert_uint_eq(mem_at(cio->fwd.inner, 8 * TS)[0], 0x42);
+    ck_assert_uint_eq(mem_at(cio->fwd.inner, 8 * TS)[99], 0x42);
+    ck_assert(is_zero(mem_at(cio->fwd.inner, 8 * TS) + 100, TS - 100));
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
@@ -346,7 +330,7 @@ END_TEST
 START_TEST(mark_dirty_flush_writes)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     struct cache_stats st;
     uint8_t expect[TS];
     void *t;
@@ -361,12 +345,12 @@ START_TEST(mark_dirty_flush_writes)
     cache_put(c, &t);
     /* Write-back: nothing reaches the file before the flush. */
     ck_assert_uint_eq(cio->writes, 0);
-    ck_assert(has_pattern(mem_at(cio->inner, 4 * TS), 4, TS));
+    ck_assert(has_pattern(mem_at(cio->fwd.inner, 4 * TS), 4, TS));
 
     ck_assert_int_eq(cache_flush(c), 0);
     ck_assert_uint_eq(cio->writes, 1);
     ck_assert_uint_ge(cio->flushes, 1);
-    ck_assert_mem_eq(mem_at(cio->inner, 4 * TS), expect, TS);
+    ck_assert_mem_eq(mem_at(cio->fwd.inner, 4 * TS), expect, TS);
     ck_assert(!cache_has_dirty(c));
     cache_get_stats(c, &st);
     ck_assert_uint_eq(st.writes, 1);
@@ -375,17 +359,17 @@ START_TEST(mark_dirty_flush_writes)
     ck_assert_int_eq(cache_flush(c), 0);
     ck_assert_uint_eq(cio->writes, 1);
     /* The neighbouring tables are untouched. */
-    ck_assert(has_pattern(mem_at(cio->inner, 3 * TS), 3, TS));
-    ck_assert(has_pattern(mem_at(cio->inner, 5 * TS), 5, TS));
+    ck_assert(has_pattern(mem_at(cio->fwd.inner, 3 * TS), 3, TS));
+    ck_assert(has_pattern(mem_at(cio->fwd.inner, 5 * TS), 5, TS));
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
 START_TEST(write_dirty_without_flush)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     void *t;
 
     ck_assert_int_eq(cache_get(c, 1 * TS, &t), 0);
@@ -396,9 +380,9 @@ START_TEST(write_dirty_without_flush)
     ck_assert_uint_eq(cio->writes, 1);
     ck_assert_uint_eq(cio->flushes, 0);
     ck_assert(!cache_has_dirty(c));
-    ck_assert_uint_eq(mem_at(cio->inner, TS)[TS - 1], 0x77);
+    ck_assert_uint_eq(mem_at(cio->fwd.inner, TS)[TS - 1], 0x77);
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
@@ -407,7 +391,7 @@ END_TEST
 START_TEST(pinned_never_evicted)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     void *pin[3], *t;
     uintptr_t addr[3];
     struct cache_stats st;
@@ -445,7 +429,7 @@ START_TEST(pinned_never_evicted)
         cache_put(c, &pin[k]);
     }
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
@@ -486,7 +470,7 @@ END_TEST
 START_TEST(dirty_evicted_written_back)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     struct cache_stats st;
     void *t;
 
@@ -506,14 +490,14 @@ START_TEST(dirty_evicted_written_back)
     ck_assert_uint_eq(cio->writes, 1);
     ck_assert(!cache_has_dirty(c));
     for (unsigned i = 0; i < TS; i++)
-        if (mem_at(cio->inner, 30 * TS)[i] != (i < TS / 2 ? 0x5a : pattern_byte(30, i)))
+        if (mem_at(cio->fwd.inner, 30 * TS)[i] != (i < TS / 2 ? 0x5a : pattern_byte(30, i)))
             ck_abort_msg("byte %u of the written-back table is wrong", i);
     /* Reading it back gives the written data. */
     ck_assert_int_eq(cache_get(c, 30 * TS, &t), 0);
     ck_assert_uint_eq(((uint8_t *)t)[0], 0x5a);
     cache_put(c, &t);
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
@@ -548,7 +532,7 @@ END_TEST
 START_TEST(lru_order)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     struct cache_stats st, st2;
     void *t, *h[4];
     static const uint64_t order[] = { 1, 2, 3, 4, 1 };
@@ -600,7 +584,7 @@ START_TEST(lru_order)
     ck_assert_uint_eq(st.misses, st2.misses + 1);       /* 4 was evicted */
     ck_assert_uint_eq(cio->reads, st.misses);
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
@@ -1026,7 +1010,7 @@ END_TEST
 START_TEST(discard_drops_dirty)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     void *t;
 
     dirty_table(c, 14 * TS, 0x66);
@@ -1035,7 +1019,7 @@ START_TEST(discard_drops_dirty)
     ck_assert(!cache_has_dirty(c));
     ck_assert_int_eq(cache_flush(c), 0);
     ck_assert_uint_eq(cio->writes, 0);
-    ck_assert(has_pattern(mem_at(cio->inner, 14 * TS), 14, TS));
+    ck_assert(has_pattern(mem_at(cio->fwd.inner, 14 * TS), 14, TS));
     /* The next get reads the file again. */
     ck_assert_int_eq(cache_get(c, 14 * TS, &t), 0);
     ck_assert(has_pattern(t, 14, TS));
@@ -1044,7 +1028,7 @@ START_TEST(discard_drops_dirty)
     /* Discarding something not cached is harmless. */
     cache_discard(c, 50 * TS);
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
@@ -1084,7 +1068,7 @@ static int write_check(void *opaque, uint64_t offset, size_t len)
 START_TEST(write_check_cancels)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     struct check_state s = { .ret = -EIO };
 
     tu_log_capture();
@@ -1096,14 +1080,14 @@ START_TEST(write_check_cancels)
     ck_assert_uint_eq(s.len, TS);
     ck_assert_uint_eq(cio->writes, 0);
     ck_assert(cache_has_dirty(c));
-    ck_assert(has_pattern(mem_at(cio->inner, 16 * TS), 16, TS));
+    ck_assert(has_pattern(mem_at(cio->fwd.inner, 16 * TS), 16, TS));
 
     s.ret = 0;
     ck_assert_int_eq(cache_flush(c), 0);
     ck_assert_uint_eq(s.calls, 2);
     ck_assert_uint_eq(cio->writes, 1);
     ck_assert(!cache_has_dirty(c));
-    ck_assert_uint_eq(mem_at(cio->inner, 16 * TS)[0], 0x71);
+    ck_assert_uint_eq(mem_at(cio->fwd.inner, 16 * TS)[0], 0x71);
 
     /* Clean tables are not checked: there is no write. */
     ck_assert_int_eq(cache_flush(c), 0);
@@ -1117,14 +1101,14 @@ START_TEST(write_check_cancels)
     ck_assert_uint_eq(s.calls, 2);
     tu_log_release();
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 
 START_TEST(writethrough_writes_on_last_put)
 {
     struct cnt_io *cio = counting_io(TS);
-    struct cache *c = cache_create(&cio->io, "test", TS, 4);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
     void *t1, *t2;
 
     cache_set_writethrough(c, true);
@@ -1139,7 +1123,7 @@ START_TEST(writethrough_writes_on_last_put)
     cache_put(c, &t2);
     ck_assert_uint_eq(cio->writes, 1);
     ck_assert(!cache_has_dirty(c));
-    ck_assert_uint_eq(mem_at(cio->inner, 18 * TS)[3], 0x81);
+    ck_assert_uint_eq(mem_at(cio->fwd.inner, 18 * TS)[3], 0x81);
 
     /* A clean put writes nothing. */
     ck_assert_int_eq(cache_get(c, 18 * TS, &t1), 0);
@@ -1154,7 +1138,7 @@ START_TEST(writethrough_writes_on_last_put)
     ck_assert_int_eq(cache_flush(c), 0);
     ck_assert_uint_eq(cio->writes, 2);
     cache_destroy(c);
-    io_close(&cio->io);
+    io_close(&cio->fwd.io);
 }
 END_TEST
 

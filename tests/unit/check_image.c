@@ -38,8 +38,7 @@
  * what the host holds at that later time.  The gate is one-shot.
  */
 struct gate_io {
-    struct io io;
-    struct io *inner;
+    struct tu_fwd_io fwd;
     bool keep_inner;            /* close leaves @inner open (for a reopen) */
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -77,7 +76,7 @@ static int gate_pread(struct io *io, void *buf, size_t len, uint64_t off)
         }
     }
     pthread_mutex_unlock(&g->lock);
-    ret = io_pread(g->inner, buf, len, off);
+    ret = io_pread(g->fwd.inner, buf, len, off);
     if (held && len) {
         pthread_mutex_lock(&g->lock);
         g->gated_first = ((uint8_t *)buf)[g->arm_offset - off];
@@ -87,37 +86,12 @@ static int gate_pread(struct io *io, void *buf, size_t len, uint64_t off)
     return ret;
 }
 
-static int gate_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
-{
-    return io_pwrite(((struct gate_io *)io)->inner, buf, len, off);
-}
-
-static int gate_flush(struct io *io)
-{
-    return io_flush(((struct gate_io *)io)->inner);
-}
-
-static int gate_get_size(struct io *io, uint64_t *size)
-{
-    return io_get_size(((struct gate_io *)io)->inner, size);
-}
-
-static int gate_truncate(struct io *io, uint64_t size)
-{
-    return io_truncate(((struct gate_io *)io)->inner, size);
-}
-
-static int gate_punch(struct io *io, uint64_t off, uint64_t len)
-{
-    return io_punch_hole(((struct gate_io *)io)->inner, off, len);
-}
-
 static void gate_close(struct io *io)
 {
     struct gate_io *g = (struct gate_io *)io;
 
     if (!g->keep_inner)
-        io_close(g->inner);
+        io_close(g->fwd.inner);
     pthread_mutex_destroy(&g->lock);
     pthread_cond_destroy(&g->cond);
     free(g);
@@ -125,11 +99,11 @@ static void gate_close(struct io *io)
 
 static const struct io_ops gate_ops = {
     .pread = gate_pread,
-    .pwrite = gate_pwrite,
-    .flush = gate_flush,
-    .get_size = gate_get_size,
-    .truncate = gate_truncate,
-    .punch_hole = gate_punch,
+    .pwrite = tu_fwd_pwrite,
+    .flush = tu_fwd_flush,
+    .get_size = tu_fwd_get_size,
+    .truncate = tu_fwd_truncate,
+    .punch_hole = tu_fwd_punch,
     .close = gate_close,
 };
 
@@ -137,9 +111,9 @@ static struct gate_io *gate_new(struct io *inner, bool keep_inner)
 {
     struct gate_io *g = tu_zalloc(sizeof(*g));
 
-    g->io.ops = &gate_ops;
-    g->io.read_only = inner->read_only;
-    g->inner = inner;
+    g->fwd.io.ops = &gate_ops;
+    g->fwd.io.read_only = inner->read_only;
+    g->fwd.inner = inner;
     g->keep_inner = keep_inner;
     g->arm_offset = UINT64_MAX;
     pthread_mutex_init(&g->lock, NULL);
@@ -223,7 +197,7 @@ static struct image *open_on(struct gate_io *g, const struct image_options *o)
 {
     struct image *img = NULL;
 
-    ck_assert_int_eq(image_open_io(&g->io, "test.qcow2", o, &img), 0);
+    ck_assert_int_eq(image_open_io(&g->fwd.io, "test.qcow2", o, &img), 0);
     ck_assert_ptr_nonnull(img);
     return img;
 }
@@ -333,12 +307,12 @@ static void race_release_and_reuse(struct image *img, struct gate_io *g, uint64_
     /* The read holds no lock now: release and reuse the cluster under it. */
     ck_assert_int_eq(image_zero(img, 0, CS, true), 0);
     ck_assert_int_eq(image_flush(img), 0);      /* applies the deferred free */
-    ck_assert_uint_eq(disk_l2_entry(g->inner, 0) & META_OFFSET_MASK, 0);
+    ck_assert_uint_eq(disk_l2_entry(g->fwd.inner, 0) & META_OFFSET_MASK, 0);
     write_pattern(img, OTHER_GOFF, CS, 0xbb);
     ck_assert_int_eq(image_flush(img), 0);
     /* The allocator handed the released cluster to the other guest offset. */
-    ck_assert_uint_eq(disk_l2_entry(g->inner, OTHER_GOFF / CS) & META_OFFSET_MASK, host);
-    ck_assert(host_is(g->inner, host, CS, 0xbb));
+    ck_assert_uint_eq(disk_l2_entry(g->fwd.inner, OTHER_GOFF / CS) & META_OFFSET_MASK, host);
+    ck_assert(host_is(g->fwd.inner, host, CS, 0xbb));
 
     gate_release(g);
     ck_assert_int_eq(pthread_join(t, NULL), 0);

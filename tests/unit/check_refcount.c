@@ -230,8 +230,7 @@ static void rimg_init(struct rimg *im, unsigned cb, unsigned order, uint64_t nb_
 /* ---- a backend whose reads can be made to fail ---------------------------- */
 
 struct flaky_io {
-    struct io io;
-    struct io *inner;
+    struct tu_fwd_io fwd;
     bool fail_reads;
     unsigned failed_reads;
 };
@@ -244,48 +243,23 @@ static int flaky_pread(struct io *io, void *buf, size_t len, uint64_t off)
         f->failed_reads++;
         return -EIO;
     }
-    return io_pread(f->inner, buf, len, off);
-}
-
-static int flaky_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
-{
-    return io_pwrite(((struct flaky_io *)io)->inner, buf, len, off);
-}
-
-static int flaky_flush(struct io *io)
-{
-    return io_flush(((struct flaky_io *)io)->inner);
-}
-
-static int flaky_get_size(struct io *io, uint64_t *size)
-{
-    return io_get_size(((struct flaky_io *)io)->inner, size);
-}
-
-static int flaky_truncate(struct io *io, uint64_t size)
-{
-    return io_truncate(((struct flaky_io *)io)->inner, size);
-}
-
-static int flaky_punch(struct io *io, uint64_t off, uint64_t len)
-{
-    return io_punch_hole(((struct flaky_io *)io)->inner, off, len);
+    return io_pread(f->fwd.inner, buf, len, off);
 }
 
 static void flaky_close(struct io *io)
 {
     struct flaky_io *f = (struct flaky_io *)io;
-    io_close(f->inner);
+    io_close(f->fwd.inner);
     free(f);
 }
 
 static const struct io_ops flaky_ops = {
     .pread = flaky_pread,
-    .pwrite = flaky_pwrite,
-    .flush = flaky_flush,
-    .get_size = flaky_get_size,
-    .truncate = flaky_truncate,
-    .punch_hole = flaky_punch,
+    .pwrite = tu_fwd_pwrite,
+    .flush = tu_fwd_flush,
+    .get_size = tu_fwd_get_size,
+    .truncate = tu_fwd_truncate,
+    .punch_hole = tu_fwd_punch,
     .close = flaky_close,
 };
 
@@ -322,9 +296,9 @@ static void fx_open(struct fx *f, struct rimg *im, enum fx_mode mode)
         ck_assert_int_eq(io_open_trace(f->mem, dup(f->trace_fd), &f->io), 0);
     } else if (mode == FX_FLAKY) {
         f->flaky = tu_zalloc(sizeof(*f->flaky));
-        f->flaky->io.ops = &flaky_ops;
-        f->flaky->inner = f->mem;
-        f->io = &f->flaky->io;
+        f->flaky->fwd.io.ops = &flaky_ops;
+        f->flaky->fwd.inner = f->mem;
+        f->io = &f->flaky->fwd.io;
     }
     tu_log_capture();
     tu_meta_init(&f->m, f->io, im->cb, true, false);

@@ -268,6 +268,53 @@ static inline void tu_meta_init(struct meta *m, struct io *io, unsigned cluster_
 
 /* ---- runner -------------------------------------------------------------- */
 
+/* ---- a forwarding io backend --------------------------------------------- */
+
+/*
+ * The start of a test backend that watches some io calls: the backend's
+ * struct begins with a struct tu_fwd_io, sets @inner, and takes the
+ * tu_fwd_* functions for the calls it does not watch.
+ */
+struct tu_fwd_io {
+    struct io io;
+    struct io *inner;
+};
+
+static inline struct io *tu_fwd_inner(struct io *io)
+{
+    return ((struct tu_fwd_io *)io)->inner;
+}
+
+static inline int tu_fwd_pread(struct io *io, void *buf, size_t len, uint64_t off)
+{
+    return io_pread(tu_fwd_inner(io), buf, len, off);
+}
+
+static inline int tu_fwd_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
+{
+    return io_pwrite(tu_fwd_inner(io), buf, len, off);
+}
+
+static inline int tu_fwd_flush(struct io *io)
+{
+    return io_flush(tu_fwd_inner(io));
+}
+
+static inline int tu_fwd_get_size(struct io *io, uint64_t *size)
+{
+    return io_get_size(tu_fwd_inner(io), size);
+}
+
+static inline int tu_fwd_truncate(struct io *io, uint64_t size)
+{
+    return io_truncate(tu_fwd_inner(io), size);
+}
+
+static inline int tu_fwd_punch(struct io *io, uint64_t off, uint64_t len)
+{
+    return io_punch_hole(tu_fwd_inner(io), off, len);
+}
+
 static inline int tu_run(Suite *s)
 {
     SRunner *sr = srunner_create(s);
