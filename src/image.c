@@ -84,7 +84,13 @@ static struct image *image_alloc(void)
     struct image *img = calloc(1, sizeof(*img));
 
     if (img) {
-        pthread_mutex_init(&img->lock, NULL);
+        pthread_mutexattr_t attr;
+        /* Held for table lookups of a few hundred nanoseconds: spinning
+         * briefly beats sleeping in the kernel and switching threads. */
+        pthread_mutexattr_init(&attr);
+        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
+        pthread_mutex_init(&img->lock, &attr);
+        pthread_mutexattr_destroy(&attr);
         pthread_cond_init(&img->range_cond, NULL);
     }
     return img;
