@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,9 @@ struct image {
     bool write_prepared;        /* header feature bits updated for writing */
     bool set_dirty_bit;         /* we set the lazy-refcounts dirty bit */
     uint64_t flush_seq;
+    /* io->changes of img->io and img->data_io as of their last completed
+     * flush: what a flush still has to make durable. */
+    _Atomic uint64_t synced, synced_data;
     enum image_discard_mode discard;
     enum image_detect_zeroes detect_zeroes;
     _Atomic uint64_t bytes_read, bytes_written, clusters_allocated, flushes;
@@ -1265,23 +1269,52 @@ static void punch_freed(void *opaque, uint64_t offset, uint64_t len)
     (void)io_punch_hole(img->io, offset, len);   /* space only: best effort */
 }
 
+/* *synced = @snap unless another flush already got further. */
+static void advance(_Atomic uint64_t *synced, uint64_t snap)
+{
+    uint64_t cur = *synced;
+
+    while ((int64_t)(snap - cur) > 0 &&
+           !atomic_compare_exchange_weak(synced, &cur, snap))
+        ;
+}
+
+/* Flush img->io and remember how far that got. */
+static int sync_io(struct image *img)
+{
+    uint64_t snap = img->io->changes;
+    int ret = io_flush(img->io);
+
+    if (ret == 0)
+        advance(&img->synced, snap);
+    return ret;
+}
+
 static int flush_locked(struct image *img)
 {
     struct cache *l2 = cluster_l2_cache(img->cl);
     struct cache *rcc = refcount_cache(img->rc);
     bool tables = cache_has_dirty(l2) || cluster_l1_dirty(img->cl);
-    int ret;
+    int ret = 0;
+    uint64_t io_snap = img->io->changes;
+    uint64_t data_snap = img->data_io ? img->data_io->changes : 0;
 
     /* 1. Guest data, refcount increments and links of new refcount
-     *    blocks, then a host flush. */
-    if (img->data_io) {
+     *    blocks, then a host flush; skipped when nothing was written since
+     *    the last one (writes counted before a snapshot have completed, so
+     *    the flush after it covers them). */
+    if (img->data_io && data_snap != img->synced_data) {
         ret = io_flush(img->data_io);
         if (ret < 0)
             return ret;
+        advance(&img->synced_data, data_snap);
     }
-    ret = cache_flush(rcc);
-    if (ret < 0)
-        return ret;
+    if (io_snap != img->synced || cache_has_dirty(rcc) || refcount_has_pending(img->rc)) {
+        ret = cache_flush(rcc);
+        if (ret < 0)
+            return ret;
+        advance(&img->synced, io_snap);
+    }
     cache_dependency_met(l2);
 
     /* 2. L2 tables; then the L1 entries that point at new tables. */
@@ -1296,7 +1329,7 @@ static int flush_locked(struct image *img)
             if (ret < 0)
                 return ret;
         }
-        ret = io_flush(img->io);
+        ret = sync_io(img);
         if (ret < 0)
             return ret;
     }
@@ -1307,9 +1340,44 @@ static int flush_locked(struct image *img)
         ret = refcount_apply_deferred(img->rc, punch_freed, img);
         if (ret < 0)
             return ret;
-        ret = cache_flush(rcc);
+        ret = cache_write_dirty(rcc);
+        if (ret == 0)
+            ret = refcount_has_pending(img->rc) ? cache_flush(rcc) : sync_io(img);
     }
     return ret;
+}
+
+/*
+ * When much guest data was written since the last flush, write it back
+ * before taking the metadata lock: that is the long part of a flush, and
+ * requests go on meanwhile; flush_locked() then syncs only what came after.
+ * With little data one flush under the lock is cheaper than two.
+ */
+#define FLUSH_UNLOCKED_MIN (8u << 20)
+
+static int flush_data_unlocked(struct image *img)
+{
+    int ret;
+
+    if (img->data_io) {
+        uint64_t snap = img->data_io->changes;
+        if (snap - img->synced_data >= FLUSH_UNLOCKED_MIN) {
+            ret = io_flush(img->data_io);
+            if (ret < 0)
+                return ret;
+            advance(&img->synced_data, snap);
+        }
+    }
+    {
+        uint64_t snap = img->io->changes;
+        if (snap - img->synced >= FLUSH_UNLOCKED_MIN) {
+            ret = io_flush(img->io);
+            if (ret < 0)
+                return ret;
+            advance(&img->synced, snap);
+        }
+    }
+    return 0;
 }
 
 int image_flush(struct image *img)
@@ -1318,8 +1386,10 @@ int image_flush(struct image *img)
 
     if (image_is_read_only(img))
         return 0;
+    ret = flush_data_unlocked(img);
     pthread_mutex_lock(&img->lock);
-    ret = flush_locked(img);
+    if (ret == 0)
+        ret = flush_locked(img);
     if (ret == 0)
         io_mark(img->io, IMAGE_MARK_FLUSHED, ++img->flush_seq);
     img->flushes++;

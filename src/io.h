@@ -34,6 +34,10 @@ struct io_ops {
 struct io {
     const struct io_ops *ops;
     bool read_only;
+    /* Bytes written or punched (plus one per truncate) through the calls
+     * below: a flush whose caller saw no change since its last flush has
+     * nothing to make durable. */
+    _Atomic uint64_t changes;
 };
 
 static inline int io_pread(struct io *io, void *buf, size_t len, uint64_t off)
@@ -42,7 +46,10 @@ static inline int io_pread(struct io *io, void *buf, size_t len, uint64_t off)
 }
 static inline int io_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
 {
-    return io->read_only ? -30 /* EROFS */ : io->ops->pwrite(io, buf, len, off);
+    int ret = io->read_only ? -30 /* EROFS */ : io->ops->pwrite(io, buf, len, off);
+    if (ret == 0)
+        io->changes += len ? len : 1;
+    return ret;
 }
 static inline int io_flush(struct io *io)
 {
@@ -54,11 +61,17 @@ static inline int io_get_size(struct io *io, uint64_t *size)
 }
 static inline int io_truncate(struct io *io, uint64_t size)
 {
-    return io->read_only ? -30 : io->ops->truncate(io, size);
+    int ret = io->read_only ? -30 : io->ops->truncate(io, size);
+    if (ret == 0)
+        io->changes++;
+    return ret;
 }
 static inline int io_punch_hole(struct io *io, uint64_t off, uint64_t len)
 {
-    return io->read_only ? -30 : io->ops->punch_hole(io, off, len);
+    int ret = io->read_only ? -30 : io->ops->punch_hole(io, off, len);
+    if (ret == 0)
+        io->changes += len ? len : 1;
+    return ret;
 }
 static inline void io_mark(struct io *io, uint32_t what, uint64_t arg)
 {

@@ -744,6 +744,11 @@ size_t refcount_nb_deferred(const struct refcount *rc)
     return rc->nb_deferred;
 }
 
+bool refcount_has_pending(const struct refcount *rc)
+{
+    return rc->nb_pending > 0;
+}
+
 bool refcount_has_deferred(const struct refcount *rc)
 {
     return rc->nb_deferred > 0;

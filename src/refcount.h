@@ -71,6 +71,10 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
  */
 int refcount_defer_free(struct refcount *rc, uint64_t offset, uint64_t len);
 bool refcount_has_deferred(const struct refcount *rc);
+
+/* New refcount blocks wait to be linked into the on-disk table (by the next
+ * flush of the refcount cache). */
+bool refcount_has_pending(const struct refcount *rc);
 size_t refcount_nb_deferred(const struct refcount *rc);
 
 /*

@@ -3,7 +3,8 @@
  * cluster they read (plain and compressed clusters: a read never returns
  * another guest offset's data), write/read round trips across a cluster
  * boundary and a reopen, reads past the virtual size, read-only images,
- * detect-zeroes.
+ * detect-zeroes, and flushes (nothing to do when nothing changed; the
+ * write-back of much guest data without the metadata lock).
  *
  * Images are made with create_image() in a temporary directory, loaded into
  * the memory backend and opened with image_open_io() through a "gate"
@@ -45,6 +46,8 @@ struct gate_io {
     bool armed, blocked, released, timed_out;
     uint64_t arm_offset;
     unsigned hits;              /* preads containing arm_offset since arming */
+    bool flush_armed;           /* hold the next flush instead of a pread */
+    unsigned flushes;           /* host flushes seen */
     uint8_t gated_first, gated_last;    /* what the held pread returned */
 };
 
@@ -86,6 +89,26 @@ static int gate_pread(struct io *io, void *buf, size_t len, uint64_t off)
     return ret;
 }
 
+static int gate_flush(struct io *io)
+{
+    struct gate_io *g = (struct gate_io *)io;
+
+    pthread_mutex_lock(&g->lock);
+    g->flushes++;
+    if (g->flush_armed) {
+        struct timespec ts;
+        g->flush_armed = false;
+        g->blocked = true;
+        pthread_cond_broadcast(&g->cond);
+        deadline(&ts);
+        while (!g->released && !g->timed_out)
+            if (pthread_cond_timedwait(&g->cond, &g->lock, &ts) == ETIMEDOUT)
+                g->timed_out = true;
+    }
+    pthread_mutex_unlock(&g->lock);
+    return tu_fwd_flush(io);
+}
+
 static void gate_close(struct io *io)
 {
     struct gate_io *g = (struct gate_io *)io;
@@ -100,7 +123,7 @@ static void gate_close(struct io *io)
 static const struct io_ops gate_ops = {
     .pread = gate_pread,
     .pwrite = tu_fwd_pwrite,
-    .flush = tu_fwd_flush,
+    .flush = gate_flush,
     .get_size = tu_fwd_get_size,
     .truncate = tu_fwd_truncate,
     .punch_hole = tu_fwd_punch,
@@ -145,6 +168,24 @@ static bool gate_wait_blocked(struct gate_io *g)
     ok = g->blocked;
     pthread_mutex_unlock(&g->lock);
     return ok;
+}
+
+static void gate_arm_flush(struct gate_io *g)
+{
+    pthread_mutex_lock(&g->lock);
+    g->flush_armed = true;
+    g->blocked = g->released = g->timed_out = false;
+    pthread_mutex_unlock(&g->lock);
+}
+
+static unsigned gate_flushes(struct gate_io *g)
+{
+    unsigned n;
+
+    pthread_mutex_lock(&g->lock);
+    n = g->flushes;
+    pthread_mutex_unlock(&g->lock);
+    return n;
 }
 
 static void gate_release(struct gate_io *g)
@@ -584,6 +625,82 @@ START_TEST(detect_zeroes_leaves_cluster_unallocated)
 }
 END_TEST
 
+/* A flush with nothing written since the last one costs no host flush; an
+ * in-place overwrite costs exactly one. */
+START_TEST(flush_only_what_changed)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct gate_io *g = gate_new(inner, false);
+    struct image *img = open_on(g, &o);
+    unsigned n0;
+
+    write_pattern(img, 0, CS, 0x31);
+    ck_assert_int_eq(image_flush(img), 0);
+    n0 = gate_flushes(g);
+    ck_assert_int_eq(image_flush(img), 0);
+    ck_assert_uint_eq(gate_flushes(g), n0);
+
+    write_pattern(img, 4096, 4096, 0x32);       /* in place: no metadata */
+    ck_assert_int_eq(image_flush(img), 0);
+    ck_assert_uint_eq(gate_flushes(g), n0 + 1);
+    ck_assert_int_eq(image_flush(img), 0);
+    ck_assert_uint_eq(gate_flushes(g), n0 + 1);
+
+    write_pattern(img, 2 * CS, 4096, 0x33);     /* allocates: refcount, L2 */
+    ck_assert_int_eq(image_flush(img), 0);
+    ck_assert_uint_gt(gate_flushes(g), n0 + 1);
+    ck_assert_uint_ne(disk_l2_entry(inner, 2) & META_OFFSET_MASK, 0);
+    ck_assert_int_eq(image_close(img), 0);
+}
+END_TEST
+
+struct flusher {
+    struct image *img;
+    pthread_t tid;
+    int ret;
+};
+
+static void *flush_thread(void *arg)
+{
+    struct flusher *f = arg;
+    f->ret = image_flush(f->img);
+    return NULL;
+}
+
+/* Writing back many megabytes of guest data happens without the metadata
+ * lock: reads and in-place writes complete while that host flush is held.
+ * (With the lock held they would wait for the flush: the test times out.) */
+START_TEST(big_flush_leaves_requests_running)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct gate_io *g = gate_new(inner, false);
+    struct image *img = open_on(g, &o);
+    struct flusher f = { .img = img };
+    uint8_t buf[4096];
+
+    write_pattern(img, 0, 10u << 20, 0x41);     /* 10 MiB: above the threshold */
+    gate_arm_flush(g);
+    ck_assert_int_eq(pthread_create(&f.tid, NULL, flush_thread, &f), 0);
+    ck_assert_msg(gate_wait_blocked(g), "the flush never reached the host");
+
+    ck_assert_int_eq(image_read(img, buf, sizeof(buf), 3 * CS), 0);
+    ck_assert(all_bytes(buf, sizeof(buf), 0x41));
+    write_pattern(img, 5 * CS, 4096, 0x42);
+    ck_assert_int_eq(image_read(img, buf, sizeof(buf), 5 * CS), 0);
+    ck_assert(all_bytes(buf, sizeof(buf), 0x42));
+
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(f.tid, NULL), 0);
+    ck_assert_int_eq(f.ret, 0);
+    ck_assert(!g->timed_out);
+    /* The flush still made the metadata durable. */
+    ck_assert_uint_ne(disk_l2_entry(inner, 159) & META_OFFSET_MASK, 0);
+    ck_assert_int_eq(image_close(img), 0);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -596,6 +713,8 @@ static Suite *image_suite(void)
     tcase_add_test(tc, read_past_end);
     tcase_add_test(tc, read_only_refuses_writes);
     tcase_add_test(tc, detect_zeroes_leaves_cluster_unallocated);
+    tcase_add_test(tc, flush_only_what_changed);
+    tcase_add_test(tc, big_flush_leaves_requests_running);
     suite_add_tcase(s, tc);
     return s;
 }
