@@ -4,8 +4,12 @@
  * the virtual disk.  This is the only interface the FUSE layer uses.
  *
  * Locking rule: every function may be called from several threads at once.
- * Internally a metadata mutex covers table lookups and allocation; guest
- * data I/O runs outside it.
+ * Internally a metadata mutex covers table lookups, allocation and the
+ * metadata part of a flush (table writes and their host flushes); guest data
+ * I/O runs outside it, and so does the write-back of much guest data at a
+ * flush.  Writes, zeroing, preallocation and resize also hold their guest
+ * range (cluster aligned) against each other; reads hold nothing while they
+ * do I/O (see struct range in image.c).
  */
 #ifndef QCOW2FUSE_IMAGE_H
 #define QCOW2FUSE_IMAGE_H
