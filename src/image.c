@@ -1340,9 +1340,11 @@ static int flush_locked(struct image *img)
         ret = refcount_apply_deferred(img->rc, punch_freed, img);
         if (ret < 0)
             return ret;
+        /* Decrements create no refcount blocks (step 1 linked them all):
+         * the dirty blocks and a flush are all there is. */
         ret = cache_write_dirty(rcc);
         if (ret == 0)
-            ret = refcount_has_pending(img->rc) ? cache_flush(rcc) : sync_io(img);
+            ret = sync_io(img);
     }
     return ret;
 }
