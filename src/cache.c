@@ -9,6 +9,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -21,6 +22,7 @@ struct cache_entry {
     unsigned ref;
     bool in_use;
     bool dirty;
+    _Atomic bool peeked;        /* found by cache_peek since last considered */
     uint32_t hash_next;         /* chain in the hash bucket */
     uint32_t lru_prev, lru_next;/* LRU list of unreferenced entries */
 };
@@ -45,6 +47,10 @@ struct cache {
     cache_flush_hook_fn *flush_hook;
     void *flush_hook_opaque;
     struct cache_stats stats;
+    /* Counted apart, as peeks run concurrently; the padding keeps the
+     * counter off the cache line of the fields every lookup reads. */
+    char pad[64];
+    _Atomic uint64_t peek_hits;
 };
 
 static unsigned bucket_of(const struct cache *c, uint64_t offset)
@@ -275,13 +281,26 @@ void cache_dependency_met(struct cache *c)
     c->depends_on_flush = false;
 }
 
-/* Find a victim: the least recently used unreferenced entry. */
+/*
+ * Find a victim: the least recently used unreferenced entry, except that an
+ * entry peeked at since it was last considered goes back to the head once.
+ * Each pass clears a flag, so at most nb_entries entries are skipped.
+ */
 static int take_entry(struct cache *c, uint32_t *out)
 {
     uint32_t i = c->lru_tail;
     struct cache_entry *e;
     int ret;
 
+    for (unsigned n = 0; i != NO_ENTRY && n < c->nb_entries; n++) {
+        e = &c->entries[i];
+        if (!e->in_use || !atomic_load_explicit(&e->peeked, memory_order_relaxed))
+            break;
+        atomic_store_explicit(&e->peeked, false, memory_order_relaxed);
+        lru_unlink(c, i);
+        lru_push_head(c, i);
+        i = c->lru_tail;
+    }
     if (i == NO_ENTRY) {
         log_error("%s cache: all %u entries are in use", c->name, c->nb_entries);
         return -ENOMEM;
@@ -327,6 +346,7 @@ static int do_get(struct cache *c, uint64_t offset, void **table, bool read)
     c->entries[i].offset = offset;
     c->entries[i].in_use = true;
     c->entries[i].dirty = false;
+    atomic_store_explicit(&c->entries[i].peeked, false, memory_order_relaxed);
     hash_insert(c, i);
 
 found:
@@ -339,6 +359,25 @@ found:
 int cache_get(struct cache *c, uint64_t offset, void **table)
 {
     return do_get(c, offset, table, true);
+}
+
+int cache_peek(struct cache *c, uint64_t offset, const void **table)
+{
+    uint32_t i;
+    struct cache_entry *e;
+
+    assert(offset % c->table_size == 0);
+    i = hash_find(c, offset);
+    if (i == NO_ENTRY)
+        return -ENOENT;
+    e = &c->entries[i];
+    /* Test first: readers on several CPUs should not keep writing the
+     * same cache line when the flag is already set. */
+    if (!atomic_load_explicit(&e->peeked, memory_order_relaxed))
+        atomic_store_explicit(&e->peeked, true, memory_order_relaxed);
+    atomic_fetch_add_explicit(&c->peek_hits, 1, memory_order_relaxed);
+    *table = e->table;
+    return 0;
 }
 
 int cache_get_empty(struct cache *c, uint64_t offset, void **table)
@@ -431,6 +470,7 @@ void cache_set_write_check(struct cache *c, cache_write_check_fn *fn, void *opaq
 void cache_get_stats(const struct cache *c, struct cache_stats *out)
 {
     *out = c->stats;
+    out->hits += atomic_load_explicit(&c->peek_hits, memory_order_relaxed);
 }
 
 unsigned cache_nb_entries(const struct cache *c)

@@ -14,13 +14,19 @@
  *                      file is flushed (guest data before the L2 entry that
  *                      makes it visible)
  *
+ *   cache_peek()       table at a host offset if cached, for readers that
+ *                      share the lock (no reference, no read, no change)
+ *
  * Entries carry a reference count; an entry with references is never
  * evicted.  Lookup is a hash on the host offset; replacement is LRU over the
- * unreferenced entries.  Table memory is allocated on first use, so a large
- * configured cache costs nothing until it fills.
+ * unreferenced entries, with a second chance for entries that cache_peek
+ * found since they were last put (a peek cannot move an entry in the list).
+ * Table memory is allocated on first use, so a large configured cache costs
+ * nothing until it fills.
  *
- * Locking rule: a cache has no lock of its own.  Every call must be made
- * with the owning image's metadata lock held.
+ * Locking rule: a cache has no lock of its own.  The owner has a lock that
+ * can be held shared or exclusively: cache_peek needs it held at least
+ * shared; every other call needs it held exclusively.
  */
 #ifndef QCOW2FUSE_CACHE_H
 #define QCOW2FUSE_CACHE_H
@@ -57,6 +63,17 @@ void cache_destroy(struct cache *c);
  */
 int cache_get(struct cache *c, uint64_t offset, void **table);
 int cache_get_empty(struct cache *c, uint64_t offset, void **table);
+
+/*
+ * On entry: @offset is a multiple of the table size; the owner's lock is
+ *           held shared (or exclusively).
+ * On exit:  on a hit, *table points at the cached table, which stays valid
+ *           and unchanged until that lock is released.  No reference is
+ *           taken; the entry gets a second chance at replacement.
+ * Returns:  0, or -ENOENT when the table is not cached: take the lock
+ *           exclusively and use cache_get.
+ */
+int cache_peek(struct cache *c, uint64_t offset, const void **table);
 
 /* Drop the reference taken by get; *table is set to NULL. */
 void cache_put(struct cache *c, void **table);

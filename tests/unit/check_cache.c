@@ -588,6 +588,175 @@ START_TEST(lru_order)
 }
 END_TEST
 
+/* ---- peek (lookups under the shared lock) ------------------------------ */
+
+START_TEST(peek_hit_and_miss)
+{
+    struct cnt_io *cio = counting_io(TS);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
+    struct cache_stats st;
+    const void *p = NULL;
+    void *t;
+
+    /* A miss reads nothing and leaves no entry behind. */
+    ck_assert_int_eq(cache_peek(c, 2 * TS, &p), -ENOENT);
+    ck_assert_uint_eq(cio->reads, 0);
+    cache_get_stats(c, &st);
+    ck_assert_uint_eq(st.hits + st.misses, 0);
+
+    ck_assert_int_eq(cache_get(c, 2 * TS, &t), 0);
+    memset(t, 0x77, 8);
+    cache_mark_dirty(c, t);
+    cache_put(c, &t);
+    /* A hit shows the cached table, unwritten change included. */
+    ck_assert_int_eq(cache_peek(c, 2 * TS, &p), 0);
+    ck_assert_ptr_nonnull(p);
+    ck_assert_uint_eq(((const uint8_t *)p)[7], 0x77);
+    ck_assert_uint_eq(((const uint8_t *)p)[8], pattern_byte(2, 8));
+    ck_assert_uint_eq(cio->reads, 1);
+    cache_get_stats(c, &st);
+    ck_assert_uint_eq(st.hits, 1);
+    ck_assert_uint_eq(st.misses, 1);
+    ck_assert_int_eq(cache_peek(c, 3 * TS, &p), -ENOENT);
+
+    /* No reference was taken: the table can be discarded (which asserts
+     * it is unreferenced) and is gone for the next peek. */
+    cache_discard(c, 2 * TS);
+    ck_assert_int_eq(cache_peek(c, 2 * TS, &p), -ENOENT);
+    ck_assert(!cache_has_dirty(c));
+
+    cache_destroy(c);
+    io_close(&cio->fwd.io);
+}
+END_TEST
+
+START_TEST(peek_then_discard)
+{
+    /* An entry freed by discard is reused before any cached table is
+     * evicted, even if it was peeked at before it was freed. */
+    struct cnt_io *cio = counting_io(TS);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
+    struct cache_stats st;
+    const void *p;
+    void *t;
+
+    for (uint64_t k = 1; k <= 4; k++) {
+        ck_assert_int_eq(cache_get(c, k * TS, &t), 0);
+        cache_put(c, &t);
+    }
+    ck_assert_int_eq(cache_peek(c, 3 * TS, &p), 0);
+    cache_discard(c, 3 * TS);
+    ck_assert_int_eq(cache_get(c, 5 * TS, &t), 0);
+    cache_put(c, &t);
+    cache_get_stats(c, &st);
+    ck_assert_uint_eq(st.evictions, 0);
+    for (uint64_t k = 1; k <= 5; k++)
+        ck_assert_int_eq(cache_peek(c, k * TS, &p), k == 3 ? -ENOENT : 0);
+    cache_destroy(c);
+    io_close(&cio->fwd.io);
+}
+END_TEST
+
+/* Whether @off is cached, without changing anything that matters here (a
+ * peek's second-chance mark is only set on a hit, and every caller below
+ * looks at entries it expects to be gone or is about to evict). */
+static bool cached(struct cache *c, uint64_t off)
+{
+    const void *p;
+    return cache_peek(c, off, &p) == 0;
+}
+
+START_TEST(peek_gives_second_chance)
+{
+    struct cnt_io *cio = counting_io(TS);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
+    void *t;
+    const void *p;
+
+    /* LRU order after these puts, most recent first: 4 3 2 1. */
+    for (uint64_t k = 1; k <= 4; k++) {
+        ck_assert_int_eq(cache_get(c, k * TS, &t), 0);
+        cache_put(c, &t);
+    }
+    /* 1 is read by a lookup that could not move it in the list. */
+    ck_assert_int_eq(cache_peek(c, 1 * TS, &p), 0);
+    /* The next miss passes over 1 (and clears its mark) and takes 2. */
+    ck_assert_int_eq(cache_get(c, 5 * TS, &t), 0);
+    cache_put(c, &t);
+    ck_assert_int_eq(cio->reads, 5);
+    ck_assert(!cached(c, 2 * TS));
+    /* Order now 5 1 4 3 (the failed peek of 2 marked nothing).  Without
+     * further peeks, 3 then 4 go, and 1 after them. */
+    ck_assert_int_eq(cache_get(c, 6 * TS, &t), 0);
+    cache_put(c, &t);
+    ck_assert_int_eq(cache_get(c, 7 * TS, &t), 0);
+    cache_put(c, &t);
+    ck_assert_int_eq(cache_get(c, 1 * TS, &t), 0);      /* still cached: a hit */
+    cache_put(c, &t);
+    ck_assert_int_eq(cio->reads, 7);
+    ck_assert(!cached(c, 3 * TS));
+    ck_assert(!cached(c, 4 * TS));
+    cache_destroy(c);
+    io_close(&cio->fwd.io);
+}
+END_TEST
+
+START_TEST(peek_all_marked_still_evicts)
+{
+    /* Every unreferenced entry peeked: the scan is bounded, clears every
+     * mark and evicts the least recently used one after all. */
+    struct cnt_io *cio = counting_io(TS);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 4);
+    void *t;
+    const void *p;
+    struct cache_stats st;
+
+    for (uint64_t k = 1; k <= 4; k++) {
+        ck_assert_int_eq(cache_get(c, k * TS, &t), 0);
+        cache_put(c, &t);
+    }
+    for (uint64_t k = 1; k <= 4; k++)
+        ck_assert_int_eq(cache_peek(c, k * TS, &p), 0);
+    ck_assert_int_eq(cache_get(c, 5 * TS, &t), 0);
+    ck_assert(has_pattern(t, 5, TS));
+    cache_put(c, &t);
+    cache_get_stats(c, &st);
+    ck_assert_uint_eq(st.evictions, 1);
+    ck_assert(!cached(c, 1 * TS));
+    ck_assert(cached(c, 2 * TS) && cached(c, 3 * TS) && cached(c, 4 * TS));
+    cache_destroy(c);
+    io_close(&cio->fwd.io);
+}
+END_TEST
+
+START_TEST(peek_pinned_entries)
+{
+    /* With all but one entry referenced, peeks on the referenced ones do
+     * not keep the one free entry from being reused. */
+    struct cnt_io *cio = counting_io(TS);
+    struct cache *c = cache_create(&cio->fwd.io, "test", TS, 3);
+    void *h[2], *t;
+    const void *p;
+
+    ck_assert_int_eq(cache_get(c, 1 * TS, &h[0]), 0);
+    ck_assert_int_eq(cache_get(c, 2 * TS, &h[1]), 0);
+    ck_assert_int_eq(cache_peek(c, 1 * TS, &p), 0);
+    ck_assert_ptr_eq(p, h[0]);
+    for (uint64_t k = 3; k <= 6; k++) {
+        ck_assert_int_eq(cache_get(c, k * TS, &t), 0);
+        ck_assert(has_pattern(t, k, TS));
+        cache_put(c, &t);
+        ck_assert_int_eq(cache_peek(c, k * TS, &p), 0);     /* marked, alone */
+    }
+    ck_assert(has_pattern(h[0], 1, TS));
+    ck_assert(has_pattern(h[1], 2, TS));
+    cache_put(c, &h[0]);
+    cache_put(c, &h[1]);
+    cache_destroy(c);
+    io_close(&cio->fwd.io);
+}
+END_TEST
+
 START_TEST(random_model)
 {
     /* Random gets, changes, puts, flushes and discards against a shadow
@@ -617,6 +786,11 @@ START_TEST(random_model)
 
         if (op < 40 && nb_held < NE - 1) {
             void *p;
+            const void *q;
+            /* What a shared-lock lookup would see, when it hits. */
+            if (cache_peek(c, (uint64_t)t * SZ, &q) == 0)
+                ck_assert_msg(memcmp(q, shadow[t], SZ) == 0, "step %u: peek of %u stale",
+                              step, t);
             ck_assert_int_eq(cache_get(c, (uint64_t)t * SZ, &p), 0);
             ck_assert_msg(memcmp(p, shadow[t], SZ) == 0, "step %u: table %u stale", step, t);
             held[nb_held] = p;
@@ -1196,6 +1370,11 @@ static Suite *cache_suite(void)
     tcase_add_test(tc, dirty_evicted_written_back);
     tcase_add_test(tc, dirty_eviction_write_fails);
     tcase_add_test(tc, lru_order);
+    tcase_add_test(tc, peek_hit_and_miss);
+    tcase_add_test(tc, peek_gives_second_chance);
+    tcase_add_test(tc, peek_all_marked_still_evicts);
+    tcase_add_test(tc, peek_pinned_entries);
+    tcase_add_test(tc, peek_then_discard);
     tcase_add_test(tc, random_model);
     suite_add_tcase(s, tc);
 
