@@ -182,6 +182,16 @@ struct cache *cluster_l2_cache(struct cluster *cl)
     return cl->l2_cache;
 }
 
+/* Whether L1 entry @e is fit to use as it stands: no reserved bits, an
+ * aligned L2 offset inside the file. */
+static bool l1_entry_sane(const struct meta *m, uint64_t e)
+{
+    uint64_t l2 = e & META_OFFSET_MASK;
+
+    return !(e & META_L1_RESERVED) && (l2 == 0 || l2 < m->file_end) &&
+           !(l2 & (m->cluster_size - 1));
+}
+
 /* The L2 table offset for guest cluster @gc, 0 if none; -EIO if corrupt. */
 static int l2_table_of(struct cluster *cl, uint64_t l1_index, uint64_t *l2_offset)
 {
@@ -219,8 +229,14 @@ static inline uint64_t unit_bytes(const struct meta *m)
     return m->extended_l2 ? m->cluster_size / 32 : m->cluster_size;
 }
 
-int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
-                   struct cluster_run *run)
+/*
+ * Translate [@offset, @offset + @max_bytes) within one L2 slice.  With
+ * @shared the caller holds the metadata lock only shared: nothing may be
+ * read from disk, reported or changed, so whatever needs that ends the
+ * lookup with -EAGAIN and the caller retries with the lock held exclusively.
+ */
+static int lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
+                  struct cluster_run *run, bool shared)
 {
     struct meta *m = cl->m;
     uint64_t gc = offset >> m->cluster_bits;
@@ -229,13 +245,21 @@ int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
     uint64_t slice_first = l2_index - l2_index % cl->slice_entries;
     uint64_t slice_end = slice_first + cl->slice_entries;   /* exclusive, in entries */
     uint64_t unit = unit_bytes(m);
-    uint64_t l2_offset = 0, pos, end;
-    uint8_t *slice = NULL;
+    uint64_t l2_offset = 0, pos, end, slice_offset;
+    const uint8_t *slice = NULL;
     int ret;
 
-    ret = l2_table_of(cl, l1_index, &l2_offset);
-    if (ret < 0)
-        return ret;
+    if (shared) {
+        if (l1_index < cl->l1_size) {
+            if (!l1_entry_sane(m, cl->l1[l1_index]))
+                return -EAGAIN;
+            l2_offset = cl->l1[l1_index] & META_OFFSET_MASK;
+        }
+    } else {
+        ret = l2_table_of(cl, l1_index, &l2_offset);
+        if (ret < 0)
+            return ret;
+    }
 
     /* Nothing beyond this slice is looked at in one call. */
     end = ((l1_index * m->l2_entries + slice_end) << m->cluster_bits);
@@ -251,11 +275,17 @@ int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
         return 0;
     }
 
-    ret = cache_get(cl->l2_cache, l2_offset + slice_first * m->l2_entry_bytes,
-                    (void **)&slice);
-    if (ret < 0)
-        return ret;
+    slice_offset = l2_offset + slice_first * m->l2_entry_bytes;
+    if (shared) {
+        if (cache_peek(cl->l2_cache, slice_offset, (const void **)&slice) < 0)
+            return -EAGAIN;
+    } else {
+        ret = cache_get(cl->l2_cache, slice_offset, (void **)&slice);
+        if (ret < 0)
+            return ret;
+    }
 
+    ret = 0;
     run->bytes = 0;
     pos = offset;
     while (pos < end) {
@@ -268,6 +298,14 @@ int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
         const char *why;
 
         ret = cluster_decode_entry(m, entry, bitmap, sc, &kind, &host, &why);
+        if (ret < 0 && run->bytes > 0) {
+            ret = 0;            /* end the run here; the next lookup reports */
+            break;
+        }
+        if (ret < 0 && shared) {
+            ret = -EAGAIN;
+            break;
+        }
         if (ret < 0) {
             ret = meta_corrupt(m, "L2 table at 0x%llx, entry %llu (guest offset "
                                "0x%llx) = 0x%016llx: %s",
@@ -275,7 +313,7 @@ int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
                                (unsigned long long)(idx + slice_first),
                                (unsigned long long)(pos & ~(m->cluster_size - 1)),
                                (unsigned long long)entry, why);
-            goto out;
+            break;
         }
         if (kind == CLUSTER_COMPRESSED) {
             step_end = (pos | (m->cluster_size - 1)) + 1;
@@ -303,9 +341,21 @@ int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
         pos = step_end;
     }
 
-out:
-    cache_put(cl->l2_cache, (void **)&slice);
+    if (!shared)
+        cache_put(cl->l2_cache, (void **)&slice);
     return ret;
+}
+
+int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
+                   struct cluster_run *run)
+{
+    return lookup(cl, offset, max_bytes, run, false);
+}
+
+int cluster_lookup_shared(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
+                          struct cluster_run *run)
+{
+    return lookup(cl, offset, max_bytes, run, true);
 }
 
 /* ---- write side ---------------------------------------------------------- */

@@ -8,8 +8,10 @@
  * random I/O over a large disk.
  *
  * Locking rule: every function must be called with the image's metadata
- * lock held; the returned run is a snapshot that the caller may use for I/O
- * after dropping the lock only while it holds the guest range (see image.c).
+ * lock held exclusively, except cluster_lookup_shared, which needs it held
+ * at least shared.  The returned run is a snapshot: after the lock is
+ * dropped it may be used for I/O only as image.c's rules allow (the guest
+ * range held, or the free generation checked after the I/O).
  */
 #ifndef QCOW2FUSE_CLUSTER_H
 #define QCOW2FUSE_CLUSTER_H
@@ -64,6 +66,16 @@ void cluster_close(struct cluster *cl);
  */
 int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
                    struct cluster_run *run);
+
+/*
+ * As cluster_lookup, for a caller that holds the metadata lock only shared
+ * (see cache_peek): it uses cached L2 slices and changes nothing.
+ * Returns: 0, or -EAGAIN when the lookup needs the lock held exclusively
+ *          (the slice is not cached, or an entry looks corrupt and must be
+ *          reported): call cluster_lookup then.
+ */
+int cluster_lookup_shared(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
+                          struct cluster_run *run);
 
 struct cache *cluster_l2_cache(struct cluster *cl);
 

@@ -256,6 +256,32 @@ static struct io *img_io(struct img *im)
     return io;
 }
 
+/*
+ * The slice that @run came from was just used, so it is cached: the shared
+ * lookup must find it and give the same run.  (Plain ifs: this runs for
+ * every lookup of the walk tests.)
+ */
+static void same_as_shared(struct cluster *cl, uint64_t off, uint64_t max,
+                           const struct cluster_run *run)
+{
+    struct cluster_run shared;
+    int ret;
+
+    memset(&shared, 0x5a, sizeof(shared));
+    ret = cluster_lookup_shared(cl, off, max, &shared);
+    if (ret != 0)
+        ck_abort_msg("shared lookup at 0x%llx returned %d", (unsigned long long)off, ret);
+    if (shared.kind != run->kind || shared.bytes != run->bytes ||
+        (run->kind == CLUSTER_DATA && shared.host_offset != run->host_offset) ||
+        (run->kind == CLUSTER_COMPRESSED && shared.l2_entry != run->l2_entry))
+        ck_abort_msg("shared lookup at 0x%llx max %llu: kind %d, %llu bytes, host "
+                     "0x%llx; exclusive: kind %d, %llu bytes, host 0x%llx",
+                     (unsigned long long)off, (unsigned long long)max, shared.kind,
+                     (unsigned long long)shared.bytes,
+                     (unsigned long long)shared.host_offset, run->kind,
+                     (unsigned long long)run->bytes, (unsigned long long)run->host_offset);
+}
+
 static struct cluster_run lookup(struct cluster *cl, uint64_t off, uint64_t max)
 {
     struct cluster_run run;
@@ -267,6 +293,7 @@ static struct cluster_run lookup(struct cluster *cl, uint64_t off, uint64_t max)
     ck_assert_msg(run.bytes >= 1 && run.bytes <= max,
                   "lookup at 0x%llx max %llu: %llu bytes", (unsigned long long)off,
                   (unsigned long long)max, (unsigned long long)run.bytes);
+    same_as_shared(cl, off, max, &run);
     return run;
 }
 
@@ -760,6 +787,89 @@ START_TEST(lookup_data_file)
 }
 END_TEST
 
+/* Lookups under the shared lock: only what is cached, nothing reported. */
+
+START_TEST(lookup_shared_needs_cached_slice)
+{
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+    struct cluster_run r;
+    struct cache_stats st, st2;
+
+    std_open(&m, &io, &cl);
+    cache_get_stats(cluster_l2_cache(cl), &st);
+    /* Not cached yet: no read, the caller must take the lock exclusively. */
+    ck_assert_int_eq(cluster_lookup_shared(cl, STD_CS, STD_CS, &r), -EAGAIN);
+    ck_assert_int_eq(cluster_lookup_shared(cl, 1025 * STD_CS, STD_CS, &r), -EAGAIN);
+    cache_get_stats(cluster_l2_cache(cl), &st2);
+    ck_assert_uint_eq(st2.misses, st.misses);
+    ck_assert_uint_eq(st2.hits, st.hits);
+    /* An unallocated L2 table needs no slice. */
+    ck_assert_int_eq(cluster_lookup_shared(cl, 600 * STD_CS, STD_CS, &r), 0);
+    ck_assert_int_eq(r.kind, CLUSTER_UNALLOCATED);
+    ck_assert_uint_eq(r.bytes, STD_CS);
+    /* Once the exclusive lookup has read the slice, the shared one hits
+     * (and counts as a hit). */
+    expect_run(cl, STD_CS, STD_CS, CLUSTER_DATA, 17 * STD_CS, STD_CS);
+    cache_get_stats(cluster_l2_cache(cl), &st);
+    ck_assert_int_eq(cluster_lookup_shared(cl, 3 * STD_CS + 7, 1ull << 40, &r), 0);
+    ck_assert_int_eq(r.kind, CLUSTER_DATA);
+    ck_assert_uint_eq(r.host_offset, 25 * STD_CS + 7);
+    ck_assert_uint_eq(r.bytes, 2 * STD_CS - 7);
+    cache_get_stats(cluster_l2_cache(cl), &st2);
+    ck_assert_uint_eq(st2.hits, st.hits + 1);
+    /* Still only L1[0]'s table is cached. */
+    ck_assert_int_eq(cluster_lookup_shared(cl, 1025 * STD_CS, STD_CS, &r), -EAGAIN);
+    ck_assert(!meta_is_corrupt(&m));
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
+START_TEST(lookup_shared_leaves_corruption_to_exclusive)
+{
+    /* A corrupt entry met under the shared lock is not reported there (that
+     * changes state); the exclusive lookup the caller falls back to does. */
+    struct meta m;
+    struct io *io = corrupt_image(2 * STD_CS | COPIED, 6 * STD_CS + 512);
+    struct cluster *cl;
+    struct cluster_run r;
+
+    tu_log_capture();
+    tu_meta_init(&m, io, STD_CB, true, false);
+    ck_assert_int_eq(cluster_open(&m, STD_CS, 2, 1u << 20, &cl), 0);
+    r = lookup(cl, 0, STD_CS);                  /* caches the slice */
+    ck_assert_int_eq(r.kind, CLUSTER_DATA);
+    ck_assert_int_eq(cluster_lookup_shared(cl, 5 * STD_CS, STD_CS, &r), -EAGAIN);
+    ck_assert_int_eq(cluster_lookup_shared(cl, 4 * STD_CS, 2 * STD_CS, &r), 0);
+    ck_assert_int_eq(r.kind, CLUSTER_UNALLOCATED);
+    ck_assert_uint_eq(r.bytes, STD_CS);         /* stops before the bad entry */
+    ck_assert(!meta_is_corrupt(&m));
+    ck_assert_uint_eq(tu_log_state()->nb_errors, 0);
+    ck_assert_int_eq(cluster_lookup(cl, 5 * STD_CS, STD_CS, &r), -EIO);
+    ck_assert(meta_is_corrupt(&m));
+    ck_assert_uint_eq(tu_log_state()->nb_errors, 1);
+    tu_log_release();
+    cluster_close(cl);
+    io_close(io);
+
+    /* The same for a bad L1 entry. */
+    io = corrupt_image(2 * STD_CS | COPIED | 1ull << 60, 0);
+    tu_log_capture();
+    tu_meta_init(&m, io, STD_CB, true, false);
+    if (cluster_open(&m, STD_CS, 2, 1u << 20, &cl) == 0) {
+        ck_assert_int_eq(cluster_lookup_shared(cl, 0, STD_CS, &r), -EAGAIN);
+        ck_assert(!meta_is_corrupt(&m));
+        ck_assert_int_eq(cluster_lookup(cl, 0, STD_CS, &r), -EIO);
+        ck_assert(meta_is_corrupt(&m));
+        cluster_close(cl);
+    }
+    tu_log_release();
+    io_close(io);
+}
+END_TEST
+
 /* Large clusters: L2 tables are cached in slices. */
 
 START_TEST(lookup_slices)
@@ -986,6 +1096,8 @@ static Suite *cluster_suite(void)
     tcase_add_test(tc, lookup_corrupt_l2_entry);
     tcase_add_test(tc, lookup_corrupt_run_stops_before);
     tcase_add_test(tc, lookup_corrupt_l1_entry);
+    tcase_add_test(tc, lookup_shared_needs_cached_slice);
+    tcase_add_test(tc, lookup_shared_leaves_corruption_to_exclusive);
     tcase_add_test(tc, corrupt_sets_header_bit);
     tcase_add_test(tc, lookup_extended_l2_corrupt);
     suite_add_tcase(s, tc);
