@@ -1,7 +1,8 @@
 /*
  * image — opening an image and its chain, and the read path: each request is
- * split into runs by cluster_lookup() under the metadata lock, and each run
- * is served by one host I/O outside it.
+ * split into runs by a table lookup (under the metadata lock held shared,
+ * when the L2 slice is cached), and each run is served by one host I/O
+ * outside the lock.
  */
 #include "image.h"
 
@@ -62,7 +63,16 @@ struct image {
     unsigned range_waiters;
     pthread_cond_t range_cond;
     _Atomic uint64_t free_gen;  /* bumped before host clusters are released */
-    pthread_mutex_t lock;       /* metadata lock; also guards ranges */
+    /*
+     * The metadata lock is the pair: `lock` serialises everything that
+     * changes metadata (and guards ranges; range_cond waits on it), and
+     * every holder of `lock` also holds `tables` for writing, released only
+     * while waiting on range_cond.  Lookups of cached L2 slices hold just
+     * `tables` for reading, so concurrent reads never serialise; everything
+     * else takes both through lock_exclusive().  Order: lock, then tables.
+     */
+    pthread_mutex_t lock;
+    pthread_rwlock_t tables;
 };
 
 static void image_free(struct image *img)
@@ -77,6 +87,7 @@ static void image_free(struct image *img)
     io_close(img->data_io);
     io_close(img->io);
     header_free(&img->hdr);
+    pthread_rwlock_destroy(&img->tables);
     pthread_mutex_destroy(&img->lock);
     pthread_cond_destroy(&img->range_cond);
     free(img->path);
@@ -95,6 +106,14 @@ static struct image *image_alloc(void)
         pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
         pthread_mutex_init(&img->lock, &attr);
         pthread_mutexattr_destroy(&attr);
+        /* Writers first: a steady stream of lookups must not starve an
+         * allocation.  No reader takes the lock twice, as that deadlocks
+         * with this kind when a writer waits in between. */
+        pthread_rwlockattr_t rwattr;
+        pthread_rwlockattr_init(&rwattr);
+        pthread_rwlockattr_setkind_np(&rwattr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+        pthread_rwlock_init(&img->tables, &rwattr);
+        pthread_rwlockattr_destroy(&rwattr);
         pthread_cond_init(&img->range_cond, NULL);
     }
     return img;
@@ -514,6 +533,29 @@ uint32_t image_cluster_size(const struct image *img)
     return img->is_raw ? 65536 : (uint32_t)img->meta.cluster_size;
 }
 
+/* ---- the metadata lock ----------------------------------------------------- */
+
+static void lock_exclusive(struct image *img)
+{
+    pthread_mutex_lock(&img->lock);
+    pthread_rwlock_wrlock(&img->tables);
+}
+
+static void unlock_exclusive(struct image *img)
+{
+    pthread_rwlock_unlock(&img->tables);
+    pthread_mutex_unlock(&img->lock);
+}
+
+/* Wait for a range to be released, holding the lock exclusively before and
+ * after; lookups may run meanwhile. */
+static void wait_exclusive(struct image *img)
+{
+    pthread_rwlock_unlock(&img->tables);
+    pthread_cond_wait(&img->range_cond, &img->lock);
+    pthread_rwlock_wrlock(&img->tables);
+}
+
 /* ---- request ranges -------------------------------------------------------- */
 
 /* Wait until no other request holds a range overlapping [offset, +len),
@@ -534,7 +576,7 @@ static void range_lock_locked(struct image *img, struct range *r, uint64_t offse
         if (!o)
             break;
         img->range_waiters++;
-        pthread_cond_wait(&img->range_cond, &img->lock);
+        wait_exclusive(img);
         img->range_waiters--;
     }
     r->next = img->ranges;
@@ -555,16 +597,16 @@ static void range_unlock_locked(struct image *img, struct range *r)
 static void range_lock(struct image *img, struct range *r, uint64_t offset,
                        uint64_t len)
 {
-    pthread_mutex_lock(&img->lock);
+    lock_exclusive(img);
     range_lock_locked(img, r, offset, len);
-    pthread_mutex_unlock(&img->lock);
+    unlock_exclusive(img);
 }
 
 static void range_unlock(struct image *img, struct range *r)
 {
-    pthread_mutex_lock(&img->lock);
+    lock_exclusive(img);
     range_unlock_locked(img, r);
-    pthread_mutex_unlock(&img->lock);
+    unlock_exclusive(img);
 }
 
 /* ---- read path ----------------------------------------------------------- */
@@ -628,6 +670,32 @@ out:
     return ret;
 }
 
+/*
+ * Look up [@offset, @offset + @max) for a request that holds no range:
+ * with the lock shared when the slice is cached (the common case), else
+ * exclusively.  *gen (if not NULL): the free generation seen at the lookup.
+ */
+static int lookup_for_read(struct image *img, uint64_t offset, uint64_t max,
+                           struct cluster_run *run, uint64_t *gen)
+{
+    int ret;
+
+    pthread_rwlock_rdlock(&img->tables);
+    ret = cluster_lookup_shared(img->cl, offset, max, run);
+    if (gen)
+        *gen = img->free_gen;
+    pthread_rwlock_unlock(&img->tables);
+    if (ret != -EAGAIN)
+        return ret;
+
+    lock_exclusive(img);
+    ret = cluster_lookup(img->cl, offset, max, run);
+    if (gen)
+        *gen = img->free_gen;
+    unlock_exclusive(img);
+    return ret;
+}
+
 static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset);
 
 int image_read(struct image *img, void *buf, size_t len, uint64_t offset)
@@ -659,10 +727,7 @@ static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset
         struct cluster_run run;
         uint64_t gen;
 
-        pthread_mutex_lock(&img->lock);
-        ret = cluster_lookup(img->cl, offset, len, &run);
-        gen = img->free_gen;
-        pthread_mutex_unlock(&img->lock);
+        ret = lookup_for_read(img, offset, len, &run, &gen);
         if (ret < 0)
             return ret;
 
@@ -720,9 +785,7 @@ static int block_status(struct image *img, uint64_t offset, uint64_t max,
         *bytes = max;
         return 0;
     }
-    pthread_mutex_lock(&img->lock);
-    ret = cluster_lookup(img->cl, offset, max, &run);
-    pthread_mutex_unlock(&img->lock);
+    ret = lookup_for_read(img, offset, max, &run, NULL);
     if (ret < 0)
         return ret;
     switch (run.kind) {
@@ -1008,7 +1071,7 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
     lo = (unsigned)__builtin_ctz(span);
     hi = 31 - (unsigned)__builtin_clz(span);
 
-    pthread_mutex_unlock(&img->lock);
+    unlock_exclusive(img);
 
     buf = malloc(cs);
     if (!buf) {
@@ -1062,7 +1125,7 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
 relock:
     free(buf);
     free(plain);
-    pthread_mutex_lock(&img->lock);
+    lock_exclusive(img);
     if (ret < 0) {
         if (allocated)          /* nothing refers to it yet */
             (void)refcount_update(img->rc, new_host, cs, -1);
@@ -1105,9 +1168,9 @@ static int write_range(struct image *img, const uint8_t *p, uint64_t len,
                 if (ret < 0)
                     break;
             }
-            pthread_mutex_unlock(&img->lock);
+            unlock_exclusive(img);
             ret = io_pwrite(img->meta.data_io, p, bytes, host);
-            pthread_mutex_lock(&img->lock);
+            lock_exclusive(img);
         } else {
             uint64_t cs = img->meta.cluster_size;
             int64_t done = write_batch(img, p, offset, len);
@@ -1211,9 +1274,9 @@ static int64_t write_batch(struct image *img, const uint8_t *data, uint64_t offs
         return ret;
     img->clusters_allocated += n;
 
-    pthread_mutex_unlock(&img->lock);
+    unlock_exclusive(img);
     ret = io_pwrite(m->data_io, data, n * cs, host);
-    pthread_mutex_lock(&img->lock);
+    lock_exclusive(img);
     if (ret < 0) {
         (void)refcount_update(img->rc, host, n * cs, -1);
         return ret;
@@ -1254,11 +1317,11 @@ int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
         return ret;
     }
     /* One lock round trip for the range and the metadata. */
-    pthread_mutex_lock(&img->lock);
+    lock_exclusive(img);
     range_lock_locked(img, &r, offset, len);
     ret = write_range(img, buf, len, offset);
     range_unlock_locked(img, &r);
-    pthread_mutex_unlock(&img->lock);
+    unlock_exclusive(img);
     return ret;
 }
 
@@ -1389,13 +1452,13 @@ int image_flush(struct image *img)
     if (image_is_read_only(img))
         return 0;
     ret = flush_data_unlocked(img);
-    pthread_mutex_lock(&img->lock);
+    lock_exclusive(img);
     if (ret == 0)
         ret = flush_locked(img);
     if (ret == 0)
         io_mark(img->io, IMAGE_MARK_FLUSHED, ++img->flush_seq);
     img->flushes++;
-    pthread_mutex_unlock(&img->lock);
+    unlock_exclusive(img);
     if (ret < 0)
         log_error("%s: flushing metadata failed: %s", img->path, strerror(-ret));
     return ret;
@@ -1495,18 +1558,18 @@ static int zero_range(struct image *img, uint64_t offset, uint64_t len, bool unm
 
         if (n == cs) {
             bool need_write;
-            pthread_mutex_lock(&img->lock);
+            lock_exclusive(img);
             ret = zero_cluster(img, offset >> m->cluster_bits, unmap, &need_write);
-            pthread_mutex_unlock(&img->lock);
+            unlock_exclusive(img);
             if (ret < 0 || !need_write)
                 goto next;
         } else {
             /* A partial cluster: only what does not already read as zero
              * is written. */
             struct cluster_run run;
-            pthread_mutex_lock(&img->lock);
+            lock_exclusive(img);
             ret = cluster_lookup(img->cl, offset, n, &run);
-            pthread_mutex_unlock(&img->lock);
+            unlock_exclusive(img);
             if (ret < 0)
                 break;
             if (run.kind == CLUSTER_ZERO ||
@@ -1520,18 +1583,18 @@ static int zero_range(struct image *img, uint64_t offset, uint64_t len, bool unm
             ret = -ENOMEM;
             break;
         }
-        pthread_mutex_lock(&img->lock);
+        lock_exclusive(img);
         ret = write_range(img, zeros, n, offset);
-        pthread_mutex_unlock(&img->lock);
+        unlock_exclusive(img);
 next:
         offset += n;
     }
     free(zeros);
     if (ret == 0 && refcount_nb_deferred(img->rc) >= 4096) {
         /* Give freed space back before the queue grows without bound. */
-        pthread_mutex_lock(&img->lock);
+        lock_exclusive(img);
         ret = flush_locked(img);
-        pthread_mutex_unlock(&img->lock);
+        unlock_exclusive(img);
     }
     return ret;
 }
@@ -1568,18 +1631,18 @@ int image_preallocate(struct image *img, uint64_t offset, uint64_t len)
         struct cluster_run run;
         uint64_t n = img->size - offset < cs ? img->size - offset : cs;
 
-        pthread_mutex_lock(&img->lock);
+        lock_exclusive(img);
         ret = cluster_lookup(img->cl, offset, n, &run);
-        pthread_mutex_unlock(&img->lock);
+        unlock_exclusive(img);
         if (ret < 0)
             break;
         /* Writing back what the cluster reads allocates it unchanged. */
         if (!(run.kind == CLUSTER_DATA && run.bytes == n)) {
             ret = read_range(img, buf, n, offset);
             if (ret == 0) {
-                pthread_mutex_lock(&img->lock);
+                lock_exclusive(img);
                 ret = write_range(img, buf, n, offset);
-                pthread_mutex_unlock(&img->lock);
+                unlock_exclusive(img);
             }
         }
         offset += n;
@@ -1620,9 +1683,9 @@ int image_resize(struct image *img, uint64_t new_size)
         uint64_t pos = (new_size + cs - 1) & ~(cs - 1);
         while (pos < old) {
             struct cluster_run run;
-            pthread_mutex_lock(&img->lock);
+            lock_exclusive(img);
             ret = cluster_lookup(img->cl, pos, old - pos, &run);
-            pthread_mutex_unlock(&img->lock);
+            unlock_exclusive(img);
             if (ret < 0)
                 goto out;
             if (run.kind != CLUSTER_UNALLOCATED) {
@@ -1646,7 +1709,7 @@ int image_resize(struct image *img, uint64_t new_size)
         }
     }
 
-    pthread_mutex_lock(&img->lock);
+    lock_exclusive(img);
     ret = prepare_write(img);
     if (ret == 0 && need_l1 > cluster_l1_size(img->cl)) {
         ret = flush_locked(img);
@@ -1672,7 +1735,7 @@ int image_resize(struct image *img, uint64_t new_size)
         log_info("%s: virtual size changed from %llu to %llu bytes", img->path,
                  (unsigned long long)old, (unsigned long long)new_size);
     }
-    pthread_mutex_unlock(&img->lock);
+    unlock_exclusive(img);
 out:
     range_unlock(img, &r);
     return ret;
@@ -1682,12 +1745,12 @@ void image_stats(struct image *img, char *buf, size_t len)
 {
     struct cache_stats l2 = { 0 }, rc = { 0 };
 
-    pthread_mutex_lock(&img->lock);
+    lock_exclusive(img);
     if (img->cl)
         cache_get_stats(cluster_l2_cache(img->cl), &l2);
     if (img->rc)
         cache_get_stats(refcount_cache(img->rc), &rc);
-    pthread_mutex_unlock(&img->lock);
+    unlock_exclusive(img);
     snprintf(buf, len,
              "read %llu bytes, written %llu bytes, %llu clusters allocated, "
              "%llu flushes, L2 cache %llu hits %llu misses %llu evictions, "

@@ -4,12 +4,14 @@
  * the virtual disk.  This is the only interface the FUSE layer uses.
  *
  * Locking rule: every function may be called from several threads at once.
- * Internally a metadata mutex covers table lookups, allocation and the
- * metadata part of a flush (table writes and their host flushes); guest data
- * I/O runs outside it, and so does the write-back of much guest data at a
- * flush.  Writes, zeroing, preallocation and resize also hold their guest
- * range (cluster aligned) against each other; reads hold nothing while they
- * do I/O (see struct range in image.c).
+ * Internally a metadata lock covers table lookups, allocation and the
+ * metadata part of a flush (table writes and their host flushes).  Lookups
+ * for reads hold it shared when the L2 slice is cached, so reads of
+ * allocated data do not serialise; everything else holds it exclusively.
+ * Guest data I/O runs outside it, and so does the write-back of much guest
+ * data at a flush.  Writes, zeroing, preallocation and resize also hold their
+ * guest range (cluster aligned) against each other; reads hold nothing while
+ * they do I/O (see struct range in image.c).
  */
 #ifndef QCOW2FUSE_IMAGE_H
 #define QCOW2FUSE_IMAGE_H

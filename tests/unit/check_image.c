@@ -3,8 +3,10 @@
  * cluster they read (plain and compressed clusters: a read never returns
  * another guest offset's data), write/read round trips across a cluster
  * boundary and a reopen, reads past the virtual size, read-only images,
- * detect-zeroes, and flushes (nothing to do when nothing changed; the
- * write-back of much guest data without the metadata lock).
+ * detect-zeroes, flushes (nothing to do when nothing changed; the
+ * write-back of much guest data without the metadata lock), and lookups
+ * from several threads racing with L2 cache evictions, discards and the
+ * reuse of freed host clusters.
  *
  * Images are made with create_image() in a temporary directory, loaded into
  * the memory backend and opened with image_open_io() through a "gate"
@@ -198,11 +200,11 @@ static void gate_release(struct gate_io *g)
 
 /* ---- fixtures ------------------------------------------------------------ */
 
-/* A fresh, empty 16 MiB image with 64 KiB clusters, in a memory backend. */
-static struct io *new_image_io(void)
+/* A fresh, empty image of @vsize with 64 KiB clusters, in a memory backend. */
+static struct io *new_image_io_sized(uint64_t vsize)
 {
     char dir[] = "/tmp/check_image.XXXXXX", path[64];
-    struct create_options co = { .size = VSIZE, .cluster_bits = CB };
+    struct create_options co = { .size = vsize, .cluster_bits = CB };
     struct io *file, *mem;
     uint64_t size;
     uint8_t *bytes;
@@ -220,6 +222,11 @@ static struct io *new_image_io(void)
     ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &mem), 0);
     free(bytes);
     return mem;
+}
+
+static struct io *new_image_io(void)
+{
+    return new_image_io_sized(VSIZE);
 }
 
 static struct image_options default_opts(void)
@@ -701,6 +708,120 @@ START_TEST(big_flush_leaves_requests_running)
 }
 END_TEST
 
+/* ---- lookups racing with evictions, frees and reuse ---------------------- */
+
+/*
+ * 128 blocks of 4 KiB, one per 32 MiB of a 4 GiB disk, so each has its own
+ * L2 slice; the L2 cache holds only 16 slices.  Readers look blocks up
+ * concurrently (shared lookups on hits, exclusive ones that evict on
+ * misses) while a writer discards blocks, rewrites them into freshly
+ * allocated (often reused) host clusters and flushes.  Block k reads as
+ * zeros or as k's tag, never as anything else.
+ */
+#define STRESS_BLOCKS   128u
+#define STRESS_STRIDE   (32ull << 20)
+#define STRESS_READERS  3u
+
+struct stress {
+    struct image *img;
+    _Atomic bool stop;
+    _Atomic unsigned long reads, zero_reads;
+};
+
+struct stress_reader {
+    struct stress *st;
+    pthread_t tid;
+    uint64_t seed;
+    char failure[160];
+};
+
+static uint8_t stress_tag(unsigned k)
+{
+    return (uint8_t)(k + 1);
+}
+
+static void *stress_reader_main(void *arg)
+{
+    struct stress_reader *r = arg;
+    uint8_t buf[4096];
+    uint64_t x = r->seed;
+
+    while (!atomic_load(&r->st->stop) && !r->failure[0]) {
+        unsigned k;
+        int ret;
+
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        k = (unsigned)(x >> 33) % STRESS_BLOCKS;
+        ret = image_read(r->st->img, buf, sizeof(buf), k * STRESS_STRIDE);
+        if (ret < 0) {
+            snprintf(r->failure, sizeof(r->failure), "read of block %u: %d", k, ret);
+            break;
+        }
+        if (all_bytes(buf, sizeof(buf), 0)) {
+            r->st->zero_reads++;
+        } else if (!all_bytes(buf, sizeof(buf), stress_tag(k))) {
+            snprintf(r->failure, sizeof(r->failure),
+                     "block %u read bytes 0x%02x..0x%02x, expected 0x%02x or zeros",
+                     k, buf[0], buf[4095], stress_tag(k));
+            break;
+        }
+        r->st->reads++;
+    }
+    return NULL;
+}
+
+START_TEST(lookups_race_with_evictions_and_reuse)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io_sized(STRESS_BLOCKS * STRESS_STRIDE);
+    struct gate_io *g = gate_new(inner, false);
+    struct stress st = { 0 };
+    struct stress_reader rd[STRESS_READERS];
+    uint64_t x = 99;
+    unsigned writes = 0, discards = 0;
+
+    o.l2_cache_size = 16 * 4096;
+    st.img = open_on(g, &o);
+    for (unsigned k = 0; k < STRESS_BLOCKS; k++)
+        write_pattern(st.img, k * STRESS_STRIDE, 4096, stress_tag(k));
+    ck_assert_int_eq(image_flush(st.img), 0);
+
+    memset(rd, 0, sizeof(rd));
+    for (unsigned i = 0; i < STRESS_READERS; i++) {
+        rd[i].st = &st;
+        rd[i].seed = 1000 + i;
+        ck_assert_int_eq(pthread_create(&rd[i].tid, NULL, stress_reader_main, &rd[i]), 0);
+    }
+    for (unsigned op = 0; op < 3000; op++) {
+        unsigned k;
+
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        k = (unsigned)(x >> 33) % STRESS_BLOCKS;
+        if ((x >> 20) % 2) {
+            ck_assert_int_eq(image_zero(st.img, k * STRESS_STRIDE, CS, true), 0);
+            discards++;
+        } else {
+            write_pattern(st.img, k * STRESS_STRIDE, 4096, stress_tag(k));
+            writes++;
+        }
+        if (op % 8 == 7)
+            ck_assert_int_eq(image_flush(st.img), 0);
+    }
+    atomic_store(&st.stop, true);
+    for (unsigned i = 0; i < STRESS_READERS; i++) {
+        ck_assert_int_eq(pthread_join(rd[i].tid, NULL), 0);
+        ck_assert_msg(!rd[i].failure[0], "reader %u: %s", i, rd[i].failure);
+    }
+    /* The race was real: reads saw both states, and ran throughout. */
+    ck_assert_uint_gt(st.reads, 3000);
+    ck_assert_uint_gt(st.zero_reads, 0);
+    ck_assert_uint_gt(st.reads, st.zero_reads);
+    ck_assert_uint_gt(writes, 0);
+    ck_assert_uint_gt(discards, 0);
+    ck_assert_int_eq(image_close(st.img), 0);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -715,6 +836,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, detect_zeroes_leaves_cluster_unallocated);
     tcase_add_test(tc, flush_only_what_changed);
     tcase_add_test(tc, big_flush_leaves_requests_running);
+    tcase_add_test(tc, lookups_race_with_evictions_and_reuse);
     suite_add_tcase(s, tc);
     return s;
 }
