@@ -1,6 +1,6 @@
 # qcow2fuse — plain Makefile.  `make` builds build/qcow2fuse; `make check` runs
 # every unit and integration test; `make check SANITIZE=1` does the same with
-# ASan+UBSan in a separate build tree.
+# ASan+UBSan in a separate build tree, SANITIZE=thread with ThreadSanitizer.
 
 VERSION   := 0.1.0
 PREFIX    ?= /usr/local
@@ -11,6 +11,9 @@ PKGS      := fuse3 zlib libzstd
 ifeq ($(SANITIZE),1)
 BUILD     ?= build/sanitize
 SANFLAGS  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+else ifeq ($(SANITIZE),thread)
+BUILD     ?= build/tsan
+SANFLAGS  := -fsanitize=thread
 else
 BUILD     ?= build
 SANFLAGS  :=
