@@ -136,7 +136,7 @@ WORK=$WORKBASE
 LOOPDEV=""
 SCRATCH_MNT=""
 SUMMARY=$RESULTS/summary.tsv
-printf 'job\timpl\trep\tvalue\tunit\tdaemon_vmhwm_kb\tloadavg1_before\n' >"$SUMMARY"
+printf 'job\timpl\trep\tvalue\tunit\tdaemon_vmhwm_kb\tloadavg1_before\tdaemon_cpu_us_per_io\tsteal_pct\n' >"$SUMMARY"
 
 CUR_PID=""      # the daemon currently running (started by this script)
 CUR_MP=""       # its mount point
@@ -376,6 +376,28 @@ run_fio() {
     fi
 }
 
+# CPU time (user + system, all threads) the daemon has used, in clock ticks.
+daemon_cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo -
+}
+
+# "steal total" clock ticks of the whole machine so far (/proc/stat): on a
+# VM whose host is busy, steal eats into every implementation's figure.
+steal_ticks() {
+    awk '$1 == "cpu" { t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat
+}
+
+# cpu_per_io TICKS0 TICKS1 FIO_JSON: the daemon's CPU microseconds per I/O
+# request that fio completed (all jobs, reads and writes).  Unlike the
+# figure itself, it hardly moves when other guests steal CPU time.
+cpu_per_io() {
+    local ios
+    [[ $1 == - || $2 == - || ! -s $3 ]] && { echo -; return; }
+    ios=$(jq '[.jobs[] | .read.total_ios + .write.total_ios] | add' "$3" 2>/dev/null || echo 0)
+    awk -v c=$(($2 - $1)) -v n="$ios" -v hz="$(getconf CLK_TCK)" \
+        'BEGIN { if (n > 0) printf "%.2f", c * 1e6 / hz / n; else print "-" }'
+}
+
 median() {
     sort -g | awk '$1 != "-" { a[++n] = $1 }
         END { if (!n) print "-"; else if (n % 2) print a[(n + 1) / 2];
@@ -405,7 +427,7 @@ echo "images:      qcow2 with 64 KiB clusters; allocating jobs: fresh empty $EMP
 echo "results:     $RESULTS"
 echo
 
-declare -A VAL
+declare -A VAL CPU
 for j in "${SELECTED[@]}"; do
     IFS='|' read -r name label kind dir fig args <<<"$j"
     if [[ $kind == empty ]]; then size=$EMPTY_SIZE; else size=$FILL_BYTES; fi
@@ -423,7 +445,7 @@ for j in "${SELECTED[@]}"; do
             log=$RESULTS/logs/$name.$impl.r$rep.log
             if ! start_impl "$impl" "$img" "$log"; then
                 CUR_PID="" CUR_MP=""
-                printf '%s\t%s\t%s\t-\t\t-\t-\n' "$name" "$impl" "$rep" >>"$SUMMARY"
+                printf '%s\t%s\t%s\t-\t\t-\t-\t-\t-\n' "$name" "$impl" "$rep" >>"$SUMMARY"
                 rm -f "$img"
                 continue
             fi
@@ -435,8 +457,15 @@ for j in "${SELECTED[@]}"; do
                     -- sleep "$RUNTIME" >/dev/null 2>&1 &
                 perf_pid=$!
             fi
+            cpu0=$(daemon_cpu_ticks "$CUR_PID")
+            steal0=$(steal_ticks)
             v=$(run_fio "$name" "$RESULTS/$name.$impl.r$rep.json" "$size" "$dir" "$fig" \
                 "${fio_args[@]}")
+            cpu1=$(daemon_cpu_ticks "$CUR_PID")
+            steal1=$(steal_ticks)
+            cpu_io=$(cpu_per_io "$cpu0" "$cpu1" "$RESULTS/$name.$impl.r$rep.json")
+            steal=$(awk -v a="$steal0" -v b="$steal1" 'BEGIN { split(a, x); split(b, y);
+                t = y[2] - x[2]; if (t <= 0) print "-"; else printf "%.1f", 100 * (y[1] - x[1]) / t }')
             if [[ -n $perf_pid ]]; then
                 wait "$perf_pid" || true
                 perf report -i "$RESULTS/perf.$name.r$rep.data" --stdio --no-children \
@@ -447,13 +476,16 @@ for j in "${SELECTED[@]}"; do
             rm -f "$img"
             unit=IOPS
             [[ $fig == bw ]] && unit=MB/s
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$impl" "$rep" "$v" "$unit" "$hwm" "$load" >>"$SUMMARY"
-            printf '  %-16s %-12s run %d: %10s %-5s (load %s)\n' "$name" "$impl" "$rep" \
-                "$(fmt_fig "$v")" "$unit" "$load"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$impl" "$rep" "$v" "$unit" \
+                "$hwm" "$load" "$cpu_io" "$steal" >>"$SUMMARY"
+            printf '  %-16s %-12s run %d: %10s %-5s (load %s, %s us CPU/IO, steal %s%%)\n' \
+                "$name" "$impl" "$rep" "$(fmt_fig "$v")" "$unit" "$load" "$cpu_io" "$steal"
         done
     done
     for impl in "${IMPLS[@]}"; do
         VAL[$name.$impl]=$(awk -F'\t' -v j="$name" -v i="$impl" '$1 == j && $2 == i { print $4 }' \
+            "$SUMMARY" | median)
+        CPU[$name.$impl]=$(awk -F'\t' -v j="$name" -v i="$impl" '$1 == j && $2 == i { print $8 }' \
             "$SUMMARY" | median)
     done
 done
@@ -480,6 +512,19 @@ TABLE=$RESULTS/table.txt
     if ((nlog)); then
         awk -v s="$logsum" -v n="$nlog" \
             'BEGIN { printf "\ngeometric mean of qcow2fuse/qsd over %d jobs: %.2fx\n", n, exp(s / n) }'
+    fi
+    echo
+    echo "daemon CPU time per I/O request (user + system, microseconds; median):"
+    printf '%-30s %10s %10s %11s %8s\n' job qcow2fuse qsd passthrough q/pt
+    for j in "${SELECTED[@]}"; do
+        IFS='|' read -r name label kind dir fig args <<<"$j"
+        q=${CPU[$name.qcow2fuse]} s=${CPU[$name.qsd]} p=${CPU[$name.passthrough]}
+        printf '%-30s %10s %10s %11s %8s\n' "$label" "$q" "$s" "$p" "$(ratio "$q" "$p")"
+    done
+    steals=$(awk -F'\t' 'NR > 1 && $9 != "-" && $9 != "" { print $9 }' "$SUMMARY")
+    if [[ -n $steals ]]; then
+        printf '\nsteal (CPU time the hypervisor gave to other guests) during the runs: median %s%%, max %s%%\n' \
+            "$(median <<<"$steals")" "$(sort -g <<<"$steals" | tail -n 1)"
     fi
     awk -F'\t' 'NR > 1 && $2 == "qcow2fuse" && $6 != "-" && $6 > m { m = $6 }
         END { if (m) printf "qcow2fuse peak RSS (VmHWM) over these jobs: %.1f MiB\n", m / 1024 }' "$SUMMARY"
