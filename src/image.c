@@ -70,6 +70,13 @@ struct image {
      * while waiting on range_cond.  Lookups of cached L2 slices hold just
      * `tables` for reading, so concurrent reads never serialise; everything
      * else takes both through lock_exclusive().  Order: lock, then tables.
+     *
+     * One exception: image_flush() holds only `lock`.  A flush writes
+     * tables back and waits for the host, but changes no L1 entry, no L2
+     * entry and no L2 cache membership (only dirty flags, which lookups do
+     * not read), so lookups go on while it waits.  The host clusters it
+     * releases are no longer referenced by any L2 entry, and free_gen is
+     * bumped first, so a read that looked one up earlier reads again.
      */
     pthread_mutex_t lock;
     pthread_rwlock_t tables;
@@ -1452,13 +1459,14 @@ int image_flush(struct image *img)
     if (image_is_read_only(img))
         return 0;
     ret = flush_data_unlocked(img);
-    lock_exclusive(img);
+    /* The mutex alone: see struct image for why lookups may go on. */
+    pthread_mutex_lock(&img->lock);
     if (ret == 0)
         ret = flush_locked(img);
     if (ret == 0)
         io_mark(img->io, IMAGE_MARK_FLUSHED, ++img->flush_seq);
     img->flushes++;
-    unlock_exclusive(img);
+    pthread_mutex_unlock(&img->lock);
     if (ret < 0)
         log_error("%s: flushing metadata failed: %s", img->path, strerror(-ret));
     return ret;
