@@ -1094,11 +1094,22 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
             goto relock;
     }
 
-    if (!m->extended_l2 && fresh && !st.compressed && !st.alloc &&
+    if (!m->extended_l2 && !st.compressed && !st.alloc &&
         ((st.zero & 1) || !img->backing)) {
-        /* A fresh cluster already reads as zeros: write only the data. */
-        ret = io_pwrite(m->data_io, data, n, new_host + in);
-        goto relock;
+        /*
+         * The guest cluster reads as zeros around the write.  A fresh host
+         * cluster does too: write only the data.  A reused one (freed
+         * earlier) may hold old bytes: rather than writing a cluster of
+         * zeros, punch it, as discard=unmap gives freed space back anyway
+         * (discard=ignore keeps space allocated, so it gets the zeros).
+         */
+        if (!fresh && allocated && n < cs && img->discard == IMAGE_DISCARD_UNMAP &&
+            io_punch_hole(m->data_io, new_host, cs) == 0)
+            fresh = 1;
+        if (fresh) {
+            ret = io_pwrite(m->data_io, data, n, new_host + in);
+            goto relock;
+        }
     }
 
     for (unsigned u = lo; u <= hi; u++) {

@@ -51,6 +51,8 @@ struct gate_io {
     bool flush_armed;           /* hold the next flush instead of a pread */
     unsigned flushes;           /* host flushes seen */
     uint8_t gated_first, gated_last;    /* what the held pread returned */
+    _Atomic bool fail_punch;    /* punches fail with -EOPNOTSUPP */
+    _Atomic uint64_t written;   /* bytes written through pwrite */
 };
 
 static void deadline(struct timespec *ts)
@@ -122,13 +124,30 @@ static void gate_close(struct io *io)
     free(g);
 }
 
+static int gate_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
+{
+    struct gate_io *g = (struct gate_io *)io;
+
+    g->written += len;
+    return tu_fwd_pwrite(io, buf, len, off);
+}
+
+static int gate_punch(struct io *io, uint64_t off, uint64_t len)
+{
+    struct gate_io *g = (struct gate_io *)io;
+
+    if (g->fail_punch)
+        return -EOPNOTSUPP;
+    return tu_fwd_punch(io, off, len);
+}
+
 static const struct io_ops gate_ops = {
     .pread = gate_pread,
-    .pwrite = tu_fwd_pwrite,
+    .pwrite = gate_pwrite,
     .flush = gate_flush,
     .get_size = tu_fwd_get_size,
     .truncate = tu_fwd_truncate,
-    .punch_hole = tu_fwd_punch,
+    .punch_hole = gate_punch,
     .close = gate_close,
 };
 
@@ -708,6 +727,59 @@ START_TEST(big_flush_leaves_requests_running)
 }
 END_TEST
 
+/*
+ * A partial write into a host cluster that was freed and is reused must not
+ * show the cluster's old bytes.  The free's own punch fails here (as on a
+ * file system without hole punching), so the old bytes are still on the
+ * host.  Then: with punching back, the write punches the cluster and writes
+ * only its 4 KiB; with punching still failing, it writes the whole cluster
+ * with zeros around the data.
+ */
+START_TEST(reused_cluster_reads_zeros_around_write)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct gate_io *g = gate_new(inner, false);
+    struct image *img = open_on(g, &o);
+    uint64_t host[2];
+    uint8_t *buf = tu_zalloc(CS);
+
+    write_pattern(img, 0, CS, 0x61);
+    write_pattern(img, CS, CS, 0x62);
+    ck_assert_int_eq(image_flush(img), 0);
+    host[0] = disk_l2_entry(inner, 0) & META_OFFSET_MASK;
+    host[1] = disk_l2_entry(inner, 1) & META_OFFSET_MASK;
+    g->fail_punch = true;
+    ck_assert_int_eq(image_zero(img, 0, 2 * CS, true), 0);
+    ck_assert_int_eq(image_flush(img), 0);       /* both host clusters free */
+    ck_assert(host_is(inner, host[0], CS, 0x61));
+    ck_assert(host_is(inner, host[1], CS, 0x62));
+
+    for (unsigned k = 0; k < 2; k++) {
+        uint64_t goff = (10 + k) * CS, written, h;
+
+        g->fail_punch = k == 1;
+        written = g->written;
+        write_pattern(img, goff + 8192, 4096, 0x70);
+        written = g->written - written;         /* metadata waits for the flush */
+        ck_assert_int_eq(image_flush(img), 0);
+        h = disk_l2_entry(inner, 10 + k) & META_OFFSET_MASK;
+        ck_assert_msg(h == host[0] || h == host[1], "a freed cluster was not reused");
+        ck_assert_int_eq(image_read(img, buf, CS, goff), 0);
+        ck_assert(all_bytes(buf, 8192, 0));
+        ck_assert(all_bytes(buf + 8192, 4096, 0x70));
+        ck_assert(all_bytes(buf + 12288, CS - 12288, 0));
+        /* Punched: only the data is written; else a cluster of zeros. */
+        if (k == 0)
+            ck_assert_uint_eq(written, 4096);
+        else
+            ck_assert_uint_eq(written, CS);
+    }
+    free(buf);
+    ck_assert_int_eq(image_close(img), 0);
+}
+END_TEST
+
 /* A flush holds only the mutex half of the metadata lock: while it waits
  * for the host (here: held at its first host flush, inside the metadata
  * part), reads of cached slices complete.  (If the flush held the lock
@@ -872,6 +944,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, detect_zeroes_leaves_cluster_unallocated);
     tcase_add_test(tc, flush_only_what_changed);
     tcase_add_test(tc, big_flush_leaves_requests_running);
+    tcase_add_test(tc, reused_cluster_reads_zeros_around_write);
     tcase_add_test(tc, reads_go_on_during_metadata_flush);
     tcase_add_test(tc, lookups_race_with_evictions_and_reuse);
     suite_add_tcase(s, tc);
