@@ -694,6 +694,24 @@ static void *flush_thread(void *arg)
     return NULL;
 }
 
+/* Start image_flush() in a thread and return once its next host flush is
+ * held at the gate. */
+static void held_flush_start(struct gate_io *g, struct flusher *f)
+{
+    gate_arm_flush(g);
+    ck_assert_int_eq(pthread_create(&f->tid, NULL, flush_thread, f), 0);
+    ck_assert_msg(gate_wait_blocked(g), "the flush never reached the host");
+}
+
+/* Let the held flush go; it must succeed without the gate timing out. */
+static void held_flush_finish(struct gate_io *g, struct flusher *f)
+{
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(f->tid, NULL), 0);
+    ck_assert_int_eq(f->ret, 0);
+    ck_assert(!g->timed_out);
+}
+
 /* Writing back many megabytes of guest data happens without the metadata
  * lock: reads and in-place writes complete while that host flush is held.
  * (With the lock held they would wait for the flush: the test times out.) */
@@ -707,9 +725,7 @@ START_TEST(big_flush_leaves_requests_running)
     uint8_t buf[4096];
 
     write_pattern(img, 0, 10u << 20, 0x41);     /* 10 MiB: above the threshold */
-    gate_arm_flush(g);
-    ck_assert_int_eq(pthread_create(&f.tid, NULL, flush_thread, &f), 0);
-    ck_assert_msg(gate_wait_blocked(g), "the flush never reached the host");
+    held_flush_start(g, &f);
 
     ck_assert_int_eq(image_read(img, buf, sizeof(buf), 3 * CS), 0);
     ck_assert(all_bytes(buf, sizeof(buf), 0x41));
@@ -717,10 +733,7 @@ START_TEST(big_flush_leaves_requests_running)
     ck_assert_int_eq(image_read(img, buf, sizeof(buf), 5 * CS), 0);
     ck_assert(all_bytes(buf, sizeof(buf), 0x42));
 
-    gate_release(g);
-    ck_assert_int_eq(pthread_join(f.tid, NULL), 0);
-    ck_assert_int_eq(f.ret, 0);
-    ck_assert(!g->timed_out);
+    held_flush_finish(g, &f);
     /* The flush still made the metadata durable. */
     ck_assert_uint_ne(disk_l2_entry(inner, 159) & META_OFFSET_MASK, 0);
     ck_assert_int_eq(image_close(img), 0);
@@ -796,9 +809,7 @@ START_TEST(reads_go_on_during_metadata_flush)
     write_pattern(img, 0, CS, 0x51);
     ck_assert_int_eq(image_flush(img), 0);
     write_pattern(img, 2 * CS, 4096, 0x52);     /* new cluster: metadata dirty */
-    gate_arm_flush(g);
-    ck_assert_int_eq(pthread_create(&f.tid, NULL, flush_thread, &f), 0);
-    ck_assert_msg(gate_wait_blocked(g), "the flush never reached the host");
+    held_flush_start(g, &f);
 
     ck_assert_int_eq(image_read(img, buf, sizeof(buf), 0), 0);
     ck_assert(all_bytes(buf, sizeof(buf), 0x51));
@@ -807,10 +818,7 @@ START_TEST(reads_go_on_during_metadata_flush)
     ck_assert_int_eq(image_read(img, buf, sizeof(buf), 7 * CS), 0);
     ck_assert(all_bytes(buf, sizeof(buf), 0));
 
-    gate_release(g);
-    ck_assert_int_eq(pthread_join(f.tid, NULL), 0);
-    ck_assert_int_eq(f.ret, 0);
-    ck_assert(!g->timed_out);
+    held_flush_finish(g, &f);
     ck_assert_uint_ne(disk_l2_entry(inner, 2) & META_OFFSET_MASK, 0);
     ck_assert_int_eq(image_close(img), 0);
 }
