@@ -1438,29 +1438,29 @@ static int flush_locked(struct image *img)
  */
 #define FLUSH_UNLOCKED_MIN (8u << 20)
 
-static int flush_data_unlocked(struct image *img)
+/* Flush @io if at least FLUSH_UNLOCKED_MIN bytes changed since *@synced. */
+static int flush_if_much_changed(struct io *io, _Atomic uint64_t *synced)
 {
+    uint64_t snap = io->changes;
     int ret;
 
-    if (img->data_io) {
-        uint64_t snap = img->data_io->changes;
-        if (snap - img->synced_data >= FLUSH_UNLOCKED_MIN) {
-            ret = io_flush(img->data_io);
-            if (ret < 0)
-                return ret;
-            advance(&img->synced_data, snap);
-        }
-    }
-    {
-        uint64_t snap = img->io->changes;
-        if (snap - img->synced >= FLUSH_UNLOCKED_MIN) {
-            ret = io_flush(img->io);
-            if (ret < 0)
-                return ret;
-            advance(&img->synced, snap);
-        }
-    }
-    return 0;
+    if (snap - *synced < FLUSH_UNLOCKED_MIN)
+        return 0;
+    ret = io_flush(io);
+    if (ret == 0)
+        advance(synced, snap);
+    return ret;
+}
+
+static int flush_data_unlocked(struct image *img)
+{
+    int ret = 0;
+
+    if (img->data_io)
+        ret = flush_if_much_changed(img->data_io, &img->synced_data);
+    if (ret == 0)
+        ret = flush_if_much_changed(img->io, &img->synced);
+    return ret;
 }
 
 int image_flush(struct image *img)
