@@ -199,6 +199,7 @@ close_dev_fuse() {
 }
 # EXIT trap of the case: put /dev/fuse back whatever happened, then the
 # usual cleanup with the case's exit status.
+# shellcheck disable=SC2016  # expanded when the trap runs
 close_dev_fuse_trap='_st=$?; set +e; trap - ERR; chmod "$FUSE_MODE" /dev/fuse; (exit "$_st"); cleanup'
 
 as_nobody() {
@@ -249,7 +250,7 @@ case_nonroot_daemon() {
     chown nobody "$T/top.qcow2" "$T/evil.qcow2"
 
     FUSE_MODE=$(stat -c %a /dev/fuse)
-    # shellcheck disable=SC2064  # the variable holds the trap's text
+    # shellcheck disable=SC2064  # the variable holds the trap's own text
     trap "$close_dev_fuse_trap" EXIT
     open_dev_fuse
     mount_as_nobody "$T/top.qcow2" "$mnt"
