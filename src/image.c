@@ -156,6 +156,9 @@ static int open_raw(const char *path, struct io *io, struct image **out)
 static int open_backing(struct image *img, const struct image_options *opts,
                         unsigned depth)
 {
+    /* The chain below is opened for the top image's owner. */
+    struct image_options below = *opts;
+    struct backing_owners owners = { .namer = backing_owner(img->io) };
     enum backing_format fmt;
     struct io *bio = NULL;
     char *bpath = NULL;
@@ -166,16 +169,12 @@ static int open_backing(struct image *img, const struct image_options *opts,
                   img->path, IMAGE_MAX_CHAIN_DEPTH);
         return -ELOOP;
     }
-    ret = backing_resolve(img->path, img->hdr.backing_file, "backing file",
-                          &opts->backing, &bpath);
+    owners.top = opts->backing.top_owner ? opts->backing.top_owner : owners.namer;
+    below.backing.top_owner = owners.top;
+    ret = backing_open(img->path, img->hdr.backing_file, "backing file",
+                       &opts->backing, &owners, false, &bpath, &bio);
     if (ret < 0)
         return ret;
-    ret = io_open_file(bpath, false, &bio);
-    if (ret < 0) {
-        log_error("cannot open backing file %s of %s: %s", bpath, img->path,
-                  strerror(-ret));
-        goto out;
-    }
     ret = backing_format(bio, bpath, img->hdr.backing_format, &fmt);
     if (ret < 0) {
         io_close(bio);
@@ -184,8 +183,13 @@ static int open_backing(struct image *img, const struct image_options *opts,
     if (fmt == BACKING_FORMAT_RAW) {
         ret = open_raw(bpath, bio, &img->backing);
     } else {
-        io_close(bio);
-        ret = open_chain(bpath, NULL, opts, false, depth + 1, &img->backing);
+        /* The descriptor opened for the owner, not a second open by name. */
+        ret = io_lock_image(bio, bpath, false);
+        if (ret < 0) {
+            io_close(bio);
+            goto out;
+        }
+        ret = open_chain(bpath, bio, &below, false, depth + 1, &img->backing);
     }
 out:
     free(bpath);
@@ -195,6 +199,7 @@ out:
 static int open_data_file(struct image *img, const struct image_options *opts,
                           bool writable)
 {
+    struct backing_owners owners = { .namer = backing_owner(img->io) };
     char *dpath = NULL;
     int ret;
 
@@ -205,18 +210,14 @@ static int open_data_file(struct image *img, const struct image_options *opts,
     }
     /* The data file is part of the image, not a backing file: under
      * backing=deny it is still allowed, but only as a regular file outside
-     * /proc, /sys and /dev. */
+     * /proc, /sys and /dev.  It is opened for the same users as a backing
+     * file would be: as readable as one, and written to as well. */
     struct backing_options policy = opts->backing;
     if (policy.policy == BACKING_DENY)
         policy.policy = BACKING_DIR, policy.dir = "/";
-    ret = backing_resolve(img->path, img->hdr.data_file, "external data file",
-                          &policy, &dpath);
-    if (ret < 0)
-        return ret;
-    ret = io_open_file(dpath, writable, &img->data_io);
-    if (ret < 0)
-        log_error("cannot open external data file %s of %s: %s", dpath,
-                  img->path, strerror(-ret));
+    owners.top = opts->backing.top_owner ? opts->backing.top_owner : owners.namer;
+    ret = backing_open(img->path, img->hdr.data_file, "external data file",
+                       &policy, &owners, writable, &dpath, &img->data_io);
     free(dpath);
     return ret;
 }

@@ -376,9 +376,10 @@ int main(int argc, char *argv[])
     }
     iopts.backing.policy = BACKING_ALLOW;
     if (cli.backing) {
-        if (strcmp(cli.backing, "allow") == 0)
+        if (strcmp(cli.backing, "allow") == 0) {
             iopts.backing.policy = BACKING_ALLOW;
-        else if (strcmp(cli.backing, "deny") == 0)
+            iopts.backing.skip_owner_check = true;  /* only when asked for */
+        } else if (strcmp(cli.backing, "deny") == 0)
             iopts.backing.policy = BACKING_DENY;
         else if (stat(cli.backing, &st) == 0 && S_ISDIR(st.st_mode)) {
             iopts.backing.policy = BACKING_DIR;
