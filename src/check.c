@@ -644,6 +644,14 @@ int check_rebuild_refcounts(struct meta *m, struct qcow2_header *h,
         ret = io_flush(m->io);
     if (ret < 0)
         goto out;
+    /* The new structures may lie past the end the image had when it was
+     * opened: every later validation against m->file_end (the refcount
+     * table's entries first) must see them inside the file. */
+    {
+        uint64_t new_end = (start + nb_blocks + table_clusters) << m->cluster_bits;
+        if (new_end > m->file_end)
+            m->file_end = new_end;
+    }
 
     be64_put(hdr, (start + nb_blocks) << m->cluster_bits);
     be32_put(hdr + 8, (uint32_t)table_clusters);

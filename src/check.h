@@ -63,10 +63,16 @@ int check_compare(struct meta *m, const struct qcow2_header *h,
 
 /*
  * Replace the refcount structures by new ones built from @r, written past
- * the end of everything in use; then point the header at them.  The old
- * structures become free space.
- * On exit: h->refcount_table_offset/clusters describe the new table.
- * Returns: 0 or -errno.
+ * the end of everything in use (possibly past the end of the file); then
+ * point the header at them.  The old structures become free space.
+ * On entry: @r counts the references of the image as it is (from
+ * check_count_refs), nothing else uses the image.
+ * On exit: h->refcount_table_offset/clusters describe the new table, and
+ * m->file_end covers the new refcount blocks and table (it is raised,
+ * never lowered), so that offsets into them validate.  @r covers them too,
+ * each with one reference.
+ * Returns: 0 or -errno (-ERANGE: a cluster has more references than the
+ * refcount width can hold; -EFBIG: the table would be too large).
  */
 int check_rebuild_refcounts(struct meta *m, struct qcow2_header *h,
                             struct check_refs *r);

@@ -225,7 +225,13 @@ static int open_data_file(struct image *img, const struct image_options *opts,
 /*
  * A lazy-refcounts image left dirty by a crash: its refcounts cannot be
  * trusted, so they are rebuilt from the L1/L2 and snapshot tables before
- * anything is allocated, then the dirty bit is cleared.
+ * anything is allocated, the COPIED flags of the active tables are set to
+ * match, then the dirty bit is cleared.
+ * On entry: the header is decoded and img->meta set up; neither the L1
+ * table nor the refcount structures are loaded yet (this changes both on
+ * disk).
+ * On exit: img->hdr and img->meta describe the new refcount table, which
+ * lies inside img->meta.file_end.
  */
 static int rebuild_dirty(struct image *img)
 {
@@ -419,6 +425,15 @@ static int open_chain(const char *path, struct io *given_io,
         img->meta.data_io = img->io;
     }
 
+    /* Before the L1 table is loaded: the repair may rewrite its COPIED
+     * flags on disk, and an L1 read earlier would write the old flags
+     * back with its next change. */
+    if (writable && (img->hdr.incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
+        ret = rebuild_dirty(img);
+        if (ret < 0)
+            goto fail;
+    }
+
     {
         uint64_t l1_offset;
         uint32_t l1_size;
@@ -433,11 +448,6 @@ static int open_chain(const char *path, struct io *given_io,
     if (ret < 0)
         goto fail;
 
-    if (writable && (img->hdr.incompatible_features & QCOW2_INCOMPAT_DIRTY)) {
-        ret = rebuild_dirty(img);
-        if (ret < 0)
-            goto fail;
-    }
     if (writable) {
         uint64_t rc_bytes = opts->refcount_cache_size ? opts->refcount_cache_size
                                                       : (1u << 20);
