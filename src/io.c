@@ -261,10 +261,13 @@ out:
     return ret;
 }
 
+/* Failed writes are reported by the writes: a flush of the memory backend
+ * never fails (a failed flush poisons the io for good, see io.h; tests
+ * of it use a backend of their own). */
 static int mem_flush(struct io *io)
 {
-    struct io_memory *m = (struct io_memory *)io;
-    return m->writes_left == 0 ? -EIO : 0;
+    (void)io;
+    return 0;
 }
 
 static int mem_get_size(struct io *io, uint64_t *size)
