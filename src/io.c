@@ -203,7 +203,7 @@ struct io_memory {
     struct io io;
     pthread_mutex_t lock;
     uint8_t *data;
-    size_t len;
+    size_t len, cap;            /* bytes in use, allocated */
     long writes_left;           /* < 0: no fault injection */
 };
 
@@ -228,12 +228,20 @@ static int mem_resize(struct io_memory *m, uint64_t size)
 
     if (size > ((uint64_t)1 << 30))     /* the memory backend is for tests */
         return -EFBIG;
-    p = realloc(m->data, size ? size : 1);
-    if (!p)
-        return -ENOMEM;
+    /* Capacity doubles: an image grows a cluster at a time, and copying
+     * it at every step is quadratic (a sanitizer's realloc always copies). */
+    if (size > m->cap) {
+        size_t cap = m->cap * 2 > size ? m->cap * 2 : size;
+        if (cap > ((size_t)1 << 30))
+            cap = (size_t)1 << 30;      /* >= size, checked above */
+        p = realloc(m->data, cap ? cap : 1);
+        if (!p)
+            return -ENOMEM;
+        m->data = p;
+        m->cap = cap;
+    }
     if (size > m->len)
-        memset(p + m->len, 0, size - m->len);
-    m->data = p;
+        memset(m->data + m->len, 0, size - m->len);
     m->len = size;
     return 0;
 }
@@ -330,7 +338,7 @@ int io_open_memory(const void *data, size_t len, struct io **out)
     }
     if (len)
         memcpy(m->data, data, len);
-    m->len = len;
+    m->len = m->cap = len;
     m->writes_left = -1;
     pthread_mutex_init(&m->lock, NULL);
     m->io.ops = &memory_ops;
