@@ -1261,7 +1261,8 @@ static unsigned pf_run(const uint8_t *image, size_t image_len, const struct pf_o
     }
     tu_log_release();
 
-    for (int writeback = 0; writeback < 2; writeback++) {
+    /* (with nothing queued the written-back disk is the same) */
+    for (int writeback = 0; writeback < (l->nb_pending ? 2 : 1); writeback++) {
         size_t len;
         uint8_t *disk = tu_lossy_disk(l, writeback, &len);
         const char *bad = pf_judge_disk(disk, len, acked, ops, last_ack, nops,
@@ -1323,6 +1324,11 @@ static Suite *image_suite(void)
     tcase_add_test(tc, reused_cluster_reads_zeros_around_write);
     tcase_add_test(tc, reads_go_on_during_metadata_flush);
     tcase_add_test(tc, lookups_race_with_evictions_and_reuse);
+    suite_add_tcase(s, tc);
+
+    /* One workload run per host flush: slow under a sanitizer. */
+    tc = tcase_create("flush_error");
+    tcase_set_timeout(tc, 300);
     tcase_add_test(tc, failed_flush_is_sticky);
     tcase_add_test(tc, failed_flush_is_sticky_lazy_refcounts);
     suite_add_tcase(s, tc);
