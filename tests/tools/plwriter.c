@@ -154,25 +154,24 @@ static bool sticky_failure_broken(int fd, uint64_t nsect, uint64_t size, bool ze
 {
     for (unsigned round = 0; round < 3; round++) {
         uint64_t start = rnd(nsect - 8);
-        const char *what = NULL;
+        const char *what[4] = { "fsync", "write", "fallocate", "ftruncate" };
 
         for (uint32_t i = 0; i < 8; i++)
             fill_sector(buf + i * (SECTOR / 8), seed, id, start + i);
-        errno = 0;
-        if (pwrite(fd, buf, 8 * SECTOR, (off_t)(start * SECTOR)) >= 0 || errno != EIO)
-            what = "write";
-        else if (fsync(fd) == 0 || errno != EIO)
-            what = "fsync";
-        else if (zero_ok && (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                       (off_t)(start * SECTOR), 8 * SECTOR) == 0 ||
-                             errno != EIO))
-            what = "fallocate";
-        else if (ftruncate(fd, (off_t)(size + (1u << 20))) == 0 || errno != EIO)
-            what = "ftruncate";
-        if (what) {
-            fprintf(stderr, "plwriter: after %s failed with EIO, a %s %s\n", failed_call,
-                    what, errno ? strerror(errno) : "succeeded");
-            return true;
+        for (unsigned c = 0; c < 4; c++) {
+            long ret;
+            if (c == 2 && !zero_ok)
+                continue;
+            ret = c == 0 ? fsync(fd)        /* the retry that Linux lets through */
+                : c == 1 ? (long)pwrite(fd, buf, 8 * SECTOR, (off_t)(start * SECTOR))
+                : c == 2 ? fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                     (off_t)(start * SECTOR), 8 * SECTOR)
+                : ftruncate(fd, (off_t)(size + (1u << 20)));
+            if (ret >= 0 || errno != EIO) {
+                fprintf(stderr, "plwriter: after %s failed with EIO, a %s %s\n", failed_call,
+                        what[c], ret >= 0 ? "succeeded" : strerror(errno));
+                return true;
+            }
         }
     }
     return false;
