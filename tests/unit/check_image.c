@@ -964,6 +964,7 @@ END_TEST
 #define PF_MAX_OPS  96
 
 enum pf_kind { PF_WRITE, PF_DISCARD, PF_ZERO, PF_FSYNC };
+static const char *const pf_kind_name[] = { "write", "discard", "zero range", "fsync" };
 
 struct pf_op {
     enum pf_kind kind;
@@ -1206,13 +1207,15 @@ static unsigned pf_run(const uint8_t *image, size_t image_len, const struct pf_o
         ret = pf_run_op(img, op, i);
 
         if (failed_before)
-            ck_assert_msg(ret == -EIO, "flush %u failed before op %u (kind %d), "
-                          "which returned %d, not -EIO", fail_at, i, op->kind, ret);
+            ck_assert_msg(ret == -EIO, "host flush %u failed before op %u (%s), "
+                          "which returned %d, not -EIO", fail_at, i, pf_kind_name[op->kind],
+                          ret);
         if (op->kind == PF_FSYNC && l->failed)
             ck_assert_msg(ret < 0, "fsync (op %u) returned 0 after host flush %u "
                           "failed", i, fail_at);
         if (ret < 0) {
-            ck_assert_msg(l->failed, "op %u failed (%d) with no failed flush", i, ret);
+            ck_assert_msg(l->failed, "op %u (%s) failed (%d) with no failed flush", i,
+                          pf_kind_name[op->kind], ret);
             if (failed_op < 0)
                 failed_op = (int)i;
             if (!failed_before)
