@@ -306,6 +306,16 @@ static int take_entry(struct cache *c, uint32_t *out)
         return -ENOMEM;
     }
     e = &c->entries[i];
+    if (e->in_use && e->dirty && io_flush_error(c->io)) {
+        /* A host flush failed: dirty tables can never be written again,
+         * and they hold the only copy of what reads must see.  Keep them
+         * and evict a clean table, so reads go on while one is left. */
+        while (i != NO_ENTRY && c->entries[i].in_use && c->entries[i].dirty)
+            i = c->entries[i].lru_prev;
+        if (i == NO_ENTRY)
+            return -EIO;
+        e = &c->entries[i];
+    }
     if (e->in_use) {
         ret = entry_write(c, i);
         if (ret < 0)

@@ -43,6 +43,7 @@ struct image {
     bool is_raw;                /* a raw backing file: no translation */
     struct io *io;
     struct io *data_io;         /* external data file, owned; or NULL */
+    char *data_path;            /* its path, for messages */
     struct meta meta;
     struct qcow2_header hdr;
     struct cluster *cl;
@@ -97,6 +98,7 @@ static void image_free(struct image *img)
     pthread_rwlock_destroy(&img->tables);
     pthread_mutex_destroy(&img->lock);
     pthread_cond_destroy(&img->range_cond);
+    free(img->data_path);
     free(img->path);
     free(img);
 }
@@ -218,8 +220,13 @@ static int open_data_file(struct image *img, const struct image_options *opts,
     owners.top = opts->backing.top_owner ? opts->backing.top_owner : owners.namer;
     ret = backing_open(img->path, img->hdr.data_file, "external data file",
                        &policy, &owners, writable, &dpath, &img->data_io);
-    free(dpath);
-    return ret;
+    if (ret < 0) {
+        free(dpath);
+        return ret;
+    }
+    img->data_path = dpath;
+    io_set_name(img->data_io, img->data_path);
+    return 0;
 }
 
 /*
@@ -495,6 +502,7 @@ static int open_top(const char *path, struct io *io, const struct image_options 
     if (ret == 0) {
         (*out)->discard = opts->discard;
         (*out)->detect_zeroes = opts->detect_zeroes;
+        io_set_name((*out)->io, (*out)->path);
     }
     return ret;
 }
@@ -519,11 +527,52 @@ static int write_header_u64(struct image *img, unsigned offset, uint64_t v)
     return io_pwrite(img->io, buf, sizeof(buf), offset);
 }
 
+/* ---- a failed host flush -------------------------------------------------- */
+
+/* The -errno of the first failed host flush of the image file or of its
+ * external data file, or 0. */
+static int flush_error_of(const struct image *img)
+{
+    int err = io_flush_error(img->io);
+
+    if (err == 0 && img->data_io)
+        err = io_flush_error(img->data_io);
+    return err;
+}
+
+/*
+ * After a failed host flush the data written since the last good one may be
+ * gone from the disk while the host's next flush succeeds; metadata written
+ * from then on could point at it.  So, as QEMU does, the image takes no more
+ * writes or flushes (the io layer refuses them: see struct io); reads go
+ * on.  The two files fail together: the metadata in one depends on the data
+ * in the other.
+ * Returns whether a host flush has failed.
+ */
+static bool flush_failed(struct image *img)
+{
+    int err = flush_error_of(img);
+
+    if (err == 0)
+        return false;
+    io_poison(img->io, err);
+    if (img->data_io)
+        io_poison(img->data_io, err);
+    return true;
+}
+
 int image_close(struct image *img)
 {
     int ret = 0;
 
-    if (!img->meta.read_only && !img->is_raw) {
+    if (!img->meta.read_only && !img->is_raw && flush_failed(img)) {
+        /* Nothing more is written, not even the dirty bit: a lazy-refcounts
+         * image is then rebuilt at its next writable open. */
+        log_error("%s: closed without writing metadata back: a host flush "
+                  "failed earlier (%s); writes after the last successful fsync "
+                  "may be lost", img->path, strerror(-flush_error_of(img)));
+        ret = -EIO;
+    } else if (!img->meta.read_only && !img->is_raw) {
         ret = image_flush(img);
         if (ret == 0 && img->set_dirty_bit) {
             img->meta.incompatible &= ~QCOW2_INCOMPAT_DIRTY;
@@ -1228,7 +1277,7 @@ static int check_writable(struct image *img, uint64_t offset, uint64_t len)
 
     if (image_is_read_only(img))
         return -EROFS;
-    if (meta_is_corrupt(&img->meta))
+    if (meta_is_corrupt(&img->meta) || flush_failed(img))
         return -EIO;
     if (offset > size || len > size - offset)
         return -ENOSPC;
@@ -1397,8 +1446,10 @@ static int flush_locked(struct image *img)
      *    the flush after it covers them). */
     if (img->data_io && data_snap != img->synced_data) {
         ret = io_flush(img->data_io);
-        if (ret < 0)
+        if (ret < 0) {
+            (void)flush_failed(img);    /* before any L2 write: see there */
             return ret;
+        }
         advance(&img->synced_data, data_snap);
     }
     if (io_snap != img->synced || cache_has_dirty(rcc) || refcount_has_pending(img->rc)) {
@@ -1471,6 +1522,8 @@ static int flush_data_unlocked(struct image *img)
         ret = flush_if_much_changed(img->data_io, &img->synced_data);
     if (ret == 0)
         ret = flush_if_much_changed(img->io, &img->synced);
+    if (ret < 0)
+        (void)flush_failed(img);
     return ret;
 }
 
@@ -1480,6 +1533,9 @@ int image_flush(struct image *img)
 
     if (image_is_read_only(img))
         return 0;
+    /* Sticky, and logged once already (io_flush_failed). */
+    if (flush_failed(img))
+        return -EIO;
     ret = flush_data_unlocked(img);
     /* The mutex alone: see struct image for why lookups may go on. */
     pthread_mutex_lock(&img->lock);
@@ -1489,7 +1545,7 @@ int image_flush(struct image *img)
         io_mark(img->io, IMAGE_MARK_FLUSHED, ++img->flush_seq);
     img->flushes++;
     pthread_mutex_unlock(&img->lock);
-    if (ret < 0)
+    if (ret < 0 && !flush_failed(img))
         log_error("%s: flushing metadata failed: %s", img->path, strerror(-ret));
     return ret;
 }
@@ -1693,7 +1749,7 @@ int image_resize(struct image *img, uint64_t new_size)
 
     if (image_is_read_only(img))
         return -EROFS;
-    if (meta_is_corrupt(m))
+    if (meta_is_corrupt(m) || flush_failed(img))
         return -EIO;
     if (new_size % 512) {
         log_warn("%s: resize to %llu refused: the size must be a multiple of 512",

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -19,11 +20,44 @@ void io_close(struct io *io)
         io->ops->close(io);
 }
 
+void io_set_name(struct io *io, const char *name)
+{
+    io->name = name;
+}
+
+/* Returns whether this call set the error (the first failure). */
+static bool set_flush_error(struct io *io, int err)
+{
+    int none = 0;
+
+    return atomic_compare_exchange_strong(&io->flush_error, &none, err < 0 ? err : -EIO);
+}
+
+void io_flush_failed(struct io *io, int err)
+{
+    if (set_flush_error(io, err) && io->name)
+        log_error("%s: host flush failed: %s; what was written since the last "
+                  "successful flush may be lost, so from now on every write and "
+                  "flush fails with EIO (reads go on); unmount, then check the "
+                  "image", io->name, strerror(err < 0 ? -err : EIO));
+}
+
+void io_poison(struct io *io, int err)
+{
+    (void)set_flush_error(io, err);
+}
+
 /* ---- POSIX file ---------------------------------------------------------- */
 
 struct io_file {
     struct io io;
     int fd;
+    /* Flushes one at a time: of two concurrent fdatasync calls after a
+     * failed writeback only one reports the error, the other returns 0 for
+     * pages that were dropped.  flush_failed (under the lock) makes the
+     * error stick before the next flush can start. */
+    pthread_mutex_t flush_lock;
+    int flush_failed;
 };
 
 static int file_pread(struct io *io, void *buf, size_t len, uint64_t off)
@@ -71,7 +105,14 @@ static int file_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
 static int file_flush(struct io *io)
 {
     struct io_file *f = (struct io_file *)io;
-    return fdatasync(f->fd) < 0 ? -errno : 0;
+    int ret;
+
+    pthread_mutex_lock(&f->flush_lock);
+    ret = f->flush_failed;
+    if (ret == 0 && fdatasync(f->fd) < 0)
+        ret = f->flush_failed = -errno;
+    pthread_mutex_unlock(&f->flush_lock);
+    return ret;
 }
 
 static int file_get_size(struct io *io, uint64_t *size)
@@ -111,6 +152,7 @@ static void file_close(struct io *io)
 {
     struct io_file *f = (struct io_file *)io;
     close(f->fd);
+    pthread_mutex_destroy(&f->flush_lock);
     free(f);
 }
 
@@ -139,6 +181,7 @@ int io_open_file(const char *path, bool writable, struct io **out)
     f->io.ops = &file_ops;
     f->io.read_only = !writable;
     f->fd = fd;
+    pthread_mutex_init(&f->flush_lock, NULL);
     *out = &f->io;
     return 0;
 }
@@ -160,7 +203,7 @@ struct io_memory {
     struct io io;
     pthread_mutex_t lock;
     uint8_t *data;
-    size_t len;
+    size_t len, cap;            /* bytes in use, allocated */
     long writes_left;           /* < 0: no fault injection */
 };
 
@@ -185,12 +228,20 @@ static int mem_resize(struct io_memory *m, uint64_t size)
 
     if (size > ((uint64_t)1 << 30))     /* the memory backend is for tests */
         return -EFBIG;
-    p = realloc(m->data, size ? size : 1);
-    if (!p)
-        return -ENOMEM;
+    /* Capacity doubles: an image grows a cluster at a time, and copying
+     * it at every step is quadratic (a sanitizer's realloc always copies). */
+    if (size > m->cap) {
+        size_t cap = m->cap * 2 > size ? m->cap * 2 : size;
+        if (cap > ((size_t)1 << 30))
+            cap = (size_t)1 << 30;      /* >= size, checked above */
+        p = realloc(m->data, cap ? cap : 1);
+        if (!p)
+            return -ENOMEM;
+        m->data = p;
+        m->cap = cap;
+    }
     if (size > m->len)
-        memset(p + m->len, 0, size - m->len);
-    m->data = p;
+        memset(m->data + m->len, 0, size - m->len);
     m->len = size;
     return 0;
 }
@@ -218,10 +269,13 @@ out:
     return ret;
 }
 
+/* Failed writes are reported by the writes: a flush of the memory backend
+ * never fails (a failed flush poisons the io for good, see io.h; tests
+ * of it use a backend of their own). */
 static int mem_flush(struct io *io)
 {
-    struct io_memory *m = (struct io_memory *)io;
-    return m->writes_left == 0 ? -EIO : 0;
+    (void)io;
+    return 0;
 }
 
 static int mem_get_size(struct io *io, uint64_t *size)
@@ -284,7 +338,7 @@ int io_open_memory(const void *data, size_t len, struct io **out)
     }
     if (len)
         memcpy(m->data, data, len);
-    m->len = len;
+    m->len = m->cap = len;
     m->writes_left = -1;
     pthread_mutex_init(&m->lock, NULL);
     m->io.ops = &memory_ops;

@@ -11,6 +11,7 @@
 #ifndef QCOW2FUSE_IO_H
 #define QCOW2FUSE_IO_H
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -38,7 +39,21 @@ struct io {
      * below: a flush whose caller saw no change since its last flush has
      * nothing to make durable. */
     _Atomic uint64_t changes;
+    /*
+     * 0, or the -errno of the first failed flush.  Sticky: after a failed
+     * fdatasync Linux drops the dirty pages it could not write and the next
+     * call returns 0, so nothing written since the last good flush can be
+     * trusted to be on disk.  From then on every write, punch, truncate and
+     * flush through the calls below fails with -EIO (reads go on), so that
+     * no metadata pointing at the lost data reaches the disk.
+     */
+    _Atomic int flush_error;
+    /* For the one log line of a failed flush (see io_set_name), or NULL. */
+    const char *name;
 };
+
+/* Record a failed flush (io.c): sets flush_error, logs once if named. */
+void io_flush_failed(struct io *io, int err);
 
 static inline int io_pread(struct io *io, void *buf, size_t len, uint64_t off)
 {
@@ -46,14 +61,24 @@ static inline int io_pread(struct io *io, void *buf, size_t len, uint64_t off)
 }
 static inline int io_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
 {
-    int ret = io->read_only ? -30 /* EROFS */ : io->ops->pwrite(io, buf, len, off);
+    int ret = io->read_only ? -EROFS : io->flush_error ? -EIO
+                                     : io->ops->pwrite(io, buf, len, off);
     if (ret == 0)
         io->changes += len ? len : 1;
     return ret;
 }
 static inline int io_flush(struct io *io)
 {
-    return io->read_only ? 0 : io->ops->flush(io);
+    int ret;
+
+    if (io->read_only)
+        return 0;
+    if (io->flush_error)
+        return -EIO;
+    ret = io->ops->flush(io);
+    if (ret < 0)
+        io_flush_failed(io, ret);
+    return ret;
 }
 static inline int io_get_size(struct io *io, uint64_t *size)
 {
@@ -61,14 +86,16 @@ static inline int io_get_size(struct io *io, uint64_t *size)
 }
 static inline int io_truncate(struct io *io, uint64_t size)
 {
-    int ret = io->read_only ? -30 : io->ops->truncate(io, size);
+    int ret = io->read_only ? -EROFS : io->flush_error ? -EIO
+                                     : io->ops->truncate(io, size);
     if (ret == 0)
         io->changes++;
     return ret;
 }
 static inline int io_punch_hole(struct io *io, uint64_t off, uint64_t len)
 {
-    int ret = io->read_only ? -30 : io->ops->punch_hole(io, off, len);
+    int ret = io->read_only ? -EROFS : io->flush_error ? -EIO
+                                     : io->ops->punch_hole(io, off, len);
     if (ret == 0)
         io->changes += len ? len : 1;
     return ret;
@@ -79,6 +106,26 @@ static inline void io_mark(struct io *io, uint32_t what, uint64_t arg)
         io->ops->mark(io, what, arg);
 }
 void io_close(struct io *io);
+
+/*
+ * Name @io for the log line of a failed flush ("PATH: host flush failed:
+ * ...").  @name must outlive @io.  Unnamed backends (the inner ones of a
+ * wrapper) fail just as sticky, silently: the named outer one logs.
+ */
+void io_set_name(struct io *io, const char *name);
+
+/*
+ * Make @io fail as if its own flush had failed with @err, without logging:
+ * for a file whose metadata depends on another file's data (the image file
+ * and its external data file).  Does nothing if @io already failed.
+ */
+void io_poison(struct io *io, int err);
+
+/* 0, or the -errno of the first failed flush of @io (or io_poison). */
+static inline int io_flush_error(const struct io *io)
+{
+    return io->flush_error;
+}
 
 /* A host file.  Returns 0 or -errno; *out owns the descriptor. */
 int io_open_file(const char *path, bool writable, struct io **out);

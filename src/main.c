@@ -554,9 +554,12 @@ out_close:
         fuse_remove_signal_handlers(se);
         fuse_session_destroy(se);
     }
-    if (img && image_close(img) < 0) {
-        log_error("writing metadata back to %s failed: the image may have "
-                  "leaked clusters (run qemu-img check)", image_real);
+    if (img && (err = image_close(img)) < 0) {
+        /* Status 1: what the guest wrote may not all be on disk (with -f
+         * the caller sees it; a daemon's message goes to syslog). */
+        log_error("closing %s failed: %s; exiting with status 1: check the image "
+                  "(qemu-img check) before trusting what was written",
+                  image_real, strerror(-err));
         ret = 1;
     }
     fuse_ops_ctx_free(ctx);

@@ -24,6 +24,10 @@
 # refcount table grows), an overlay over a raw backing file (partial-cluster
 # copy-on-write from the backing file), a compressed image and an image with
 # an internal snapshot (copy-on-write of shared clusters, freed clusters).
+# And flush-fails: the image file (or its external data file) behind
+# qemu-storage-daemon's blkdebug, whose K-th flush fails once (see
+# flush_fails): the failure must stick, the daemon exit with status 1, and
+# the trace replay as above.
 #
 # Environment: POWERLOSS_SEED (default fixed, printed) changes every
 # workload and every choice of states; POWERLOSS_SCALE=N multiplies the
@@ -223,6 +227,135 @@ case_snapshot() {
     powerloss "$img" 300 100 $((SEED + 6))
 }
 
+# unmount_expect_status1 MNT: as unmount_image (functions.sh, whose
+# _MNT_PID/_MNT_LOG name the daemon), but the daemon must exit with status 1.
+unmount_expect_status1() {
+    local mnt pid log rc=0 deadline
+    mnt=$(canon_path "$1")
+    pid=${_MNT_PID[$mnt]:-}
+    log=${_MNT_LOG[$mnt]:-}
+    [[ -n $pid ]] || fail "unmount_expect_status1: $mnt was not mounted by mount_image"
+    fusermount3 -u "$mnt" || fail "fusermount3 -u $mnt failed"
+    deadline=$(($(date +%s%N) + EXIT_TIMEOUT * 1000000000))
+    while pid_alive "$pid"; do
+        (($(date +%s%N) <= deadline)) || fail "daemon $pid did not exit after fusermount3 -u"
+        sleep 0.02
+    done
+    wait "$pid" || rc=$?
+    unset "_MNT_PID[$mnt]"
+    if ((rc != 1)); then
+        sed 's/^/    | /' "$log" >&2
+        fail "daemon exited with status $rc after a failed host flush (expected 1)"
+    fi
+    ! is_mounted "$mnt" || fail "$mnt is still mounted after fusermount3 -u"
+    _check_sanitizer_output "$log" "daemon for $mnt"
+}
+
+# blkdebug_export FILE EXPORT K: serve FILE on EXPORT (an empty regular
+# file) through qemu-storage-daemon as a FUSE export of raw over blkdebug
+# over FILE, whose K-th flush fails with EIO once; the next ones succeed,
+# as fdatasync on Linux does after dropping the pages it could not write.
+# Sets QSD_PID.
+blkdebug_export() {
+    local file=$1 exp=$2 k=$3 rules="$T/blkdebug.conf" i
+    {
+        for ((i = 1; i < k; i++)); do
+            printf '[set-state]\nstate = "%d"\nevent = "flush_to_os"\nnew_state = "%d"\n\n' \
+                "$i" $((i + 1))
+        done
+        printf '[inject-error]\nstate = "%d"\nevent = "flush_to_os"\niotype = "flush"\n' "$k"
+        printf 'errno = "5"\nonce = "on"\n'
+    } >"$rules"
+    qemu-storage-daemon --blockdev "driver=file,node-name=file,filename=$file,discard=unmap" \
+        --blockdev "driver=blkdebug,node-name=dbg,image=file,config=$rules,discard=unmap" \
+        --blockdev driver=raw,node-name=top,file=dbg,discard=unmap \
+        --export "type=fuse,id=exp,node-name=top,mountpoint=$exp,writable=on" \
+        </dev/null >"$T/qsd.log" 2>&1 &
+    QSD_PID=$!
+    track_mount "$exp" "$QSD_PID"
+    for ((i = 0; i < 500; i++)); do
+        is_mounted "$exp" && return 0
+        pid_alive "$QSD_PID" || { cat "$T/qsd.log" >&2; fail "qemu-storage-daemon exited"; }
+        sleep 0.02
+    done
+    fail "qemu-storage-daemon did not export $exp"
+}
+
+# flush_fails K SEED STATES [data]: a host flush fails, the K-th of the
+# image file (served by blkdebug_export) or, with "data", of its external
+# data file.  The daemon (4K clusters, a small L2 cache: flushes in
+# evictions too) runs plwriter -e, which stops at its first EIO and checks
+# that every later write, fsync, fallocate and ftruncate fails too while
+# reads go on.  The daemon says once which flush failed and exits with
+# status 1 after the unmount; qemu-img check finds no corruption (leaks
+# allowed) and, for the image file, plreplay finds every fsync that
+# returned 0 in every crash state of the trace.
+flush_fails() {
+    local k=$1 seed=$2 states=$3 data=${4:-}
+    local img="$T/img.qcow2" orig="$T/orig.qcow2" exp="$T/export" mnt="$T/mnt"
+    local trace="$T/trace" log="$T/plwriter.log" rc=0 n out json failing
+
+    if [[ -n $data ]]; then
+        # qemu-img create sizes the data file: a placeholder at EXPORT
+        truncate -s $((128 * M)) "$T/data.raw"
+        qemu-img create -q -f qcow2 -o "cluster_size=4096,data_file=$exp,data_file_raw=on" \
+            "$img" $((128 * M)) || fail "test setup: qemu-img create failed"
+        blkdebug_export "$T/data.raw" "$exp" "$k"
+        mount_image "$img" "$mnt" "l2-cache-size=64K"
+    else
+        qemu-img create -q -f qcow2 -o cluster_size=4096 "$img" $((128 * M)) \
+            || fail "test setup: qemu-img create failed"
+        # blkdebug cannot grow the file (writes past its end fail): room up front
+        truncate -s $((1024 * M)) "$img"
+        cp --sparse=always "$img" "$orig"
+        : >"$exp"
+        blkdebug_export "$img" "$exp" "$k"
+        mount_image "$exp" "$mnt" "io-trace=$trace,l2-cache-size=64K"
+    fi
+    failing=${data:+the data file\'s }
+    info "plwriter -e: seed $seed, host flush $k ${data:+of the data file }fails"
+    out=$(timeout -k 5 "$WRITER_TIMEOUT" "$PLWRITER" -e "$mnt/disk" "$log" "$seed" 300 2>&1) \
+        || rc=$?
+    printf '%s\n' "$out" | sed 's/^/    /'
+    ((rc == 0)) || fail "plwriter -e failed (exit $rc; seed $seed, ${failing}flush $k)"
+    grep -q '^! ' "$log" || fail "no call failed"
+    unmount_expect_status1 "$mnt"
+    n=$(grep -c "$exp: host flush failed: Input/output error" "$DAEMON_LOG" || true)
+    if ((n != 1)) || ! grep -q "failed: Input/output error; exiting with status 1" "$DAEMON_LOG"; then
+        sed 's/^/    | /' "$DAEMON_LOG" >&2
+        fail "expected one line naming the failed flush of $exp and one at exit"
+    fi
+    kill -TERM "$QSD_PID"
+    wait "$QSD_PID" || true
+
+    rc=0
+    json=$(qemu-img check -f qcow2 --output=json "$img" 2>"$T/check.err") || rc=$?
+    if ((rc != 0 && rc != 3)); then
+        sed 's/^/    | /' "$T/check.err" >&2
+        printf '%s\n' "$json" | sed 's/^/    | /' >&2
+        fail "qemu-img check after the failed flush: exit $rc (seed $seed, ${failing}flush $k)"
+    fi
+    info "qemu-img check: $(json_field "$json" leaks) leaked clusters, no corruption"
+    [[ -z $data ]] || return 0
+    rc=0
+    out=$(timeout -k 5 "$REPLAY_TIMEOUT" "$PLREPLAY" "$orig" "$trace" "$log" "$states" "$seed" \
+        "$T/replay" --keep-bad --expect-final "$img" --jobs "$JOBS" 2>&1) || rc=$?
+    printf '%s\n' "$out" | sed 's/^/    /'
+    ((rc == 0)) || fail "plreplay after host flush $k failed: exit $rc (seed $seed)"
+}
+
+case_flush_fails() {
+    requires qemu-storage-daemon
+    # the first flush, a few fsyncs in, more; 97: in the mid-run resize
+    # (today's flush counts: plwriter prints the call that failed)
+    flush_fails 1 $((SEED + 7)) 10
+    flush_fails 9 $((SEED + 8)) 20
+    flush_fails 40 $((SEED + 8)) 20
+    flush_fails 97 $((SEED + 8)) 20
+    flush_fails 2 $((SEED + 9)) 0 data
+    flush_fails 30 $((SEED + 9)) 0 data
+}
+
 run_case 64k case_64k
 run_case 4k case_4k
 run_case 512-rb1 case_512_rb1
@@ -230,4 +363,5 @@ run_case 512-rb64 case_512_rb64
 run_case backing case_backing
 run_case compressed case_compressed
 run_case snapshot case_snapshot
+run_case flush-fails case_flush_fails
 finish_cases

@@ -9,7 +9,8 @@
  *             host byte order: u32 type, u32 what, u64 offset, u64 length,
  *             then `length` payload bytes for a WRITE)
  * LOG         plwriter's log of the guest workload (see plwriter.c): writes,
- *             zeroing operations, fsyncs, resizes (v2)
+ *             zeroing operations, fsyncs, resizes (v2); with plwriter -e, the
+ *             call that failed with EIO ("!") after which nothing succeeded
  * STATES      how many crash states to generate
  * SEED        seed for the choice of states
  * WORKDIR     scratch directory (state images are created there)
@@ -442,7 +443,7 @@ static void load_log(const char *path)
     FILE *f = fopen(path, "r");
     char line[256];
     size_t wcap = 1024, fcap = 256;
-    bool ended = false;
+    bool ended = false, failed = false;
     unsigned version;
     size_t scap = 8;
 
@@ -509,6 +510,11 @@ static void load_log(const char *path)
             if (a >= disk_size)
                 die("%s: bad shrink line (the size is %" PRIu64 "): %s", path, disk_size, line);
             nshrink++;
+        } else if (line[0] == '!' && !failed) {
+            /* plwriter -e: a call failed with EIO and the workload ended;
+             * the W/Z/R line before it may or may not have taken effect,
+             * which the rules below allow (a later write is never required) */
+            failed = true;
         } else if (line[0] == 'E') {
             ended = true;
         } else {

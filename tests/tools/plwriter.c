@@ -1,7 +1,7 @@
 /*
  * plwriter — the guest workload of the power-loss test.
  *
- *   plwriter DISK LOG SEED NOPS [GROW]
+ *   plwriter [-e] DISK LOG SEED NOPS [GROW]
  *
  * Issues NOPS operations to DISK (a qcow2fuse mount's disk file), single
  * threaded, and fsync(DISK) after every 1..8 of them (random).  About 90%
@@ -51,6 +51,17 @@
  * written (zeros).  LOG is line-buffered, so a hung run shows the last
  * operation that returned.  Exit 0 on success, 1 on an I/O error or a
  * mismatch, 2 on a usage error.  Uses libc only.
+ *
+ * -e: a host flush is going to fail (the test injects it under the daemon)
+ * and the daemon must make that sticky.  The first call that fails with EIO
+ * (write, fallocate, ftruncate or fsync) ends the workload; a failed write
+ * or fallocate is still logged (W/Z: part of it may have been done), a
+ * failed grow as R (the new size may have become durable), then
+ *   ! CALL                    that call failed with EIO
+ * Then every later write, fsync, fallocate and ftruncate must fail with
+ * EIO, while reads go on: every sector reads back as above (the sectors of
+ * the failed call: its data or what they held before), and LOG ends with E.
+ * Without a failure the run fails.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -130,6 +141,42 @@ static const uint64_t boundaries[] = {
 static uint64_t grown_at[MAX_GROWS];    /* the sizes before each grow */
 static unsigned ngrows;
 
+static bool expect_failure;             /* -e */
+static const char *failed_call;         /* -e: the call that failed with EIO */
+
+/*
+ * -e, after the first EIO: every call that changes the disk or makes it
+ * durable must fail with EIO too (a retried fsync must not succeed for data
+ * the host may have dropped).  Returns true (after a message) if one did not.
+ */
+static bool sticky_failure_broken(int fd, uint64_t nsect, uint64_t size, bool zero_ok,
+                                  uint64_t *buf, uint64_t seed, uint64_t id)
+{
+    for (unsigned round = 0; round < 3; round++) {
+        uint64_t start = rnd(nsect - 8);
+        const char *what[4] = { "fsync", "write", "fallocate", "ftruncate" };
+
+        for (uint32_t i = 0; i < 8; i++)
+            fill_sector(buf + i * (SECTOR / 8), seed, id, start + i);
+        for (unsigned c = 0; c < 4; c++) {
+            long ret;
+            if (c == 2 && !zero_ok)
+                continue;
+            ret = c == 0 ? fsync(fd)        /* the retry that Linux lets through */
+                : c == 1 ? (long)pwrite(fd, buf, 8 * SECTOR, (off_t)(start * SECTOR))
+                : c == 2 ? fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                     (off_t)(start * SECTOR), 8 * SECTOR)
+                : ftruncate(fd, (off_t)(size + (1u << 20)));
+            if (ret >= 0 || errno != EIO) {
+                fprintf(stderr, "plwriter: after %s failed with EIO, a %s %s\n", failed_call,
+                        what[c], ret >= 0 ? "succeeded" : strerror(errno));
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
 /* Sector S lies in the first SAMPLE_SECTORS past an old end. */
 static bool in_sample(uint64_t s)
 {
@@ -150,12 +197,19 @@ int main(int argc, char **argv)
     int fd, countdown;
     unsigned nshrinks = 0;
     bool zero_ok = true, forced_grow = false;
+    uint64_t partial = 0;               /* -e: the id of the failed W/Z, or 0 */
 
+    if (argc > 1 && !strcmp(argv[1], "-e")) {
+        expect_failure = true;
+        argv++;
+        argc--;
+    }
     if ((argc != 5 && argc != 6) || parse_u64(argv[3], &seed) || parse_u64(argv[4], &nops) ||
         (argc == 6 && (parse_u64(argv[5], &grow) || grow == 0 || grow % SECTOR ||
                        grow > (1ULL << 40)))) {
-        fprintf(stderr, "usage: plwriter DISK LOG SEED NOPS [GROW]\n"
-                "       (GROW: bytes, a multiple of 512, the growth of the mid-run resize)\n");
+        fprintf(stderr, "usage: plwriter [-e] DISK LOG SEED NOPS [GROW]\n"
+                "       (GROW: bytes, a multiple of 512, the growth of the mid-run resize;\n"
+                "       -e: a host flush fails, see plwriter.c)\n");
         return 2;
     }
     fd = open(argv[1], O_RDWR);
@@ -209,6 +263,11 @@ int main(int argc, char **argv)
             if (forced)
                 forced_grow = true;
             if (ftruncate(fd, (off_t)(size + n)) < 0) {
+                if (expect_failure && errno == EIO) {
+                    fprintf(log, "R %" PRIu64 "\n", size + n);
+                    failed_call = "ftruncate";
+                    goto after_failure;
+                }
                 fprintf(stderr, "plwriter: ftruncate to %" PRIu64 " (grow by %" PRIu64
                         "): %s\n", size + n, n, strerror(errno));
                 return 1;
@@ -289,6 +348,16 @@ int main(int argc, char **argv)
                         mode & FALLOC_FL_PUNCH_HOLE ? "punch" : "zero-range");
                 goto maybe_fsync;
             }
+            if (expect_failure && errno == EIO) {
+                id++;
+                hist[id - 1] = (struct wr){ .sector = start, .count = count, .zero = true };
+                partial = id;
+                fprintf(log, "Z %" PRIu64 " %" PRIu64 " %" PRIu64 " %s\n", id, start * SECTOR,
+                        (uint64_t)count * SECTOR,
+                        mode & FALLOC_FL_PUNCH_HOLE ? "punch" : "zero-range");
+                failed_call = "fallocate";
+                goto after_failure;
+            }
             if (errno != EOPNOTSUPP) {
                 fprintf(stderr, "plwriter: fallocate %s (%u sectors at sector %" PRIu64
                         "): %s\n", mode & FALLOC_FL_PUNCH_HOLE ? "punch" : "zero-range",
@@ -348,6 +417,14 @@ int main(int argc, char **argv)
         for (uint32_t i = 0; i < count; i++)
             fill_sector(buf + i * (SECTOR / 8), seed, id, start + i);
         ssize_t n = pwrite(fd, buf, (size_t)count * SECTOR, (off_t)(start * SECTOR));
+        if (n < 0 && expect_failure && errno == EIO) {
+            hist[id - 1] = (struct wr){ .sector = start, .count = count };
+            partial = id;
+            fprintf(log, "W %" PRIu64 " %" PRIu64 " %" PRIu64 "\n", id, start * SECTOR,
+                    (uint64_t)count * SECTOR);
+            failed_call = "write";
+            goto after_failure;
+        }
         if (n != (ssize_t)count * SECTOR) {
             fprintf(stderr, "plwriter: write %" PRIu64 " (%u sectors at sector %" PRIu64
                     "): %s\n", id, count, start, n < 0 ? strerror(errno) : "short write");
@@ -362,6 +439,10 @@ int main(int argc, char **argv)
 maybe_fsync:
         if (--countdown == 0) {
             if (fsync(fd) < 0) {
+                if (expect_failure && errno == EIO) {
+                    failed_call = "fsync";
+                    goto after_failure;
+                }
                 fprintf(stderr, "plwriter: fsync %" PRIu64 ": %s\n", fsyncs + 1, strerror(errno));
                 return 1;
             }
@@ -369,6 +450,18 @@ maybe_fsync:
             fprintf(log, "F %" PRIu64 "\n", fsyncs);
             countdown = 1 + (int)rnd(8);
         }
+    }
+    if (expect_failure) {
+        fprintf(stderr, "plwriter: -e: no call failed with EIO in %" PRIu64 " operations\n",
+                nops);
+        return 1;
+    }
+
+after_failure:
+    if (failed_call) {
+        fprintf(log, "! %s\n", failed_call);
+        if (sticky_failure_broken(fd, nsect, size, zero_ok, buf, seed, id + 1))
+            return 1;
     }
     fprintf(log, "E\n");
     if (fflush(log) || ferror(log) || fclose(log)) {
@@ -378,7 +471,10 @@ maybe_fsync:
 
     /* The disk has its last size; read back every written sector and the
      * start of each grown area through the mount. */
-    if (fstat(fd, &st) < 0 || (uint64_t)st.st_size != size) {
+    /* (a grow that failed may or may not have changed the size) */
+    if (fstat(fd, &st) < 0 || ((uint64_t)st.st_size != size &&
+                               !(failed_call && !strcmp(failed_call, "ftruncate") &&
+                                 (uint64_t)st.st_size > size))) {
         fprintf(stderr, "plwriter: at the end the disk has %lld bytes, expected %" PRIu64 "\n",
                 (long long)st.st_size, size);
         return 1;
@@ -386,7 +482,9 @@ maybe_fsync:
     uint64_t bad = 0, checked = 0;
     for (uint64_t s = 0; s < nsect;) {
         uint64_t e = s;
-        while (e < nsect && e - s < MAX_SECTORS && (last[e] || in_sample(e)))
+        while (e < nsect && e - s < MAX_SECTORS &&
+               (last[e] || in_sample(e) ||
+                (partial && e - hist[partial - 1].sector < hist[partial - 1].count)))
             e++;
         if (e == s) {
             s++;
@@ -399,11 +497,20 @@ maybe_fsync:
             return 1;
         }
         for (uint64_t i = s; i < e; i++) {
-            uint64_t want[64];
+            uint64_t want[64], other[64];
             if (!last[i] || hist[last[i] - 1].zero)
                 memset(want, 0, sizeof(want));
             else
                 fill_sector(want, seed, last[i], i);
+            /* the failed call's sectors: its data, or what they held */
+            if (partial && i - hist[partial - 1].sector < hist[partial - 1].count) {
+                if (hist[partial - 1].zero)
+                    memset(other, 0, sizeof(other));
+                else
+                    fill_sector(other, seed, partial, i);
+                if (!memcmp(other, buf + (i - s) * (SECTOR / 8), SECTOR))
+                    memcpy(want, other, sizeof(want));
+            }
             if (memcmp(want, buf + (i - s) * (SECTOR / 8), SECTOR)) {
                 if (bad++ < 5) {
                     if (last[i])
@@ -425,8 +532,8 @@ maybe_fsync:
         nzero += hist[i].zero;
     printf("plwriter: seed=%" PRIu64 " writes=%" PRIu64 " zero-ops=%" PRIu64 " fsyncs=%" PRIu64
            " grows=%u shrinks-refused=%u size=%" PRIu64 " sectors-verified=%" PRIu64
-           " bad=%" PRIu64 "\n", seed, id - nzero, nzero, fsyncs, ngrows, nshrinks, size,
-           checked, bad);
+           " bad=%" PRIu64 "%s%s\n", seed, id - nzero, nzero, fsyncs, ngrows, nshrinks, size,
+           checked, bad, failed_call ? " failed=" : "", failed_call ? failed_call : "");
     free(hist);
     free(last);
     free(buf);

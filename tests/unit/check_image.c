@@ -6,7 +6,8 @@
  * detect-zeroes, flushes (nothing to do when nothing changed; the
  * write-back of much guest data without the metadata lock), and lookups
  * from several threads racing with L2 cache evictions, discards and the
- * reuse of freed host clusters.
+ * reuse of freed host clusters; and a host whose N-th flush fails and loses
+ * the writes before it, for every N of a workload (a power-loss judge).
  *
  * Images are made with create_image() in a temporary directory, loaded into
  * the memory backend and opened with image_open_io() through a "gate"
@@ -15,7 +16,9 @@
  */
 #include "testutil.h"
 
+#include "check.h"
 #include "compress.h"
+#include "header.h"
 #include "create.h"
 #include "image.h"
 #include "io.h"
@@ -938,6 +941,375 @@ START_TEST(lookups_race_with_evictions_and_reuse)
 }
 END_TEST
 
+/* ---- a failed host flush ------------------------------------------------- */
+
+/*
+ * The power-loss judge for a host whose flush fails: for every N over the
+ * host flushes of a workload (writes, batched allocations of new L2 tables
+ * and refcount blocks, discards, zero ranges, fsyncs, L2 cache evictions, a
+ * write big enough for the unlocked data flush), the N-th flush fails and
+ * the writes since the flush before it are lost (tu_lossy_io).  Then:
+ * every operation after the failure fails with -EIO while reads go on;
+ * nothing reaches the host any more; one error names the file and errno;
+ * the close fails; and the disk (with or without the host writing back the
+ * rest later) reads, opened read-only, every sector as of the last fsync
+ * that returned 0 or as a later write left it, and has no corruption
+ * (leaks allowed), unless its dirty bit makes it rebuild its refcounts.
+ */
+#define PF_CB       12u                         /* 4 KiB clusters */
+#define PF_CS       (1u << PF_CB)
+#define PF_VSIZE    (64ull << 20)               /* 32 L2 tables */
+#define PF_SECTORS  (PF_VSIZE / 512)
+#define PF_BIG      ((8u << 20) + PF_CS * 64)   /* > the unlocked flush's 8 MiB */
+#define PF_MAX_OPS  96
+
+enum pf_kind { PF_WRITE, PF_DISCARD, PF_ZERO, PF_FSYNC };
+static const char *const pf_kind_name[] = { "write", "discard", "zero range", "fsync" };
+
+struct pf_op {
+    enum pf_kind kind;
+    uint64_t offset, len;
+};
+
+/* A fixed workload: every few operations an fsync. */
+static unsigned pf_workload(struct pf_op *ops)
+{
+    uint64_t x = 12;
+    unsigned n = 0;
+
+    while (n < PF_MAX_OPS - 1) {
+        struct pf_op *op = &ops[n];
+        unsigned r;
+
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        r = (unsigned)(x >> 33);
+        op->offset = (uint64_t)(r % PF_SECTORS) * 512;
+        if (n == 6) {                           /* one big run of new clusters */
+            op->kind = PF_WRITE;
+            op->offset = 40ull << 20;
+            op->len = PF_BIG;
+        } else if (n % 6 == 5) {
+            op->kind = PF_FSYNC;
+            op->offset = op->len = 0;
+        } else if (r % 10 < 6) {
+            op->kind = PF_WRITE;
+            if (r % 3 == 0) {                   /* whole clusters: batched */
+                op->offset &= ~(uint64_t)(PF_CS - 1);
+                op->len = (2 + (r >> 8) % 6) * (uint64_t)PF_CS;
+            } else {
+                op->len = (1 + (r >> 8) % 24) * 512ull;
+            }
+        } else if (r % 10 < 9) {
+            op->kind = PF_DISCARD;
+            op->len = (1 + (r >> 8) % 4) * (uint64_t)PF_CS;
+            if (r % 2)
+                op->offset &= ~(uint64_t)(PF_CS - 1);
+        } else {
+            op->kind = PF_ZERO;
+            op->len = (1 + (r >> 8) % 16) * 512ull;
+        }
+        if (op->offset + op->len > PF_VSIZE)
+            op->offset = PF_VSIZE - op->len;
+        n++;
+    }
+    ops[n].kind = PF_FSYNC;
+    ops[n].offset = ops[n].len = 0;
+    return n + 1;
+}
+
+/* Sector @s as written by operation @id (1-based): self-describing. */
+static void pf_stamp(uint8_t *p, uint32_t id, uint64_t s)
+{
+    be32_put(p, id);
+    be32_put(p + 4, (uint32_t)s);
+    for (unsigned i = 8; i < 512; i++)
+        p[i] = (uint8_t)(id * 31 + s + i);
+}
+
+/* The operation id a sector holds: 0 for zeros, UINT32_MAX for anything
+ * that is not a whole stamp of sector @s. */
+static uint32_t pf_decode(const uint8_t *p, uint64_t s)
+{
+    static const uint8_t zeros[512];
+    uint8_t want[512];
+    uint32_t id = be32_get(p);
+
+    if (id == 0 && memcmp(p, zeros, 512) == 0)
+        return 0;
+    if (id == 0 || id > PF_MAX_OPS)
+        return UINT32_MAX;
+    pf_stamp(want, id, s);
+    return memcmp(p, want, 512) == 0 ? id : UINT32_MAX;
+}
+
+static bool pf_covers(const struct pf_op *op, uint64_t s)
+{
+    return op->kind != PF_FSYNC && s * 512 >= op->offset &&
+           s * 512 < op->offset + op->len;
+}
+
+/* Whether sector @s holding @id is what some operation after @last_ack
+ * (the last acknowledged fsync; -1: none) up to @nops left there. */
+static bool pf_later_write(const struct pf_op *ops, int last_ack, unsigned nops,
+                           uint64_t s, uint32_t id)
+{
+    for (unsigned j = (unsigned)(last_ack + 1); j < nops; j++)
+        if (pf_covers(&ops[j], s) &&
+            (ops[j].kind == PF_WRITE ? id == j + 1 : id == 0))
+            return true;
+    return false;
+}
+
+/* A fresh image in memory: 4 KiB clusters, PF_VSIZE; *len bytes. */
+static uint8_t *pf_new_image(bool lazy, size_t *len)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[64];
+    struct create_options co = { .size = PF_VSIZE, .cluster_bits = PF_CB,
+                                 .lazy_refcounts = lazy };
+    struct io *file;
+    uint64_t size;
+    uint8_t *bytes;
+
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/t.qcow2", dir);
+    ck_assert_int_eq(create_image(path, &co), 0);
+    ck_assert_int_eq(io_open_file(path, false, &file), 0);
+    ck_assert_int_eq(io_get_size(file, &size), 0);
+    bytes = tu_zalloc((size_t)size);
+    ck_assert_int_eq(io_pread(file, bytes, (size_t)size, 0), 0);
+    io_close(file);
+    unlink(path);
+    rmdir(dir);
+    *len = (size_t)size;
+    return bytes;
+}
+
+static int pf_run_op(struct image *img, const struct pf_op *op, unsigned i)
+{
+    uint8_t *buf;
+    int ret;
+
+    switch (op->kind) {
+    case PF_WRITE:
+        buf = tu_zalloc(op->len);
+        for (uint64_t k = 0; k < op->len / 512; k++)
+            pf_stamp(buf + k * 512, i + 1, op->offset / 512 + k);
+        ret = image_write(img, buf, op->len, op->offset);
+        free(buf);
+        return ret;
+    case PF_DISCARD:
+        return image_zero(img, op->offset, op->len, true);
+    case PF_ZERO:
+        return image_zero(img, op->offset, op->len, false);
+    case PF_FSYNC:
+        return image_flush(img);
+    }
+    return -EINVAL;
+}
+
+/*
+ * Judge one state of the disk: every sector holds what the last
+ * acknowledged fsync saw there (@acked) or what a later operation wrote;
+ * no corruption unless the dirty bit is set.  Returns a description of the
+ * first problem, or NULL.
+ */
+static const char *pf_judge_disk(const uint8_t *disk, size_t len, const uint32_t *acked,
+                                 const struct pf_op *ops, int last_ack, unsigned nops,
+                                 char *why, size_t why_len)
+{
+    struct image_options o = default_opts();
+    struct check_report rep = { 0 };
+    struct check_refs *refs = NULL;
+    struct qcow2_header h;
+    struct image *img = NULL;
+    struct meta m;
+    struct io *io;
+    uint8_t *buf;
+    char err[256];
+    int ret;
+
+    o.read_only = true;
+    ck_assert_int_eq(io_open_memory(disk, len, &io), 0);
+    ret = image_open_io(io, "durable.qcow2", &o, &img);
+    if (ret < 0) {
+        snprintf(why, why_len, "the disk does not open read-only: %s", strerror(-ret));
+        return why;
+    }
+    buf = tu_zalloc(1u << 20);
+    why[0] = 0;
+    for (uint64_t off = 0; off < PF_VSIZE && !why[0]; off += 1u << 20) {
+        ret = image_read(img, buf, 1u << 20, off);
+        if (ret < 0) {
+            snprintf(why, why_len, "reading the disk at %llu: %s",
+                     (unsigned long long)off, strerror(-ret));
+            break;
+        }
+        for (uint64_t k = 0; k < (1u << 20) / 512; k++) {
+            uint64_t s = off / 512 + k;
+            uint32_t id = pf_decode(buf + k * 512, s);
+            if (id != acked[s] && (id == UINT32_MAX ||
+                                   !pf_later_write(ops, last_ack, nops, s, id))) {
+                snprintf(why, why_len, "sector %llu holds %s (op id %u; 0: zeros), "
+                         "the last acknowledged fsync (op %d) saw op %u's data there",
+                         (unsigned long long)s, id == UINT32_MAX ? "garbage" : "old data",
+                         id == UINT32_MAX ? 0 : id, last_ack, acked[s]);
+                break;
+            }
+        }
+    }
+    free(buf);
+    ck_assert_int_eq(image_close(img), 0);
+    if (why[0])
+        return why;
+
+    ck_assert_int_eq(io_open_memory(disk, len, &io), 0);
+    ck_assert_int_eq(header_decode(disk, len < (2u << 20) ? len : (2u << 20), len, &h,
+                                   err, sizeof(err)), 0);
+    meta_init(&m, &h, io, true);
+    ret = check_count_refs(&m, &h, &rep, &refs);
+    if (ret == 0)
+        ret = check_compare(&m, &h, refs, &rep);
+    check_refs_free(refs);
+    io_close(io);
+    if (ret < 0)
+        snprintf(why, why_len, "check failed: %s", strerror(-ret));
+    else if (rep.corruptions && !(h.incompatible_features & QCOW2_INCOMPAT_DIRTY))
+        snprintf(why, why_len, "%llu corruptions (%llu refcounts too low), "
+                 "dirty bit clear", (unsigned long long)rep.corruptions,
+                 (unsigned long long)rep.count[CHECK_REFCOUNT_TOO_LOW]);
+    header_free(&h);
+    return why[0] ? why : NULL;
+}
+
+/* One run whose @fail_at-th host flush fails (0: none).  Returns the host
+ * flushes it saw. */
+static unsigned pf_run(const uint8_t *image, size_t image_len, const struct pf_op *ops,
+                       unsigned nops, unsigned fail_at)
+{
+    struct image_options o = default_opts();
+    struct tu_lossy_io *l = tu_lossy_new(image, image_len, fail_at);
+    uint32_t *cur = tu_zalloc(PF_SECTORS * sizeof(uint32_t));
+    uint32_t *acked = tu_zalloc(PF_SECTORS * sizeof(uint32_t));
+    int last_ack = -1, partial = -1, failed_op = -1, ret;
+    bool failed_before_close;
+    struct image *img = NULL;
+    unsigned flushes;
+    uint8_t *buf;
+    char why[512];
+
+    o.l2_cache_size = 16 * PF_CS;               /* half the tables: evictions */
+    o.refcount_cache_size = 4 * PF_CS;
+    tu_log_capture();
+    ck_assert_int_eq(image_open_io(&l->fwd.io, "test.qcow2", &o, &img), 0);
+    for (unsigned i = 0; i < nops; i++) {
+        const struct pf_op *op = &ops[i];
+        bool failed_before = l->failed;
+        ret = pf_run_op(img, op, i);
+
+        if (failed_before)
+            ck_assert_msg(ret == -EIO, "host flush %u failed before op %u (%s), "
+                          "which returned %d, not -EIO", fail_at, i, pf_kind_name[op->kind],
+                          ret);
+        if (op->kind == PF_FSYNC && l->failed)
+            ck_assert_msg(ret < 0, "fsync (op %u) returned 0 after host flush %u "
+                          "failed", i, fail_at);
+        if (ret < 0) {
+            ck_assert_msg(l->failed, "op %u (%s) failed (%d) with no failed flush", i,
+                          pf_kind_name[op->kind], ret);
+            if (failed_op < 0)
+                failed_op = (int)i;
+            if (!failed_before)
+                partial = (int)i;           /* may have done part of its work */
+            continue;
+        }
+        for (uint64_t k = 0; k < op->len / 512; k++)
+            cur[op->offset / 512 + k] = op->kind == PF_WRITE ? i + 1 : 0;
+        if (op->kind == PF_FSYNC) {
+            memcpy(acked, cur, PF_SECTORS * sizeof(uint32_t));
+            last_ack = (int)i;
+        }
+    }
+
+    /* Reads go on, and see every write that returned 0. */
+    buf = tu_zalloc(1u << 20);
+    for (uint64_t off = 0; off < PF_VSIZE; off += 1u << 20) {
+        ck_assert_int_eq(image_read(img, buf, 1u << 20, off), 0);
+        for (uint64_t k = 0; k < (1u << 20) / 512; k++) {
+            uint64_t s = off / 512 + k;
+            uint32_t id = pf_decode(buf + k * 512, s);
+            /* (no ck_assert per sector: each one costs a system call) */
+            if (id != cur[s] && !(partial >= 0 && pf_covers(&ops[partial], s) &&
+                                  id == (ops[partial].kind == PF_WRITE
+                                         ? (uint32_t)partial + 1 : 0)))
+                ck_abort_msg("flush %u failed: sector %llu reads op %u's data, not "
+                             "op %u's", fail_at, (unsigned long long)s, id, cur[s]);
+        }
+    }
+    free(buf);
+
+    failed_before_close = l->failed;
+    ret = image_close(img);
+    if (l->failed) {
+        ck_assert_msg(ret < 0, "close returned 0, host flush %u failed", fail_at);
+        ck_assert_msg(l->changes_after_failure == 0, "%u writes reached the host "
+                      "after flush %u failed", l->changes_after_failure, fail_at);
+        ck_assert_msg(strstr(tu_log_state()->first_error,
+                             "test.qcow2: host flush failed: Input/output error"),
+                      "first error: %s", tu_log_state()->first_error);
+        /* That one line, and the close's if the image was poisoned by then. */
+        ck_assert_uint_eq(tu_log_state()->nb_errors, failed_before_close ? 2 : 1);
+    } else {
+        ck_assert_int_eq(failed_op, -1);
+        ck_assert_int_eq(ret, 0);
+    }
+    tu_log_release();
+
+    /* (with nothing queued the written-back disk is the same) */
+    for (int writeback = 0; writeback < (l->nb_pending ? 2 : 1); writeback++) {
+        size_t len;
+        uint8_t *disk = tu_lossy_disk(l, writeback, &len);
+        const char *bad = pf_judge_disk(disk, len, acked, ops, last_ack, nops,
+                                        why, sizeof(why));
+        ck_assert_msg(!bad, "host flush %u failed (op %d first failed)%s: %s",
+                      fail_at, failed_op, writeback ? ", the rest written back" : "",
+                      bad);
+        free(disk);
+    }
+    flushes = l->flushes;
+    free(cur);
+    free(acked);
+    tu_lossy_free(l);
+    return flushes;
+}
+
+static void pf_every_flush(bool lazy)
+{
+    struct pf_op ops[PF_MAX_OPS];
+    unsigned nops = pf_workload(ops), flushes;
+    size_t len;
+    uint8_t *image = pf_new_image(lazy, &len);
+
+    flushes = pf_run(image, len, ops, nops, 0);
+    /* Far more host flushes than fsyncs: evictions, refcount blocks, the
+     * unlocked data flush are in there. */
+    ck_assert_uint_gt(flushes, nops / 6 + 4);
+    for (unsigned n = 1; n <= flushes; n++)
+        pf_run(image, len, ops, nops, n);
+    free(image);
+}
+
+START_TEST(failed_flush_is_sticky)
+{
+    pf_every_flush(false);
+}
+END_TEST
+
+START_TEST(failed_flush_is_sticky_lazy_refcounts)
+{
+    pf_every_flush(true);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -955,6 +1327,13 @@ static Suite *image_suite(void)
     tcase_add_test(tc, reused_cluster_reads_zeros_around_write);
     tcase_add_test(tc, reads_go_on_during_metadata_flush);
     tcase_add_test(tc, lookups_race_with_evictions_and_reuse);
+    suite_add_tcase(s, tc);
+
+    /* One workload run per host flush: slow under a sanitizer. */
+    tc = tcase_create("flush_error");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, failed_flush_is_sticky);
+    tcase_add_test(tc, failed_flush_is_sticky_lazy_refcounts);
     suite_add_tcase(s, tc);
     return s;
 }

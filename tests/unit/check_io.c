@@ -1,5 +1,6 @@
 /*
- * Unit tests for io: the memory backend and the trace backend.
+ * Unit tests for io: the memory backend, the trace backend, and a failed
+ * flush sticking at the io layer.
  */
 #include "testutil.h"
 
@@ -397,6 +398,82 @@ START_TEST(trace_read_only_inherited)
 }
 END_TEST
 
+/* ---- a failed flush -------------------------------------------------------- */
+
+/*
+ * After a failed flush the host's next flush would succeed (tu_lossy_io,
+ * like Linux): the failure must stick at the io layer, for writes too, and
+ * be logged once with the backend's name.  Reads go on.
+ */
+START_TEST(failed_flush_sticks)
+{
+    uint8_t data[4096], buf[4096];
+    struct tu_lossy_io *l;
+    struct io *io;
+
+    fill_pattern(data, sizeof(data), 3);
+    l = tu_lossy_new(NULL, 0, 2);
+    io = &l->fwd.io;
+    io_set_name(io, "disk.img");
+    tu_log_capture();
+    ck_assert_int_eq(io_pwrite(io, data, sizeof(data), 0), 0);
+    ck_assert_int_eq(io_flush(io), 0);
+    ck_assert_int_eq(io_flush_error(io), 0);
+    ck_assert_int_eq(io_pwrite(io, data, 512, 8192), 0);
+    ck_assert_int_eq(io_flush(io), -EIO);               /* the host's 2nd */
+    ck_assert_int_eq(io_flush_error(io), -EIO);
+    ck_assert_uint_eq(tu_log_state()->nb_errors, 1);
+    ck_assert_ptr_nonnull(strstr(tu_log_state()->first_error,
+                                 "disk.img: host flush failed: Input/output error"));
+    /* The host would take these and flush them: nothing gets there. */
+    ck_assert_int_eq(io_flush(io), -EIO);
+    ck_assert_int_eq(io_pwrite(io, data, 512, 0), -EIO);
+    ck_assert_int_eq(io_punch_hole(io, 0, 512), -EIO);
+    ck_assert_int_eq(io_truncate(io, 0), -EIO);
+    ck_assert_uint_eq(l->flushes, 2);
+    ck_assert_uint_eq(l->changes_after_failure, 0);
+    ck_assert_uint_eq(tu_log_state()->nb_errors, 1);    /* logged once */
+    tu_log_release();
+    /* Reads go on and see the page cache. */
+    ck_assert_int_eq(io_pread(io, buf, sizeof(buf), 0), 0);
+    ck_assert_mem_eq(buf, data, sizeof(buf));
+    io_close(io);
+    tu_lossy_free(l);
+}
+END_TEST
+
+/* A wrapper (trace) over a failing backend: both refuse from then on, the
+ * named outer one logs, once; io_poison fails another file silently. */
+START_TEST(failed_flush_sticks_through_trace)
+{
+    int fd = tu_trace_fd();
+    struct tu_lossy_io *l = tu_lossy_new(NULL, 0, 1);
+    struct io *traced, *other;
+    uint8_t b[512] = { 1 };
+
+    ck_assert_int_eq(io_open_trace(&l->fwd.io, dup(fd), &traced), 0);
+    io_set_name(traced, "img.qcow2");
+    ck_assert_int_eq(io_open_memory(NULL, 0, &other), 0);
+    io_set_name(other, "data.raw");
+    tu_log_capture();
+    ck_assert_int_eq(io_pwrite(traced, b, sizeof(b), 0), 0);
+    ck_assert_int_eq(io_flush(traced), -EIO);
+    ck_assert_int_eq(io_flush_error(&l->fwd.io), -EIO);
+    ck_assert_int_eq(io_pwrite(traced, b, sizeof(b), 0), -EIO);
+    ck_assert_int_eq(io_pwrite(&l->fwd.io, b, sizeof(b), 0), -EIO);
+    io_poison(other, io_flush_error(traced));
+    ck_assert_int_eq(io_pwrite(other, b, sizeof(b), 0), -EIO);
+    ck_assert_int_eq(io_flush(other), -EIO);
+    ck_assert_uint_eq(tu_log_state()->nb_errors, 1);
+    ck_assert_ptr_nonnull(strstr(tu_log_state()->first_error, "img.qcow2: host flush failed"));
+    tu_log_release();
+    io_close(traced);
+    io_close(other);
+    tu_lossy_free(l);
+    close(fd);
+}
+END_TEST
+
 static Suite *io_suite(void)
 {
     Suite *s = suite_create("io");
@@ -419,6 +496,12 @@ static Suite *io_suite(void)
     tcase_add_test(tc, trace_replay_reproduces_image);
     tcase_add_test(tc, trace_failed_write_propagates);
     tcase_add_test(tc, trace_read_only_inherited);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("flush_error");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, failed_flush_sticks);
+    tcase_add_test(tc, failed_flush_sticks_through_trace);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -1,8 +1,9 @@
 /*
  * testutil.h — helpers shared by the unit tests: building qcow2 headers and
  * metadata in memory (big-endian writes), capturing log messages, reading
- * back a trace log.  Everything is static inline so that a test file that
- * uses only part of it still compiles warning-free.
+ * back a trace log, io backends for tests (forwarding; a host that loses
+ * the writes of a failed flush).  Everything is static inline so that a
+ * test file that uses only part of it still compiles warning-free.
  */
 #ifndef QCOW2FUSE_TESTUTIL_H
 #define QCOW2FUSE_TESTUTIL_H
@@ -11,6 +12,7 @@
  * "check.h" the image consistency checker. */
 #include <check.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -144,6 +146,7 @@ struct tu_log_state {
     unsigned nb_errors;
     unsigned nb_total;
     char last[1024];
+    char first_error[1024];
 };
 
 static inline struct tu_log_state *tu_log_state(void)
@@ -157,8 +160,8 @@ static inline void tu_log_hook(enum log_level level, const char *msg)
     struct tu_log_state *st = tu_log_state();
 
     st->nb_total++;
-    if (level == LOG_LEVEL_ERROR)
-        st->nb_errors++;
+    if (level == LOG_LEVEL_ERROR && st->nb_errors++ == 0)
+        snprintf(st->first_error, sizeof(st->first_error), "%s", msg);
     snprintf(st->last, sizeof(st->last), "%s", msg);
 }
 
@@ -313,6 +316,196 @@ static inline int tu_fwd_truncate(struct io *io, uint64_t size)
 static inline int tu_fwd_punch(struct io *io, uint64_t off, uint64_t len)
 {
     return io_punch_hole(tu_fwd_inner(io), off, len);
+}
+
+/* ---- a host that loses the writes of a failed flush ---------------------- */
+
+/*
+ * Models Linux after a failed fdatasync: the dirty pages it could not write
+ * are dropped (marked clean), and the next fdatasync returns 0.  @inner (a
+ * memory backend) is what reads see, the page cache: it keeps every write.
+ * @durable is what the disk holds: the writes, punches and truncates since
+ * the last good flush wait in a list and reach it at the next good flush;
+ * the fail_at-th flush (1-based; 0: none) returns -EIO and forgets them.
+ * close keeps everything for the test to judge; tu_lossy_free releases it.
+ */
+struct tu_lossy_op {
+    uint32_t type;              /* IO_TRACE_WRITE, _PUNCH, _TRUNCATE */
+    uint64_t offset, length;    /* TRUNCATE: offset is the size */
+    uint8_t *data;              /* WRITE: length bytes */
+};
+
+struct tu_lossy_io {
+    struct tu_fwd_io fwd;
+    pthread_mutex_t lock;
+    struct io *durable;
+    struct tu_lossy_op *pending;
+    unsigned nb_pending, cap_pending;
+    unsigned flushes;           /* flush calls so far, the failed one too */
+    unsigned fail_at;
+    bool failed;
+    unsigned changes_after_failure;     /* writes/punches/truncates */
+};
+
+static inline void tu_lossy_apply(struct io *to, const struct tu_lossy_op *op)
+{
+    if (op->type == IO_TRACE_WRITE)
+        ck_assert_int_eq(io_pwrite(to, op->data, op->length, op->offset), 0);
+    else if (op->type == IO_TRACE_PUNCH)
+        ck_assert_int_eq(io_punch_hole(to, op->offset, op->length), 0);
+    else
+        ck_assert_int_eq(io_truncate(to, op->offset), 0);
+}
+
+static inline void tu_lossy_drop_pending(struct tu_lossy_io *l)
+{
+    for (unsigned i = 0; i < l->nb_pending; i++)
+        free(l->pending[i].data);
+    l->nb_pending = 0;
+}
+
+/* Queue one change that reached the page cache; with the lock held. */
+static inline void tu_lossy_queue(struct tu_lossy_io *l, uint32_t type, uint64_t off,
+                                  uint64_t len, const void *data)
+{
+    struct tu_lossy_op *op;
+
+    if (l->nb_pending == l->cap_pending) {
+        l->cap_pending = l->cap_pending ? 2 * l->cap_pending : 64;
+        l->pending = realloc(l->pending, l->cap_pending * sizeof(*l->pending));
+        ck_assert_ptr_nonnull(l->pending);
+    }
+    op = &l->pending[l->nb_pending++];
+    op->type = type;
+    op->offset = off;
+    op->length = len;
+    op->data = NULL;
+    if (data) {
+        op->data = tu_zalloc(len);
+        memcpy(op->data, data, len);
+    }
+    if (l->failed)
+        l->changes_after_failure++;
+}
+
+static inline int tu_lossy_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
+{
+    struct tu_lossy_io *l = (struct tu_lossy_io *)io;
+    int ret;
+
+    pthread_mutex_lock(&l->lock);
+    ret = tu_fwd_pwrite(io, buf, len, off);
+    if (ret == 0)
+        tu_lossy_queue(l, IO_TRACE_WRITE, off, len, buf);
+    pthread_mutex_unlock(&l->lock);
+    return ret;
+}
+
+static inline int tu_lossy_punch(struct io *io, uint64_t off, uint64_t len)
+{
+    struct tu_lossy_io *l = (struct tu_lossy_io *)io;
+    int ret;
+
+    pthread_mutex_lock(&l->lock);
+    ret = tu_fwd_punch(io, off, len);
+    if (ret == 0)
+        tu_lossy_queue(l, IO_TRACE_PUNCH, off, len, NULL);
+    pthread_mutex_unlock(&l->lock);
+    return ret;
+}
+
+static inline int tu_lossy_truncate(struct io *io, uint64_t size)
+{
+    struct tu_lossy_io *l = (struct tu_lossy_io *)io;
+    int ret;
+
+    pthread_mutex_lock(&l->lock);
+    ret = tu_fwd_truncate(io, size);
+    if (ret == 0)
+        tu_lossy_queue(l, IO_TRACE_TRUNCATE, size, 0, NULL);
+    pthread_mutex_unlock(&l->lock);
+    return ret;
+}
+
+static inline int tu_lossy_flush(struct io *io)
+{
+    struct tu_lossy_io *l = (struct tu_lossy_io *)io;
+    int ret = 0;
+
+    pthread_mutex_lock(&l->lock);
+    if (++l->flushes == l->fail_at) {
+        l->failed = true;
+        ret = -EIO;
+    } else {
+        for (unsigned i = 0; i < l->nb_pending; i++)
+            tu_lossy_apply(l->durable, &l->pending[i]);
+    }
+    tu_lossy_drop_pending(l);
+    pthread_mutex_unlock(&l->lock);
+    return ret;
+}
+
+static inline void tu_lossy_close(struct io *io)
+{
+    (void)io;                   /* the test judges the state: tu_lossy_free */
+}
+
+static const struct io_ops tu_lossy_ops = {
+    .pread = tu_fwd_pread,
+    .pwrite = tu_lossy_pwrite,
+    .flush = tu_lossy_flush,
+    .get_size = tu_fwd_get_size,
+    .truncate = tu_lossy_truncate,
+    .punch_hole = tu_lossy_punch,
+    .close = tu_lossy_close,
+};
+
+/* A lossy host over a copy of @data, whose @fail_at-th flush fails. */
+static inline struct tu_lossy_io *tu_lossy_new(const void *data, size_t len,
+                                               unsigned fail_at)
+{
+    struct tu_lossy_io *l = tu_zalloc(sizeof(*l));
+
+    ck_assert_int_eq(io_open_memory(data, len, &l->fwd.inner), 0);
+    ck_assert_int_eq(io_open_memory(data, len, &l->durable), 0);
+    l->fwd.io.ops = &tu_lossy_ops;
+    l->fail_at = fail_at;
+    pthread_mutex_init(&l->lock, NULL);
+    return l;
+}
+
+/*
+ * A copy of what the disk holds: with @writeback, also what the host
+ * writes back on its own later (the changes queued since the last flush).
+ * Returns a malloc'ed buffer of *len bytes.
+ */
+static inline uint8_t *tu_lossy_disk(struct tu_lossy_io *l, bool writeback, size_t *len)
+{
+    const uint8_t *p;
+    struct io *copy;
+    uint8_t *out;
+
+    pthread_mutex_lock(&l->lock);
+    p = io_memory_data(l->durable, len);
+    ck_assert_int_eq(io_open_memory(p, *len, &copy), 0);
+    for (unsigned i = 0; writeback && i < l->nb_pending; i++)
+        tu_lossy_apply(copy, &l->pending[i]);
+    pthread_mutex_unlock(&l->lock);
+    p = io_memory_data(copy, len);
+    out = tu_zalloc(*len);
+    memcpy(out, p, *len);
+    io_close(copy);
+    return out;
+}
+
+static inline void tu_lossy_free(struct tu_lossy_io *l)
+{
+    tu_lossy_drop_pending(l);
+    free(l->pending);
+    io_close(l->durable);
+    io_close(l->fwd.inner);
+    pthread_mutex_destroy(&l->lock);
+    free(l);
 }
 
 static inline int tu_run(Suite *s)
