@@ -1211,17 +1211,24 @@ static int write_range(struct image *img, const uint8_t *p, uint64_t len,
     return ret;
 }
 
-static int check_writable(struct image *img, uint64_t offset, uint64_t len)
+/* Whether [@offset, +@len) lies inside the disk: -ENOSPC past its end, as
+ * for a write that starts there (see fuse_ops.c). */
+static int check_inside(struct image *img, uint64_t offset, uint64_t len)
 {
     uint64_t size = img->size;
 
+    if (offset > size || len > size - offset)
+        return -ENOSPC;
+    return 0;
+}
+
+static int check_writable(struct image *img, uint64_t offset, uint64_t len)
+{
     if (image_is_read_only(img))
         return -EROFS;
     if (meta_is_corrupt(&img->meta))
         return -EIO;
-    if (offset > size || len > size - offset)
-        return -ENOSPC;
-    return 0;
+    return check_inside(img, offset, len);
 }
 
 static bool all_zero(const uint8_t *p, size_t len)
@@ -1327,17 +1334,23 @@ int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
     if (ret < 0 || len == 0)
         return ret;
     img->bytes_written += len;
+    /* The range may have been held by a shrinking resize: once it is ours,
+     * the size is checked again, so nothing is allocated past the end. */
     if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && all_zero(buf, len)) {
         range_lock(img, &r, offset, len);
-        ret = zero_range(img, offset, len,
-                         img->detect_zeroes == IMAGE_DETECT_ZEROES_UNMAP);
+        ret = check_inside(img, offset, len);
+        if (ret == 0)
+            ret = zero_range(img, offset, len,
+                             img->detect_zeroes == IMAGE_DETECT_ZEROES_UNMAP);
         range_unlock(img, &r);
         return ret;
     }
     /* One lock round trip for the range and the metadata. */
     lock_exclusive(img);
     range_lock_locked(img, &r, offset, len);
-    ret = write_range(img, buf, len, offset);
+    ret = check_inside(img, offset, len);
+    if (ret == 0)
+        ret = write_range(img, buf, len, offset);
     range_unlock_locked(img, &r);
     unlock_exclusive(img);
     return ret;
@@ -1626,7 +1639,9 @@ int image_zero(struct image *img, uint64_t offset, uint64_t len, bool punch)
     if (ret < 0 || len == 0)
         return ret;
     range_lock(img, &r, offset, len);
-    ret = zero_range(img, offset, len, punch && img->discard == IMAGE_DISCARD_UNMAP);
+    ret = check_inside(img, offset, len);       /* a resize may have run */
+    if (ret == 0)
+        ret = zero_range(img, offset, len, punch && img->discard == IMAGE_DISCARD_UNMAP);
     range_unlock(img, &r);
     return ret;
 }

@@ -86,7 +86,9 @@ int image_read(struct image *img, void *buf, size_t len, uint64_t offset);
 /*
  * Write @len bytes from @buf at @offset.
  * On entry: @offset + @len <= virtual size.
- * Returns: 0, -EROFS (read-only or corrupt image), -ENOSPC, -EIO, -errno.
+ * Returns: 0, -EROFS (read-only or corrupt image), -ENOSPC (past the end,
+ * also when a concurrent resize shrank the disk under the request), -EIO,
+ * -errno.
  */
 int image_write(struct image *img, const void *buf, size_t len, uint64_t offset);
 

@@ -938,6 +938,119 @@ START_TEST(lookups_race_with_evictions_and_reuse)
 }
 END_TEST
 
+/* ---- requests that waited behind a resize -------------------------------- */
+
+struct resizer {
+    struct image *img;
+    uint64_t size;
+    pthread_t tid;
+    int ret;
+};
+
+static void *resize_thread(void *arg)
+{
+    struct resizer *rs = arg;
+    rs->ret = image_resize(rs->img, rs->size);
+    return NULL;
+}
+
+struct writer {
+    struct image *img;
+    uint64_t offset;
+    uint8_t buf[4096];
+    _Atomic pid_t tid;
+    pthread_t pt;
+    int ret;
+};
+
+static void *writer_main(void *arg)
+{
+    struct writer *w = arg;
+    atomic_store(&w->tid, gettid());
+    w->ret = image_write(w->img, w->buf, sizeof(w->buf), w->offset);
+    return NULL;
+}
+
+/* Whether thread @tid of this process is asleep (state S: blocked on a
+ * futex, as a request waiting for the metadata lock or a range is). */
+static bool thread_asleep(pid_t tid)
+{
+    char path[64], line[256], *p;
+    FILE *f;
+    bool asleep = false;
+
+    snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+    f = fopen(path, "r");
+    if (!f)
+        return false;
+    if (fgets(line, sizeof(line), f) && (p = strrchr(line, ')')) && p[1] == ' ')
+        asleep = p[2] == 'S';
+    fclose(f);
+    return asleep;
+}
+
+/* Wait until the writer thread sleeps inside image_write; false after the
+ * safety timeout. */
+static bool writer_wait_asleep(struct writer *w)
+{
+    struct timespec pause = { 0, 1000000 };
+
+    for (unsigned i = 0; i < SAFETY_S * 1000u; i++) {
+        pid_t tid = atomic_load(&w->tid);
+        if (tid && thread_asleep(tid))
+            return true;
+        nanosleep(&pause, NULL);
+    }
+    return false;
+}
+
+/*
+ * A write past the new end that waits behind a shrinking resize (held at
+ * the host flush of its header update, with the metadata lock and the
+ * whole disk's range) must fail with -ENOSPC once it runs, as it would have
+ * after the resize: it checked the size before waiting, when the offset
+ * was still inside the disk.  It must allocate nothing: after growing the
+ * disk again the offset reads as zeros, and its L2 entry stays empty.
+ */
+START_TEST(write_behind_shrinking_resize_rechecks_size)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct gate_io *g = gate_new(inner, false);
+    struct image *img = open_on(g, &o);
+    struct resizer rs = { .img = img, .size = VSIZE / 2 };
+    struct writer w = { .img = img, .offset = VSIZE / 2 + VSIZE / 4 };
+    uint8_t buf[4096];
+
+    write_pattern(img, 0, 4096, 0x11);          /* the L2 table exists */
+    ck_assert_int_eq(image_flush(img), 0);
+
+    gate_arm_flush(g);
+    ck_assert_int_eq(pthread_create(&rs.tid, NULL, resize_thread, &rs), 0);
+    ck_assert_msg(gate_wait_blocked(g), "the resize never reached its host flush");
+    memset(w.buf, 0x77, sizeof(w.buf));
+    ck_assert_int_eq(pthread_create(&w.pt, NULL, writer_main, &w), 0);
+    ck_assert_msg(writer_wait_asleep(&w), "the write never waited for the resize");
+
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(rs.tid, NULL), 0);
+    ck_assert_int_eq(pthread_join(w.pt, NULL), 0);
+    ck_assert(!g->timed_out);
+    ck_assert_int_eq(rs.ret, 0);
+    ck_assert_uint_eq(image_size(img), VSIZE / 2);
+    ck_assert_int_eq(w.ret, -ENOSPC);
+
+    ck_assert_int_eq(image_flush(img), 0);
+    ck_assert_uint_eq(disk_l2_entry(inner, w.offset / CS), 0);
+    ck_assert_int_eq(image_resize(img, VSIZE), 0);
+    memset(buf, 0x5a, sizeof(buf));
+    ck_assert_int_eq(image_read(img, buf, sizeof(buf), w.offset), 0);
+    ck_assert_msg(all_bytes(buf, sizeof(buf), 0),
+                  "a write refused past the end shows after growing again");
+    ck_assert_int_eq(image_close(img), 0);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -955,6 +1068,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, reused_cluster_reads_zeros_around_write);
     tcase_add_test(tc, reads_go_on_during_metadata_flush);
     tcase_add_test(tc, lookups_race_with_evictions_and_reuse);
+    tcase_add_test(tc, write_behind_shrinking_resize_rechecks_size);
     suite_add_tcase(s, tc);
     return s;
 }
