@@ -1009,7 +1009,7 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
     uint32_t all = m->extended_l2 ? 0xffffffffu : 1u;
     uint32_t written = m->extended_l2 ? unit_mask(u0, u1) : 1u;
     uint32_t carry, new_alloc, new_zero, span;
-    uint64_t entry, bitmap, new_host, refs, cmp_host = 0, cmp_len = 0;
+    uint64_t entry, bitmap, new_host, refs, old_host, old_len;
     uint8_t *buf = NULL, *plain = NULL;
     struct old_state st;
     bool reuse = false, allocated = false;
@@ -1020,17 +1020,10 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
     if (ret < 0)
         return ret;
     ret = cluster_get_entry(img->cl, gc, &entry, &bitmap);
+    if (ret == 0)
+        ret = cluster_check_old_entry(img->cl, gc, entry, bitmap, &old_host, &old_len);
     if (ret < 0)
         return ret;
-    {
-        enum cluster_kind kind;
-        uint64_t h;
-        const char *why;
-        if (cluster_decode_entry(m, entry, bitmap, 0, &kind, &h, &why) < 0)
-            return meta_corrupt(m, "L2 entry of guest offset 0x%llx = 0x%016llx: %s",
-                                (unsigned long long)(gc << m->cluster_bits),
-                                (unsigned long long)entry, why);
-    }
     decode_state(img, entry, bitmap, &st);
 
     /* Where the cluster will live. */
@@ -1061,12 +1054,6 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
         ret = meta_check_write(m, new_host, cs, META_KIND_NONE);
         if (ret < 0)
             return ret;
-    }
-    if (st.compressed) {
-        uint64_t x = entry & ~(META_L2_COPIED | META_L2_COMPRESSED);
-        unsigned shift = 62 - (m->cluster_bits - 8);
-        cmp_host = (x & ((1ull << shift) - 1)) & ~511ull;
-        cmp_len = (((x >> shift) & ((1ull << (62 - shift)) - 1)) + 1) * 512;
     }
 
     /* Units that move from the old host cluster (or the compressed data)
@@ -1155,10 +1142,8 @@ relock:
     ret = cluster_set_entry(img->cl, gc, entry, bitmap, true);
     if (ret < 0)
         return ret;
-    if (st.compressed)
-        ret = refcount_defer_free(img->rc, cmp_host, cmp_len);
-    else if (st.has_host && !reuse)
-        ret = refcount_defer_free(img->rc, st.host, cs);
+    if (old_len && !reuse)      /* compressed data, or a shared cluster */
+        ret = refcount_defer_free(img->rc, old_host, old_len);
     return ret;
 }
 
@@ -1263,7 +1248,7 @@ static int64_t write_batch(struct image *img, const uint8_t *data, uint64_t offs
 {
     struct meta *m = &img->meta;
     uint64_t cs = m->cluster_size, gc0 = offset >> m->cluster_bits;
-    uint64_t old_entry[BATCH_MAX_CLUSTERS];
+    uint64_t old_host[BATCH_MAX_CLUSTERS], old_len[BATCH_MAX_CLUSTERS];
     uint64_t n = 0, host;
     int fresh, ret;
 
@@ -1279,14 +1264,11 @@ static int64_t write_batch(struct image *img, const uint8_t *data, uint64_t offs
         /* Clusters we own are overwritten in place by the caller. */
         if (!(entry & META_L2_COMPRESSED) && (entry & META_L2_COPIED))
             break;
-        {
-            enum cluster_kind kind;
-            uint64_t h;
-            const char *why;
-            if (cluster_decode_entry(m, entry, bitmap, 0, &kind, &h, &why) < 0)
-                break;          /* write_cluster reports it */
-        }
-        old_entry[n++] = entry;
+        ret = cluster_check_old_entry(img->cl, gc0 + n, entry, bitmap, &old_host[n],
+                                      &old_len[n]);
+        if (ret < 0)
+            return ret;
+        n++;
     }
     if (n < 2)
         return 0;
@@ -1308,18 +1290,10 @@ static int64_t write_batch(struct image *img, const uint8_t *data, uint64_t offs
     }
 
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t e = old_entry[i];
         ret = cluster_set_entry(img->cl, gc0 + i, (host + i * cs) | META_L2_COPIED,
                                 m->extended_l2 ? 0xffffffffull : 0, true);
-        if (ret < 0)
-            return ret;
-        if (e & META_L2_COMPRESSED) {
-            uint64_t x = e & ~(META_L2_COPIED | META_L2_COMPRESSED), h, l;
-            compress_descriptor_decode(x, m->cluster_bits, &h, &l);
-            ret = refcount_defer_free(img->rc, h & ~511ull, l + (h & 511));
-        } else if (e & META_OFFSET_MASK) {
-            ret = refcount_defer_free(img->rc, e & META_OFFSET_MASK, cs);
-        }
+        if (ret == 0 && old_len[i])
+            ret = refcount_defer_free(img->rc, old_host[i], old_len[i]);
         if (ret < 0)
             return ret;
     }
@@ -1506,7 +1480,7 @@ int image_flush(struct image *img)
 static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_write)
 {
     struct meta *m = &img->meta;
-    uint64_t entry, bitmap, new_entry, new_bitmap = 0;
+    uint64_t entry, bitmap, new_entry, new_bitmap = 0, old_host, old_len;
     bool backing = img->backing && (gc << m->cluster_bits) < image_size(img->backing);
     bool keep_host = false;
     struct old_state st;
@@ -1514,6 +1488,9 @@ static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_w
 
     *need_write = false;
     ret = cluster_get_entry(img->cl, gc, &entry, &bitmap);
+    /* What the entry names is freed below: a corrupt entry frees nothing. */
+    if (ret == 0)
+        ret = cluster_check_old_entry(img->cl, gc, entry, bitmap, &old_host, &old_len);
     if (ret < 0)
         return ret;
     decode_state(img, entry, bitmap, &st);
@@ -1566,13 +1543,8 @@ static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_w
             ret = 0;
         }
     }
-    if (st.compressed) {
-        uint64_t x = entry & ~(META_L2_COPIED | META_L2_COMPRESSED), host, len;
-        compress_descriptor_decode(x, m->cluster_bits, &host, &len);
-        ret = refcount_defer_free(img->rc, host & ~511ull, len + (host & 511));
-    } else if (st.has_host && !keep_host && !m->has_data_file) {
-        ret = refcount_defer_free(img->rc, st.host, m->cluster_size);
-    }
+    if (old_len && !keep_host)
+        ret = refcount_defer_free(img->rc, old_host, old_len);
     return ret;
 }
 

@@ -219,11 +219,12 @@ static void gate_release(struct gate_io *g)
 
 /* ---- fixtures ------------------------------------------------------------ */
 
-/* A fresh, empty image of @vsize with 64 KiB clusters, in a memory backend. */
-static struct io *new_image_io_sized(uint64_t vsize)
+/* A fresh, empty image of @vsize with 2^@cluster_bits byte clusters, in a
+ * memory backend. */
+static struct io *new_image_io_geom(uint64_t vsize, unsigned cluster_bits)
 {
     char dir[] = "/tmp/check_image.XXXXXX", path[64];
-    struct create_options co = { .size = vsize, .cluster_bits = CB };
+    struct create_options co = { .size = vsize, .cluster_bits = cluster_bits };
     struct io *file, *mem;
     uint64_t size;
     uint8_t *bytes;
@@ -241,6 +242,12 @@ static struct io *new_image_io_sized(uint64_t vsize)
     ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &mem), 0);
     free(bytes);
     return mem;
+}
+
+/* The same with 64 KiB clusters. */
+static struct io *new_image_io_sized(uint64_t vsize)
+{
+    return new_image_io_geom(vsize, CB);
 }
 
 static struct io *new_image_io(void)
@@ -271,35 +278,44 @@ static struct image *open_on(struct gate_io *g, const struct image_options *o)
 
 /* The on-disk L2 entry of guest cluster @gc (0 when it has no L2 table):
  * what a flush has made durable, read straight from the backend. */
-static uint64_t disk_l2_entry(struct io *inner, uint64_t gc)
+static uint64_t disk_u64(struct io *inner, uint64_t off)
 {
     uint8_t b[8];
-    uint64_t l1_off, l1e, l2_off;
 
-    ck_assert_int_eq(io_pread(inner, b, 8, 40), 0);
-    l1_off = be64_get(b);
-    ck_assert_uint_ne(l1_off, 0);
-    ck_assert_int_eq(io_pread(inner, b, 8, l1_off + 8 * (gc / (CS / 8))), 0);
-    l1e = be64_get(b);
-    l2_off = l1e & META_OFFSET_MASK;
-    if (!l2_off)
-        return 0;
-    ck_assert_int_eq(io_pread(inner, b, 8, l2_off + 8 * (gc % (CS / 8))), 0);
+    ck_assert_int_eq(io_pread(inner, b, 8, off), 0);
     return be64_get(b);
+}
+
+/* The file offset of the on-disk L2 entry of guest cluster @gc (0 when it
+ * has no L2 table), for the cluster size in the image's header. */
+static uint64_t disk_l2_entry_offset(struct io *inner, uint64_t gc)
+{
+    uint8_t b[4];
+    uint64_t cs, l1_off, l2_off;
+
+    ck_assert_int_eq(io_pread(inner, b, 4, 20), 0);
+    cs = 1ull << be32_get(b);
+    l1_off = disk_u64(inner, 40);
+    ck_assert_uint_ne(l1_off, 0);
+    l2_off = disk_u64(inner, l1_off + 8 * (gc / (cs / 8))) & META_OFFSET_MASK;
+    return l2_off ? l2_off + 8 * (gc % (cs / 8)) : 0;
+}
+
+static uint64_t disk_l2_entry(struct io *inner, uint64_t gc)
+{
+    uint64_t off = disk_l2_entry_offset(inner, gc);
+
+    return off ? disk_u64(inner, off) : 0;
 }
 
 static void put_disk_l2_entry(struct io *inner, uint64_t gc, uint64_t entry)
 {
+    uint64_t off = disk_l2_entry_offset(inner, gc);
     uint8_t b[8];
-    uint64_t l1_off, l2_off;
 
-    ck_assert_int_eq(io_pread(inner, b, 8, 40), 0);
-    l1_off = be64_get(b);
-    ck_assert_int_eq(io_pread(inner, b, 8, l1_off + 8 * (gc / (CS / 8))), 0);
-    l2_off = be64_get(b) & META_OFFSET_MASK;
-    ck_assert_uint_ne(l2_off, 0);
+    ck_assert_uint_ne(off, 0);
     be64_put(b, entry);
-    ck_assert_int_eq(io_pwrite(inner, b, 8, l2_off + 8 * (gc % (CS / 8))), 0);
+    ck_assert_int_eq(io_pwrite(inner, b, 8, off), 0);
 }
 
 /* Whether the backend holds @len bytes of @byte at @off. */
@@ -1051,6 +1067,146 @@ START_TEST(write_behind_shrinking_resize_rechecks_size)
 }
 END_TEST
 
+/* ---- replaced entries that must not be freed ----------------------------- */
+
+/* What the corrupt L2 entry of guest cluster 2 names. */
+enum victim {
+    VICTIM_UNALIGNED,           /* guest cluster 0's host cluster + 512 */
+    VICTIM_L2,                  /* the L2 table itself */
+    VICTIM_REFBLOCK,
+    VICTIM_REFTABLE,
+    VICTIM_L1,
+    VICTIM_HEADER,              /* a compressed descriptor at host offset 0 */
+    VICTIM_UNDECODABLE,         /* compressed, offset beyond 2^56 (< 16 KiB clusters) */
+};
+
+static const char *const victim_names[] = {
+    "unaligned data offset", "L2 table", "refcount block", "refcount table",
+    "L1 table", "header (compressed)", "undecodable compressed descriptor",
+};
+
+enum zap_op { OP_PUNCH, OP_ZERO_RANGE, OP_OVERWRITE };
+static const char *const op_names[] = { "punch", "zero range", "two-cluster write" };
+
+static const struct { unsigned cb; enum victim v; } zap_cases[] = {
+    { 16, VICTIM_UNALIGNED }, { 16, VICTIM_L2 }, { 16, VICTIM_REFBLOCK },
+    { 16, VICTIM_REFTABLE }, { 16, VICTIM_L1 }, { 16, VICTIM_HEADER },
+    { 12, VICTIM_UNALIGNED }, { 12, VICTIM_L2 }, { 12, VICTIM_REFBLOCK },
+    { 12, VICTIM_REFTABLE }, { 12, VICTIM_L1 }, { 12, VICTIM_HEADER },
+    { 12, VICTIM_UNDECODABLE },
+};
+#define NB_ZAP_CASES (sizeof(zap_cases) / sizeof(zap_cases[0]))
+
+static uint8_t *file_bytes(struct io *inner, uint64_t *size)
+{
+    uint8_t *b;
+
+    ck_assert_int_eq(io_get_size(inner, size), 0);
+    b = tu_zalloc((size_t)*size);
+    ck_assert_int_eq(io_pread(inner, b, (size_t)*size, 0), 0);
+    return b;
+}
+
+/*
+ * Guest clusters 0 and 1 hold 0xAA and 0xBB; then the L2 entry of guest
+ * cluster 2 is made to name a victim (an unaligned offset straddling the
+ * data of clusters 0 and 1, a metadata cluster, or nothing decodable), and a
+ * punch, a zero range or a two-cluster write (the batch path) replaces it.
+ * That must take the corruption path: -EIO, one error naming the guest
+ * offset, writes refused from then on; and free nothing: after the close
+ * the image file is byte for byte what it was apart from the corrupt bit
+ * (no refcount dropped, no cluster punched, no entry rewritten).
+ */
+START_TEST(replacing_corrupt_entry_frees_nothing)
+{
+    unsigned cb = zap_cases[_i / 3].cb;
+    enum victim v = zap_cases[_i / 3].v;
+    enum zap_op op = (enum zap_op)(_i % 3);
+    uint64_t cs = 1ull << cb, goff = 2 * cs, entry = 0, l1, rt;
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io_geom(VSIZE, cb);
+    struct gate_io *g = gate_new(inner, true);
+    struct image *img = open_on(g, &o);
+    uint8_t *data = tu_zalloc(2 * cs), *before, *after;
+    uint64_t size_before, size_after;
+    char where[64];
+    int ret;
+
+    write_pattern(img, 0, cs, 0xaa);
+    write_pattern(img, cs, cs, 0xbb);
+    ck_assert_int_eq(image_close(img), 0);
+    l1 = disk_u64(inner, 40);
+    rt = disk_u64(inner, 48);
+    switch (v) {
+    case VICTIM_UNALIGNED:
+        entry = ((disk_l2_entry(inner, 0) & META_OFFSET_MASK) + 512) | META_L2_COPIED;
+        ck_assert_uint_eq((disk_l2_entry(inner, 1) & META_OFFSET_MASK),
+                          (entry & META_OFFSET_MASK) - 512 + cs);
+        break;
+    case VICTIM_L2:
+        entry = disk_u64(inner, l1) & META_OFFSET_MASK;
+        break;
+    case VICTIM_REFBLOCK:
+        entry = disk_u64(inner, rt) & META_OFFSET_MASK;
+        break;
+    case VICTIM_REFTABLE:
+        entry = rt;
+        break;
+    case VICTIM_L1:
+        entry = l1;
+        break;
+    case VICTIM_HEADER:
+        entry = META_L2_COMPRESSED | compress_descriptor_encode(0, 512, cb);
+        break;
+    case VICTIM_UNDECODABLE:
+        entry = META_L2_COMPRESSED | 1ull << 56;
+        break;
+    }
+    ck_assert_uint_ne(entry, 0);
+    put_disk_l2_entry(inner, 2, entry);
+    before = file_bytes(inner, &size_before);
+
+    g = gate_new(inner, true);
+    img = open_on(g, &o);
+    tu_log_capture();
+    switch (op) {
+    case OP_PUNCH:
+        ret = image_zero(img, goff, cs, true);
+        break;
+    case OP_ZERO_RANGE:
+        ret = image_zero(img, goff, cs, false);
+        break;
+    default:
+        memset(data, 0xcc, 2 * cs);
+        ret = image_write(img, data, 2 * cs, goff);
+        break;
+    }
+    tu_log_release();
+    ck_assert_msg(ret == -EIO, "%u-bit clusters, %s over an entry naming the %s: "
+                  "returned %d, not -EIO", cb, op_names[op], victim_names[v], ret);
+    ck_assert_uint_eq(tu_log_state()->nb_errors, 1);
+    snprintf(where, sizeof(where), "guest offset 0x%llx", (unsigned long long)goff);
+    ck_assert_msg(strstr(tu_log_state()->last, where), "report \"%s\" does not name %s",
+                  tu_log_state()->last, where);
+    ck_assert_int_eq(image_write(img, data, 512, 10 * cs), -EIO);
+    (void)image_close(img);
+
+    after = file_bytes(inner, &size_after);
+    ck_assert_uint_eq(size_after, size_before);
+    ck_assert(after[79] & QCOW2_INCOMPAT_CORRUPT);
+    after[79] &= (uint8_t)~QCOW2_INCOMPAT_CORRUPT;
+    for (uint64_t i = 0; i < size_after; i++)
+        ck_assert_msg(before[i] == after[i], "%u-bit clusters, %s over an entry naming "
+                      "the %s: file byte 0x%llx changed from 0x%02x to 0x%02x", cb,
+                      op_names[op], victim_names[v], (unsigned long long)i,
+                      before[i], after[i]);
+    free(before);
+    free(after);
+    free(data);
+    io_close(inner);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -1069,6 +1225,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, reads_go_on_during_metadata_flush);
     tcase_add_test(tc, lookups_race_with_evictions_and_reuse);
     tcase_add_test(tc, write_behind_shrinking_resize_rechecks_size);
+    tcase_add_loop_test(tc, replacing_corrupt_entry_frees_nothing, 0, (int)(NB_ZAP_CASES * 3));
     suite_add_tcase(s, tc);
     return s;
 }
