@@ -1658,11 +1658,39 @@ int image_preallocate(struct image *img, uint64_t offset, uint64_t len)
     return ret;
 }
 
+/*
+ * Make the range a resize adds, [@old, @new_size), read as zeros instead of
+ * the backing file beneath it, as QEMU does (since 5.0).  The bytes of the
+ * old last cluster from @old on may hold backing or old data: they are
+ * written as zeros.  Whole clusters after it become zero clusters (no data
+ * written; unallocated where the backing file ends before them), the last
+ * one too when it reaches past the new end: its tail lies outside the disk,
+ * and the next growth starts zeroing at the new end again.
+ * On entry: the range is held, the L1 table maps @new_size, the image has
+ *           the zero flag (v3).
+ */
+static int zero_grown_range(struct image *img, uint64_t old, uint64_t new_size)
+{
+    uint64_t cs = img->meta.cluster_size;
+    uint64_t head_end = (old + cs - 1) & ~(cs - 1);
+    uint64_t end = (new_size + cs - 1) & ~(cs - 1);
+    int ret = 0;
+
+    if (head_end > old)
+        ret = zero_range(img, old, (head_end < new_size ? head_end : new_size) - old,
+                         false);
+    /* Unmapped: the new clusters hold nothing worth keeping allocated. */
+    if (ret == 0 && end > head_end)
+        ret = zero_range(img, head_end, end - head_end, true);
+    return ret;
+}
+
 int image_resize(struct image *img, uint64_t new_size)
 {
     struct meta *m = &img->meta;
     uint64_t cs = m->cluster_size, old = img->size;
     uint64_t clusters, need_l1;
+    bool zero_new;
     uint8_t buf[8];
     struct range r;
     int ret;
@@ -1682,6 +1710,18 @@ int image_resize(struct image *img, uint64_t new_size)
     need_l1 = (clusters + m->l2_entries - 1) / m->l2_entries;
     if (need_l1 * 8 > HEADER_MAX_L1_BYTES || new_size >> 61)
         return -EFBIG;
+    /* A backing file that reaches past the old end would show through the
+     * new range (read as zeros in QEMU); v2 has no zero flag to hide it. */
+    zero_new = new_size > old && img->backing && image_size(img->backing) > old;
+    if (zero_new && !m->v3) {
+        log_warn("%s: growing to %llu bytes refused: the backing file (%llu bytes) "
+                 "is larger than the disk (%llu bytes) and would show in the new "
+                 "range; a version 2 image has no zero flag to hide it (QEMU "
+                 "refuses this too; qemu-img amend -o compat=1.1 upgrades the image)",
+                 img->path, (unsigned long long)new_size,
+                 (unsigned long long)image_size(img->backing), (unsigned long long)old);
+        return -EOPNOTSUPP;
+    }
 
     range_lock(img, &r, 0, (old > new_size ? old : new_size) + cs);
     if (new_size < old) {
@@ -1721,6 +1761,15 @@ int image_resize(struct image *img, uint64_t new_size)
         ret = flush_locked(img);
         if (ret == 0)
             ret = cluster_grow_l1(img->cl, (uint32_t)need_l1);
+    }
+    if (ret == 0 && zero_new) {
+        unlock_exclusive(img);
+        ret = zero_grown_range(img, old, new_size);
+        lock_exclusive(img);
+        /* Durable before the header shows the range: after a crash it must
+         * not read as backing data either. */
+        if (ret == 0)
+            ret = flush_locked(img);
     }
     if (ret == 0 && m->data_file_raw && new_size > old) {
         uint64_t dsize;

@@ -116,9 +116,12 @@ int image_zero(struct image *img, uint64_t offset, uint64_t len, bool punch);
 int image_preallocate(struct image *img, uint64_t offset, uint64_t len);
 
 /*
- * Change the virtual size.  Growing may move the L1 table; shrinking is
- * refused (-EOPNOTSUPP, logged) unless nothing is allocated past the new
- * end.  @new_size must be a multiple of 512 (-EINVAL).
+ * Change the virtual size.  Growing may move the L1 table; the new range
+ * reads as zeros, also where a larger backing file lies beneath it (zero
+ * clusters; refused with -EOPNOTSUPP, logged, on a version 2 image, which
+ * cannot express them).  Shrinking is refused (-EOPNOTSUPP, logged) unless
+ * nothing is allocated past the new end.  @new_size must be a multiple of
+ * 512 (-EINVAL).
  */
 int image_resize(struct image *img, uint64_t new_size);
 
