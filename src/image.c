@@ -1688,7 +1688,7 @@ static int zero_grown_range(struct image *img, uint64_t old, uint64_t new_size)
 int image_resize(struct image *img, uint64_t new_size)
 {
     struct meta *m = &img->meta;
-    uint64_t cs = m->cluster_size, old = img->size;
+    uint64_t cs = m->cluster_size, old;
     uint64_t clusters, need_l1;
     bool zero_new;
     uint8_t buf[8];
@@ -1704,12 +1704,19 @@ int image_resize(struct image *img, uint64_t new_size)
                  img->path, (unsigned long long)new_size);
         return -EINVAL;
     }
-    if (new_size == old)
-        return 0;
     clusters = (new_size + cs - 1) / cs;
     need_l1 = (clusters + m->l2_entries - 1) / m->l2_entries;
     if (need_l1 * 8 > HEADER_MAX_L1_BYTES || new_size >> 61)
         return -EFBIG;
+
+    /* All of the disk (sizes stay below 2^61), and the size read only once
+     * it is ours: another resize may have changed it while this one
+     * waited. */
+    range_lock(img, &r, 0, 1ull << 62);
+    old = img->size;
+    ret = 0;
+    if (new_size == old)
+        goto out;
     /* A backing file that reaches past the old end would show through the
      * new range (read as zeros in QEMU); v2 has no zero flag to hide it. */
     zero_new = new_size > old && img->backing && image_size(img->backing) > old;
@@ -1720,10 +1727,9 @@ int image_resize(struct image *img, uint64_t new_size)
                  "refuses this too; qemu-img amend -o compat=1.1 upgrades the image)",
                  img->path, (unsigned long long)new_size,
                  (unsigned long long)image_size(img->backing), (unsigned long long)old);
-        return -EOPNOTSUPP;
+        ret = -EOPNOTSUPP;
+        goto out;
     }
-
-    range_lock(img, &r, 0, (old > new_size ? old : new_size) + cs);
     if (new_size < old) {
         /* Only unallocated clusters may be cut off. */
         uint64_t pos = (new_size + cs - 1) & ~(cs - 1);

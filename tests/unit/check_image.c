@@ -960,12 +960,14 @@ struct resizer {
     struct image *img;
     uint64_t size;
     pthread_t tid;
+    _Atomic pid_t os_tid;
     int ret;
 };
 
 static void *resize_thread(void *arg)
 {
     struct resizer *rs = arg;
+    atomic_store(&rs->os_tid, gettid());
     rs->ret = image_resize(rs->img, rs->size);
     return NULL;
 }
@@ -1005,15 +1007,15 @@ static bool thread_asleep(pid_t tid)
     return asleep;
 }
 
-/* Wait until the writer thread sleeps inside image_write; false after the
- * safety timeout. */
-static bool writer_wait_asleep(struct writer *w)
+/* Wait until the thread that stores its id in *@tid sleeps (inside the
+ * request it makes next); false after the safety timeout. */
+static bool wait_asleep(_Atomic pid_t *tid)
 {
     struct timespec pause = { 0, 1000000 };
 
     for (unsigned i = 0; i < SAFETY_S * 1000u; i++) {
-        pid_t tid = atomic_load(&w->tid);
-        if (tid && thread_asleep(tid))
+        pid_t t = atomic_load(tid);
+        if (t && thread_asleep(t))
             return true;
         nanosleep(&pause, NULL);
     }
@@ -1046,7 +1048,7 @@ START_TEST(write_behind_shrinking_resize_rechecks_size)
     ck_assert_msg(gate_wait_blocked(g), "the resize never reached its host flush");
     memset(w.buf, 0x77, sizeof(w.buf));
     ck_assert_int_eq(pthread_create(&w.pt, NULL, writer_main, &w), 0);
-    ck_assert_msg(writer_wait_asleep(&w), "the write never waited for the resize");
+    ck_assert_msg(wait_asleep(&w.tid), "the write never waited for the resize");
 
     gate_release(g);
     ck_assert_int_eq(pthread_join(rs.tid, NULL), 0);
@@ -1064,6 +1066,106 @@ START_TEST(write_behind_shrinking_resize_rechecks_size)
     ck_assert_msg(all_bytes(buf, sizeof(buf), 0),
                   "a write refused past the end shows after growing again");
     ck_assert_int_eq(image_close(img), 0);
+}
+END_TEST
+
+/*
+ * An overlay of VSIZE bytes (64 KiB clusters) over a raw backing file of
+ * 2 * VSIZE bytes of 0x5a, created in the directory @dir (a mkdtemp
+ * template, filled in); the overlay is returned in a memory backend, its
+ * path in @path (open it under that name so the backing file is found).
+ */
+static struct io *new_overlay_io(char *dir, char *path, size_t path_len)
+{
+    char base[96];
+    struct create_options co = { .size = VSIZE, .cluster_bits = CB,
+                                 .backing_format = "raw" };
+    uint8_t *buf = tu_zalloc(1u << 20);
+    struct io *file, *mem;
+    uint64_t size;
+    uint8_t *bytes;
+
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(base, sizeof(base), "%s/base.raw", dir);
+    snprintf(path, path_len, "%s/t.qcow2", dir);
+    memset(buf, 0x5a, 1u << 20);
+    {
+        FILE *f = fopen(base, "w");
+        ck_assert_ptr_nonnull(f);
+        for (uint64_t off = 0; off < 2 * VSIZE; off += 1u << 20)
+            ck_assert_uint_eq(fwrite(buf, 1, 1u << 20, f), 1u << 20);
+        ck_assert_int_eq(fclose(f), 0);
+    }
+    free(buf);
+    co.backing_file = base;
+    ck_assert_int_eq(create_image(path, &co), 0);
+    ck_assert_int_eq(io_open_file(path, false, &file), 0);
+    ck_assert_int_eq(io_get_size(file, &size), 0);
+    bytes = tu_zalloc((size_t)size);
+    ck_assert_int_eq(io_pread(file, bytes, (size_t)size, 0), 0);
+    io_close(file);
+    ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &mem), 0);
+    free(bytes);
+    return mem;
+}
+
+static void remove_overlay_dir(const char *dir)
+{
+    char p[96];
+
+    snprintf(p, sizeof(p), "%s/base.raw", dir);
+    unlink(p);
+    snprintf(p, sizeof(p), "%s/t.qcow2", dir);
+    unlink(p);
+    rmdir(dir);
+}
+
+/*
+ * A resize that waits behind another takes the disk's size only once it
+ * runs: here a growth to 2 * VSIZE waits behind a shrink to VSIZE / 2 (held
+ * at its header flush) of an overlay whose backing file is 2 * VSIZE bytes.
+ * The growth must make all of [VSIZE / 2, 2 * VSIZE) read as zeros; taking
+ * the size from before it waited, it zeroed only from VSIZE on and the
+ * backing file's 0x5a showed in between.
+ */
+START_TEST(resize_behind_resize_takes_the_new_size)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[96];
+    struct image_options o = default_opts();
+    struct gate_io *g;
+    struct image *img = NULL;
+    struct resizer shrink = { .size = VSIZE / 2 }, grow = { .size = 2 * VSIZE };
+    uint8_t *buf = tu_zalloc(CS);
+
+    g = gate_new(new_overlay_io(dir, path, sizeof(path)), false);
+    o.backing.policy = BACKING_ALLOW;
+    ck_assert_int_eq(image_open_io(&g->fwd.io, path, &o, &img), 0);
+    ck_assert_int_eq(image_read(img, buf, 4096, VSIZE - 4096), 0);
+    ck_assert(all_bytes(buf, 4096, 0x5a));      /* the backing file shows */
+    shrink.img = grow.img = img;
+
+    gate_arm_flush(g);
+    ck_assert_int_eq(pthread_create(&shrink.tid, NULL, resize_thread, &shrink), 0);
+    ck_assert_msg(gate_wait_blocked(g), "the shrink never reached its host flush");
+    ck_assert_int_eq(pthread_create(&grow.tid, NULL, resize_thread, &grow), 0);
+    ck_assert_msg(wait_asleep(&grow.os_tid), "the growth never waited for the shrink");
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(shrink.tid, NULL), 0);
+    ck_assert_int_eq(pthread_join(grow.tid, NULL), 0);
+    ck_assert(!g->timed_out);
+    ck_assert_int_eq(shrink.ret, 0);
+    ck_assert_int_eq(grow.ret, 0);
+    ck_assert_uint_eq(image_size(img), 2 * VSIZE);
+
+    for (uint64_t off = VSIZE / 2; off < 2 * VSIZE; off += CS) {
+        memset(buf, 0x11, CS);
+        ck_assert_int_eq(image_read(img, buf, CS, off), 0);
+        ck_assert_msg(all_bytes(buf, CS, 0), "guest offset 0x%llx of the grown range "
+                      "does not read as zeros (0x%02x)", (unsigned long long)off, buf[0]);
+    }
+    ck_assert_int_eq(image_close(img), 0);
+    remove_overlay_dir(dir);
+    free(buf);
 }
 END_TEST
 
@@ -1225,6 +1327,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, reads_go_on_during_metadata_flush);
     tcase_add_test(tc, lookups_race_with_evictions_and_reuse);
     tcase_add_test(tc, write_behind_shrinking_resize_rechecks_size);
+    tcase_add_test(tc, resize_behind_resize_takes_the_new_size);
     tcase_add_loop_test(tc, replacing_corrupt_entry_frees_nothing, 0, (int)(NB_ZAP_CASES * 3));
     suite_add_tcase(s, tc);
     return s;
