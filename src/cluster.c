@@ -418,9 +418,20 @@ int cluster_check_old_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
     }
     for (uint64_t off = h & ~(m->cluster_size - 1); off < h + n; off += m->cluster_size) {
         enum meta_kind k = meta_kind_at(m, off);
+        uint64_t refs = 1;
+        int ret;
         if (k != META_KIND_NONE) {
             snprintf(what, sizeof(what), "names host offset 0x%llx, which holds the "
                      "%s (not freed)", (unsigned long long)off, meta_kind_name(k));
+            why = what;
+            goto corrupt;
+        }
+        /* A free cluster may belong to someone else by now. */
+        if (cl->rc && (ret = refcount_get(cl->rc, off, &refs)) < 0)
+            return ret;
+        if (refs == 0) {
+            snprintf(what, sizeof(what), "names host offset 0x%llx, whose refcount "
+                     "is 0 (not freed)", (unsigned long long)off);
             why = what;
             goto corrupt;
         }

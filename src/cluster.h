@@ -100,7 +100,8 @@ int cluster_get_entry(struct cluster *cl, uint64_t gc, uint64_t *entry,
  * reused: it must decode (no reserved bits, aligned and inside the file, a
  * compressed descriptor that decodes), and the host space it names must hold
  * no metadata (the header, an L1 or L2 table, the refcount table or a block,
- * snapshot tables), which a free would hand out again.
+ * snapshot tables), which a free would hand out again, and must be in use
+ * (refcount above 0; checked once the write side is enabled).
  * On exit: *host and *len are the host bytes the entry holds in the image
  *          file: its whole cluster, or the sectors of its compressed data;
  *          both 0 when it holds none (unallocated, a zero cluster without an

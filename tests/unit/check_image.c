@@ -1180,11 +1180,13 @@ enum victim {
     VICTIM_L1,
     VICTIM_HEADER,              /* a compressed descriptor at host offset 0 */
     VICTIM_UNDECODABLE,         /* compressed, offset beyond 2^56 (< 16 KiB clusters) */
+    VICTIM_FREE,                /* a host cluster freed earlier (refcount 0) */
 };
 
 static const char *const victim_names[] = {
     "unaligned data offset", "L2 table", "refcount block", "refcount table",
     "L1 table", "header (compressed)", "undecodable compressed descriptor",
+    "free cluster",
 };
 
 enum zap_op { OP_PUNCH, OP_ZERO_RANGE, OP_OVERWRITE };
@@ -1195,7 +1197,7 @@ static const struct { unsigned cb; enum victim v; } zap_cases[] = {
     { 16, VICTIM_REFTABLE }, { 16, VICTIM_L1 }, { 16, VICTIM_HEADER },
     { 12, VICTIM_UNALIGNED }, { 12, VICTIM_L2 }, { 12, VICTIM_REFBLOCK },
     { 12, VICTIM_REFTABLE }, { 12, VICTIM_L1 }, { 12, VICTIM_HEADER },
-    { 12, VICTIM_UNDECODABLE },
+    { 12, VICTIM_UNDECODABLE }, { 16, VICTIM_FREE }, { 12, VICTIM_FREE },
 };
 #define NB_ZAP_CASES (sizeof(zap_cases) / sizeof(zap_cases[0]))
 
@@ -1212,7 +1214,8 @@ static uint8_t *file_bytes(struct io *inner, uint64_t *size)
 /*
  * Guest clusters 0 and 1 hold 0xAA and 0xBB; then the L2 entry of guest
  * cluster 2 is made to name a victim (an unaligned offset straddling the
- * data of clusters 0 and 1, a metadata cluster, or nothing decodable), and a
+ * data of clusters 0 and 1, a metadata cluster, a cluster freed before, or
+ * nothing decodable), and a
  * punch, a zero range or a two-cluster write (the batch path) replaces it.
  * That must take the corruption path: -EIO, one error naming the guest
  * offset, writes refused from then on; and free nothing: after the close
@@ -1236,6 +1239,12 @@ START_TEST(replacing_corrupt_entry_frees_nothing)
 
     write_pattern(img, 0, cs, 0xaa);
     write_pattern(img, cs, cs, 0xbb);
+    if (v == VICTIM_FREE) {
+        write_pattern(img, 5 * cs, cs, 0xdd);
+        ck_assert_int_eq(image_flush(img), 0);
+        entry = disk_l2_entry(inner, 5) & META_OFFSET_MASK;
+        ck_assert_int_eq(image_zero(img, 5 * cs, cs, true), 0);
+    }
     ck_assert_int_eq(image_close(img), 0);
     l1 = disk_u64(inner, 40);
     rt = disk_u64(inner, 48);
@@ -1262,6 +1271,9 @@ START_TEST(replacing_corrupt_entry_frees_nothing)
         break;
     case VICTIM_UNDECODABLE:
         entry = META_L2_COMPRESSED | 1ull << 56;
+        break;
+    case VICTIM_FREE:
+        ck_assert_uint_eq(disk_l2_entry(inner, 5), 0);  /* freed at the close */
         break;
     }
     ck_assert_uint_ne(entry, 0);
