@@ -12,6 +12,7 @@
 #include "refcount.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -381,6 +382,70 @@ int cluster_set_refcount(struct cluster *cl, struct refcount *rc)
             ret = meta_mark(m, l2, m->cluster_size, META_KIND_L2);
     }
     return ret;
+}
+
+int cluster_check_old_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
+                            uint64_t bitmap, uint64_t *host, uint64_t *len)
+{
+    struct meta *m = cl->m;
+    uint64_t l1_index = gc / m->l2_entries;
+    uint64_t l2_offset = l1_index < cl->l1_size ? cl->l1[l1_index] & META_OFFSET_MASK : 0;
+    uint64_t h = 0, n = 0, max_len;
+    enum cluster_kind kind;
+    const char *why;
+    char what[96];
+
+    *host = *len = 0;
+    if (cluster_decode_entry(m, entry, bitmap, 0, &kind, &h, &why) < 0)
+        goto corrupt;
+    if (entry & META_L2_COMPRESSED) {
+        /* Decoded above; the refcounts cover every sector it names. */
+        (void)compress_descriptor_decode(entry & ~(META_L2_COPIED | META_L2_COMPRESSED),
+                                         m->cluster_bits, &h, &max_len);
+        n = max_len + (h & 511);
+        h &= ~511ull;
+    } else if (!m->has_data_file && h) {
+        n = m->cluster_size;
+    } else {
+        return 0;               /* nothing of the image file to free */
+    }
+    if (h + n > m->file_end) {
+        snprintf(what, sizeof(what), "host bytes 0x%llx..0x%llx lie past the end "
+                 "of the image file", (unsigned long long)h,
+                 (unsigned long long)(h + n - 1));
+        why = what;
+        goto corrupt;
+    }
+    for (uint64_t off = h & ~(m->cluster_size - 1); off < h + n; off += m->cluster_size) {
+        enum meta_kind k = meta_kind_at(m, off);
+        uint64_t refs = 1;
+        int ret;
+        if (k != META_KIND_NONE) {
+            snprintf(what, sizeof(what), "names host offset 0x%llx, which holds the "
+                     "%s (not freed)", (unsigned long long)off, meta_kind_name(k));
+            why = what;
+            goto corrupt;
+        }
+        /* A free cluster may belong to someone else by now. */
+        if (cl->rc && (ret = refcount_get(cl->rc, off, &refs)) < 0)
+            return ret;
+        if (refs == 0) {
+            snprintf(what, sizeof(what), "names host offset 0x%llx, whose refcount "
+                     "is 0 (not freed)", (unsigned long long)off);
+            why = what;
+            goto corrupt;
+        }
+    }
+    *host = h;
+    *len = n;
+    return 0;
+
+corrupt:
+    return meta_corrupt(m, "L2 table at 0x%llx, entry %llu (guest offset 0x%llx) = "
+                        "0x%016llx: %s", (unsigned long long)l2_offset,
+                        (unsigned long long)(gc % m->l2_entries),
+                        (unsigned long long)(gc << m->cluster_bits),
+                        (unsigned long long)entry, why);
 }
 
 static uint64_t slice_offset(const struct cluster *cl, uint64_t l2_offset,

@@ -95,6 +95,23 @@ int cluster_get_entry(struct cluster *cl, uint64_t gc, uint64_t *entry,
                       uint64_t *bitmap);
 
 /*
+ * Validate the L2 entry (@entry, @bitmap) of guest cluster @gc before it is
+ * replaced (by a write, a zeroing or a discard) and its host space freed or
+ * reused: it must decode (no reserved bits, aligned and inside the file, a
+ * compressed descriptor that decodes), and the host space it names must hold
+ * no metadata (the header, an L1 or L2 table, the refcount table or a block,
+ * snapshot tables), which a free would hand out again, and must be in use
+ * (refcount above 0; checked once the write side is enabled).
+ * On exit: *host and *len are the host bytes the entry holds in the image
+ *          file: its whole cluster, or the sectors of its compressed data;
+ *          both 0 when it holds none (unallocated, a zero cluster without an
+ *          offset, data in an external data file).
+ * Returns: 0, or -EIO after meta_corrupt() (free nothing then).
+ */
+int cluster_check_old_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
+                            uint64_t bitmap, uint64_t *host, uint64_t *len);
+
+/*
  * Make the L2 table of guest cluster @gc exclusively ours: allocate it if
  * unallocated (written as zeros at once), or copy it if shared with a
  * snapshot (the old table's reference is dropped through a deferred free).

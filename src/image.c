@@ -1069,7 +1069,7 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
     uint32_t all = m->extended_l2 ? 0xffffffffu : 1u;
     uint32_t written = m->extended_l2 ? unit_mask(u0, u1) : 1u;
     uint32_t carry, new_alloc, new_zero, span;
-    uint64_t entry, bitmap, new_host, refs, cmp_host = 0, cmp_len = 0;
+    uint64_t entry, bitmap, new_host, refs, old_host, old_len;
     uint8_t *buf = NULL, *plain = NULL;
     struct old_state st;
     bool reuse = false, allocated = false;
@@ -1080,17 +1080,10 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
     if (ret < 0)
         return ret;
     ret = cluster_get_entry(img->cl, gc, &entry, &bitmap);
+    if (ret == 0)
+        ret = cluster_check_old_entry(img->cl, gc, entry, bitmap, &old_host, &old_len);
     if (ret < 0)
         return ret;
-    {
-        enum cluster_kind kind;
-        uint64_t h;
-        const char *why;
-        if (cluster_decode_entry(m, entry, bitmap, 0, &kind, &h, &why) < 0)
-            return meta_corrupt(m, "L2 entry of guest offset 0x%llx = 0x%016llx: %s",
-                                (unsigned long long)(gc << m->cluster_bits),
-                                (unsigned long long)entry, why);
-    }
     decode_state(img, entry, bitmap, &st);
 
     /* Where the cluster will live. */
@@ -1121,12 +1114,6 @@ static int write_cluster(struct image *img, const uint8_t *data, uint64_t offset
         ret = meta_check_write(m, new_host, cs, META_KIND_NONE);
         if (ret < 0)
             return ret;
-    }
-    if (st.compressed) {
-        uint64_t x = entry & ~(META_L2_COPIED | META_L2_COMPRESSED);
-        unsigned shift = 62 - (m->cluster_bits - 8);
-        cmp_host = (x & ((1ull << shift) - 1)) & ~511ull;
-        cmp_len = (((x >> shift) & ((1ull << (62 - shift)) - 1)) + 1) * 512;
     }
 
     /* Units that move from the old host cluster (or the compressed data)
@@ -1215,10 +1202,8 @@ relock:
     ret = cluster_set_entry(img->cl, gc, entry, bitmap, true);
     if (ret < 0)
         return ret;
-    if (st.compressed)
-        ret = refcount_defer_free(img->rc, cmp_host, cmp_len);
-    else if (st.has_host && !reuse)
-        ret = refcount_defer_free(img->rc, st.host, cs);
+    if (old_len && !reuse)      /* compressed data, or a shared cluster */
+        ret = refcount_defer_free(img->rc, old_host, old_len);
     return ret;
 }
 
@@ -1271,17 +1256,24 @@ static int write_range(struct image *img, const uint8_t *p, uint64_t len,
     return ret;
 }
 
-static int check_writable(struct image *img, uint64_t offset, uint64_t len)
+/* Whether [@offset, +@len) lies inside the disk: -ENOSPC past its end, as
+ * for a write that starts there (see fuse_ops.c). */
+static int check_inside(struct image *img, uint64_t offset, uint64_t len)
 {
     uint64_t size = img->size;
 
+    if (offset > size || len > size - offset)
+        return -ENOSPC;
+    return 0;
+}
+
+static int check_writable(struct image *img, uint64_t offset, uint64_t len)
+{
     if (image_is_read_only(img))
         return -EROFS;
     if (meta_is_corrupt(&img->meta) || flush_failed(img))
         return -EIO;
-    if (offset > size || len > size - offset)
-        return -ENOSPC;
-    return 0;
+    return check_inside(img, offset, len);
 }
 
 static bool all_zero(const uint8_t *p, size_t len)
@@ -1316,7 +1308,7 @@ static int64_t write_batch(struct image *img, const uint8_t *data, uint64_t offs
 {
     struct meta *m = &img->meta;
     uint64_t cs = m->cluster_size, gc0 = offset >> m->cluster_bits;
-    uint64_t old_entry[BATCH_MAX_CLUSTERS];
+    uint64_t old_host[BATCH_MAX_CLUSTERS], old_len[BATCH_MAX_CLUSTERS];
     uint64_t n = 0, host;
     int fresh, ret;
 
@@ -1332,14 +1324,11 @@ static int64_t write_batch(struct image *img, const uint8_t *data, uint64_t offs
         /* Clusters we own are overwritten in place by the caller. */
         if (!(entry & META_L2_COMPRESSED) && (entry & META_L2_COPIED))
             break;
-        {
-            enum cluster_kind kind;
-            uint64_t h;
-            const char *why;
-            if (cluster_decode_entry(m, entry, bitmap, 0, &kind, &h, &why) < 0)
-                break;          /* write_cluster reports it */
-        }
-        old_entry[n++] = entry;
+        ret = cluster_check_old_entry(img->cl, gc0 + n, entry, bitmap, &old_host[n],
+                                      &old_len[n]);
+        if (ret < 0)
+            return ret;
+        n++;
     }
     if (n < 2)
         return 0;
@@ -1361,18 +1350,10 @@ static int64_t write_batch(struct image *img, const uint8_t *data, uint64_t offs
     }
 
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t e = old_entry[i];
         ret = cluster_set_entry(img->cl, gc0 + i, (host + i * cs) | META_L2_COPIED,
                                 m->extended_l2 ? 0xffffffffull : 0, true);
-        if (ret < 0)
-            return ret;
-        if (e & META_L2_COMPRESSED) {
-            uint64_t x = e & ~(META_L2_COPIED | META_L2_COMPRESSED), h, l;
-            compress_descriptor_decode(x, m->cluster_bits, &h, &l);
-            ret = refcount_defer_free(img->rc, h & ~511ull, l + (h & 511));
-        } else if (e & META_OFFSET_MASK) {
-            ret = refcount_defer_free(img->rc, e & META_OFFSET_MASK, cs);
-        }
+        if (ret == 0 && old_len[i])
+            ret = refcount_defer_free(img->rc, old_host[i], old_len[i]);
         if (ret < 0)
             return ret;
     }
@@ -1387,17 +1368,23 @@ int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
     if (ret < 0 || len == 0)
         return ret;
     img->bytes_written += len;
+    /* The range may have been held by a shrinking resize: once it is ours,
+     * the size is checked again, so nothing is allocated past the end. */
     if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && all_zero(buf, len)) {
         range_lock(img, &r, offset, len);
-        ret = zero_range(img, offset, len,
-                         img->detect_zeroes == IMAGE_DETECT_ZEROES_UNMAP);
+        ret = check_inside(img, offset, len);
+        if (ret == 0)
+            ret = zero_range(img, offset, len,
+                             img->detect_zeroes == IMAGE_DETECT_ZEROES_UNMAP);
         range_unlock(img, &r);
         return ret;
     }
     /* One lock round trip for the range and the metadata. */
     lock_exclusive(img);
     range_lock_locked(img, &r, offset, len);
-    ret = write_range(img, buf, len, offset);
+    ret = check_inside(img, offset, len);
+    if (ret == 0)
+        ret = write_range(img, buf, len, offset);
     range_unlock_locked(img, &r);
     unlock_exclusive(img);
     return ret;
@@ -1560,7 +1547,7 @@ int image_flush(struct image *img)
 static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_write)
 {
     struct meta *m = &img->meta;
-    uint64_t entry, bitmap, new_entry, new_bitmap = 0;
+    uint64_t entry, bitmap, new_entry, new_bitmap = 0, old_host, old_len;
     bool backing = img->backing && (gc << m->cluster_bits) < image_size(img->backing);
     bool keep_host = false;
     struct old_state st;
@@ -1568,6 +1555,9 @@ static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_w
 
     *need_write = false;
     ret = cluster_get_entry(img->cl, gc, &entry, &bitmap);
+    /* What the entry names is freed below: a corrupt entry frees nothing. */
+    if (ret == 0)
+        ret = cluster_check_old_entry(img->cl, gc, entry, bitmap, &old_host, &old_len);
     if (ret < 0)
         return ret;
     decode_state(img, entry, bitmap, &st);
@@ -1620,13 +1610,8 @@ static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_w
             ret = 0;
         }
     }
-    if (st.compressed) {
-        uint64_t x = entry & ~(META_L2_COPIED | META_L2_COMPRESSED), host, len;
-        compress_descriptor_decode(x, m->cluster_bits, &host, &len);
-        ret = refcount_defer_free(img->rc, host & ~511ull, len + (host & 511));
-    } else if (st.has_host && !keep_host && !m->has_data_file) {
-        ret = refcount_defer_free(img->rc, st.host, m->cluster_size);
-    }
+    if (old_len && !keep_host)
+        ret = refcount_defer_free(img->rc, old_host, old_len);
     return ret;
 }
 
@@ -1693,7 +1678,9 @@ int image_zero(struct image *img, uint64_t offset, uint64_t len, bool punch)
     if (ret < 0 || len == 0)
         return ret;
     range_lock(img, &r, offset, len);
-    ret = zero_range(img, offset, len, punch && img->discard == IMAGE_DISCARD_UNMAP);
+    ret = check_inside(img, offset, len);       /* a resize may have run */
+    if (ret == 0)
+        ret = zero_range(img, offset, len, punch && img->discard == IMAGE_DISCARD_UNMAP);
     range_unlock(img, &r);
     return ret;
 }
@@ -1738,11 +1725,39 @@ int image_preallocate(struct image *img, uint64_t offset, uint64_t len)
     return ret;
 }
 
+/*
+ * Make the range a resize adds, [@old, @new_size), read as zeros instead of
+ * the backing file beneath it, as QEMU does (since 5.0).  The bytes of the
+ * old last cluster from @old on may hold backing or old data: they are
+ * written as zeros.  Whole clusters after it become zero clusters (no data
+ * written; unallocated where the backing file ends before them), the last
+ * one too when it reaches past the new end: its tail lies outside the disk,
+ * and the next growth starts zeroing at the new end again.
+ * On entry: the range is held, the L1 table maps @new_size, the image has
+ *           the zero flag (v3).
+ */
+static int zero_grown_range(struct image *img, uint64_t old, uint64_t new_size)
+{
+    uint64_t cs = img->meta.cluster_size;
+    uint64_t head_end = (old + cs - 1) & ~(cs - 1);
+    uint64_t end = (new_size + cs - 1) & ~(cs - 1);
+    int ret = 0;
+
+    if (head_end > old)
+        ret = zero_range(img, old, (head_end < new_size ? head_end : new_size) - old,
+                         false);
+    /* Unmapped: the new clusters hold nothing worth keeping allocated. */
+    if (ret == 0 && end > head_end)
+        ret = zero_range(img, head_end, end - head_end, true);
+    return ret;
+}
+
 int image_resize(struct image *img, uint64_t new_size)
 {
     struct meta *m = &img->meta;
-    uint64_t cs = m->cluster_size, old = img->size;
+    uint64_t cs = m->cluster_size, old;
     uint64_t clusters, need_l1;
+    bool zero_new;
     uint8_t buf[8];
     struct range r;
     int ret;
@@ -1756,14 +1771,32 @@ int image_resize(struct image *img, uint64_t new_size)
                  img->path, (unsigned long long)new_size);
         return -EINVAL;
     }
-    if (new_size == old)
-        return 0;
     clusters = (new_size + cs - 1) / cs;
     need_l1 = (clusters + m->l2_entries - 1) / m->l2_entries;
     if (need_l1 * 8 > HEADER_MAX_L1_BYTES || new_size >> 61)
         return -EFBIG;
 
-    range_lock(img, &r, 0, (old > new_size ? old : new_size) + cs);
+    /* All of the disk (sizes stay below 2^61), and the size read only once
+     * it is ours: another resize may have changed it while this one
+     * waited. */
+    range_lock(img, &r, 0, 1ull << 62);
+    old = img->size;
+    ret = 0;
+    if (new_size == old)
+        goto out;
+    /* A backing file that reaches past the old end would show through the
+     * new range (read as zeros in QEMU); v2 has no zero flag to hide it. */
+    zero_new = new_size > old && img->backing && image_size(img->backing) > old;
+    if (zero_new && !m->v3) {
+        log_warn("%s: growing to %llu bytes refused: the backing file (%llu bytes) "
+                 "is larger than the disk (%llu bytes) and would show in the new "
+                 "range; a version 2 image has no zero flag to hide it (QEMU "
+                 "refuses this too; qemu-img amend -o compat=1.1 upgrades the image)",
+                 img->path, (unsigned long long)new_size,
+                 (unsigned long long)image_size(img->backing), (unsigned long long)old);
+        ret = -EOPNOTSUPP;
+        goto out;
+    }
     if (new_size < old) {
         /* Only unallocated clusters may be cut off. */
         uint64_t pos = (new_size + cs - 1) & ~(cs - 1);
@@ -1801,6 +1834,15 @@ int image_resize(struct image *img, uint64_t new_size)
         ret = flush_locked(img);
         if (ret == 0)
             ret = cluster_grow_l1(img->cl, (uint32_t)need_l1);
+    }
+    if (ret == 0 && zero_new) {
+        unlock_exclusive(img);
+        ret = zero_grown_range(img, old, new_size);
+        lock_exclusive(img);
+        /* Durable before the header shows the range: after a crash it must
+         * not read as backing data either. */
+        if (ret == 0)
+            ret = flush_locked(img);
     }
     if (ret == 0 && m->data_file_raw && new_size > old) {
         uint64_t dsize;

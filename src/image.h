@@ -86,7 +86,9 @@ int image_read(struct image *img, void *buf, size_t len, uint64_t offset);
 /*
  * Write @len bytes from @buf at @offset.
  * On entry: @offset + @len <= virtual size.
- * Returns: 0, -EROFS (read-only or corrupt image), -ENOSPC, -EIO, -errno.
+ * Returns: 0, -EROFS (read-only or corrupt image), -ENOSPC (past the end,
+ * also when a concurrent resize shrank the disk under the request), -EIO,
+ * -errno.
  */
 int image_write(struct image *img, const void *buf, size_t len, uint64_t offset);
 
@@ -114,9 +116,12 @@ int image_zero(struct image *img, uint64_t offset, uint64_t len, bool punch);
 int image_preallocate(struct image *img, uint64_t offset, uint64_t len);
 
 /*
- * Change the virtual size.  Growing may move the L1 table; shrinking is
- * refused (-EOPNOTSUPP, logged) unless nothing is allocated past the new
- * end.  @new_size must be a multiple of 512 (-EINVAL).
+ * Change the virtual size.  Growing may move the L1 table; the new range
+ * reads as zeros, also where a larger backing file lies beneath it (zero
+ * clusters; refused with -EOPNOTSUPP, logged, on a version 2 image, which
+ * cannot express them).  Shrinking is refused (-EOPNOTSUPP, logged) unless
+ * nothing is allocated past the new end.  @new_size must be a multiple of
+ * 512 (-EINVAL).
  */
 int image_resize(struct image *img, uint64_t new_size);
 

@@ -228,3 +228,8 @@ int meta_check_write(struct meta *m, uint64_t offset, uint64_t len, enum meta_ki
     }
     return 0;
 }
+
+enum meta_kind meta_kind_at(const struct meta *m, uint64_t offset)
+{
+    return m->set ? set_get(m->set, offset >> m->cluster_bits) : META_KIND_NONE;
+}

@@ -88,6 +88,11 @@ int meta_mark(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind
 int meta_check_write(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind);
 const char *meta_kind_name(enum meta_kind kind);
 
+/* The kind of metadata in the host cluster holding @offset: what a free of
+ * that cluster would destroy (META_KIND_NONE without a set).  Call with the
+ * metadata lock held. */
+enum meta_kind meta_kind_at(const struct meta *m, uint64_t offset);
+
 static inline bool meta_is_corrupt(const struct meta *m)
 {
     return atomic_load(&m->corrupt);

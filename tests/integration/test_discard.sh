@@ -3,7 +3,8 @@
 # length read back as zeros (never backing data) on every writable image
 # kind, mirrored onto a raw copy with the same fallocate calls; freed space
 # goes back to the host; SEEK_DATA/SEEK_HOLE stay exact; the disk grows with
-# truncate and refuses to shrink over data.
+# truncate and refuses to shrink over data.  An L2 entry naming metadata or
+# an unaligned offset is reported as corruption and frees nothing.
 . "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 
 requires qemu-img qemu-io
@@ -135,6 +136,56 @@ case_detect_zeroes() {
     cmp -n $((16 << 20)) "$T/z" /dev/zero || fail "zeroed range does not read as zeros"
 }
 
+# corrupt_entry NAME OP ENTRY_HEX VICTIM_CLUSTERS...: an image made by QEMU
+# (header, refcount table, refcount block, L1, L2 at clusters 0-4; guest
+# clusters 0 and 1 at host clusters 5 and 6) whose L2 entry of guest cluster
+# 2 is set to ENTRY_HEX; then OP (punch or zero) over guest cluster 2 must
+# fail with EIO and free nothing: the victims' refcounts and qemu-img
+# check's report are what they were before the mount, and guest clusters 0
+# and 1 still hold their data.
+case_corrupt_entry() {
+    local name=$1 op=$2 entry=$3 img=$T/ce.qcow2 mnt=$T/mnt mt l2e c rc
+    shift 3
+    mt=$(require_tool mutate)
+    qemu-img create -q -f qcow2 "$img" 64M
+    qio "$img" "write -P 0xaa 0 64k" "write -P 0xbb 64k 64k"
+    [[ $("$mt" --l2entry "$img" 0) == "262144 8000000000050000" ]] || fail "test setup: unexpected layout"
+    [[ $("$mt" --l2entry "$img" 65536) == "262152 8000000000060000" ]] || fail "test setup: unexpected layout"
+    read -r l2e _ < <("$mt" --l2entry "$img" 131072)
+    "$mt" "$img" "$l2e" "$entry"
+    local -A before=()
+    for c in "$@"; do before[$c]=$("$mt" --refcount "$img" "$c"); done
+    rc=0
+    qemu-img check "$img" >"$T/check.before" 2>&1 || rc=$?
+    ((rc == 2)) || fail "test setup: qemu-img check exit status $rc on the damaged image (expected 2)"
+
+    mount_image "$img" "$mnt"
+    local args=(--punch-hole)
+    [[ $op == zero ]] && args=(--zero-range --keep-size)
+    if fallocate "${args[@]}" --offset 131072 --length 65536 "$mnt/disk" 2>"$T/falloc.err"; then
+        fail "$name: $op over the corrupt entry succeeded"
+    fi
+    grep -q "Input/output error" "$T/falloc.err" || fail "$name: $op failed otherwise: $(cat "$T/falloc.err")"
+    grep -q "corrupt image metadata: .*guest offset 0x20000" "$DAEMON_LOG" ||
+        fail "$name: no corruption report naming guest offset 0x20000"
+    info "$name: $(grep -m1 -o 'corrupt image metadata: .*' "$DAEMON_LOG" | cut -c1-200)"
+    unmount_image "$mnt"
+
+    for c in "$@"; do
+        [[ $("$mt" --refcount "$img" "$c") == "${before[$c]}" ]] ||
+            fail "$name: refcount of host cluster $c changed from ${before[$c]} to $("$mt" --refcount "$img" "$c")"
+    done
+    rc=0
+    qemu-img check "$img" >"$T/check.after" 2>&1 || rc=$?
+    ((rc == 2)) || fail "$name: qemu-img check exit status $rc after the mount (expected 2)"
+    diff -u "$T/check.before" "$T/check.after" >&2 || fail "$name: qemu-img check reports differ"
+    # The victims' guest data (QEMU reads guest cluster 2 of an unaligned
+    # entry as an error: only guest clusters 0 and 1 are compared).
+    ref_range "$img" 0 131072 "$T/view.after"
+    { head -c 65536 /dev/zero | tr '\0' '\252'; head -c 65536 /dev/zero | tr '\0' '\273'; } >"$T/view.want"
+    same_bytes "$T/view.after" "$T/view.want" "$name: guest clusters 0 and 1"
+}
+
 run_case mix_v3 case_mix v3 101
 run_case mix_v2 case_mix v2 102
 run_case mix_c512 case_mix c512 103
@@ -150,4 +201,9 @@ run_case space_returned case_space
 run_case seek_after_discard case_seek_after_discard
 run_case resize case_resize
 run_case detect_zeroes case_detect_zeroes
+# Entries naming the L2 table itself, the refcount block, and an unaligned
+# offset straddling guest clusters 0 and 1's host clusters.
+run_case corrupt_entry_l2 case_corrupt_entry corrupt_entry_l2 punch 0000000000040000 4 5 6
+run_case corrupt_entry_refblock case_corrupt_entry corrupt_entry_refblock zero 0000000000020000 2 5 6
+run_case corrupt_entry_unaligned case_corrupt_entry corrupt_entry_unaligned punch 8000000000050200 5 6
 finish_cases

@@ -1060,6 +1060,107 @@ START_TEST(lookup_extended_l2_corrupt)
 }
 END_TEST
 
+/* ---- cluster_check_old_entry ------------------------------------------------ */
+
+struct extent {
+    int ret;
+    uint64_t host, len;
+};
+
+static struct extent old_extent(struct cluster *cl, uint64_t gc, uint64_t entry)
+{
+    struct extent e = { .host = 0xdeadbeef, .len = 0xdeadbeef };
+
+    e.ret = cluster_check_old_entry(cl, gc, entry, 0, &e.host, &e.len);
+    return e;
+}
+
+static void expect_extent(struct cluster *cl, uint64_t entry, uint64_t host, uint64_t len)
+{
+    struct extent e = old_extent(cl, 3, entry);
+
+    ck_assert_msg(e.ret == 0, "entry 0x%016llx: %d", (unsigned long long)entry, e.ret);
+    ck_assert_uint_eq(e.host, host);
+    ck_assert_uint_eq(e.len, len);
+}
+
+static void expect_refused(struct meta *m, struct cluster *cl, uint64_t entry,
+                           const char *why)
+{
+    struct extent e;
+
+    tu_log_capture();
+    e = old_extent(cl, 3, entry);
+    tu_log_release();
+    ck_assert_msg(e.ret == -EIO, "entry 0x%016llx: %d, not -EIO", (unsigned long long)entry,
+                  e.ret);
+    ck_assert_uint_eq(e.host, 0);       /* nothing to free */
+    ck_assert_uint_eq(e.len, 0);
+    ck_assert(meta_is_corrupt(m));
+    ck_assert_msg(strstr(tu_log_state()->last, why), "report \"%s\" lacks \"%s\"",
+                  tu_log_state()->last, why);
+    ck_assert_msg(strstr(tu_log_state()->last, "guest offset 0x3000"),
+                  "report \"%s\" lacks the guest offset", tu_log_state()->last);
+    /* Only the first report is logged: start the next one afresh. */
+    atomic_store(&m->corrupt, false);
+    atomic_flag_clear(&m->corrupt_reported);
+}
+
+/*
+ * The host extent an entry about to be replaced holds: the whole cluster of
+ * a data or allocated zero cluster, the 512-byte sectors of compressed data
+ * (what its refcounts cover), nothing for unallocated and plain zero
+ * clusters or an external data file.  Entries that do not decode, reach past
+ * the file's end or name a metadata cluster (also with only their last
+ * compressed sector) are reported and give nothing to free.
+ */
+START_TEST(old_entry_extent)
+{
+    struct meta m;
+    struct io *io;
+    struct cluster *cl;
+    uint64_t off = 28 * STD_CS + 100, sectors;
+
+    std_open(&m, &io, &cl);
+    m.file_end = 48 * STD_CS;
+    ck_assert_int_eq(meta_set_create(&m), 0);
+    ck_assert_int_eq(meta_mark(&m, 2 * STD_CS, STD_CS, META_KIND_L2), 0);
+    ck_assert_int_eq(meta_mark(&m, 46 * STD_CS, STD_CS, META_KIND_REFBLOCK), 0);
+
+    expect_extent(cl, 16 * STD_CS | COPIED, 16 * STD_CS, STD_CS);
+    expect_extent(cl, 17 * STD_CS, 17 * STD_CS, STD_CS);
+    expect_extent(cl, 27 * STD_CS | COPIED | ZEROFLAG, 27 * STD_CS, STD_CS);
+    expect_extent(cl, ZEROFLAG, 0, 0);
+    expect_extent(cl, 0, 0, 0);
+    sectors = (off + 999) / 512 - off / 512 + 1;
+    expect_extent(cl, COMPRESSED | std_comp_desc(0), off & ~511ull, sectors * 512);
+    /* Three sectors across the end of host cluster 44 into 45. */
+    expect_extent(cl, COMPRESSED | compress_descriptor_encode(45 * STD_CS - 1024, 1400, STD_CB),
+                  45 * STD_CS - 1024, 1536);
+    ck_assert(!meta_is_corrupt(&m));
+
+    expect_refused(&m, cl, (16 * STD_CS + 512) | COPIED, "not aligned");
+    expect_refused(&m, cl, 2 * STD_CS | COPIED, "L2 table");
+    expect_refused(&m, cl, 46 * STD_CS, "refcount block");
+    expect_refused(&m, cl, COMPRESSED | compress_descriptor_encode(46 * STD_CS - 512, 600, STD_CB),
+                   "refcount block");
+    expect_refused(&m, cl, COMPRESSED | compress_descriptor_encode(48 * STD_CS - 512, 600, STD_CB),
+                   "past the end");
+    expect_refused(&m, cl, 50 * STD_CS | COPIED, "past the end");
+    expect_refused(&m, cl, COMPRESSED | COPIED | std_comp_desc(0), "COPIED");
+
+    /* With an external data file the image file holds no guest data. */
+    m.has_data_file = true;
+    expect_extent(cl, 16 * STD_CS | COPIED, 0, 0);
+    expect_extent(cl, COPIED, 0, 0);
+    m.has_data_file = false;
+
+    meta_set_destroy(&m);
+    cluster_close(cl);
+    io_close(io);
+}
+END_TEST
+
 static Suite *cluster_suite(void)
 {
     Suite *s = suite_create("cluster");
@@ -1100,6 +1201,7 @@ static Suite *cluster_suite(void)
     tcase_add_test(tc, lookup_shared_leaves_corruption_to_exclusive);
     tcase_add_test(tc, corrupt_sets_header_bit);
     tcase_add_test(tc, lookup_extended_l2_corrupt);
+    tcase_add_test(tc, old_entry_extent);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -222,11 +222,12 @@ static void gate_release(struct gate_io *g)
 
 /* ---- fixtures ------------------------------------------------------------ */
 
-/* A fresh, empty image of @vsize with 64 KiB clusters, in a memory backend. */
-static struct io *new_image_io_sized(uint64_t vsize)
+/* A fresh, empty image of @vsize with 2^@cluster_bits byte clusters, in a
+ * memory backend. */
+static struct io *new_image_io_geom(uint64_t vsize, unsigned cluster_bits)
 {
     char dir[] = "/tmp/check_image.XXXXXX", path[64];
-    struct create_options co = { .size = vsize, .cluster_bits = CB };
+    struct create_options co = { .size = vsize, .cluster_bits = cluster_bits };
     struct io *file, *mem;
     uint64_t size;
     uint8_t *bytes;
@@ -244,6 +245,12 @@ static struct io *new_image_io_sized(uint64_t vsize)
     ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &mem), 0);
     free(bytes);
     return mem;
+}
+
+/* The same with 64 KiB clusters. */
+static struct io *new_image_io_sized(uint64_t vsize)
+{
+    return new_image_io_geom(vsize, CB);
 }
 
 static struct io *new_image_io(void)
@@ -274,35 +281,44 @@ static struct image *open_on(struct gate_io *g, const struct image_options *o)
 
 /* The on-disk L2 entry of guest cluster @gc (0 when it has no L2 table):
  * what a flush has made durable, read straight from the backend. */
-static uint64_t disk_l2_entry(struct io *inner, uint64_t gc)
+static uint64_t disk_u64(struct io *inner, uint64_t off)
 {
     uint8_t b[8];
-    uint64_t l1_off, l1e, l2_off;
 
-    ck_assert_int_eq(io_pread(inner, b, 8, 40), 0);
-    l1_off = be64_get(b);
-    ck_assert_uint_ne(l1_off, 0);
-    ck_assert_int_eq(io_pread(inner, b, 8, l1_off + 8 * (gc / (CS / 8))), 0);
-    l1e = be64_get(b);
-    l2_off = l1e & META_OFFSET_MASK;
-    if (!l2_off)
-        return 0;
-    ck_assert_int_eq(io_pread(inner, b, 8, l2_off + 8 * (gc % (CS / 8))), 0);
+    ck_assert_int_eq(io_pread(inner, b, 8, off), 0);
     return be64_get(b);
+}
+
+/* The file offset of the on-disk L2 entry of guest cluster @gc (0 when it
+ * has no L2 table), for the cluster size in the image's header. */
+static uint64_t disk_l2_entry_offset(struct io *inner, uint64_t gc)
+{
+    uint8_t b[4];
+    uint64_t cs, l1_off, l2_off;
+
+    ck_assert_int_eq(io_pread(inner, b, 4, 20), 0);
+    cs = 1ull << be32_get(b);
+    l1_off = disk_u64(inner, 40);
+    ck_assert_uint_ne(l1_off, 0);
+    l2_off = disk_u64(inner, l1_off + 8 * (gc / (cs / 8))) & META_OFFSET_MASK;
+    return l2_off ? l2_off + 8 * (gc % (cs / 8)) : 0;
+}
+
+static uint64_t disk_l2_entry(struct io *inner, uint64_t gc)
+{
+    uint64_t off = disk_l2_entry_offset(inner, gc);
+
+    return off ? disk_u64(inner, off) : 0;
 }
 
 static void put_disk_l2_entry(struct io *inner, uint64_t gc, uint64_t entry)
 {
+    uint64_t off = disk_l2_entry_offset(inner, gc);
     uint8_t b[8];
-    uint64_t l1_off, l2_off;
 
-    ck_assert_int_eq(io_pread(inner, b, 8, 40), 0);
-    l1_off = be64_get(b);
-    ck_assert_int_eq(io_pread(inner, b, 8, l1_off + 8 * (gc / (CS / 8))), 0);
-    l2_off = be64_get(b) & META_OFFSET_MASK;
-    ck_assert_uint_ne(l2_off, 0);
+    ck_assert_uint_ne(off, 0);
     be64_put(b, entry);
-    ck_assert_int_eq(io_pwrite(inner, b, 8, l2_off + 8 * (gc % (CS / 8))), 0);
+    ck_assert_int_eq(io_pwrite(inner, b, 8, off), 0);
 }
 
 /* Whether the backend holds @len bytes of @byte at @off. */
@@ -1310,6 +1326,374 @@ START_TEST(failed_flush_is_sticky_lazy_refcounts)
 }
 END_TEST
 
+
+/* ---- requests that waited behind a resize -------------------------------- */
+
+struct resizer {
+    struct image *img;
+    uint64_t size;
+    pthread_t tid;
+    _Atomic pid_t os_tid;
+    int ret;
+};
+
+static void *resize_thread(void *arg)
+{
+    struct resizer *rs = arg;
+    atomic_store(&rs->os_tid, gettid());
+    rs->ret = image_resize(rs->img, rs->size);
+    return NULL;
+}
+
+struct writer {
+    struct image *img;
+    uint64_t offset;
+    uint8_t buf[4096];
+    _Atomic pid_t tid;
+    pthread_t pt;
+    int ret;
+};
+
+static void *writer_main(void *arg)
+{
+    struct writer *w = arg;
+    atomic_store(&w->tid, gettid());
+    w->ret = image_write(w->img, w->buf, sizeof(w->buf), w->offset);
+    return NULL;
+}
+
+/* Whether thread @tid of this process is asleep (state S: blocked on a
+ * futex, as a request waiting for the metadata lock or a range is). */
+static bool thread_asleep(pid_t tid)
+{
+    char path[64], line[256], *p;
+    FILE *f;
+    bool asleep = false;
+
+    snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+    f = fopen(path, "r");
+    if (!f)
+        return false;
+    if (fgets(line, sizeof(line), f) && (p = strrchr(line, ')')) && p[1] == ' ')
+        asleep = p[2] == 'S';
+    fclose(f);
+    return asleep;
+}
+
+/* Wait until the thread that stores its id in *@tid sleeps (inside the
+ * request it makes next); false after the safety timeout. */
+static bool wait_asleep(_Atomic pid_t *tid)
+{
+    struct timespec pause = { 0, 1000000 };
+
+    for (unsigned i = 0; i < SAFETY_S * 1000u; i++) {
+        pid_t t = atomic_load(tid);
+        if (t && thread_asleep(t))
+            return true;
+        nanosleep(&pause, NULL);
+    }
+    return false;
+}
+
+/*
+ * A write past the new end that waits behind a shrinking resize (held at
+ * the host flush of its header update, with the metadata lock and the
+ * whole disk's range) must fail with -ENOSPC once it runs, as it would have
+ * after the resize: it checked the size before waiting, when the offset
+ * was still inside the disk.  It must allocate nothing: after growing the
+ * disk again the offset reads as zeros, and its L2 entry stays empty.
+ */
+START_TEST(write_behind_shrinking_resize_rechecks_size)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct gate_io *g = gate_new(inner, false);
+    struct image *img = open_on(g, &o);
+    struct resizer rs = { .img = img, .size = VSIZE / 2 };
+    struct writer w = { .img = img, .offset = VSIZE / 2 + VSIZE / 4 };
+    uint8_t buf[4096];
+
+    write_pattern(img, 0, 4096, 0x11);          /* the L2 table exists */
+    ck_assert_int_eq(image_flush(img), 0);
+
+    gate_arm_flush(g);
+    ck_assert_int_eq(pthread_create(&rs.tid, NULL, resize_thread, &rs), 0);
+    ck_assert_msg(gate_wait_blocked(g), "the resize never reached its host flush");
+    memset(w.buf, 0x77, sizeof(w.buf));
+    ck_assert_int_eq(pthread_create(&w.pt, NULL, writer_main, &w), 0);
+    ck_assert_msg(wait_asleep(&w.tid), "the write never waited for the resize");
+
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(rs.tid, NULL), 0);
+    ck_assert_int_eq(pthread_join(w.pt, NULL), 0);
+    ck_assert(!g->timed_out);
+    ck_assert_int_eq(rs.ret, 0);
+    ck_assert_uint_eq(image_size(img), VSIZE / 2);
+    ck_assert_int_eq(w.ret, -ENOSPC);
+
+    ck_assert_int_eq(image_flush(img), 0);
+    ck_assert_uint_eq(disk_l2_entry(inner, w.offset / CS), 0);
+    ck_assert_int_eq(image_resize(img, VSIZE), 0);
+    memset(buf, 0x5a, sizeof(buf));
+    ck_assert_int_eq(image_read(img, buf, sizeof(buf), w.offset), 0);
+    ck_assert_msg(all_bytes(buf, sizeof(buf), 0),
+                  "a write refused past the end shows after growing again");
+    ck_assert_int_eq(image_close(img), 0);
+}
+END_TEST
+
+/*
+ * An overlay of VSIZE bytes (64 KiB clusters) over a raw backing file of
+ * 2 * VSIZE bytes of 0x5a, created in the directory @dir (a mkdtemp
+ * template, filled in); the overlay is returned in a memory backend, its
+ * path in @path (open it under that name so the backing file is found).
+ */
+static struct io *new_overlay_io(char *dir, char *path, size_t path_len)
+{
+    char base[96];
+    struct create_options co = { .size = VSIZE, .cluster_bits = CB,
+                                 .backing_format = "raw" };
+    uint8_t *buf = tu_zalloc(1u << 20);
+    struct io *file, *mem;
+    uint64_t size;
+    uint8_t *bytes;
+
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(base, sizeof(base), "%s/base.raw", dir);
+    snprintf(path, path_len, "%s/t.qcow2", dir);
+    memset(buf, 0x5a, 1u << 20);
+    {
+        FILE *f = fopen(base, "w");
+        ck_assert_ptr_nonnull(f);
+        for (uint64_t off = 0; off < 2 * VSIZE; off += 1u << 20)
+            ck_assert_uint_eq(fwrite(buf, 1, 1u << 20, f), 1u << 20);
+        ck_assert_int_eq(fclose(f), 0);
+    }
+    free(buf);
+    co.backing_file = base;
+    ck_assert_int_eq(create_image(path, &co), 0);
+    ck_assert_int_eq(io_open_file(path, false, &file), 0);
+    ck_assert_int_eq(io_get_size(file, &size), 0);
+    bytes = tu_zalloc((size_t)size);
+    ck_assert_int_eq(io_pread(file, bytes, (size_t)size, 0), 0);
+    io_close(file);
+    ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &mem), 0);
+    free(bytes);
+    return mem;
+}
+
+static void remove_overlay_dir(const char *dir)
+{
+    char p[96];
+
+    snprintf(p, sizeof(p), "%s/base.raw", dir);
+    unlink(p);
+    snprintf(p, sizeof(p), "%s/t.qcow2", dir);
+    unlink(p);
+    rmdir(dir);
+}
+
+/*
+ * A resize that waits behind another takes the disk's size only once it
+ * runs: here a growth to 2 * VSIZE waits behind a shrink to VSIZE / 2 (held
+ * at its header flush) of an overlay whose backing file is 2 * VSIZE bytes.
+ * The growth must make all of [VSIZE / 2, 2 * VSIZE) read as zeros; taking
+ * the size from before it waited, it zeroed only from VSIZE on and the
+ * backing file's 0x5a showed in between.
+ */
+START_TEST(resize_behind_resize_takes_the_new_size)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[96];
+    struct image_options o = default_opts();
+    struct gate_io *g;
+    struct image *img = NULL;
+    struct resizer shrink = { .size = VSIZE / 2 }, grow = { .size = 2 * VSIZE };
+    uint8_t *buf = tu_zalloc(CS);
+
+    g = gate_new(new_overlay_io(dir, path, sizeof(path)), false);
+    o.backing.policy = BACKING_ALLOW;
+    ck_assert_int_eq(image_open_io(&g->fwd.io, path, &o, &img), 0);
+    ck_assert_int_eq(image_read(img, buf, 4096, VSIZE - 4096), 0);
+    ck_assert(all_bytes(buf, 4096, 0x5a));      /* the backing file shows */
+    shrink.img = grow.img = img;
+
+    gate_arm_flush(g);
+    ck_assert_int_eq(pthread_create(&shrink.tid, NULL, resize_thread, &shrink), 0);
+    ck_assert_msg(gate_wait_blocked(g), "the shrink never reached its host flush");
+    ck_assert_int_eq(pthread_create(&grow.tid, NULL, resize_thread, &grow), 0);
+    ck_assert_msg(wait_asleep(&grow.os_tid), "the growth never waited for the shrink");
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(shrink.tid, NULL), 0);
+    ck_assert_int_eq(pthread_join(grow.tid, NULL), 0);
+    ck_assert(!g->timed_out);
+    ck_assert_int_eq(shrink.ret, 0);
+    ck_assert_int_eq(grow.ret, 0);
+    ck_assert_uint_eq(image_size(img), 2 * VSIZE);
+
+    for (uint64_t off = VSIZE / 2; off < 2 * VSIZE; off += CS) {
+        memset(buf, 0x11, CS);
+        ck_assert_int_eq(image_read(img, buf, CS, off), 0);
+        ck_assert_msg(all_bytes(buf, CS, 0), "guest offset 0x%llx of the grown range "
+                      "does not read as zeros (0x%02x)", (unsigned long long)off, buf[0]);
+    }
+    ck_assert_int_eq(image_close(img), 0);
+    remove_overlay_dir(dir);
+    free(buf);
+}
+END_TEST
+
+/* ---- replaced entries that must not be freed ----------------------------- */
+
+/* What the corrupt L2 entry of guest cluster 2 names. */
+enum victim {
+    VICTIM_UNALIGNED,           /* guest cluster 0's host cluster + 512 */
+    VICTIM_L2,                  /* the L2 table itself */
+    VICTIM_REFBLOCK,
+    VICTIM_REFTABLE,
+    VICTIM_L1,
+    VICTIM_HEADER,              /* a compressed descriptor at host offset 0 */
+    VICTIM_UNDECODABLE,         /* compressed, offset beyond 2^56 (< 16 KiB clusters) */
+    VICTIM_FREE,                /* a host cluster freed earlier (refcount 0) */
+};
+
+static const char *const victim_names[] = {
+    "unaligned data offset", "L2 table", "refcount block", "refcount table",
+    "L1 table", "header (compressed)", "undecodable compressed descriptor",
+    "free cluster",
+};
+
+enum zap_op { OP_PUNCH, OP_ZERO_RANGE, OP_OVERWRITE };
+static const char *const op_names[] = { "punch", "zero range", "two-cluster write" };
+
+static const struct { unsigned cb; enum victim v; } zap_cases[] = {
+    { 16, VICTIM_UNALIGNED }, { 16, VICTIM_L2 }, { 16, VICTIM_REFBLOCK },
+    { 16, VICTIM_REFTABLE }, { 16, VICTIM_L1 }, { 16, VICTIM_HEADER },
+    { 12, VICTIM_UNALIGNED }, { 12, VICTIM_L2 }, { 12, VICTIM_REFBLOCK },
+    { 12, VICTIM_REFTABLE }, { 12, VICTIM_L1 }, { 12, VICTIM_HEADER },
+    { 12, VICTIM_UNDECODABLE }, { 16, VICTIM_FREE }, { 12, VICTIM_FREE },
+};
+#define NB_ZAP_CASES (sizeof(zap_cases) / sizeof(zap_cases[0]))
+
+static uint8_t *file_bytes(struct io *inner, uint64_t *size)
+{
+    uint8_t *b;
+
+    ck_assert_int_eq(io_get_size(inner, size), 0);
+    b = tu_zalloc((size_t)*size);
+    ck_assert_int_eq(io_pread(inner, b, (size_t)*size, 0), 0);
+    return b;
+}
+
+/*
+ * Guest clusters 0 and 1 hold 0xAA and 0xBB; then the L2 entry of guest
+ * cluster 2 is made to name a victim (an unaligned offset straddling the
+ * data of clusters 0 and 1, a metadata cluster, a cluster freed before, or
+ * nothing decodable), and a
+ * punch, a zero range or a two-cluster write (the batch path) replaces it.
+ * That must take the corruption path: -EIO, one error naming the guest
+ * offset, writes refused from then on; and free nothing: after the close
+ * the image file is byte for byte what it was apart from the corrupt bit
+ * (no refcount dropped, no cluster punched, no entry rewritten).
+ */
+START_TEST(replacing_corrupt_entry_frees_nothing)
+{
+    unsigned cb = zap_cases[_i / 3].cb;
+    enum victim v = zap_cases[_i / 3].v;
+    enum zap_op op = (enum zap_op)(_i % 3);
+    uint64_t cs = 1ull << cb, goff = 2 * cs, entry = 0, l1, rt;
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io_geom(VSIZE, cb);
+    struct gate_io *g = gate_new(inner, true);
+    struct image *img = open_on(g, &o);
+    uint8_t *data = tu_zalloc(2 * cs), *before, *after;
+    uint64_t size_before, size_after;
+    char where[64];
+    int ret;
+
+    write_pattern(img, 0, cs, 0xaa);
+    write_pattern(img, cs, cs, 0xbb);
+    if (v == VICTIM_FREE) {
+        write_pattern(img, 5 * cs, cs, 0xdd);
+        ck_assert_int_eq(image_flush(img), 0);
+        entry = disk_l2_entry(inner, 5) & META_OFFSET_MASK;
+        ck_assert_int_eq(image_zero(img, 5 * cs, cs, true), 0);
+    }
+    ck_assert_int_eq(image_close(img), 0);
+    l1 = disk_u64(inner, 40);
+    rt = disk_u64(inner, 48);
+    switch (v) {
+    case VICTIM_UNALIGNED:
+        entry = ((disk_l2_entry(inner, 0) & META_OFFSET_MASK) + 512) | META_L2_COPIED;
+        ck_assert_uint_eq((disk_l2_entry(inner, 1) & META_OFFSET_MASK),
+                          (entry & META_OFFSET_MASK) - 512 + cs);
+        break;
+    case VICTIM_L2:
+        entry = disk_u64(inner, l1) & META_OFFSET_MASK;
+        break;
+    case VICTIM_REFBLOCK:
+        entry = disk_u64(inner, rt) & META_OFFSET_MASK;
+        break;
+    case VICTIM_REFTABLE:
+        entry = rt;
+        break;
+    case VICTIM_L1:
+        entry = l1;
+        break;
+    case VICTIM_HEADER:
+        entry = META_L2_COMPRESSED | compress_descriptor_encode(0, 512, cb);
+        break;
+    case VICTIM_UNDECODABLE:
+        entry = META_L2_COMPRESSED | 1ull << 56;
+        break;
+    case VICTIM_FREE:
+        ck_assert_uint_eq(disk_l2_entry(inner, 5), 0);  /* freed at the close */
+        break;
+    }
+    ck_assert_uint_ne(entry, 0);
+    put_disk_l2_entry(inner, 2, entry);
+    before = file_bytes(inner, &size_before);
+
+    g = gate_new(inner, true);
+    img = open_on(g, &o);
+    tu_log_capture();
+    switch (op) {
+    case OP_PUNCH:
+        ret = image_zero(img, goff, cs, true);
+        break;
+    case OP_ZERO_RANGE:
+        ret = image_zero(img, goff, cs, false);
+        break;
+    default:
+        memset(data, 0xcc, 2 * cs);
+        ret = image_write(img, data, 2 * cs, goff);
+        break;
+    }
+    tu_log_release();
+    ck_assert_msg(ret == -EIO, "%u-bit clusters, %s over an entry naming the %s: "
+                  "returned %d, not -EIO", cb, op_names[op], victim_names[v], ret);
+    ck_assert_uint_eq(tu_log_state()->nb_errors, 1);
+    snprintf(where, sizeof(where), "guest offset 0x%llx", (unsigned long long)goff);
+    ck_assert_msg(strstr(tu_log_state()->last, where), "report \"%s\" does not name %s",
+                  tu_log_state()->last, where);
+    ck_assert_int_eq(image_write(img, data, 512, 10 * cs), -EIO);
+    (void)image_close(img);
+
+    after = file_bytes(inner, &size_after);
+    ck_assert_uint_eq(size_after, size_before);
+    ck_assert(after[79] & QCOW2_INCOMPAT_CORRUPT);
+    after[79] &= (uint8_t)~QCOW2_INCOMPAT_CORRUPT;
+    for (uint64_t i = 0; i < size_after; i++)
+        ck_assert_msg(before[i] == after[i], "%u-bit clusters, %s over an entry naming "
+                      "the %s: file byte 0x%llx changed from 0x%02x to 0x%02x", cb,
+                      op_names[op], victim_names[v], (unsigned long long)i,
+                      before[i], after[i]);
+    free(before);
+    free(after);
+    free(data);
+    io_close(inner);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -1327,6 +1711,9 @@ static Suite *image_suite(void)
     tcase_add_test(tc, reused_cluster_reads_zeros_around_write);
     tcase_add_test(tc, reads_go_on_during_metadata_flush);
     tcase_add_test(tc, lookups_race_with_evictions_and_reuse);
+    tcase_add_test(tc, write_behind_shrinking_resize_rechecks_size);
+    tcase_add_test(tc, resize_behind_resize_takes_the_new_size);
+    tcase_add_loop_test(tc, replacing_corrupt_entry_frees_nothing, 0, (int)(NB_ZAP_CASES * 3));
     suite_add_tcase(s, tc);
 
     /* One workload run per host flush: slow under a sanitizer. */
