@@ -24,6 +24,9 @@ enum meta_kind {
     META_KIND_REFTABLE,
     META_KIND_REFBLOCK,
     META_KIND_SNAPSHOTS,        /* snapshot table and snapshot L1 tables */
+    META_KIND_SNAPSHOT_L2,      /* an L2 table a snapshot's L1 names (it may
+                                 * also be an active one: shared, never
+                                 * written in place) */
 };
 
 struct meta_set;
@@ -81,12 +84,18 @@ int meta_corrupt(struct meta *m, const char *fmt, ...)
  * is metadata of another kind, the image is marked corrupt (one report
  * naming both structures) and -EIO is returned.  Without a set (read-only
  * images) both do nothing.  Call with the metadata lock held.
+ * An L2 table shared by the active L1 and a snapshot is recorded as
+ * META_KIND_SNAPSHOT_L2 whichever is marked first: writing it as an active
+ * L2 table is then refused too (a shared table is copied, never written).
+ * meta_kind_at() tells what the cluster at @offset holds (NONE without a
+ * set).
  */
 int meta_set_create(struct meta *m);
 void meta_set_destroy(struct meta *m);
 int meta_mark(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind);
 int meta_check_write(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind);
 const char *meta_kind_name(enum meta_kind kind);
+enum meta_kind meta_kind_at(const struct meta *m, uint64_t offset);
 
 static inline bool meta_is_corrupt(const struct meta *m)
 {

@@ -671,6 +671,30 @@ static int link_pending(void *opaque)
     return 0;
 }
 
+/*
+ * A run the refcounts call free must hold no metadata we know of: a
+ * refcount of 0 on the header, a table or a block (a damaged refcount
+ * block, or a refcount table entry of 0) would otherwise hand that cluster
+ * out, and the write to it would be refused only after its refcount had
+ * been raised.  Caught here, nothing changes (qemu-iotests 060).
+ */
+static int check_run_free(struct refcount *rc, uint64_t start, uint64_t nb)
+{
+    struct meta *m = rc->m;
+
+    for (uint64_t ci = start; ci < start + nb; ci++) {
+        enum meta_kind kind = meta_kind_at(m, ci << m->cluster_bits);
+        if (kind != META_KIND_NONE)
+            return meta_corrupt(m, "host cluster 0x%llx holds the %s, but its "
+                                "refcount is 0 (refcount table at 0x%llx): the "
+                                "refcounts are damaged",
+                                (unsigned long long)(ci << m->cluster_bits),
+                                meta_kind_name(kind),
+                                (unsigned long long)rc->table_offset);
+    }
+    return 0;
+}
+
 int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fresh)
 {
     struct meta *m = rc->m;
@@ -697,6 +721,9 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
             }
             k = k2;
         }
+        ret = check_run_free(rc, start, nb + k);
+        if (ret < 0)
+            return ret;
         if (k == 0)
             break;
         max_ti = (start + nb + k - 1) / be;
