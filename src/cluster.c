@@ -383,6 +383,27 @@ int cluster_set_refcount(struct cluster *cl, struct refcount *rc)
     return ret;
 }
 
+int cluster_mark_snapshot_l2(struct meta *m, uint64_t l1_offset, uint32_t l1_size)
+{
+    enum { CHUNK = 4096 };      /* L1 entries read at a time */
+    uint64_t *buf = malloc(CHUNK * sizeof(*buf));
+    int ret = 0;
+
+    if (!buf)
+        return -ENOMEM;
+    for (uint32_t first = 0; ret == 0 && first < l1_size; first += CHUNK) {
+        uint32_t n = l1_size - first < CHUNK ? l1_size - first : CHUNK;
+        ret = io_pread(m->io, buf, (size_t)n * 8, l1_offset + (uint64_t)first * 8);
+        for (uint32_t i = 0; ret == 0 && i < n; i++) {
+            uint64_t e = be64_get(&buf[i]), l2 = e & META_OFFSET_MASK;
+            if (l2 && l1_entry_sane(m, e))
+                ret = meta_mark(m, l2, m->cluster_size, META_KIND_SNAPSHOT_L2);
+        }
+    }
+    free(buf);
+    return ret;
+}
+
 static uint64_t slice_offset(const struct cluster *cl, uint64_t l2_offset,
                              uint64_t l2_index)
 {
