@@ -486,8 +486,9 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc)
     if (ret < 0)
         goto out;
     ret = meta_check_write(m, new_offset, m->cluster_size, META_KIND_L2);
-    if (ret == 0)
-        ret = meta_mark(m, new_offset, m->cluster_size, META_KIND_L2);
+    if (ret < 0)
+        goto out;               /* corrupt: no more writes of any kind */
+    ret = meta_mark(m, new_offset, m->cluster_size, META_KIND_L2);
     if (ret < 0)
         goto out;
     for (uint64_t so = 0; so < m->cluster_size; so += cl->slice_bytes)
@@ -495,8 +496,15 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc)
     /* Written at once: the table must be on disk before the L1 entry that
      * points at it, and the L1 is written only after a host flush. */
     ret = io_pwrite(m->io, buf, m->cluster_size, new_offset);
-    if (ret < 0)
+    if (ret < 0) {
+        /* A full host file system (ENOSPC), say: nothing points at the
+         * cluster yet, so give it back at once.  Kept, every refused write
+         * would leak one cluster past the end of the file, where no check
+         * sees it, until the image no longer opens. */
+        (void)meta_mark(m, new_offset, m->cluster_size, META_KIND_NONE);
+        (void)refcount_update(cl->rc, new_offset, m->cluster_size, -1);
         goto out;
+    }
     l1_set(cl, l1_index, new_offset | META_L2_COPIED);
     if (old)
         ret = refcount_defer_free(cl->rc, old, m->cluster_size);
