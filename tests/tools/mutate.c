@@ -25,6 +25,9 @@
  *       Print (or set) the refcount of host cluster CLUSTER.
  *   mutate --snapshot IMG INDEX
  *       Print "L1_OFFSET L1_SIZE ENTRY_OFFSET" of snapshot INDEX.
+ *   mutate --counted-past-eof IMG
+ *       Print how many clusters at or past the end of the file have a
+ *       nonzero refcount (leaks that qemu-img check does not look for).
  *   mutate --ext IMG TYPE [HEXBYTES]
  *       Rewrite the header extension area: drop every extension of TYPE
  *       (e.g. 0x6803f857, the feature name table) and, with HEXBYTES, add
@@ -1310,6 +1313,34 @@ static int cmd_ext(const char *path, uint32_t type, const char *hex)
     return 0;
 }
 
+static int cmd_counted_past_eof(const char *path)
+{
+    struct img im;
+    unsigned bits;
+    uint64_t per_block, rtn, file_clusters, n = 0;
+
+    load(&im, path);
+    bits = 1u << im.rorder;
+    per_block = im.cs * 8 / bits;
+    rtn = (uint64_t)im.rt_clusters * im.cs / 8;
+    file_clusters = (im.len + im.cs - 1) / im.cs;
+    for (uint64_t ti = 0; ti < rtn; ti++) {
+        if (im.rt_off + 8 * ti + 8 > im.len)
+            break;
+        uint64_t blk = be64at(&im, im.rt_off + 8 * ti) & ~0x1ffull;
+        if (!blk || blk + im.cs > im.len || (ti + 1) * per_block <= file_clusters)
+            continue;
+        for (uint64_t i = 0; i < per_block; i++) {
+            uint64_t ci = ti * per_block + i;
+            if (ci >= file_clusters && refcount_at(&im, ci, NULL))
+                n++;
+        }
+    }
+    printf("%" PRIu64 "\n", n);
+    unload(&im);
+    return 0;
+}
+
 static int cmd_poke(int argc, char **argv)
 {
     const char *path = argv[1];
@@ -1342,6 +1373,7 @@ static void usage(void)
           "       mutate --l2entry IMG GUEST_OFFSET [SNAPSHOT_INDEX]\n"
           "       mutate --refcount IMG CLUSTER [VALUE]\n"
           "       mutate --snapshot IMG INDEX\n"
+          "       mutate --counted-past-eof IMG\n"
           "       mutate --ext IMG TYPE [HEXBYTES]\n", stderr);
 }
 
@@ -1362,6 +1394,8 @@ int main(int argc, char **argv)
             ret = cmd_refcount(argv[2], parse_u64(argv[3]), argc == 5 ? argv[4] : NULL);
         else if (!strcmp(c, "--snapshot") && argc == 4)
             ret = cmd_snapshot(argv[2], (unsigned)parse_u64(argv[3]));
+        else if (!strcmp(c, "--counted-past-eof") && argc == 3)
+            ret = cmd_counted_past_eof(argv[2]);
         else if (!strcmp(c, "--ext") && (argc == 4 || argc == 5))
             ret = cmd_ext(argv[2], (uint32_t)parse_u64(argv[3]), argc == 5 ? argv[4] : NULL);
     } else if (argc >= 4) {
