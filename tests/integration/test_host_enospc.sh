@@ -173,7 +173,7 @@ mount_fs
 out=$(qemu-img check "$IMG" 2>&1) || rc=$?
 rc=${rc:-0}
 if ((rc != 0 && rc != 3)) || grep -Eq 'ERROR|corrupt' <<<"$out"; then
-    sed 's/^/    | /' <<<"$out" >&2
+    printf '%s\n' "$out" | sed 's/^/    | /' >&2
     fail "qemu-img check: errors in the image (exit status $rc)"
 fi
 leaks=$(sed -n 's/^\([0-9][0-9]*\) leaked clusters were found.*/\1/p' <<<"$out")

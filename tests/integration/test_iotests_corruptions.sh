@@ -120,7 +120,7 @@ only_corrupt_bit_changed() {
     fi
     b=$((16#$(incompat_of "$before"))) a=$((16#$(incompat_of "$after")))
     ((a == b || a == (b | 2))) \
-        || fail "incompatible_features changed from 0x$(printf %x $b) to 0x$(printf %x $a) (only bit 1 may be added)"
+        || fail "incompatible_features changed from 0x$(printf %x "$b") to 0x$(printf %x "$a") (only bit 1 may be added)"
 }
 
 corrupt_bit_set() {
@@ -717,6 +717,7 @@ run_case data_cluster_at_32pb case_data_at_32pb
 echo "=== outcomes"
 for f in "$OUTCOMES"/*; do
     [[ -e $f ]] || continue
-    while read -r line; do printf '  %-36s %s\n' "$(basename "$f")" "$line"; done <"$f"
+    name=${f##*/}
+    while read -r line; do printf '  %-36s %s\n' "$name" "$line"; done <"$f"
 done
 finish_cases
