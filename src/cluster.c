@@ -448,6 +448,27 @@ corrupt:
                         (unsigned long long)entry, why);
 }
 
+int cluster_mark_snapshot_l2(struct meta *m, uint64_t l1_offset, uint32_t l1_size)
+{
+    enum { CHUNK = 4096 };      /* L1 entries read at a time */
+    uint64_t *buf = malloc(CHUNK * sizeof(*buf));
+    int ret = 0;
+
+    if (!buf)
+        return -ENOMEM;
+    for (uint32_t first = 0; ret == 0 && first < l1_size; first += CHUNK) {
+        uint32_t n = l1_size - first < CHUNK ? l1_size - first : CHUNK;
+        ret = io_pread(m->io, buf, (size_t)n * 8, l1_offset + (uint64_t)first * 8);
+        for (uint32_t i = 0; ret == 0 && i < n; i++) {
+            uint64_t e = be64_get(&buf[i]), l2 = e & META_OFFSET_MASK;
+            if (l2 && l1_entry_sane(m, e))
+                ret = meta_mark(m, l2, m->cluster_size, META_KIND_SNAPSHOT_L2);
+        }
+    }
+    free(buf);
+    return ret;
+}
+
 static uint64_t slice_offset(const struct cluster *cl, uint64_t l2_offset,
                              uint64_t l2_index)
 {
@@ -530,8 +551,9 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc)
     if (ret < 0)
         goto out;
     ret = meta_check_write(m, new_offset, m->cluster_size, META_KIND_L2);
-    if (ret == 0)
-        ret = meta_mark(m, new_offset, m->cluster_size, META_KIND_L2);
+    if (ret < 0)
+        goto out;               /* corrupt: no more writes of any kind */
+    ret = meta_mark(m, new_offset, m->cluster_size, META_KIND_L2);
     if (ret < 0)
         goto out;
     for (uint64_t so = 0; so < m->cluster_size; so += cl->slice_bytes)
@@ -539,8 +561,15 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc)
     /* Written at once: the table must be on disk before the L1 entry that
      * points at it, and the L1 is written only after a host flush. */
     ret = io_pwrite(m->io, buf, m->cluster_size, new_offset);
-    if (ret < 0)
+    if (ret < 0) {
+        /* A full host file system (ENOSPC), say: nothing points at the
+         * cluster yet, so give it back at once.  Kept, every refused write
+         * would leak one cluster past the end of the file, where no check
+         * sees it, until the image no longer opens. */
+        (void)meta_mark(m, new_offset, m->cluster_size, META_KIND_NONE);
+        (void)refcount_update(cl->rc, new_offset, m->cluster_size, -1);
         goto out;
+    }
     l1_set(cl, l1_index, new_offset | META_L2_COPIED);
     if (old)
         ret = refcount_defer_free(cl->rc, old, m->cluster_size);

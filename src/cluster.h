@@ -88,6 +88,18 @@ struct refcount;
 int cluster_set_refcount(struct cluster *cl, struct refcount *rc);
 
 /*
+ * Register the L2 tables named by a snapshot's L1 table (@l1_size entries
+ * at @l1_offset) as META_KIND_SNAPSHOT_L2 for the overlap check, so that
+ * no guest data or new table is ever written over one.  Entries that
+ * cannot name a table (reserved bits, unaligned, past the end of the file)
+ * are skipped: a read through them is refused anyway, and no write goes
+ * there.  Call on a writable image before cluster_set_refcount.
+ * Returns: 0, -EIO when a table overlaps other metadata (meta_mark reports
+ *          it), or -errno.
+ */
+int cluster_mark_snapshot_l2(struct meta *m, uint64_t l1_offset, uint32_t l1_size);
+
+/*
  * The raw L2 entry (and extended-L2 bitmap, else 0) of guest cluster @gc;
  * both 0 when its L2 table is unallocated.
  */

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -195,6 +196,43 @@ static int decode_extensions(const uint8_t *buf, size_t area_end,
     }
 }
 
+/*
+ * The refusal of unknown incompatible features: every unknown bit, each
+ * with its name when the image's feature-name table gives one (QEMU lists
+ * them all, too).  Returns -ENOTSUP.
+ */
+static int fail_unknown_incompat(const uint8_t *buf, size_t buf_len,
+                                 uint64_t cluster_size, struct qcow2_header *h,
+                                 char *err, size_t err_len)
+{
+    uint64_t unknown = h->incompatible_features & ~QCOW2_INCOMPAT_KNOWN;
+    size_t area_end = buf_len < cluster_size ? buf_len : (size_t)cluster_size;
+    char list[768];
+    size_t pos = 0;
+    bool named;
+
+    /* The feature-name table may name them: decode extensions first (a
+     * damaged extension area just means no names). */
+    named = decode_extensions(buf, area_end, h, NULL, 0) == 0;
+    list[0] = '\0';
+    for (unsigned bit = 0; bit < 64 && pos < sizeof(list); bit++) {
+        const char *name;
+        if (!(unknown & (1ull << bit)))
+            continue;
+        name = named ? header_feature_name(h, 0, bit) : "unknown";
+        if (strcmp(name, "unknown") != 0)
+            pos += (size_t)snprintf(list + pos, sizeof(list) - pos, "%s\"%s\" (bit %u)",
+                                    pos ? ", " : "", name, bit);
+        else
+            pos += (size_t)snprintf(list + pos, sizeof(list) - pos, "%sunknown bit %u",
+                                    pos ? ", " : "", bit);
+    }
+    return fail(err, err_len, -ENOTSUP,
+                "unsupported incompatible feature%s %s (incompatible_features, "
+                "offset 72, value 0x%llx)", (unknown & (unknown - 1)) ? "s" : "",
+                list, (unsigned long long)h->incompatible_features);
+}
+
 int header_decode(const uint8_t *buf, size_t buf_len, uint64_t file_size,
                   struct qcow2_header *h, char *err, size_t err_len)
 {
@@ -285,22 +323,7 @@ int header_decode(const uint8_t *buf, size_t buf_len, uint64_t file_size,
     }
 
     if (h->incompatible_features & ~QCOW2_INCOMPAT_KNOWN) {
-        uint64_t unknown = h->incompatible_features & ~QCOW2_INCOMPAT_KNOWN;
-        unsigned bit = (unsigned)__builtin_ctzll(unknown);
-        /* The feature-name table may name it: decode extensions first. */
-        area_end = buf_len < cluster_size ? buf_len : cluster_size;
-        if (decode_extensions(buf, area_end, h, NULL, 0) == 0 &&
-            strcmp(header_feature_name(h, 0, bit), "unknown") != 0)
-            ret = fail(err, err_len, -ENOTSUP,
-                       "unsupported incompatible feature \"%s\" (bit %u of "
-                       "incompatible_features, offset 72, value 0x%llx)",
-                       header_feature_name(h, 0, bit), bit,
-                       (unsigned long long)h->incompatible_features);
-        else
-            ret = fail(err, err_len, -ENOTSUP,
-                       "unsupported unknown incompatible feature bit %u "
-                       "(incompatible_features, offset 72, value 0x%llx)",
-                       bit, (unsigned long long)h->incompatible_features);
+        ret = fail_unknown_incompat(buf, buf_len, cluster_size, h, err, err_len);
         goto fail;
     }
 
@@ -426,9 +449,10 @@ int header_decode(const uint8_t *buf, size_t buf_len, uint64_t file_size,
                    h->nb_snapshots, HEADER_MAX_SNAPSHOTS);
         goto fail;
     }
-    if (h->nb_snapshots &&
-        (h->snapshots_offset % cluster_size || h->snapshots_offset == 0 ||
-         h->snapshots_offset >= file_size)) {
+    /* Even without snapshots the offset must be one (as QEMU demands). */
+    if (h->snapshots_offset % cluster_size || h->snapshots_offset > INT64_MAX ||
+        (h->nb_snapshots &&
+         (h->snapshots_offset == 0 || h->snapshots_offset >= file_size))) {
         ret = fail(err, err_len, -EINVAL,
                    "snapshots_offset (offset 64) is 0x%llx: not cluster "
                    "aligned or outside the file (%llu bytes)",

@@ -188,19 +188,28 @@ int meta_mark(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind
         return 0;
     for (uint64_t ci = offset >> m->cluster_bits;
          ci <= (offset + len - 1) >> m->cluster_bits; ci++) {
-        enum meta_kind old = set_get(m->set, ci);
+        enum meta_kind old = set_get(m->set, ci), store = kind;
         int ret;
+        /* An L2 table both active and a snapshot's is a shared one. */
+        if ((kind == META_KIND_L2 && old == META_KIND_SNAPSHOT_L2) ||
+            (kind == META_KIND_SNAPSHOT_L2 && old == META_KIND_L2))
+            old = store = META_KIND_SNAPSHOT_L2;
         /* Two structures in one cluster: the image is damaged. */
-        if (kind != META_KIND_NONE && old != META_KIND_NONE && old != kind)
+        if (kind != META_KIND_NONE && old != META_KIND_NONE && old != store)
             return meta_corrupt(m, "the %s at host offset 0x%llx overlaps the %s "
                                 "there", meta_kind_name(kind),
                                 (unsigned long long)(ci << m->cluster_bits),
                                 meta_kind_name(old));
-        ret = set_put(m->set, ci, kind);
+        ret = set_put(m->set, ci, store);
         if (ret < 0)
             return ret;
     }
     return 0;
+}
+
+enum meta_kind meta_kind_at(const struct meta *m, uint64_t offset)
+{
+    return m->set ? set_get(m->set, offset >> m->cluster_bits) : META_KIND_NONE;
 }
 
 const char *meta_kind_name(enum meta_kind kind)
@@ -208,8 +217,9 @@ const char *meta_kind_name(enum meta_kind kind)
     static const char *const names[] = {
         "guest data", "image header", "active L1 table", "L2 table",
         "refcount table", "refcount block", "snapshot table or snapshot L1 table",
+        "L2 table of a snapshot",
     };
-    return kind <= META_KIND_SNAPSHOTS ? names[kind] : "unknown";
+    return kind <= META_KIND_SNAPSHOT_L2 ? names[kind] : "unknown";
 }
 
 int meta_check_write(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind)
@@ -227,9 +237,4 @@ int meta_check_write(struct meta *m, uint64_t offset, uint64_t len, enum meta_ki
                                 (unsigned long long)(ci << m->cluster_bits));
     }
     return 0;
-}
-
-enum meta_kind meta_kind_at(const struct meta *m, uint64_t offset)
-{
-    return m->set ? set_get(m->set, offset >> m->cluster_bits) : META_KIND_NONE;
 }

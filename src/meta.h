@@ -24,6 +24,9 @@ enum meta_kind {
     META_KIND_REFTABLE,
     META_KIND_REFBLOCK,
     META_KIND_SNAPSHOTS,        /* snapshot table and snapshot L1 tables */
+    META_KIND_SNAPSHOT_L2,      /* an L2 table a snapshot's L1 names (it may
+                                 * also be an active one: shared, never
+                                 * written in place) */
 };
 
 struct meta_set;
@@ -81,6 +84,9 @@ int meta_corrupt(struct meta *m, const char *fmt, ...)
  * is metadata of another kind, the image is marked corrupt (one report
  * naming both structures) and -EIO is returned.  Without a set (read-only
  * images) both do nothing.  Call with the metadata lock held.
+ * An L2 table shared by the active L1 and a snapshot is recorded as
+ * META_KIND_SNAPSHOT_L2 whichever is marked first: writing it as an active
+ * L2 table is then refused too (a shared table is copied, never written).
  */
 int meta_set_create(struct meta *m);
 void meta_set_destroy(struct meta *m);

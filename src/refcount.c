@@ -371,8 +371,13 @@ static int write_new_block(struct refcount *rc, uint64_t ti, uint64_t at,
     ret = meta_check_write(m, at << m->cluster_bits, m->cluster_size, META_KIND_REFBLOCK);
     if (ret == 0)
         ret = meta_mark(m, at << m->cluster_bits, m->cluster_size, META_KIND_REFBLOCK);
-    if (ret == 0)
+    if (ret == 0) {
         ret = io_pwrite(m->io, buf, m->cluster_size, at << m->cluster_bits);
+        /* Not written (ENOSPC): the cluster is no block, and must not be
+         * taken for one when it is handed out later. */
+        if (ret < 0)
+            (void)meta_mark(m, at << m->cluster_bits, m->cluster_size, META_KIND_NONE);
+    }
     free(buf);
     if (ret == 0)
         note_used(rc, at + 1);
@@ -393,6 +398,7 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
     uint64_t new_entries = rc->table_entries * 2, t_clusters, k = 0, start, end;
     uint64_t *new_table = NULL;
     uint64_t old_offset = rc->table_offset, old_clusters = rc->table_clusters;
+    uint64_t ti_done = 0;       /* table indices below this one are laid out */
     uint8_t hdr[12];
     int ret;
 
@@ -426,7 +432,8 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
      * in the existing blocks otherwise. */
     {
         uint64_t j = 0;
-        for (uint64_t ti = start / be; ti <= (end - 1) / be; ti++) {
+        for (ti_done = start / be; ti_done <= (end - 1) / be; ti_done++) {
+            uint64_t ti = ti_done;
             uint64_t lo = ti * be > start ? ti * be : start;
             uint64_t hi = (ti + 1) * be < end ? (ti + 1) * be : end;
             if (has_block(rc, ti)) {
@@ -435,10 +442,11 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
             } else {
                 uint64_t at = start + t_clusters + j++;
                 ret = write_new_block(rc, ti, at, start, end);
-                new_table[ti] = at << m->cluster_bits;
+                if (ret == 0)
+                    new_table[ti] = at << m->cluster_bits;
             }
             if (ret < 0)
-                goto out;
+                goto undo;
         }
     }
     note_used(rc, end);
@@ -452,18 +460,18 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
     for (uint64_t i = 0; i < new_entries; i++)
         new_table[i] = be64_get(&new_table[i]);
     if (ret < 0)
-        goto out;
+        goto undo;
     /* Blocks, increments and table durable before the header points there. */
     ret = cache_flush(rc->cache);
     if (ret < 0)
-        goto out;
+        goto undo;
     be64_put(hdr, start << m->cluster_bits);
     be32_put(hdr + 8, (uint32_t)t_clusters);
     ret = io_pwrite(m->io, hdr, sizeof(hdr), 48);
     if (ret == 0)
         ret = io_flush(m->io);
     if (ret < 0)
-        goto out;
+        goto out;               /* the header may have switched: keep all */
 
     free(rc->table);
     rc->table = new_table;
@@ -482,6 +490,22 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
     /* Nothing refers to the old table any more once the header is durable. */
     if (ret == 0)
         ret = refcount_update(rc, old_offset, (uint64_t)old_clusters << m->cluster_bits, -1);
+    free(new_table);
+    return ret;
+
+undo:
+    /* The header still names the old table (a full host file system, say):
+     * take back the increments and forget the new blocks, or the new area
+     * stays counted past the end of the file and its block clusters pass
+     * for refcount blocks when they are handed out later. */
+    for (uint64_t ti = start / be; ti < ti_done; ti++) {
+        uint64_t lo = ti * be > start ? ti * be : start;
+        uint64_t hi = (ti + 1) * be < end ? (ti + 1) * be : end;
+        if (has_block(rc, ti))
+            (void)refcount_update(rc, lo << m->cluster_bits, (hi - lo) << m->cluster_bits, -1);
+        else if (new_table[ti])
+            (void)meta_mark(m, new_table[ti], m->cluster_size, META_KIND_NONE);
+    }
 out:
     free(new_table);
     return ret;
@@ -671,6 +695,30 @@ static int link_pending(void *opaque)
     return 0;
 }
 
+/*
+ * A run the refcounts call free must hold no metadata we know of: a
+ * refcount of 0 on the header, a table or a block (a damaged refcount
+ * block, or a refcount table entry of 0) would otherwise hand that cluster
+ * out, and the write to it would be refused only after its refcount had
+ * been raised.  Caught here, nothing changes (qemu-iotests 060).
+ */
+static int check_run_free(struct refcount *rc, uint64_t start, uint64_t nb)
+{
+    struct meta *m = rc->m;
+
+    for (uint64_t ci = start; ci < start + nb; ci++) {
+        enum meta_kind kind = meta_kind_at(m, ci << m->cluster_bits);
+        if (kind != META_KIND_NONE)
+            return meta_corrupt(m, "host cluster 0x%llx holds the %s, but its "
+                                "refcount is 0 (refcount table at 0x%llx): the "
+                                "refcounts are damaged",
+                                (unsigned long long)(ci << m->cluster_bits),
+                                meta_kind_name(kind),
+                                (unsigned long long)rc->table_offset);
+    }
+    return 0;
+}
+
 int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fresh)
 {
     struct meta *m = rc->m;
@@ -697,6 +745,9 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
             }
             k = k2;
         }
+        ret = check_run_free(rc, start, nb + k);
+        if (ret < 0)
+            return ret;
         if (k == 0)
             break;
         max_ti = (start + nb + k - 1) / be;

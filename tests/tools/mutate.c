@@ -25,6 +25,15 @@
  *       Print (or set) the refcount of host cluster CLUSTER.
  *   mutate --snapshot IMG INDEX
  *       Print "L1_OFFSET L1_SIZE ENTRY_OFFSET" of snapshot INDEX.
+ *   mutate --counted-past-eof IMG
+ *       Print how many clusters at or past the end of the file have a
+ *       nonzero refcount (leaks that qemu-img check does not look for).
+ *   mutate --ext IMG TYPE [HEXBYTES]
+ *       Rewrite the header extension area: drop every extension of TYPE
+ *       (e.g. 0x6803f857, the feature name table) and, with HEXBYTES, add
+ *       one of TYPE with that payload before the END marker.  Fails when
+ *       the result would not fit before the backing file name (or the end
+ *       of the first cluster).
  *
  * Exit status: 0 ok, 1 error, 2 usage.  Uses libc only.
  */
@@ -1230,6 +1239,108 @@ static int cmd_snapshot(const char *path, unsigned idx)
     return 0;
 }
 
+/* Bytes of a hex string; *n gets the count.  Dies on bad input. */
+static uint8_t *parse_hex(const char *hex, size_t *n)
+{
+    size_t len = strlen(hex);
+    uint8_t *b;
+
+    if (len % 2 || len / 2 > 65536)
+        die("bad hex string \"%.40s\"", hex);
+    *n = len / 2;
+    b = malloc(*n ? *n : 1);
+    if (!b)
+        die("out of memory");
+    for (size_t k = 0; k < *n; k++) {
+        unsigned v;
+        if (sscanf(hex + 2 * k, "%2x", &v) != 1)
+            die("bad hex string \"%.40s\"", hex);
+        b[k] = (uint8_t)v;
+    }
+    return b;
+}
+
+static int cmd_ext(const char *path, uint32_t type, const char *hex)
+{
+    struct img im;
+    uint64_t start, limit, pos, backing;
+    uint8_t *area, *payload = NULL;
+    size_t plen = 0;
+
+    load(&im, path);
+    if (im.version < 3)
+        die("%s: header extensions need a version 3 image here", path);
+    if (!im.end_marker)
+        die("%s: no END marker in the extension area", path);
+    backing = get_be(im.d + 8, 8);
+    start = im.hlen;
+    limit = backing ? backing : im.cs;
+    if (limit > im.len)
+        limit = im.len;
+    area = calloc(1, limit - start + 8);
+    if (!area)
+        die("out of memory");
+    pos = 0;
+    for (unsigned i = 0; i < im.nb_exts; i++) {
+        uint64_t whole = 8 + (((uint64_t)im.exts[i].len + 7) & ~7ull);
+        if (im.exts[i].type == type)
+            continue;
+        if (start + pos + whole > limit)
+            die("%s: extension area overflows", path);
+        memcpy(area + pos, im.d + im.exts[i].off, whole);
+        pos += whole;
+    }
+    if (hex) {
+        payload = parse_hex(hex, &plen);
+        uint64_t whole = 8 + ((plen + 7) & ~(size_t)7);
+        if (start + pos + whole + 8 > limit)
+            die("%s: a %zu-byte extension does not fit", path, plen);
+        put_be(area + pos, 4, type);
+        put_be(area + pos + 4, 4, plen);
+        memcpy(area + pos + 8, payload, plen);
+        pos += whole;
+    }
+    if (start + pos + 8 > limit)
+        die("%s: no room for the END marker", path);
+    pos += 8;                           /* END: zeros */
+    /* Zero what the old area used beyond the new one. */
+    if (im.ext_end > start + pos)
+        pos = (im.ext_end < limit ? im.ext_end : limit) - start;
+    write_bytes(path, start, area, pos);
+    free(payload);
+    free(area);
+    unload(&im);
+    return 0;
+}
+
+static int cmd_counted_past_eof(const char *path)
+{
+    struct img im;
+    unsigned bits;
+    uint64_t per_block, rtn, file_clusters, n = 0;
+
+    load(&im, path);
+    bits = 1u << im.rorder;
+    per_block = im.cs * 8 / bits;
+    rtn = (uint64_t)im.rt_clusters * im.cs / 8;
+    file_clusters = (im.len + im.cs - 1) / im.cs;
+    for (uint64_t ti = 0; ti < rtn; ti++) {
+        if (im.rt_off + 8 * ti + 8 > im.len)
+            break;
+        uint64_t blk = be64at(&im, im.rt_off + 8 * ti) & ~0x1ffull;
+        if (!blk || blk + im.cs > im.len || (ti + 1) * per_block <= file_clusters)
+            continue;
+        for (uint64_t i = 0; i < per_block; i++) {
+            uint64_t ci = ti * per_block + i;
+            if (ci >= file_clusters && refcount_at(&im, ci, NULL))
+                n++;
+        }
+    }
+    printf("%" PRIu64 "\n", n);
+    unload(&im);
+    return 0;
+}
+
 static int cmd_poke(int argc, char **argv)
 {
     const char *path = argv[1];
@@ -1261,7 +1372,9 @@ static void usage(void)
           "       mutate --info IMG\n"
           "       mutate --l2entry IMG GUEST_OFFSET [SNAPSHOT_INDEX]\n"
           "       mutate --refcount IMG CLUSTER [VALUE]\n"
-          "       mutate --snapshot IMG INDEX\n", stderr);
+          "       mutate --snapshot IMG INDEX\n"
+          "       mutate --counted-past-eof IMG\n"
+          "       mutate --ext IMG TYPE [HEXBYTES]\n", stderr);
 }
 
 int main(int argc, char **argv)
@@ -1281,6 +1394,10 @@ int main(int argc, char **argv)
             ret = cmd_refcount(argv[2], parse_u64(argv[3]), argc == 5 ? argv[4] : NULL);
         else if (!strcmp(c, "--snapshot") && argc == 4)
             ret = cmd_snapshot(argv[2], (unsigned)parse_u64(argv[3]));
+        else if (!strcmp(c, "--counted-past-eof") && argc == 3)
+            ret = cmd_counted_past_eof(argv[2]);
+        else if (!strcmp(c, "--ext") && (argc == 4 || argc == 5))
+            ret = cmd_ext(argv[2], (uint32_t)parse_u64(argv[3]), argc == 5 ? argv[4] : NULL);
     } else if (argc >= 4) {
         ret = cmd_poke(argc, argv);
     }

@@ -746,6 +746,28 @@ START_TEST(bad_snapshots)
     expect_fail(&th, fsz, -EINVAL, "snapshots_offset");
     th.snapshots_offset = 50ull << 16;
     expect_fail(&th, fsz, -EINVAL, "snapshots_offset");
+    /* Without snapshots the offset is still checked for alignment and
+     * range, as QEMU does (qemu-iotests 080); 0 or aligned is fine. */
+    th.nb_snapshots = 0;
+    th.snapshots_offset = 0x1234567890abcdefull;
+    expect_fail(&th, fsz, -EINVAL, "snapshots_offset");
+    th.snapshots_offset = 0xffffffffffff0000ull;
+    expect_fail(&th, fsz, -EINVAL, "snapshots_offset");
+}
+END_TEST
+
+START_TEST(ok_snapshots_offset_without_snapshots)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    struct qcow2_header h;
+
+    th.nb_snapshots = 0;
+    th.snapshots_offset = 50ull << 16;      /* past the end, but unused */
+    tu_hdr_write(buf, &th);
+    decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+    header_free(&h);
+    free(buf);
 }
 END_TEST
 
@@ -910,6 +932,33 @@ START_TEST(bad_unknown_incompat_bit_named)
 }
 END_TEST
 
+/* Every unknown bit is named, each by its own entry of the table. */
+START_TEST(bad_unknown_incompat_bits_all_named)
+{
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+    uint8_t ft[3 * 48];
+    const char *want[] = { "\"test1\" (bit 61)", "\"test2\" (bit 62)",
+                           "unknown bit 63", "features" };
+    struct qcow2_header h;
+    char err[512] = "";
+    size_t off;
+
+    th.incompatible_features = 7ull << 61;
+    off = tu_hdr_write(buf, &th);
+    tu_feature_put(ft, 0, 61, "test1");
+    tu_feature_put(ft + 48, 0, 62, "test2");
+    tu_feature_put(ft + 96, 2, 63, "autoclear name");
+    tu_ext_put(buf, &off, QCOW2_EXT_FEATURE_TABLE, ft, sizeof(ft));
+    ck_assert_int_eq(header_decode(buf, 1u << 16, tu_default_file_size(16), &h,
+                                   err, sizeof(err)), -ENOTSUP);
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++)
+        ck_assert_msg(strstr(err, want[i]), "message \"%s\" lacks \"%s\"", err, want[i]);
+    ck_assert_msg(!strstr(err, "autoclear name"), "message \"%s\" names another type's bit", err);
+    free(buf);
+}
+END_TEST
+
 START_TEST(bad_ext_past_cluster)
 {
     struct tu_hdr th = tu_hdr_default(3, 9);
@@ -1051,6 +1100,7 @@ static Suite *header_suite(void)
     tcase_add_test(tc, decode_short_buffer_v2);
     tcase_add_test(tc, decode_reuse_after_free);
     tcase_add_test(tc, ok_extended_l2_14);
+    tcase_add_test(tc, ok_snapshots_offset_without_snapshots);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("invalid");
@@ -1072,6 +1122,7 @@ static Suite *header_suite(void)
     tcase_add_test(tc, bad_crypt_method);
     tcase_add_test(tc, bad_unknown_incompat_bit);
     tcase_add_test(tc, bad_unknown_incompat_bit_named);
+    tcase_add_test(tc, bad_unknown_incompat_bits_all_named);
     tcase_add_test(tc, bad_ext_past_cluster);
     tcase_add_test(tc, bad_ext_past_backing_name);
     tcase_add_test(tc, bad_ext_duplicate);

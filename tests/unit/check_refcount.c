@@ -233,7 +233,22 @@ struct flaky_io {
     struct tu_fwd_io fwd;
     bool fail_reads;
     unsigned failed_reads;
+    /* Writes that touch [fail_lo, fail_hi) fail with -ENOSPC, as on a full
+     * host file system (nothing fails while fail_hi is 0). */
+    uint64_t fail_lo, fail_hi;
+    unsigned failed_writes;
 };
+
+static int flaky_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
+{
+    struct flaky_io *f = (struct flaky_io *)io;
+
+    if (off < f->fail_hi && off + len > f->fail_lo) {
+        f->failed_writes++;
+        return -ENOSPC;
+    }
+    return io_pwrite(f->fwd.inner, buf, len, off);
+}
 
 static int flaky_pread(struct io *io, void *buf, size_t len, uint64_t off)
 {
@@ -255,7 +270,7 @@ static void flaky_close(struct io *io)
 
 static const struct io_ops flaky_ops = {
     .pread = flaky_pread,
-    .pwrite = tu_fwd_pwrite,
+    .pwrite = flaky_pwrite,
     .flush = tu_fwd_flush,
     .get_size = tu_fwd_get_size,
     .truncate = tu_fwd_truncate,
@@ -1207,6 +1222,86 @@ static void record_freed(void *opaque, uint64_t off, uint64_t len)
     l->nb++;
 }
 
+/* ---- a full host file system ------------------------------------------------- */
+
+/*
+ * The block that an allocation past the end needs cannot be written
+ * (ENOSPC): the allocation fails, nothing is counted, the block's cluster
+ * is not left registered as a refcount block (it would pass for one when
+ * handed out later), and once there is room the same allocation works.
+ */
+START_TEST(new_block_enospc)
+{
+    struct rimg im;
+    struct fx f;
+    uint64_t off;
+    int fresh;
+
+    rimg_init(&im, SMALL_CB, 6, 64, 1, 64);
+    fx_open(&f, &im, FX_FLAKY);
+    f.flaky->fail_lo = 64 * SMALL_CS;
+    f.flaky->fail_hi = UINT64_MAX;
+    ck_assert_int_eq(refcount_alloc(f.rc, 1, &off, &fresh), -ENOSPC);
+    ck_assert_uint_ge(f.flaky->failed_writes, 1);
+    ck_assert(!meta_is_corrupt(&f.m));
+    ck_assert_int_eq(meta_kind_at(&f.m, 65 * SMALL_CS), META_KIND_NONE);
+    f.flaky->fail_hi = 0;
+    ck_assert_uint_eq(alloc(&f, 1, &fresh), 64);
+    ck_assert_uint_eq(alloc(&f, 1, &fresh), 66);
+    ck_assert(!meta_is_corrupt(&f.m));
+    ck_assert_uint_eq(rc_of(&f, 64), 1);
+    ck_assert_uint_eq(rc_of(&f, 65), 1);
+    ck_assert_uint_eq(rc_of(&f, 66), 1);
+    ck_assert_int_eq(cache_flush(refcount_cache(f.rc)), 0);
+    ck_assert_uint_eq(tu_log_state()->nb_errors, 0);
+    fx_close(&f);
+}
+END_TEST
+
+/*
+ * The same when the refcount table must move (as in grow_table_relocates:
+ * new table at clusters 64-65, a block for its area at 66): whether the
+ * block or the table cannot be written, the header keeps the old table,
+ * nothing of the new area stays counted or registered, and a retry with
+ * room succeeds.
+ */
+START_TEST(grow_table_enospc)
+{
+    const uint64_t cs = SMALL_CS;
+    const uint64_t where[2][2] = { { 66 * cs, 67 * cs }, { 64 * cs, 66 * cs } };
+
+    for (unsigned w = 0; w < 2; w++) {
+        struct rimg im;
+        struct fx f;
+        uint64_t off;
+        int fresh;
+
+        rimg_init(&im, SMALL_CB, 6, 64, 1, 64);
+        fx_open(&f, &im, FX_FLAKY);
+        f.flaky->fail_lo = where[w][0];
+        f.flaky->fail_hi = where[w][1];
+        ck_assert_int_eq(refcount_alloc(f.rc, 4100, &off, &fresh), -ENOSPC);
+        ck_assert(!meta_is_corrupt(&f.m));
+        ck_assert_uint_eq(be64_get(mem_at(&f, 48, 8)), TABLE_OFF);
+        for (uint64_t ci = 64; ci < 67; ci++) {
+            ck_assert_uint_eq(rc_of(&f, ci), 0);
+            ck_assert_int_eq(meta_kind_at(&f.m, ci * cs), META_KIND_NONE);
+        }
+        /* With room: the new table, its block, then the run (past the
+         * clusters the failed attempt wrote, if it wrote any). */
+        f.flaky->fail_hi = 0;
+        off = alloc(&f, 4100, &fresh);
+        ck_assert_uint_ge(off, 67);
+        ck_assert(!meta_is_corrupt(&f.m));
+        ck_assert_uint_eq(be64_get(mem_at(&f, 48, 8)), (off - 3) * cs);
+        ck_assert_int_eq(meta_kind_at(&f.m, (off - 1) * cs), META_KIND_REFBLOCK);
+        ck_assert_int_eq(cache_flush(refcount_cache(f.rc)), 0);
+        ck_assert_uint_eq(tu_log_state()->nb_errors, 0);
+        fx_close(&f);
+    }
+}
+END_TEST
+
 START_TEST(deferred_free)
 {
     struct rimg im;
@@ -1375,6 +1470,8 @@ static Suite *refcount_suite(void)
     tcase_add_test(tc, new_block_held_by_existing_block);
     tcase_add_test(tc, several_allocations_one_flush);
     tcase_add_test(tc, grow_table_relocates);
+    tcase_add_test(tc, new_block_enospc);
+    tcase_add_test(tc, grow_table_enospc);
     tcase_add_test(tc, grow_table_keeps_pending_block);
     suite_add_tcase(s, tc);
 
