@@ -318,6 +318,12 @@ static int choose_view(struct image *img, const char *snap_name, uint64_t *l1_of
         snapshot_table_free(&t);
         return -ENOENT;
     }
+    ret = snapshot_check_view(&img->hdr, s, err, sizeof(err));
+    if (ret < 0) {
+        log_error("%s: %s", img->path, err);
+        snapshot_table_free(&t);
+        return ret;
+    }
     *l1_offset = s->l1_offset;
     *l1_size = s->l1_size;
     if (s->disk_size)

@@ -235,6 +235,7 @@ static int list_snapshots(const char *path)
     uint8_t *buf = NULL;
     size_t len;
     char err[512];
+    unsigned bad_entries = 0;
     int ret;
 
     ret = io_open_file(path, false, &io);
@@ -264,6 +265,13 @@ static int list_snapshots(const char *path)
                     time_t tt = (time_t)t.s[i].date_sec;
                     struct tm tm;
                     uint64_t ms = t.s[i].vm_clock_nsec / 1000000;
+                    /* The others are still listed; the status says one
+                     * was not. */
+                    if (snapshot_check_view(&h, &t.s[i], err, sizeof(err)) < 0) {
+                        fprintf(stderr, "qcow2fuse: %s: %s\n", path, err);
+                        bad_entries++;
+                        continue;
+                    }
                     strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S",
                              localtime_r(&tt, &tm));
                     printf("%-10s %-20s %20llu %-19s %02llu:%02llu:%02llu.%03llu\n",
@@ -283,7 +291,7 @@ static int list_snapshots(const char *path)
         fprintf(stderr, "qcow2fuse: %s: %s\n", path, strerror(-ret));
     free(buf);
     io_close(io);
-    return ret < 0 ? 1 : 0;
+    return ret < 0 || bad_entries ? 1 : 0;
 }
 
 /* SIGUSR1 logs the statistics; a thread waits for it so that no request
