@@ -521,8 +521,7 @@ int image_close(struct image *img)
     if (!img->meta.read_only && !img->is_raw) {
         ret = image_flush(img);
         if (ret == 0 && img->set_dirty_bit) {
-            img->meta.incompatible &= ~QCOW2_INCOMPAT_DIRTY;
-            ret = write_header_u64(img, 72, img->meta.incompatible);
+            ret = meta_update_incompatible(&img->meta, 0, QCOW2_INCOMPAT_DIRTY);
             if (ret == 0)
                 ret = io_flush(img->io);
         }
@@ -871,8 +870,7 @@ static int prepare_write(struct image *img)
             changed = true;
         }
         if (h->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS) {
-            img->meta.incompatible |= QCOW2_INCOMPAT_DIRTY;
-            ret = write_header_u64(img, 72, img->meta.incompatible);
+            ret = meta_update_incompatible(&img->meta, QCOW2_INCOMPAT_DIRTY, 0);
             if (ret < 0)
                 return ret;
             img->set_dirty_bit = true;
