@@ -335,7 +335,7 @@ int main(int argc, char *argv[])
     struct fuse_ops_ctx *ctx = NULL;
     struct fuse_session *se = NULL;
     struct image *img = NULL;
-    char *image_real = NULL, *fsname = NULL;
+    char *image_real = NULL, *mount_real = NULL, *fsname = NULL;
     struct stat st;
     int ret = 1, err;
 
@@ -439,6 +439,14 @@ int main(int argc, char *argv[])
                 errno && !S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
         goto out;
     }
+    /* Absolute from here on: the daemon changes to / when it goes to the
+     * background, and the unmount at exit (signals included) must still
+     * find the mount point. */
+    mount_real = realpath(cli.mountpoint, NULL);
+    if (!mount_real) {
+        fprintf(stderr, "qcow2fuse: mount point %s: %s\n", cli.mountpoint, strerror(errno));
+        goto out;
+    }
     if (cli.create && access(cli.image, F_OK) != 0) {
         struct create_options co = { .backing_file = cli.backing_file,
                                      .backing_format = cli.backing_format };
@@ -518,8 +526,8 @@ int main(int argc, char *argv[])
         goto out_close;         /* libfuse printed why */
     if (fuse_set_signal_handlers(se) < 0)
         goto out_close;
-    if (fuse_session_mount(se, cli.mountpoint) < 0) {
-        fprintf(stderr, "qcow2fuse: cannot mount on %s\n", cli.mountpoint);
+    if (fuse_session_mount(se, mount_real) < 0) {
+        fprintf(stderr, "qcow2fuse: cannot mount on %s\n", mount_real);
         goto out_close;
     }
     if (fuse_daemonize(cli.foreground) < 0)
@@ -568,6 +576,7 @@ out_close:
 out:
     fuse_opt_free_args(&args);
     free(image_real);
+    free(mount_real);
     free(fsname);
     free(cli.image);
     free(cli.mountpoint);
