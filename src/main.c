@@ -22,8 +22,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57    /* Linux 5.6 */
+#endif
 
 struct cli {
     char *image;
@@ -294,6 +299,30 @@ static int list_snapshots(const char *path)
     return ret < 0 || bad_entries ? 1 : 0;
 }
 
+/*
+ * The disk file may back a loop device (or swap) whose dirty pages memory
+ * reclaim writes through us: an allocation of ours that waits for that
+ * reclaim would wait for itself.  PR_SET_IO_FLUSHER makes the kernel keep
+ * our allocations from doing I/O and throttles our writes only against the
+ * device we write to.  The flag belongs to the task and new threads inherit
+ * it, so this runs in the daemon process (after the fork to the
+ * background) before any other thread exists.  Refused without
+ * CAP_SYS_RESOURCE or before Linux 5.6: we go on without it.
+ */
+static void set_io_flusher(void)
+{
+    if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0) {
+        log_debug("PR_SET_IO_FLUSHER set: reclaim does not write through this daemon");
+        return;
+    }
+    /* Expected for an unprivileged user; worth a warning for root, which
+     * usually has the capability. */
+    log_msg(geteuid() == 0 ? LOG_LEVEL_WARN : LOG_LEVEL_INFO,
+            "PR_SET_IO_FLUSHER refused (%s; it needs CAP_SYS_RESOURCE and Linux "
+            "5.6 or later): a loop device or swap file on the disk may deadlock "
+            "under memory pressure", strerror(errno));
+}
+
 /* SIGUSR1 logs the statistics; a thread waits for it so that no request
  * thread is interrupted. */
 static void *stats_thread(void *arg)
@@ -534,6 +563,7 @@ int main(int argc, char *argv[])
         goto out_unmount;
     if (!cli.foreground)
         log_use_syslog("qcow2fuse");
+    set_io_flusher();
 
     {
         sigset_t set;
