@@ -41,6 +41,7 @@ struct cache {
     unsigned nb_dirty;
     struct cache *depends;
     bool depends_on_flush;
+    struct io *data_io;         /* external data file, or NULL */
     bool writethrough;
     cache_write_check_fn *write_check;
     void *write_check_opaque;
@@ -185,7 +186,16 @@ static int flush_dependency(struct cache *c)
 {
     int ret;
 
+    /* Guest data in an external data file: the flushes below cover only
+     * the cache's own file. */
+    if (c->depends_on_flush && c->data_io) {
+        ret = io_flush(c->data_io);
+        if (ret < 0)
+            return ret;
+        c->depends_on_flush = false;
+    }
     if (c->depends) {
+        /* Its final host flush also covers guest data in our file. */
         ret = cache_flush(c->depends);
         if (ret < 0)
             return ret;
@@ -273,6 +283,11 @@ void cache_set_dependency(struct cache *c, struct cache *dependency)
 void cache_depends_on_flush(struct cache *c)
 {
     c->depends_on_flush = true;
+}
+
+void cache_set_data_io(struct cache *c, struct io *data_io)
+{
+    c->data_io = data_io;
 }
 
 void cache_dependency_met(struct cache *c)

@@ -13,6 +13,9 @@
  *   cache_depends_on_flush(c)   before any table of c is written, the host
  *                      file is flushed (guest data before the L2 entry that
  *                      makes it visible)
+ *   cache_set_data_io(c, d)     guest data lives in d (an external data
+ *                      file): the flush that depends_on_flush asks for is
+ *                      a flush of d, also when a table is evicted
  *
  *   cache_peek()       table at a host offset if cached, for readers that
  *                      share the lock (no reference, no read, no change)
@@ -95,6 +98,15 @@ int cache_write_dirty(struct cache *c);
 
 void cache_set_dependency(struct cache *c, struct cache *dependency);
 void cache_depends_on_flush(struct cache *c);
+
+/*
+ * Guest data that this cache's tables make visible lives in @data_io, not in
+ * the cache's own file (an external data file; NULL: the own file).  From
+ * then on the flush required by cache_depends_on_flush() flushes @data_io
+ * before the table write, whether the table leaves by cache_flush() or by
+ * eviction; the dependency cache, if any, is still flushed as well.
+ */
+void cache_set_data_io(struct cache *c, struct io *data_io);
 
 /* The caller has itself written the dependency and flushed the host: clear
  * both requirements so the next table write does not repeat them. */

@@ -160,6 +160,10 @@ int cluster_open(struct meta *m, uint64_t l1_offset, uint32_t l1_size,
         ret = -ENOMEM;
         goto fail;
     }
+    /* An L2 entry names guest data in the data file: that file is the one
+     * to flush before the entry reaches the disk. */
+    if (m->data_io && m->data_io != m->io)
+        cache_set_data_io(cl->l2_cache, m->data_io);
     *out = cl;
     return 0;
 

@@ -52,6 +52,7 @@ int cluster_decode_entry(const struct meta *m, uint64_t entry, uint64_t bitmap,
 /*
  * Open the translation for the active L1 table.
  * @l2_cache_bytes bounds the L2 cache (at least 16 slices are kept).
+ * On entry: @m->data_io is set (the image file, or an external data file).
  * Returns: 0 or -errno (read error; -EIO after meta_corrupt for a bad L1).
  */
 int cluster_open(struct meta *m, uint64_t l1_offset, uint32_t l1_size,

@@ -337,6 +337,12 @@ static int choose_view(struct image *img, const char *snap_name, uint64_t *l1_of
         snapshot_table_free(&t);
         return -ENOENT;
     }
+    ret = snapshot_check_view(&img->hdr, s, err, sizeof(err));
+    if (ret < 0) {
+        log_error("%s: %s", img->path, err);
+        snapshot_table_free(&t);
+        return ret;
+    }
     *l1_offset = s->l1_offset;
     *l1_size = s->l1_size;
     if (s->disk_size)
@@ -580,8 +586,7 @@ int image_close(struct image *img)
     } else if (!img->meta.read_only && !img->is_raw) {
         ret = image_flush(img);
         if (ret == 0 && img->set_dirty_bit) {
-            img->meta.incompatible &= ~QCOW2_INCOMPAT_DIRTY;
-            ret = write_header_u64(img, 72, img->meta.incompatible);
+            ret = meta_update_incompatible(&img->meta, 0, QCOW2_INCOMPAT_DIRTY);
             if (ret == 0)
                 ret = io_flush(img->io);
         }
@@ -930,8 +935,7 @@ static int prepare_write(struct image *img)
             changed = true;
         }
         if (h->compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS) {
-            img->meta.incompatible |= QCOW2_INCOMPAT_DIRTY;
-            ret = write_header_u64(img, 72, img->meta.incompatible);
+            ret = meta_update_incompatible(&img->meta, QCOW2_INCOMPAT_DIRTY, 0);
             if (ret < 0)
                 return ret;
             img->set_dirty_bit = true;

@@ -22,8 +22,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57    /* Linux 5.6 */
+#endif
 
 struct cli {
     char *image;
@@ -237,6 +242,7 @@ static int list_snapshots(const char *path)
     uint8_t *buf = NULL;
     size_t len;
     char err[512];
+    unsigned bad_entries = 0;
     int ret;
 
     ret = io_open_file(path, false, &io);
@@ -266,6 +272,13 @@ static int list_snapshots(const char *path)
                     time_t tt = (time_t)t.s[i].date_sec;
                     struct tm tm;
                     uint64_t ms = t.s[i].vm_clock_nsec / 1000000;
+                    /* The others are still listed; the status says one
+                     * was not. */
+                    if (snapshot_check_view(&h, &t.s[i], err, sizeof(err)) < 0) {
+                        fprintf(stderr, "qcow2fuse: %s: %s\n", path, err);
+                        bad_entries++;
+                        continue;
+                    }
                     strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S",
                              localtime_r(&tt, &tm));
                     printf("%-10s %-20s %20llu %-19s %02llu:%02llu:%02llu.%03llu\n",
@@ -285,7 +298,31 @@ static int list_snapshots(const char *path)
         fprintf(stderr, "qcow2fuse: %s: %s\n", path, strerror(-ret));
     free(buf);
     io_close(io);
-    return ret < 0 ? 1 : 0;
+    return ret < 0 || bad_entries ? 1 : 0;
+}
+
+/*
+ * The disk file may back a loop device (or swap) whose dirty pages memory
+ * reclaim writes through us: an allocation of ours that waits for that
+ * reclaim would wait for itself.  PR_SET_IO_FLUSHER makes the kernel keep
+ * our allocations from doing I/O and throttles our writes only against the
+ * device we write to.  The flag belongs to the task and new threads inherit
+ * it, so this runs in the daemon process (after the fork to the
+ * background) before any other thread exists.  Refused without
+ * CAP_SYS_RESOURCE or before Linux 5.6: we go on without it.
+ */
+static void set_io_flusher(void)
+{
+    if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0) {
+        log_debug("PR_SET_IO_FLUSHER set: reclaim does not write through this daemon");
+        return;
+    }
+    /* Expected for an unprivileged user; worth a warning for root, which
+     * usually has the capability. */
+    log_msg(geteuid() == 0 ? LOG_LEVEL_WARN : LOG_LEVEL_INFO,
+            "PR_SET_IO_FLUSHER refused (%s; it needs CAP_SYS_RESOURCE and Linux "
+            "5.6 or later): a loop device or swap file on the disk may deadlock "
+            "under memory pressure", strerror(errno));
 }
 
 /* SIGUSR1 logs the statistics; a thread waits for it so that no request
@@ -329,7 +366,7 @@ int main(int argc, char *argv[])
     struct fuse_ops_ctx *ctx = NULL;
     struct fuse_session *se = NULL;
     struct image *img = NULL;
-    char *image_real = NULL, *fsname = NULL;
+    char *image_real = NULL, *mount_real = NULL, *fsname = NULL;
     struct stat st;
     int ret = 1, err;
 
@@ -434,6 +471,14 @@ int main(int argc, char *argv[])
                 errno && !S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
         goto out;
     }
+    /* Absolute from here on: the daemon changes to / when it goes to the
+     * background, and the unmount at exit (signals included) must still
+     * find the mount point. */
+    mount_real = realpath(cli.mountpoint, NULL);
+    if (!mount_real) {
+        fprintf(stderr, "qcow2fuse: mount point %s: %s\n", cli.mountpoint, strerror(errno));
+        goto out;
+    }
     if (cli.create && access(cli.image, F_OK) != 0) {
         struct create_options co = { .backing_file = cli.backing_file,
                                      .backing_format = cli.backing_format };
@@ -513,14 +558,15 @@ int main(int argc, char *argv[])
         goto out_close;         /* libfuse printed why */
     if (fuse_set_signal_handlers(se) < 0)
         goto out_close;
-    if (fuse_session_mount(se, cli.mountpoint) < 0) {
-        fprintf(stderr, "qcow2fuse: cannot mount on %s\n", cli.mountpoint);
+    if (fuse_session_mount(se, mount_real) < 0) {
+        fprintf(stderr, "qcow2fuse: cannot mount on %s\n", mount_real);
         goto out_close;
     }
     if (fuse_daemonize(cli.foreground) < 0)
         goto out_unmount;
     if (!cli.foreground)
         log_use_syslog("qcow2fuse");
+    set_io_flusher();
 
     {
         sigset_t set;
@@ -566,6 +612,7 @@ out_close:
 out:
     fuse_opt_free_args(&args);
     free(image_real);
+    free(mount_real);
     free(fsname);
     free(cli.image);
     free(cli.mountpoint);

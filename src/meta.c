@@ -13,6 +13,33 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Called with m->header_lock held. */
+static int update_incompatible_locked(struct meta *m, uint64_t set, uint64_t clear)
+{
+    uint64_t old = m->incompatible, val = (old | set) & ~clear;
+    uint8_t buf[8];
+    int ret;
+
+    if (val == old)
+        return 0;
+    m->incompatible = val;
+    be64_put(buf, val);
+    ret = io_pwrite(m->io, buf, sizeof(buf), 72);
+    if (ret < 0)
+        m->incompatible = old;
+    return ret;
+}
+
+int meta_update_incompatible(struct meta *m, uint64_t set, uint64_t clear)
+{
+    int ret;
+
+    pthread_mutex_lock(&m->header_lock);
+    ret = update_incompatible_locked(m, set, clear);
+    pthread_mutex_unlock(&m->header_lock);
+    return ret;
+}
+
 int meta_corrupt(struct meta *m, const char *fmt, ...)
 {
     char msg[512];
@@ -27,13 +54,13 @@ int meta_corrupt(struct meta *m, const char *fmt, ...)
     va_end(ap);
 
     if (!m->read_only && m->v3) {
-        uint8_t buf[8];
-        m->incompatible |= QCOW2_INCOMPAT_CORRUPT;
-        be64_put(buf, m->incompatible);
         /* Best effort: the image is already damaged; failing to record it
-         * must not hide the original report. */
-        if (io_pwrite(m->io, buf, sizeof(buf), 72) == 0)
+         * must not hide the original report.  Flushed under the lock, so a
+         * concurrent change of the bits cannot come between. */
+        pthread_mutex_lock(&m->header_lock);
+        if (update_incompatible_locked(m, QCOW2_INCOMPAT_CORRUPT, 0) == 0)
             (void)io_flush(m->io);
+        pthread_mutex_unlock(&m->header_lock);
         log_error("corrupt image metadata: %s; the image is now marked "
                   "corrupt and further writes are refused (run qcow2check -r "
                   "all, or qemu-img check -r all, to repair)", msg);
@@ -62,6 +89,7 @@ void meta_init(struct meta *m, const struct qcow2_header *h, struct io *io,
     m->refcount_order = h->refcount_order;
     m->virtual_size = h->size;
     m->incompatible = h->incompatible_features;
+    pthread_mutex_init(&m->header_lock, NULL);
     {
         uint64_t size = 0;
         if (io_get_size(io, &size) < 0)

@@ -9,6 +9,7 @@
 #ifndef QCOW2FUSE_META_H
 #define QCOW2FUSE_META_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -45,7 +46,13 @@ struct meta {
     bool read_only;
     unsigned refcount_order;
     uint64_t virtual_size;
-    uint64_t incompatible;      /* as on disk */
+    /* Incompatible feature bits as on disk.  Change them only through
+     * meta_update_incompatible() (or meta_corrupt()): a read that reports
+     * corruption holds no metadata lock, so a plain read-modify-write, or
+     * two header writes in either order, could lose the other's bit. */
+    _Atomic uint64_t incompatible;
+    pthread_mutex_t header_lock;    /* guards changes of incompatible and
+                                     * their header writes */
     struct meta_set *set;       /* metadata clusters (writable images) */
     _Atomic uint64_t file_end;  /* bytes of the image file in use: every
                                  * valid offset lies below it */
@@ -76,6 +83,16 @@ void meta_init(struct meta *m, const struct qcow2_header *h, struct io *io,
  */
 int meta_corrupt(struct meta *m, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+/*
+ * Set the incompatible feature bits @set and clear @clear, in memory and in
+ * the header (offset 72), as one step against every other change of them
+ * (meta_corrupt included), so the header always ends up holding the last
+ * value.  No host flush: the caller flushes.
+ * On entry: the image is writable and version 3.
+ * Returns: 0, or -errno of the header write (the bits are then as before).
+ */
+int meta_update_incompatible(struct meta *m, uint64_t set, uint64_t clear);
 
 /*
  * The overlap check.  meta_mark() records the clusters of [@offset, +@len)

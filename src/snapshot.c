@@ -48,6 +48,34 @@ static char *dup_bytes(const uint8_t *p, size_t n)
     return s;
 }
 
+/* Why @size cannot be a snapshot's disk size, or NULL when it can.  The
+ * cap is the one header_decode puts on the header's size: what a maximal
+ * L1 table maps, and below 2^61. */
+static const char *disk_size_problem(const struct qcow2_header *h, uint64_t size)
+{
+    uint64_t cs = 1ull << h->cluster_bits;
+    uint64_t l2_entries = cs / (h->incompatible_features & QCOW2_INCOMPAT_EXTL2 ? 16 : 8);
+    uint64_t max_clusters = (uint64_t)(HEADER_MAX_L1_BYTES / 8) * l2_entries;
+
+    if (size >> 63)
+        return "negative as a signed 64-bit value";
+    if (size % 512)
+        return "not a multiple of 512";
+    if (size >> 61 || size / cs > max_clusters)
+        return "larger than the format allows for this cluster size";
+    return NULL;
+}
+
+/* @s for a message: at most 64 bytes, non-printable bytes as '?'. */
+static void printable(char *out, size_t out_len, const char *s)
+{
+    size_t n = 0;
+
+    for (; s[n] && n < 64 && n + 1 < out_len; n++)
+        out[n] = s[n] >= 0x20 && s[n] < 0x7f ? s[n] : '?';
+    out[n] = '\0';
+}
+
 int snapshot_table_read(struct io *io, const struct qcow2_header *h,
                         struct snapshot_table *t, char *err, size_t err_len)
 {
@@ -110,8 +138,12 @@ int snapshot_table_read(struct io *io, const struct qcow2_header *h,
         }
         if (extra >= 8)
             s->vm_state_size = be64_get(e + 40);
-        if (extra >= 16)
+        if (extra >= 16) {
             s->disk_size = be64_get(e + 48);
+            s->has_disk_size = true;
+        }
+        s->index = i;
+        s->entry_offset = h->snapshots_offset + pos;
         if ((s->l1_offset & (cs - 1)) || (uint64_t)s->l1_size * 8 > HEADER_MAX_L1_BYTES ||
             s->l1_offset > file_size ||
             (uint64_t)s->l1_size * 8 > file_size - s->l1_offset) {
@@ -137,6 +169,22 @@ fail:
     free(buf);
     snapshot_table_free(t);
     return ret;
+}
+
+int snapshot_check_view(const struct qcow2_header *h, const struct snapshot *s,
+                        char *err, size_t err_len)
+{
+    const char *why = s->has_disk_size ? disk_size_problem(h, s->disk_size) : NULL;
+    char id[72], name[72];
+
+    if (!why)
+        return 0;
+    printable(id, sizeof(id), s->id);
+    printable(name, sizeof(name), s->name);
+    return fail(err, err_len, "snapshot %u (ID \"%s\", name \"%s\"): disk_size "
+                "(entry offset 48, at 0x%llx) is %llu, %s", s->index, id, name,
+                (unsigned long long)(s->entry_offset + 48),
+                (unsigned long long)s->disk_size, why);
 }
 
 const struct snapshot *snapshot_find(const struct snapshot_table *t, const char *key)

@@ -6,6 +6,7 @@
 #ifndef QCOW2FUSE_SNAPSHOT_H
 #define QCOW2FUSE_SNAPSHOT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -23,6 +24,9 @@ struct snapshot {
     uint64_t vm_clock_nsec;
     uint64_t vm_state_size;
     uint64_t disk_size;         /* 0 when the entry does not record it */
+    bool has_disk_size;         /* the entry has the field (extra >= 16) */
+    uint32_t index;             /* position in the table */
+    uint64_t entry_offset;      /* where the entry starts in the file */
 };
 
 struct snapshot_table {
@@ -41,6 +45,18 @@ struct snapshot_table {
 int snapshot_table_read(struct io *io, const struct qcow2_header *h,
                         struct snapshot_table *t, char *err, size_t err_len);
 void snapshot_table_free(struct snapshot_table *t);
+
+/*
+ * Before a snapshot's view is shown (mounted, or listed): its recorded disk
+ * size must be one a disk can have under header @h: not negative as a
+ * signed value, a multiple of 512, not above the cap header_decode puts on
+ * the virtual size.  The table reader leaves this to the viewers, as a
+ * writable mount of the active state does not depend on it (nor does
+ * QEMU's).
+ * Returns: 0, or -EINVAL with @err naming the snapshot, field and offset.
+ */
+int snapshot_check_view(const struct qcow2_header *h, const struct snapshot *s,
+                        char *err, size_t err_len);
 
 /* The snapshot whose name, or failing that ID, is @key; NULL if none. */
 const struct snapshot *snapshot_find(const struct snapshot_table *t, const char *key);

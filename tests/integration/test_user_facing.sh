@@ -155,8 +155,50 @@ case_messages() {
     unmount_image "$mnt"
 }
 
+# A snapshot whose recorded disk size is not a size: both ways of showing
+# it (--list-snapshots, -o snapshot=NAME) refuse it with the snapshot, the
+# field and its offset named; the other snapshot is still listed and shown,
+# and the active state still mounts writable.
+case_snapshot_disk_size() {
+    local img=$T/snap.qcow2 mnt=$T/mnt mutate entry field off bad
+    mutate=$(require_tool mutate)
+    qemu-img create -q -f qcow2 "$img" 64M
+    qio "$img" "write -P 1 0 1M"
+    qemu-img snapshot -c odd "$img"
+    qio "$img" "write -P 2 0 1M"
+    qemu-img snapshot -c good "$img"
+    read -r _ _ entry < <("$mutate" --snapshot "$img" 0)
+    [[ -n $entry ]] || fail "test setup: mutate --snapshot printed nothing"
+    field=$((entry + 48))            # disk_size: extra data bytes 8..15
+    off=$(printf '0x%x' "$field")
+    # 64 MiB + 256 bytes (not a multiple of 512); -512 as a signed value.
+    for bad in 0000000004000100 fffffffffffffe00; do
+        printf "$(sed 's/../\\x&/g' <<<"$bad")" |
+            dd of="$img" bs=1 seek="$field" conv=notrunc status=none
+        if "$QCOW2FUSE" --list-snapshots "$img" >"$T/list" 2>"$T/list.err"; then
+            fail "--list-snapshots exited 0 with disk_size 0x$bad: $(cat "$T/list")"
+        fi
+        grep -q "disk_size" "$T/list.err" && grep -q '"odd"' "$T/list.err" &&
+            grep -q "$off" "$T/list.err" ||
+            fail "--list-snapshots message does not name the snapshot, field and offset $off: $(cat "$T/list.err")"
+        grep -q ' good ' "$T/list" || fail "--list-snapshots dropped the good snapshot: $(cat "$T/list")"
+        grep -q ' odd ' "$T/list" && fail "--list-snapshots showed the bad snapshot: $(cat "$T/list")"
+        expect_refusal "$img" "$mnt" snapshot=odd
+        stderr_mentions disk_size '"odd"' "$off"
+    done
+    mount_image "$img" "$mnt" snapshot=good
+    qemu-img convert -U -l snapshot.name=good -O raw "$img" "$T/good.raw"
+    cmp "$mnt/disk" "$T/good.raw" || fail "the good snapshot's view differs from qemu-img convert -l"
+    unmount_image "$mnt"
+    mount_image "$img" "$mnt"
+    dd if=/dev/urandom of="$mnt/disk" bs=64k count=2 seek=3 conv=notrunc,fsync status=none
+    compare_raw "$img" "$mnt"
+    unmount_image "$mnt"
+}
+
 run_case create case_create
 run_case snapshot case_snapshot
+run_case snapshot_disk_size case_snapshot_disk_size
 run_case mount_helper case_mount_helper
 run_case install case_install
 run_case man_pages case_man_pages

@@ -1093,6 +1093,138 @@ START_TEST(depends_on_flush_eviction)
 }
 END_TEST
 
+/*
+ * An external data file for the data_io tests: counts its flushes and, at
+ * each one, notes whether the table at @watch had already been written to
+ * the traced image file.
+ */
+struct data_probe {
+    struct tu_fwd_io fwd;
+    int trace_fd;
+    uint64_t watch;
+    unsigned flushes;
+    bool watched_written_at_flush;
+};
+
+static int probe_flush(struct io *io)
+{
+    struct data_probe *d = (struct data_probe *)io;
+    struct tu_trace t;
+
+    d->flushes++;
+    tu_trace_read(d->trace_fd, &t);
+    if (index_of(&t, IO_TRACE_WRITE, d->watch, 0) >= 0)
+        d->watched_written_at_flush = true;
+    tu_trace_free(&t);
+    return tu_fwd_flush(io);
+}
+
+static void probe_close(struct io *io)
+{
+    io_close(tu_fwd_inner(io));
+    free(io);
+}
+
+static const struct io_ops probe_ops = {
+    .pread = tu_fwd_pread,
+    .pwrite = tu_fwd_pwrite,
+    .flush = probe_flush,
+    .get_size = tu_fwd_get_size,
+    .truncate = tu_fwd_truncate,
+    .punch_hole = tu_fwd_punch,
+    .close = probe_close,
+};
+
+static struct data_probe *data_probe_new(const struct traced *tr, uint64_t watch)
+{
+    struct data_probe *d = tu_zalloc(sizeof(*d));
+
+    d->fwd.io.ops = &probe_ops;
+    d->fwd.inner = pattern_io(TS);
+    d->trace_fd = tr->fd;
+    d->watch = watch;
+    return d;
+}
+
+START_TEST(data_io_flushed_before_evicted_table)
+{
+    /* With the guest data in another file, the flush that depends_on_flush
+     * asks for is one of that file, before the evicted table is written;
+     * the refcount dependency is still written and flushed before it. */
+    for (int with_rc = 0; with_rc <= 1; with_rc++) {
+        struct traced tr;
+        struct cache *l2, *rc = NULL;
+        struct data_probe *data;
+        struct tu_trace t;
+        int iw_l, iw_r, iflush;
+        void *p;
+
+        traced_open(&tr);
+        data = data_probe_new(&tr, 40 * TS);
+        l2 = cache_create(tr.io, "L2", TS, 1);
+        cache_set_data_io(l2, &data->fwd.io);
+        if (with_rc) {
+            rc = cache_create(tr.io, "refcount", TS, 4);
+            dirty_table(rc, 20 * TS, 0x11);
+            cache_set_dependency(l2, rc);
+        }
+        dirty_table(l2, 40 * TS, 0x22);
+        cache_depends_on_flush(l2);
+        ck_assert_int_eq(cache_get(l2, 0, &p), 0);      /* evicts 40 */
+        cache_put(l2, &p);
+
+        ck_assert_uint_eq(data->flushes, 1);
+        ck_assert(!data->watched_written_at_flush);
+        tu_trace_read(tr.fd, &t);
+        iw_l = index_of(&t, IO_TRACE_WRITE, 40 * TS, 0);
+        ck_assert_int_ge(iw_l, 0);
+        ck_assert_uint_eq(t.recs[iw_l].payload[0], 0x22);
+        if (with_rc) {
+            iw_r = index_of(&t, IO_TRACE_WRITE, 20 * TS, 0);
+            ck_assert_int_ge(iw_r, 0);
+            iflush = index_of(&t, IO_TRACE_FLUSH, 0, (unsigned)iw_r);
+            ck_assert_int_ge(iflush, 0);
+            ck_assert_int_lt(iflush, iw_l);
+        }
+        tu_trace_free(&t);
+
+        /* Met: the next table write needs no flush of either file. */
+        dirty_table(l2, 0, 0x33);
+        ck_assert_int_eq(cache_write_dirty(l2), 0);
+        ck_assert_uint_eq(data->flushes, 1);
+
+        cache_destroy(l2);
+        cache_destroy(rc);
+        io_close(&data->fwd.io);
+        traced_close(&tr);
+    }
+}
+END_TEST
+
+START_TEST(data_io_not_flushed_without_new_data)
+{
+    /* A table change that makes no new guest data visible (no
+     * depends_on_flush) costs no flush of the data file. */
+    struct traced tr;
+    struct cache *l2;
+    struct data_probe *data;
+    void *p;
+
+    traced_open(&tr);
+    data = data_probe_new(&tr, 40 * TS);
+    l2 = cache_create(tr.io, "L2", TS, 1);
+    cache_set_data_io(l2, &data->fwd.io);
+    dirty_table(l2, 40 * TS, 0x22);
+    ck_assert_int_eq(cache_get(l2, 0, &p), 0);
+    cache_put(l2, &p);
+    ck_assert_uint_eq(data->flushes, 0);
+    ck_assert_uint_eq(mem_at(tr.mem, 40 * TS)[0], 0x22);
+    cache_destroy(l2);
+    io_close(&data->fwd.io);
+    traced_close(&tr);
+}
+END_TEST
+
 START_TEST(dependency_met_clears)
 {
     /* After cache_dependency_met, the next table write neither writes the
@@ -1386,6 +1518,8 @@ static Suite *cache_suite(void)
     tcase_add_test(tc, depends_on_flush_order);
     tcase_add_test(tc, depends_on_flush_eviction);
     tcase_add_test(tc, dependency_met_clears);
+    tcase_add_test(tc, data_io_flushed_before_evicted_table);
+    tcase_add_test(tc, data_io_not_flushed_without_new_data);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("errors");

@@ -9,6 +9,7 @@
 #include "compress.h"
 #include "io.h"
 #include "meta.h"
+#include "refcount.h"
 
 #include <errno.h>
 
@@ -1161,6 +1162,161 @@ START_TEST(old_entry_extent)
 }
 END_TEST
 
+/* ---- write side: ordering of an evicted L2 slice ------------------------- */
+
+/*
+ * Two memory files (the image and an external data file) whose writes and
+ * flushes go into one shared event log, so a test can tell which file was
+ * flushed before which write.
+ */
+enum { EV_IMAGE, EV_DATA };
+
+struct seq_event {
+    int file;                   /* EV_IMAGE or EV_DATA */
+    uint32_t type;              /* IO_TRACE_WRITE or IO_TRACE_FLUSH */
+    uint64_t offset;
+};
+
+struct seq_log {
+    struct seq_event ev[4096];
+    unsigned nb;
+};
+
+struct seq_io {
+    struct tu_fwd_io fwd;
+    struct seq_log *log;
+    int file;
+};
+
+static void seq_record(struct io *io, uint32_t type, uint64_t offset)
+{
+    struct seq_io *s = (struct seq_io *)io;
+
+    ck_assert_uint_lt(s->log->nb, sizeof(s->log->ev) / sizeof(s->log->ev[0]));
+    s->log->ev[s->log->nb++] = (struct seq_event){ s->file, type, offset };
+}
+
+static int seq_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
+{
+    seq_record(io, IO_TRACE_WRITE, off);
+    return tu_fwd_pwrite(io, buf, len, off);
+}
+
+static int seq_flush(struct io *io)
+{
+    seq_record(io, IO_TRACE_FLUSH, 0);
+    return tu_fwd_flush(io);
+}
+
+static void seq_close(struct io *io)
+{
+    io_close(tu_fwd_inner(io));
+    free(io);
+}
+
+static const struct io_ops seq_ops = {
+    .pread = tu_fwd_pread,
+    .pwrite = seq_pwrite,
+    .flush = seq_flush,
+    .get_size = tu_fwd_get_size,
+    .truncate = tu_fwd_truncate,
+    .punch_hole = tu_fwd_punch,
+    .close = seq_close,
+};
+
+static struct io *seq_io_new(struct io *inner, struct seq_log *log, int file)
+{
+    struct seq_io *s = tu_zalloc(sizeof(*s));
+
+    s->fwd.io.ops = &seq_ops;
+    s->fwd.inner = inner;
+    s->log = log;
+    s->file = file;
+    return &s->fwd.io;
+}
+
+static int seq_find(const struct seq_log *log, int file, uint32_t type,
+                    uint64_t offset)
+{
+    for (unsigned i = 0; i < log->nb; i++)
+        if (log->ev[i].file == file && log->ev[i].type == type &&
+            (type != IO_TRACE_WRITE || log->ev[i].offset == offset))
+            return (int)i;
+    return -1;
+}
+
+/* 20 L2 tables (clusters 2..21) behind an L1 at cluster 1, a refcount table
+ * at cluster 22 naming a block at cluster 23: enough tables to overflow the
+ * minimum L2 cache of 16 slices. */
+#define EVICT_L2S   20u
+
+static struct io *evict_image(void)
+{
+    struct img im;
+
+    img_init(&im, STD_CB, false, 24);
+    for (unsigned i = 0; i < EVICT_L2S; i++)
+        l1_set(&im, 1, i, (2 + i) * STD_CS | COPIED);
+    be64_put(im.buf + 22 * STD_CS, 23 * STD_CS);
+    return img_io(&im);
+}
+
+START_TEST(evicted_l2_waits_for_data_file_flush)
+{
+    /* An L2 entry that makes new guest data in the external data file
+     * visible may reach the disk only after that data does: when the L2
+     * cache evicts the dirty slice to make room, the data file is flushed
+     * before the slice is written. */
+    struct seq_log *log = tu_zalloc(sizeof(*log));
+    struct io *mem_data, *io, *data;
+    struct meta m;
+    struct cluster *cl;
+    struct refcount *rc;
+    struct cluster_run r;
+    uint8_t buf[STD_CS];
+    int i_data_write, i_l2_write, i_data_flush;
+
+    ck_assert_int_eq(io_open_memory(NULL, 0, &mem_data), 0);
+    io = seq_io_new(evict_image(), log, EV_IMAGE);
+    data = seq_io_new(mem_data, log, EV_DATA);
+    tu_meta_init(&m, io, STD_CB, true, false);
+    m.read_only = false;
+    m.data_io = data;
+    m.has_data_file = true;
+    m.incompatible = QCOW2_INCOMPAT_DATA_FILE;
+    m.virtual_size = EVICT_L2S * STD_L2E * STD_CS;
+    ck_assert_int_eq(cluster_open(&m, STD_CS, EVICT_L2S, 0, &cl), 0);
+    ck_assert_int_eq(refcount_open(&m, 22 * STD_CS, 1, 0, &rc), 0);
+    ck_assert_int_eq(cluster_set_refcount(cl, rc), 0);
+
+    /* Guest cluster 0: its data written to the data file, then its entry. */
+    memset(buf, 0x5a, sizeof(buf));
+    ck_assert_int_eq(io_pwrite(data, buf, sizeof(buf), 7 * STD_CS), 0);
+    ck_assert_int_eq(cluster_set_entry(cl, 0, 7 * STD_CS | COPIED, 0, true), 0);
+
+    /* Other tables push the dirty slice out of the cache. */
+    for (unsigned t = 1; t < EVICT_L2S; t++)
+        ck_assert_int_eq(cluster_lookup(cl, (uint64_t)t * STD_L2E * STD_CS,
+                                        STD_CS, &r), 0);
+
+    i_data_write = seq_find(log, EV_DATA, IO_TRACE_WRITE, 7 * STD_CS);
+    i_l2_write = seq_find(log, EV_IMAGE, IO_TRACE_WRITE, 2 * STD_CS);
+    i_data_flush = seq_find(log, EV_DATA, IO_TRACE_FLUSH, 0);
+    ck_assert_int_ge(i_data_write, 0);
+    ck_assert_msg(i_l2_write >= 0, "the dirty L2 slice was not evicted");
+    ck_assert_msg(i_data_flush >= 0 && i_data_flush < i_l2_write,
+                  "the L2 slice (event %d) was written before any flush of "
+                  "the data file (event %d)", i_l2_write, i_data_flush);
+    ck_assert_int_gt(i_data_flush, i_data_write);
+
+    refcount_close(rc);
+    cluster_close(cl);
+    io_close(io);
+    io_close(data);
+    free(log);
+}
+END_TEST
+
 static Suite *cluster_suite(void)
 {
     Suite *s = suite_create("cluster");
@@ -1202,6 +1358,11 @@ static Suite *cluster_suite(void)
     tcase_add_test(tc, corrupt_sets_header_bit);
     tcase_add_test(tc, lookup_extended_l2_corrupt);
     tcase_add_test(tc, old_entry_extent);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("write");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, evicted_l2_waits_for_data_file_flush);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -262,6 +262,7 @@ static inline void tu_meta_init(struct meta *m, struct io *io, unsigned cluster_
     m->refcount_order = 4;
     m->virtual_size = 1ull << 40;
     m->incompatible = extended_l2 ? QCOW2_INCOMPAT_EXTL2 : 0;
+    pthread_mutex_init(&m->header_lock, NULL);
     /* Offsets are checked against the file's end; the decode tests use
      * offsets anywhere below 2^56, the memory images lie far below. */
     m->file_end = 1ull << 56;
