@@ -196,6 +196,223 @@ case_snapshot_disk_size() {
     unmount_image "$mnt"
 }
 
+# ---------------------------------------------------------------------------
+# Every option the daemon parses: its error message (naming the option, the
+# bad value and what is accepted) and its effect.
+
+# refuse_option OPTS PATTERN...: -o OPTS on a good image is refused with
+# exit status 1 and a message matching every PATTERN (extended regex).
+refuse_option() {
+    local opts=$1
+    shift
+    [[ -e $T/ok.qcow2 ]] || qemu-img create -q -f qcow2 "$T/ok.qcow2" 1M
+    expect_refusal "$T/ok.qcow2" "$T/mnt" "$opts"
+    ((REFUSE_RC == 1)) || fail "-o $opts: exit status $REFUSE_RC, expected 1"
+    stderr_mentions "$@"
+}
+
+case_option_messages() {
+    local v sz
+    refuse_option cache=bogus 'cache=bogus: expected writeback or writethrough'
+    refuse_option discard=trim 'discard=trim: expected unmap or ignore'
+    refuse_option detect-zeroes=yes 'detect-zeroes=yes: expected off, on or unmap'
+    refuse_option "backing=$T/no-such-dir" "backing=$T/no-such-dir: expected allow, deny or an existing directory"
+    refuse_option "backing=$T/ok.qcow2" "backing=$T/ok\.qcow2: expected allow, deny or an existing directory"
+    sz='expected a size in bytes with an optional K, M, G or T suffix'
+    for v in abc 1.5M 4X 64KiB ""; do
+        refuse_option "l2-cache-size=$v" "invalid l2-cache-size \"$v\": $sz"
+        refuse_option "refcount-cache-size=$v" "invalid refcount-cache-size \"$v\": $sz"
+    done
+    for v in abc 12x -1 4294967295 ""; do
+        refuse_option "uid=$v" "invalid uid \"$v\""
+        refuse_option "gid=$v" "invalid gid \"$v\""
+    done
+    # umask is octal: 8 and 9 are not digits, 1000 is above 0777.
+    for v in 8 19 1000 0x1 abc ""; do
+        refuse_option "umask=$v" "invalid umask \"$v\""
+    done
+    for v in "" a/b . ..; do
+        refuse_option "name=$v" "name=${v//./\\.}: not a valid file name"
+    done
+    refuse_option "io-trace=$T/no-such-dir/trace" "io-trace=$T/no-such-dir/trace: No such file or directory"
+    refuse_option snapshot= 'no internal snapshot named ""'
+    refuse_option nosuchoption "unknown option.*nosuchoption"
+    for v in size=1G cluster_size=4k backing_file=base.raw; do
+        refuse_option "$v" 'size=, cluster_size= and backing_file= only apply with -o create'
+    done
+    # -o create: nothing is created when an option is refused.
+    expect_refusal "$T/new.qcow2" "$T/mnt" create,cluster_size=4k
+    stderr_mentions '-o create needs size=SIZE \(or backing_file=FILE\)'
+    expect_refusal "$T/new.qcow2" "$T/mnt" create,size=lots
+    stderr_mentions 'invalid size "lots": '"$sz"
+    for v in 256 3000 1k5 4M 0; do
+        expect_refusal "$T/new.qcow2" "$T/mnt" "create,size=1M,cluster_size=$v"
+        ((REFUSE_RC == 1)) || fail "cluster_size=$v: exit status $REFUSE_RC, expected 1"
+        if [[ $v == 1k5 ]]; then
+            stderr_mentions "invalid cluster_size \"1k5\": $sz"
+        else
+            stderr_mentions "cluster_size=$v: must be a power of two from 512 to 2M"
+        fi
+    done
+    expect_refusal "$T/new.qcow2" "$T/mnt" create,size=1000
+    stderr_mentions 'image size 1000: must be a non-zero multiple of 512 bytes'
+    [[ ! -e $T/new.qcow2 ]] || fail "a refused -o create left $T/new.qcow2 behind"
+}
+
+# The words outside -o: help, version, missing and extra arguments.
+case_command_line() {
+    local out=$T/out err=$T/err rc
+    qemu-img create -q -f qcow2 "$T/ok.qcow2" 1M
+    mkdir -p "$T/mnt"
+    for v in -h --help; do
+        "$QCOW2FUSE" "$v" >"$out" 2>"$err" || fail "$v: exit status $?"
+        grep -q '^usage: qcow2fuse \[-f\] \[-o OPTIONS\] IMAGE MOUNTPOINT' "$out" || fail "$v: no usage on stdout"
+    done
+    for v in -V --version; do
+        "$QCOW2FUSE" "$v" >"$out" 2>"$err" || fail "$v: exit status $?"
+        grep -Eq '^qcow2fuse [0-9.]+ \(libfuse [0-9.]+\)$' "$out" || fail "$v printed: $(cat "$out")"
+    done
+    for args in "" "$T/ok.qcow2" "--list-snapshots" "-f $T/ok.qcow2 $T/mnt extra"; do
+        rc=0
+        # shellcheck disable=SC2086  # word splitting wanted
+        "$QCOW2FUSE" $args >"$out" 2>"$err" || rc=$?
+        ((rc == 1)) || fail "qcow2fuse $args: exit status $rc, expected 1"
+        [[ ! -s $out ]] || fail "qcow2fuse $args wrote to stdout: $(cat "$out")"
+        if [[ $args == *extra ]]; then
+            grep -q 'unexpected argument "extra"' "$err" || fail "extra argument: $(cat "$err")"
+        else
+            grep -q '^usage: qcow2fuse' "$err" || fail "qcow2fuse $args: no usage on stderr"
+        fi
+    done
+    rc=0
+    "$QCOW2FUSE" -f "$T/ok.qcow2" "$T/ok.qcow2" 2>"$err" || rc=$?
+    ((rc == 1)) || fail "a file as mount point: exit status $rc"
+    grep -q "mount point $T/ok.qcow2: not a directory" "$err" || fail "file as mount point: $(cat "$err")"
+    # -s (one thread) and -d (FUSE debug output) serve requests as well.
+    mkdir -p "$T/mnt"
+    "$QCOW2FUSE" -s -f "$T/ok.qcow2" "$T/mnt" 2>"$err" &
+    track_pid $!
+    for _ in $(seq 200); do [[ -e $T/mnt/disk ]] && break; sleep 0.02; done
+    track_mount "$T/mnt"
+    dd if=/dev/urandom of="$T/mnt/disk" bs=64k count=2 conv=notrunc,fsync status=none
+    compare_raw "$T/ok.qcow2" "$T/mnt"
+    fusermount3 -u "$T/mnt"
+    "$QCOW2FUSE" -d "$T/ok.qcow2" "$T/mnt" >"$out" 2>"$err" &
+    track_pid $!
+    for _ in $(seq 200); do [[ -e $T/mnt/disk ]] && break; sleep 0.02; done
+    compare_raw "$T/ok.qcow2" "$T/mnt"
+    fusermount3 -u "$T/mnt"
+    grep -q 'INIT' "$err" || fail "-d printed no FUSE debug output"
+}
+
+# map_of IMG: qemu-img map of IMG, one line per extent.
+map_of() {
+    qemu-img map -U --output=json "$1"
+}
+
+# Each value of each enum option, seen in the image qemu-img reads back.
+case_enum_values() {
+    local img=$T/e.qcow2 mnt=$T/mnt v n
+    # discard: a punched cluster is given back (unmap, on) or kept allocated
+    # as a zero cluster (ignore, off).
+    for v in unmap on ignore off; do
+        qemu-img create -q -f qcow2 "$img" 64M
+        mount_image "$img" "$mnt" "discard=$v"
+        dd if=/dev/urandom of="$mnt/disk" bs=64k count=2 conv=notrunc status=none
+        fallocate -p -o 0 -l 64k "$mnt/disk"
+        unmount_image "$mnt"
+        check_clean "$img" "discard=$v"
+        case $v in
+        unmap | on) map_of "$img" | grep -q '"start": 0, "length": [0-9]*, .*"present": false, "zero": true, "data": false}' ;;
+        *) map_of "$img" | grep -q '"start": 0, "length": 65536, .*"present": true, "zero": true, "data": false, "offset"' ;;
+        esac || fail "discard=$v: first cluster after the punch: $(map_of "$img" | head -n1)"
+    done
+    # detect-zeroes: zeros written over data stay data (off), become a zero
+    # cluster that keeps its space (on) or that gives it back (unmap).
+    for v in off on unmap; do
+        qemu-img create -q -f qcow2 "$img" 64M
+        qio "$img" "write -P 1 0 64k"
+        mount_image "$img" "$mnt" "detect-zeroes=$v"
+        dd if=/dev/zero of="$mnt/disk" bs=64k count=1 conv=notrunc status=none
+        unmount_image "$mnt"
+        check_clean "$img" "detect-zeroes=$v"
+        case $v in
+        off) map_of "$img" | grep -q '"start": 0, "length": 65536, .*"zero": false, "data": true' ;;
+        on) map_of "$img" | grep -q '"start": 0, "length": 65536, .*"present": true, "zero": true, "data": false, "offset"' ;;
+        unmap) map_of "$img" | grep -q '"start": 0, "length": [0-9]*, .*"present": false, "zero": true, "data": false}' ;;
+        esac || fail "detect-zeroes=$v: first cluster after writing zeros: $(map_of "$img" | head -n1)"
+    done
+    # cache: writethrough puts an L2 change on disk before the write
+    # returns; writeback keeps it in memory until fsync.
+    for v in writeback writethrough; do
+        qemu-img create -q -f qcow2 "$img" 64M
+        mount_image "$img" "$mnt" "cache=$v"
+        dd if=/dev/urandom of="$mnt/disk" bs=64k count=1 seek=3 conv=notrunc,fsync status=none
+        dd if=/dev/urandom of="$mnt/disk" bs=64k count=1 seek=5 conv=notrunc status=none
+        n=$(map_of "$img" | grep -c '"data": true') || true
+        unmount_image "$mnt"
+        [[ $n == "$([[ $v == writethrough ]] && echo 2 || echo 1)" ]] ||
+            fail "cache=$v: $n data extents on disk before fsync"
+        check_clean "$img" "cache=$v"
+    done
+}
+
+# Sizes: K, M, G, T suffixes (either case, optional B) in size=,
+# cluster_size= and the cache sizes.
+case_sizes() {
+    local mnt=$T/mnt spec size cs img n bytes
+    for spec in 65536K:512:67108864:512 1g:2M:1073741824:2097152 \
+                67108864B:4kb:67108864:4096 1T:2MB:1099511627776:2097152; do
+        IFS=: read -r size cs n bytes <<<"$spec"
+        img=$T/c-$size.qcow2
+        mount_image "$img" "$mnt" "create,size=$size,cluster_size=$cs"
+        unmount_image "$mnt"
+        [[ $(virtual_size "$img") == "$n" ]] || fail "size=$size: virtual size $(virtual_size "$img")"
+        qemu-img info "$img" | grep -q "cluster_size: $bytes\$" || fail "cluster_size=$cs not $bytes"
+        check_clean "$img" "create,size=$size,cluster_size=$cs"
+    done
+    requires getfattr
+    # 20 L2 tables of 4 KiB (4k clusters, 2M apart) in use: a 64k cache
+    # (16 tables) evicts, 1M does not.
+    img=$T/l2.qcow2
+    qemu-img create -q -f qcow2 -o cluster_size=4k "$img" 64M
+    local cmds=()
+    for ((n = 0; n < 20; n++)); do cmds+=("write -P $((n + 1)) $((n * 2))M 4k"); done
+    qio "$img" "${cmds[@]}"
+    for spec in 64k:yes 65536:yes 1M:no 1048576b:no; do
+        mount_image "$img" "$mnt" "l2-cache-size=${spec%:*},refcount-cache-size=8K"
+        for ((n = 0; n < 20; n++)); do
+            dd if="$mnt/disk" of=/dev/null bs=4k count=1 skip=$((n * 512)) status=none
+        done
+        getfattr --absolute-names -n user.qcow2fuse.stats --only-values "$mnt/disk" >"$T/stats"
+        dd if=/dev/urandom of="$mnt/disk" bs=64k count=1 seek=7 conv=notrunc,fsync status=none
+        compare_raw "$img" "$mnt"
+        unmount_image "$mnt"
+        if [[ ${spec#*:} == yes ]]; then
+            grep -q ' 0 evictions' "$T/stats" && fail "l2-cache-size=${spec%:*}: no eviction: $(cat "$T/stats")"
+        else
+            grep -q 'L2 cache [0-9]* hits 20 misses 0 evictions' "$T/stats" ||
+                fail "l2-cache-size=${spec%:*}: $(cat "$T/stats")"
+        fi
+        check_clean "$img" "l2-cache-size=${spec%:*}"
+    done
+}
+
+# uid=, gid= (decimal) and umask= (octal) as stat shows them.
+case_owner_and_mode() {
+    local img=$T/o.qcow2 mnt=$T/mnt spec opts want
+    qemu-img create -q -f qcow2 "$img" 1M
+    chmod 0604 "$img"
+    for spec in "uid=0,gid=0,umask=077:0 0 600" "uid=4294967294,umask=22:4294967294 0 644" \
+                "gid=10,umask=0:0 10 666" "umask=7:0 0 660" "uid=017:17 0 604"; do
+        opts=${spec%%:*} want=${spec#*:}
+        mount_image "$img" "$mnt" "$opts"
+        [[ $(stat -c '%u %g %a' "$mnt/disk") == "$want" ]] ||
+            fail "-o $opts: disk is $(stat -c '%u %g %a' "$mnt/disk"), expected $want"
+        unmount_image "$mnt"
+    done
+}
+
 run_case create case_create
 run_case snapshot case_snapshot
 run_case snapshot_disk_size case_snapshot_disk_size
@@ -205,4 +422,9 @@ run_case man_pages case_man_pages
 run_case naming_and_ownership case_naming_and_ownership
 run_case stats_signal case_stats_signal
 run_case messages case_messages
+run_case option_messages case_option_messages
+run_case command_line case_command_line
+run_case enum_values case_enum_values
+run_case sizes case_sizes
+run_case owner_and_mode case_owner_and_mode
 finish_cases
