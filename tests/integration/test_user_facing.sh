@@ -257,6 +257,11 @@ case_option_messages() {
     expect_refusal "$T/new.qcow2" "$T/mnt" create,size=1000
     stderr_mentions 'image size 1000: must be a non-zero multiple of 512 bytes'
     [[ ! -e $T/new.qcow2 ]] || fail "a refused -o create left $T/new.qcow2 behind"
+    # An existing image is mounted as it is: create's values are not read.
+    qemu-img create -q -f qcow2 "$T/new.qcow2" 1M
+    mount_image "$T/new.qcow2" "$T/mnt" create,size=lots,cluster_size=3000
+    [[ $(stat -c %s "$T/mnt/disk") == 1048576 ]] || fail "-o create changed the size of an existing image"
+    unmount_image "$T/mnt"
 }
 
 # The words outside -o: help, version, missing and extra arguments.
