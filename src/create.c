@@ -22,6 +22,24 @@ static const struct { uint8_t type, bit; const char *name; } features[] = {
     { 1, 0, "lazy refcounts" }, { 2, 0, "bitmaps" }, { 2, 1, "raw external data" },
 };
 
+static bool cluster_bits_valid(unsigned bits)
+{
+    return bits >= QCOW2_MIN_CLUSTER_BITS && bits <= QCOW2_MAX_CLUSTER_BITS;
+}
+
+int create_cluster_bits(uint64_t bytes, unsigned *bits)
+{
+    unsigned shift;
+
+    if (bytes == 0 || (bytes & (bytes - 1)))
+        return -EINVAL;                 /* not a power of two */
+    shift = (unsigned)__builtin_ctzll(bytes);
+    if (!cluster_bits_valid(shift))
+        return -EINVAL;
+    *bits = shift;
+    return 0;
+}
+
 static int backing_info(const char *path, const struct create_options *o,
                         uint64_t *size, const char **format)
 {
@@ -77,7 +95,7 @@ int create_image(const char *path, const struct create_options *o)
     struct io *io = NULL;
     int fd, ret;
 
-    if (cb < 9 || cb > 21) {
+    if (!cluster_bits_valid(cb)) {
         log_error("cluster size must be a power of two between 512 and 2M");
         return -EINVAL;
     }

@@ -19,6 +19,16 @@ struct create_options {
 };
 
 /*
+ * The one rule for cluster sizes: a power of two from
+ * 2^QCOW2_MIN_CLUSTER_BITS (512 bytes) to 2^QCOW2_MAX_CLUSTER_BITS (2 MiB),
+ * the range QEMU creates and header_decode accepts.
+ * On exit: *bits is log2(@bytes) if @bytes follows the rule.
+ * Returns: 0, or -EINVAL if it does not (not logged: the caller names the
+ * option).
+ */
+int create_cluster_bits(uint64_t bytes, unsigned *bits);
+
+/*
  * Create @path (which must not exist).  A relative backing name is taken
  * relative to @path's directory, as when the image is opened.
  * Returns: 0, -EEXIST, -EINVAL (bad size or cluster size; logged), -errno.

@@ -30,6 +30,111 @@
 #define PR_SET_IO_FLUSHER 57    /* Linux 5.6 */
 #endif
 
+/*
+ * The -o NAME=VALUE options.  fuse_opt_parse stores each one's text in
+ * cli.text[]; cli_convert then reads the value of each, by the kind its
+ * entry in option_specs[] gives, into cli.value[].
+ */
+enum cli_option {
+    OPT_L2_CACHE_SIZE,
+    OPT_REFCOUNT_CACHE_SIZE,
+    OPT_CACHE,
+    OPT_BACKING,
+    OPT_DISCARD,
+    OPT_DETECT_ZEROES,
+    OPT_SIZE,
+    OPT_CLUSTER_SIZE,
+    OPT_UID,
+    OPT_GID,
+    OPT_UMASK,
+    OPT_IO_TRACE,
+    OPT_NAME,
+    OPT_SNAPSHOT,
+    OPT_BACKING_FILE,
+    OPT_BACKING_FMT,
+    OPT_COUNT
+};
+
+enum value_kind {
+    VALUE_TEXT,                 /* used as given */
+    VALUE_SIZE,                 /* bytes, with an optional K, M, G or T (and B) */
+    VALUE_NUMBER,               /* in the entry's base, at most its max */
+    VALUE_WORD,                 /* one of the entry's words */
+    VALUE_WORD_OR_DIR,          /* one of the words, or an existing directory */
+};
+
+/*
+ * A word an option accepts and the value it stands for.  Aliases are
+ * accepted but not offered in messages.  A list ends with word NULL; for
+ * VALUE_WORD_OR_DIR that entry's value stands for a directory.
+ */
+struct option_word {
+    const char *word;
+    int value;
+    bool alias;
+};
+
+enum { CACHE_WRITEBACK, CACHE_WRITETHROUGH };
+
+static const struct option_word cache_words[] = {
+    { "writeback", CACHE_WRITEBACK, false },
+    { "writethrough", CACHE_WRITETHROUGH, false },
+    { NULL, 0, false },
+};
+static const struct option_word backing_words[] = {
+    { "allow", BACKING_ALLOW, false },
+    { "deny", BACKING_DENY, false },
+    { NULL, BACKING_DIR, false },
+};
+static const struct option_word discard_words[] = {
+    { "unmap", IMAGE_DISCARD_UNMAP, false },
+    { "ignore", IMAGE_DISCARD_IGNORE, false },
+    { "on", IMAGE_DISCARD_UNMAP, true },
+    { "off", IMAGE_DISCARD_IGNORE, true },
+    { NULL, 0, false },
+};
+static const struct option_word detect_zeroes_words[] = {
+    { "off", IMAGE_DETECT_ZEROES_OFF, false },
+    { "on", IMAGE_DETECT_ZEROES_ON, false },
+    { "unmap", IMAGE_DETECT_ZEROES_UNMAP, false },
+    { NULL, 0, false },
+};
+
+struct option_spec {
+    const char *name;           /* NAME, as messages show it */
+    const char *templ;          /* "NAME=%s" for fuse_opt_parse */
+    enum value_kind kind;
+    int base;                   /* VALUE_SIZE, VALUE_NUMBER */
+    unsigned long long max;     /* VALUE_NUMBER */
+    const struct option_word *words;    /* VALUE_WORD, VALUE_WORD_OR_DIR */
+    bool create_only;           /* read only when -o create makes the image */
+};
+
+#define OPTION(id, option_name, ...) \
+    [id] = { .name = option_name, .templ = option_name "=%s", __VA_ARGS__ }
+static const struct option_spec option_specs[OPT_COUNT] = {
+    OPTION(OPT_L2_CACHE_SIZE, "l2-cache-size", .kind = VALUE_SIZE, .base = 10),
+    OPTION(OPT_REFCOUNT_CACHE_SIZE, "refcount-cache-size", .kind = VALUE_SIZE, .base = 10),
+    OPTION(OPT_CACHE, "cache", .kind = VALUE_WORD, .words = cache_words),
+    OPTION(OPT_BACKING, "backing", .kind = VALUE_WORD_OR_DIR, .words = backing_words),
+    OPTION(OPT_DISCARD, "discard", .kind = VALUE_WORD, .words = discard_words),
+    OPTION(OPT_DETECT_ZEROES, "detect-zeroes", .kind = VALUE_WORD, .words = detect_zeroes_words),
+    /* An existing image is mounted as it is, whatever these say. */
+    OPTION(OPT_SIZE, "size", .kind = VALUE_SIZE, .base = 10, .create_only = true),
+    OPTION(OPT_CLUSTER_SIZE, "cluster_size", .kind = VALUE_SIZE, .base = 10,
+           .create_only = true),
+    /* (uid_t)-1 means "no change" to chown(2): not an owner. */
+    OPTION(OPT_UID, "uid", .kind = VALUE_NUMBER, .base = 10, .max = UINT32_MAX - 1),
+    OPTION(OPT_GID, "gid", .kind = VALUE_NUMBER, .base = 10, .max = UINT32_MAX - 1),
+    OPTION(OPT_UMASK, "umask", .kind = VALUE_NUMBER, .base = 8, .max = 0777),
+    OPTION(OPT_IO_TRACE, "io-trace", .kind = VALUE_TEXT),
+    OPTION(OPT_NAME, "name", .kind = VALUE_TEXT),
+    OPTION(OPT_SNAPSHOT, "snapshot", .kind = VALUE_TEXT),
+    OPTION(OPT_BACKING_FILE, "backing_file", .kind = VALUE_TEXT),
+    OPTION(OPT_BACKING_FMT, "backing_fmt", .kind = VALUE_TEXT),
+};
+
+/* The command line; everything in it is released by cli_free. */
 struct cli {
     char *image;
     char *mountpoint;
@@ -37,50 +142,26 @@ struct cli {
     int debug;
     int single_thread;
     int read_only;
-    char *l2_cache_size;
-    char *refcount_cache_size;
-    char *cache_mode;
-    char *backing;
-    char *name;
-    char *io_trace;
-    char *discard;
-    char *detect_zeroes;
-    char *snapshot;
     int create;
-    char *size;
-    char *cluster_size;
-    char *backing_file;
-    char *backing_format;
-    char *uid;
-    char *gid;
-    char *umask;
+    bool creating;              /* -o create and the image does not exist */
     int list_snapshots;
     int show_help;
     int show_version;
+    char *text[OPT_COUNT];      /* -o NAME=VALUE as given; NULL: not given */
+    uint64_t value[OPT_COUNT];  /* read from text[] by cli_convert */
+    unsigned cluster_bits;      /* of cluster_size=; 0: not given */
+    /* Made from the above by main(). */
+    char *image_path;           /* absolute, symbolic links resolved */
+    char *mount_path;           /* likewise */
+    int trace_fd;               /* io-trace=; -1: none */
 };
 
 enum { KEY_HELP, KEY_VERSION, KEY_RO, KEY_RW, KEY_FOREGROUND, KEY_DEBUG, KEY_SINGLE,
        KEY_LIST, KEY_DROP };
 
-#define CLI_OPT(t, p) { t, offsetof(struct cli, p), 1 }
-static const struct fuse_opt cli_opts[] = {
-    CLI_OPT("l2-cache-size=%s", l2_cache_size),
-    CLI_OPT("refcount-cache-size=%s", refcount_cache_size),
-    CLI_OPT("cache=%s", cache_mode),
-    CLI_OPT("backing=%s", backing),
-    CLI_OPT("name=%s", name),
-    CLI_OPT("io-trace=%s", io_trace),
-    CLI_OPT("discard=%s", discard),
-    CLI_OPT("detect-zeroes=%s", detect_zeroes),
-    CLI_OPT("snapshot=%s", snapshot),
-    CLI_OPT("create", create),
-    CLI_OPT("size=%s", size),
-    CLI_OPT("cluster_size=%s", cluster_size),
-    CLI_OPT("backing_file=%s", backing_file),
-    CLI_OPT("backing_fmt=%s", backing_format),
-    CLI_OPT("uid=%s", uid),
-    CLI_OPT("gid=%s", gid),
-    CLI_OPT("umask=%s", umask),
+/* The options without a value; cli_parse puts option_specs[] in front. */
+static const struct fuse_opt flag_opts[] = {
+    { "create", offsetof(struct cli, create), 1 },
     FUSE_OPT_KEY("--list-snapshots", KEY_LIST),
     /* Words mount(8) and fstab pass that mean nothing here. */
     FUSE_OPT_KEY("defaults", KEY_DROP),
@@ -140,30 +221,79 @@ static void usage(FILE *out)
 "  -o allow_other           let other users access the mount (FUSE option)\n");
 }
 
-static int parse_size(const char *s, const char *what, uint64_t *out)
+/*
+ * A number in @o's base; for VALUE_SIZE with a K, M, G or T suffix (powers
+ * of 1024), then an optional B.
+ * Returns: 0, or -EINVAL after a message naming the option.
+ */
+static int parse_number(const struct option_spec *o, const char *text, uint64_t *out)
 {
     char *end;
     unsigned long long v;
 
     errno = 0;
-    v = strtoull(s, &end, 10);
-    if (errno || end == s)
+    v = strtoull(text, &end, o->base);
+    if (errno || end == text)
         goto bad;
-    switch (*end) {
-    case 'k': case 'K': v <<= 10; end++; break;
-    case 'm': case 'M': v <<= 20; end++; break;
-    case 'g': case 'G': v <<= 30; end++; break;
-    case 't': case 'T': v <<= 40; end++; break;
+    if (o->kind == VALUE_SIZE) {
+        switch (*end) {
+        case 'k': case 'K': v <<= 10; end++; break;
+        case 'm': case 'M': v <<= 20; end++; break;
+        case 'g': case 'G': v <<= 30; end++; break;
+        case 't': case 'T': v <<= 40; end++; break;
+        }
+        if (*end == 'B' || *end == 'b')
+            end++;
     }
-    if (*end == 'B' || *end == 'b')
-        end++;
-    if (*end)
+    if (*end || (o->kind == VALUE_NUMBER && v > o->max))
         goto bad;
     *out = v;
     return 0;
 bad:
-    fprintf(stderr, "qcow2fuse: invalid %s \"%s\": expected a size in bytes "
-            "with an optional K, M, G or T suffix\n", what, s);
+    if (o->kind == VALUE_SIZE)
+        fprintf(stderr, "qcow2fuse: invalid %s \"%s\": expected a size in bytes "
+                "with an optional K, M, G or T suffix\n", o->name, text);
+    else
+        fprintf(stderr, "qcow2fuse: invalid %s \"%s\"\n", o->name, text);
+    return -EINVAL;
+}
+
+/*
+ * One of @o's words (or, for VALUE_WORD_OR_DIR, an existing directory).
+ * Returns: 0, or -EINVAL after a message naming the option and what it
+ * accepts.
+ */
+static int parse_word(const struct option_spec *o, const char *text, uint64_t *out)
+{
+    enum { MAX_OFFERED = 8 };
+    const char *offered[MAX_OFFERED + 1];   /* + the directory */
+    const struct option_word *w;
+    unsigned n = 0;
+    struct stat st;
+    char list[256];
+    size_t len = 0;
+
+    for (w = o->words; w->word; w++) {
+        if (strcmp(text, w->word) == 0) {
+            *out = (uint64_t)w->value;
+            return 0;
+        }
+        if (!w->alias && n < MAX_OFFERED)
+            offered[n++] = w->word;
+    }
+    if (o->kind == VALUE_WORD_OR_DIR) {
+        if (stat(text, &st) == 0 && S_ISDIR(st.st_mode)) {
+            *out = (uint64_t)w->value;
+            return 0;
+        }
+        offered[n++] = "an existing directory";
+    }
+    /* "a or b", "a, b or c" */
+    list[0] = '\0';
+    for (unsigned i = 0; i < n && len < sizeof(list); i++)
+        len += (size_t)snprintf(list + len, sizeof(list) - len, "%s%s",
+                                i == 0 ? "" : i + 1 == n ? " or " : ", ", offered[i]);
+    fprintf(stderr, "qcow2fuse: %s=%s: expected %s\n", o->name, text, list);
     return -EINVAL;
 }
 
@@ -212,6 +342,76 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
         return 0;
     }
     return 1;
+}
+
+/*
+ * fuse_opt_parse with one "NAME=%s" entry per option_specs[] entry (the
+ * text goes to cli->text[]), then flag_opts.
+ * Returns: 0, or -1 after a message.
+ */
+static int cli_parse(struct fuse_args *args, struct cli *cli)
+{
+    struct fuse_opt opts[OPT_COUNT + sizeof(flag_opts) / sizeof(flag_opts[0])];
+
+    for (unsigned i = 0; i < OPT_COUNT; i++)
+        opts[i] = (struct fuse_opt){ option_specs[i].templ,
+                                     offsetof(struct cli, text) + i * sizeof(char *), 1 };
+    memcpy(opts + OPT_COUNT, flag_opts, sizeof(flag_opts));
+    return fuse_opt_parse(args, cli, opts, opt_proc);
+}
+
+/*
+ * Read the value of every option given (in option_specs[] order) and check
+ * the rules that involve more than one, before anything is created,
+ * opened or mounted.
+ * Returns: 0, or -EINVAL after a message naming the option.
+ */
+static int cli_convert(struct cli *cli)
+{
+    const char *name = cli->text[OPT_NAME];
+    int ret = 0;
+
+    cli->creating = cli->create && access(cli->image, F_OK) != 0;
+    for (unsigned i = 0; i < OPT_COUNT && ret == 0; i++) {
+        const struct option_spec *o = &option_specs[i];
+        if (!cli->text[i] || o->kind == VALUE_TEXT || (o->create_only && !cli->creating))
+            continue;
+        if (o->kind == VALUE_WORD || o->kind == VALUE_WORD_OR_DIR)
+            ret = parse_word(o, cli->text[i], &cli->value[i]);
+        else
+            ret = parse_number(o, cli->text[i], &cli->value[i]);
+    }
+    if (ret < 0)
+        return ret;
+    if (name && (!name[0] || strchr(name, '/') || !strcmp(name, ".") || !strcmp(name, ".."))) {
+        fprintf(stderr, "qcow2fuse: name=%s: not a valid file name\n", name);
+        return -EINVAL;
+    }
+    if (!cli->create && (cli->text[OPT_SIZE] || cli->text[OPT_CLUSTER_SIZE] ||
+                         cli->text[OPT_BACKING_FILE])) {
+        fprintf(stderr, "qcow2fuse: size=, cluster_size= and backing_file= only "
+                "apply with -o create\n");
+        return -EINVAL;
+    }
+    if (cli->creating && cli->text[OPT_CLUSTER_SIZE] &&
+        create_cluster_bits(cli->value[OPT_CLUSTER_SIZE], &cli->cluster_bits) < 0) {
+        fprintf(stderr, "qcow2fuse: cluster_size=%s: must be a power of two from 512 "
+                "to 2M\n", cli->text[OPT_CLUSTER_SIZE]);
+        return -EINVAL;
+    }
+    return 0;
+}
+
+static void cli_free(struct cli *cli)
+{
+    free(cli->image);
+    free(cli->mountpoint);
+    for (unsigned i = 0; i < OPT_COUNT; i++)
+        free(cli->text[i]);
+    free(cli->image_path);
+    free(cli->mount_path);
+    if (cli->trace_fd >= 0)
+        close(cli->trace_fd);
 }
 
 /* fsname is shown in /proc/mounts: the image path, with option syntax
@@ -345,221 +545,215 @@ static void *stats_thread(void *arg)
     return NULL;
 }
 
-static int parse_id(const char *s, const char *what, unsigned long max, unsigned long *out)
+static void start_stats_thread(struct image *img)
 {
-    char *end;
+    sigset_t set;
+    pthread_t tid;
+
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    if (pthread_create(&tid, NULL, stats_thread, img) == 0)
+        pthread_detach(tid);
+}
+
+/* -h, -V and --list-snapshots: they mount nothing.  Returns the exit status. */
+static int info_command(const struct cli *cli)
+{
+    if (cli->show_help) {
+        usage(stdout);
+        return 0;
+    }
+    if (cli->show_version) {
+        printf("qcow2fuse %s (libfuse %s)\n", QCOW2FUSE_VERSION, fuse_pkgversion());
+        return 0;
+    }
+    if (!cli->image) {
+        usage(stderr);
+        return 1;
+    }
+    return list_snapshots(cli->image);
+}
+
+static int resolve_mount_point(struct cli *cli)
+{
+    struct stat st = { 0 };
+
     errno = 0;
-    *out = strtoul(s, &end, what[0] == 'u' && what[1] == 'm' ? 8 : 10);
-    if (errno || end == s || *end || *out > max) {
-        fprintf(stderr, "qcow2fuse: invalid %s \"%s\"\n", what, s);
-        return -EINVAL;
+    if (stat(cli->mountpoint, &st) < 0 || !S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "qcow2fuse: mount point %s: %s\n", cli->mountpoint,
+                errno && !S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
+        return -1;
+    }
+    /* Absolute from here on: the daemon changes to / when it goes to the
+     * background, and the unmount at exit (signals included) must still
+     * find the mount point. */
+    cli->mount_path = realpath(cli->mountpoint, NULL);
+    if (!cli->mount_path) {
+        fprintf(stderr, "qcow2fuse: mount point %s: %s\n", cli->mountpoint, strerror(errno));
+        return -1;
     }
     return 0;
+}
+
+/* -o create of an image that does not exist.  Returns 0 or -errno. */
+static int create_missing_image(const struct cli *cli)
+{
+    struct create_options co = {
+        .size = cli->value[OPT_SIZE],
+        .cluster_bits = cli->cluster_bits,
+        .backing_file = cli->text[OPT_BACKING_FILE],
+        .backing_format = cli->text[OPT_BACKING_FMT],
+    };
+    int ret;
+
+    if (!cli->text[OPT_SIZE] && !cli->text[OPT_BACKING_FILE]) {
+        fprintf(stderr, "qcow2fuse: -o create needs size=SIZE (or "
+                "backing_file=FILE)\n");
+        return -EINVAL;
+    }
+    ret = create_image(cli->image, &co);
+    if (ret == 0)
+        log_info("created %s", cli->image);
+    return ret;
+}
+
+/*
+ * Open the image with the options given.
+ * On exit: *st is the image file's status (the disk file's default owner
+ * and mode).
+ * Returns: 0 or -errno, with a message.
+ */
+static int open_image(struct cli *cli, struct stat *st, struct image **img)
+{
+    const char *backing = cli->text[OPT_BACKING];
+    enum backing_policy policy = backing ? (enum backing_policy)cli->value[OPT_BACKING]
+                                         : BACKING_ALLOW;
+    struct image_options o = {
+        .read_only = cli->read_only,
+        .discard = cli->text[OPT_DISCARD] ? (enum image_discard_mode)cli->value[OPT_DISCARD]
+                                          : IMAGE_DISCARD_UNMAP,
+        .detect_zeroes = cli->text[OPT_DETECT_ZEROES]
+                             ? (enum image_detect_zeroes)cli->value[OPT_DETECT_ZEROES]
+                             : IMAGE_DETECT_ZEROES_OFF,
+        .l2_cache_size = cli->value[OPT_L2_CACHE_SIZE],
+        .refcount_cache_size = cli->value[OPT_REFCOUNT_CACHE_SIZE],
+        .writethrough = cli->text[OPT_CACHE] && cli->value[OPT_CACHE] == CACHE_WRITETHROUGH,
+        .backing = {
+            .policy = policy,
+            .dir = policy == BACKING_DIR ? backing : NULL,
+            .skip_owner_check = backing && policy == BACKING_ALLOW, /* only when asked for */
+        },
+        .snapshot = cli->text[OPT_SNAPSHOT],
+    };
+    const char *trace = cli->text[OPT_IO_TRACE];
+
+    if (trace) {
+        cli->trace_fd = open(trace, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (cli->trace_fd < 0) {
+            int ret = -errno;
+            fprintf(stderr, "qcow2fuse: io-trace=%s: %s\n", trace, strerror(-ret));
+            return ret;
+        }
+    }
+    o.trace_fd = cli->trace_fd;
+    cli->image_path = realpath(cli->image, NULL);
+    if (!cli->image_path || stat(cli->image_path, st) < 0) {
+        int ret = -errno;
+        fprintf(stderr, "qcow2fuse: image %s: %s\n", cli->image, strerror(-ret));
+        return ret;
+    }
+    return image_open(cli->image_path, &o, img);
+}
+
+/*
+ * The FUSE session that serves @img, with its signal handlers, not yet
+ * mounted.  The disk file has the image file's owner and mode (@st) unless
+ * uid=, gid= or umask= say otherwise.
+ * Returns: 0 or -errno; *ctx and *se are to be freed either way.
+ */
+static int session_new(const struct cli *cli, struct image *img, const struct stat *st,
+                       struct fuse_args *args, struct fuse_ops_ctx **ctx,
+                       struct fuse_session **se)
+{
+    struct fuse_ops_config c = {
+        .disk_name = cli->text[OPT_NAME] ? cli->text[OPT_NAME] : "disk",
+        .uid = cli->text[OPT_UID] ? (uid_t)cli->value[OPT_UID] : st->st_uid,
+        .gid = cli->text[OPT_GID] ? (gid_t)cli->value[OPT_GID] : st->st_gid,
+        .mode = cli->text[OPT_UMASK] ? 0666 & ~(mode_t)cli->value[OPT_UMASK]
+                                     : st->st_mode & 0666,
+        .direct_io = true,
+        .max_background = 64,
+    };
+    char *fsname = fsname_arg(cli->image_path);
+    int ret = 0;
+
+    *ctx = fuse_ops_ctx_new(img, &c);
+    if (!*ctx || !fsname || fuse_opt_add_arg(args, fsname) < 0) {
+        fprintf(stderr, "qcow2fuse: out of memory\n");
+        ret = -ENOMEM;
+        goto out;
+    }
+    *se = fuse_session_new(args, fuse_ops_table(), sizeof(struct fuse_lowlevel_ops), *ctx);
+    if (!*se || fuse_set_signal_handlers(*se) < 0)
+        ret = -EINVAL;          /* libfuse printed why */
+out:
+    free(fsname);
+    return ret;
+}
+
+/* Serve requests until unmount or a signal.  Returns 0 or -errno. */
+static int serve(struct fuse_session *se, bool single_thread)
+{
+    struct fuse_loop_config *lc;
+    int ret;
+
+    if (single_thread)
+        return fuse_session_loop(se);
+    lc = fuse_loop_cfg_create();
+    if (!lc) {
+        log_error("out of memory");
+        return -ENOMEM;
+    }
+    fuse_loop_cfg_set_clone_fd(lc, 1);
+    fuse_loop_cfg_set_max_threads(lc, 16);
+    fuse_loop_cfg_set_idle_threads(lc, 8);
+    ret = fuse_session_loop_mt(se, lc);
+    fuse_loop_cfg_destroy(lc);
+    return ret;
 }
 
 int main(int argc, char *argv[])
 {
     struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
-    struct cli cli = { 0 };
-    struct image_options iopts = { .trace_fd = -1 };
-    struct fuse_ops_config fcfg = { 0 };
+    struct cli cli = { .trace_fd = -1 };
     struct fuse_ops_ctx *ctx = NULL;
     struct fuse_session *se = NULL;
     struct image *img = NULL;
-    char *image_real = NULL, *mount_real = NULL, *fsname = NULL;
     struct stat st;
     int ret = 1, err;
 
-    if (fuse_opt_parse(&args, &cli, cli_opts, opt_proc) < 0)
+    if (cli_parse(&args, &cli) < 0)
         goto out;
-    if (cli.show_help) {
-        usage(stdout);
-        ret = 0;
-        goto out;
-    }
-    if (cli.show_version) {
-        printf("qcow2fuse %s (libfuse %s)\n", QCOW2FUSE_VERSION, fuse_pkgversion());
-        ret = 0;
-        goto out;
-    }
-    if (cli.list_snapshots) {
-        if (!cli.image) {
-            usage(stderr);
-            goto out;
-        }
-        ret = list_snapshots(cli.image);
+    if (cli.show_help || cli.show_version || cli.list_snapshots) {
+        ret = info_command(&cli);
         goto out;
     }
     if (!cli.image || !cli.mountpoint) {
         usage(stderr);
         goto out;
     }
-
-    iopts.read_only = cli.read_only;
-    iopts.snapshot = cli.snapshot;
-    if (cli.l2_cache_size &&
-        parse_size(cli.l2_cache_size, "l2-cache-size", &iopts.l2_cache_size) < 0)
+    if (cli_convert(&cli) < 0 || resolve_mount_point(&cli) < 0)
         goto out;
-    if (cli.refcount_cache_size &&
-        parse_size(cli.refcount_cache_size, "refcount-cache-size",
-                   &iopts.refcount_cache_size) < 0)
+    if (cli.creating && create_missing_image(&cli) < 0)
         goto out;
-    if (cli.cache_mode) {
-        if (strcmp(cli.cache_mode, "writethrough") == 0)
-            iopts.writethrough = true;
-        else if (strcmp(cli.cache_mode, "writeback") != 0) {
-            fprintf(stderr, "qcow2fuse: cache=%s: expected writeback or "
-                    "writethrough\n", cli.cache_mode);
-            goto out;
-        }
-    }
-    iopts.backing.policy = BACKING_ALLOW;
-    if (cli.backing) {
-        if (strcmp(cli.backing, "allow") == 0) {
-            iopts.backing.policy = BACKING_ALLOW;
-            iopts.backing.skip_owner_check = true;  /* only when asked for */
-        } else if (strcmp(cli.backing, "deny") == 0)
-            iopts.backing.policy = BACKING_DENY;
-        else if (stat(cli.backing, &st) == 0 && S_ISDIR(st.st_mode)) {
-            iopts.backing.policy = BACKING_DIR;
-            iopts.backing.dir = cli.backing;
-        } else {
-            fprintf(stderr, "qcow2fuse: backing=%s: expected allow, deny or an "
-                    "existing directory\n", cli.backing);
-            goto out;
-        }
-    }
-    if (cli.discard) {
-        if (strcmp(cli.discard, "unmap") == 0 || strcmp(cli.discard, "on") == 0)
-            iopts.discard = IMAGE_DISCARD_UNMAP;
-        else if (strcmp(cli.discard, "ignore") == 0 || strcmp(cli.discard, "off") == 0)
-            iopts.discard = IMAGE_DISCARD_IGNORE;
-        else {
-            fprintf(stderr, "qcow2fuse: discard=%s: expected unmap or ignore\n",
-                    cli.discard);
-            goto out;
-        }
-    }
-    if (cli.detect_zeroes) {
-        if (strcmp(cli.detect_zeroes, "off") == 0)
-            iopts.detect_zeroes = IMAGE_DETECT_ZEROES_OFF;
-        else if (strcmp(cli.detect_zeroes, "on") == 0)
-            iopts.detect_zeroes = IMAGE_DETECT_ZEROES_ON;
-        else if (strcmp(cli.detect_zeroes, "unmap") == 0)
-            iopts.detect_zeroes = IMAGE_DETECT_ZEROES_UNMAP;
-        else {
-            fprintf(stderr, "qcow2fuse: detect-zeroes=%s: expected off, on or "
-                    "unmap\n", cli.detect_zeroes);
-            goto out;
-        }
-    }
-    if (cli.io_trace) {
-        iopts.trace_fd = open(cli.io_trace, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-        if (iopts.trace_fd < 0) {
-            fprintf(stderr, "qcow2fuse: io-trace=%s: %s\n", cli.io_trace, strerror(errno));
-            goto out;
-        }
-    }
-    if (cli.name && (!cli.name[0] || strchr(cli.name, '/') ||
-                     !strcmp(cli.name, ".") || !strcmp(cli.name, ".."))) {
-        fprintf(stderr, "qcow2fuse: name=%s: not a valid file name\n", cli.name);
-        goto out;
-    }
-
-    if (stat(cli.mountpoint, &st) < 0 || !S_ISDIR(st.st_mode)) {
-        fprintf(stderr, "qcow2fuse: mount point %s: %s\n", cli.mountpoint,
-                errno && !S_ISDIR(st.st_mode) ? strerror(errno) : "not a directory");
-        goto out;
-    }
-    /* Absolute from here on: the daemon changes to / when it goes to the
-     * background, and the unmount at exit (signals included) must still
-     * find the mount point. */
-    mount_real = realpath(cli.mountpoint, NULL);
-    if (!mount_real) {
-        fprintf(stderr, "qcow2fuse: mount point %s: %s\n", cli.mountpoint, strerror(errno));
-        goto out;
-    }
-    if (cli.create && access(cli.image, F_OK) != 0) {
-        struct create_options co = { .backing_file = cli.backing_file,
-                                     .backing_format = cli.backing_format };
-        uint64_t v = 0;
-        if (cli.size && parse_size(cli.size, "size", &co.size) < 0)
-            goto out;
-        if (!cli.size && !cli.backing_file) {
-            fprintf(stderr, "qcow2fuse: -o create needs size=SIZE (or "
-                    "backing_file=FILE)\n");
-            goto out;
-        }
-        if (cli.cluster_size) {
-            if (parse_size(cli.cluster_size, "cluster_size", &v) < 0)
-                goto out;
-            if (v < 512 || v > (2u << 20) || (v & (v - 1))) {
-                fprintf(stderr, "qcow2fuse: cluster_size=%s: must be a power of "
-                        "two from 512 to 2M\n", cli.cluster_size);
-                goto out;
-            }
-            co.cluster_bits = (unsigned)__builtin_ctzll(v);
-        }
-        if (create_image(cli.image, &co) < 0)
-            goto out;
-        log_info("created %s", cli.image);
-    } else if (!cli.create && (cli.size || cli.cluster_size || cli.backing_file)) {
-        fprintf(stderr, "qcow2fuse: size=, cluster_size= and backing_file= only "
-                "apply with -o create\n");
-        goto out;
-    }
-    image_real = realpath(cli.image, NULL);
-    if (!image_real) {
-        fprintf(stderr, "qcow2fuse: image %s: %s\n", cli.image, strerror(errno));
-        goto out;
-    }
-    if (stat(image_real, &st) < 0) {
-        fprintf(stderr, "qcow2fuse: image %s: %s\n", cli.image, strerror(errno));
-        goto out;
-    }
-
-    err = image_open(image_real, &iopts, &img);
-    if (err < 0)
+    if (open_image(&cli, &st, &img) < 0)
         goto out;
 
-    fcfg.disk_name = cli.name ? cli.name : "disk";
-    fcfg.uid = st.st_uid;
-    fcfg.gid = st.st_gid;
-    fcfg.mode = st.st_mode & 0666;
-    {
-        unsigned long v;
-        if (cli.uid) {
-            if (parse_id(cli.uid, "uid", UINT32_MAX - 1, &v) < 0)
-                goto out_close;
-            fcfg.uid = (uid_t)v;
-        }
-        if (cli.gid) {
-            if (parse_id(cli.gid, "gid", UINT32_MAX - 1, &v) < 0)
-                goto out_close;
-            fcfg.gid = (gid_t)v;
-        }
-        if (cli.umask) {
-            if (parse_id(cli.umask, "umask", 0777, &v) < 0)
-                goto out_close;
-            fcfg.mode = 0666 & ~(mode_t)v;
-        }
-    }
-    fcfg.direct_io = true;
-    fcfg.max_background = 64;
-    ctx = fuse_ops_ctx_new(img, &fcfg);
-    fsname = fsname_arg(image_real);
-    if (!ctx || !fsname || fuse_opt_add_arg(&args, fsname) < 0) {
-        fprintf(stderr, "qcow2fuse: out of memory\n");
+    if (session_new(&cli, img, &st, &args, &ctx, &se) < 0)
         goto out_close;
-    }
-
-    se = fuse_session_new(&args, fuse_ops_table(), sizeof(struct fuse_lowlevel_ops), ctx);
-    if (!se)
-        goto out_close;         /* libfuse printed why */
-    if (fuse_set_signal_handlers(se) < 0)
-        goto out_close;
-    if (fuse_session_mount(se, mount_real) < 0) {
-        fprintf(stderr, "qcow2fuse: cannot mount on %s\n", mount_real);
+    if (fuse_session_mount(se, cli.mount_path) < 0) {
+        fprintf(stderr, "qcow2fuse: cannot mount on %s\n", cli.mount_path);
         goto out_close;
     }
     if (fuse_daemonize(cli.foreground) < 0)
@@ -567,31 +761,8 @@ int main(int argc, char *argv[])
     if (!cli.foreground)
         log_use_syslog("qcow2fuse");
     set_io_flusher();
-
-    {
-        sigset_t set;
-        pthread_t tid;
-        sigemptyset(&set);
-        sigaddset(&set, SIGUSR1);
-        pthread_sigmask(SIG_BLOCK, &set, NULL);
-        if (pthread_create(&tid, NULL, stats_thread, img) == 0)
-            pthread_detach(tid);
-    }
-    if (cli.single_thread) {
-        err = fuse_session_loop(se);
-    } else {
-        struct fuse_loop_config *lc = fuse_loop_cfg_create();
-        if (!lc) {
-            log_error("out of memory");
-            goto out_unmount;
-        }
-        fuse_loop_cfg_set_clone_fd(lc, 1);
-        fuse_loop_cfg_set_max_threads(lc, 16);
-        fuse_loop_cfg_set_idle_threads(lc, 8);
-        err = fuse_session_loop_mt(se, lc);
-        fuse_loop_cfg_destroy(lc);
-    }
-    ret = err < 0 ? 1 : 0;
+    start_stats_thread(img);
+    ret = serve(se, cli.single_thread) < 0 ? 1 : 0;
 
 out_unmount:
     fuse_session_unmount(se);
@@ -605,32 +776,12 @@ out_close:
          * the caller sees it; a daemon's message goes to syslog). */
         log_error("closing %s failed: %s; exiting with status 1: check the image "
                   "(qemu-img check) before trusting what was written",
-                  image_real, strerror(-err));
+                  cli.image_path, strerror(-err));
         ret = 1;
     }
     fuse_ops_ctx_free(ctx);
 out:
     fuse_opt_free_args(&args);
-    free(image_real);
-    free(mount_real);
-    free(fsname);
-    free(cli.image);
-    free(cli.mountpoint);
-    free(cli.l2_cache_size);
-    free(cli.refcount_cache_size);
-    free(cli.cache_mode);
-    free(cli.backing);
-    free(cli.name);
-    free(cli.io_trace);
-    free(cli.discard);
-    free(cli.detect_zeroes);
-    free(cli.snapshot);
-    free(cli.size);
-    free(cli.cluster_size);
-    free(cli.backing_file);
-    free(cli.backing_format);
-    free(cli.uid);
-    free(cli.gid);
-    free(cli.umask);
+    cli_free(&cli);
     return ret;
 }
