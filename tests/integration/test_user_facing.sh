@@ -403,6 +403,24 @@ case_sizes() {
     done
 }
 
+# backing_fmt= is recorded in the created overlay, and checked against the
+# backing file.
+case_backing_fmt() {
+    local mnt=$T/mnt
+    qemu-img create -q -f raw "$T/base.raw" 4M
+    qio "$T/base.raw" "write -P 0x5a 0 4M"
+    mount_image "$T/top.qcow2" "$mnt" create,backing_file=base.raw,backing_fmt=raw
+    cmp "$mnt/disk" "$T/base.raw" || fail "overlay with backing_fmt=raw does not read its backing file"
+    unmount_image "$mnt"
+    qemu-img info "$T/top.qcow2" | grep -q '^backing file format: raw$' || fail "backing_fmt=raw not recorded"
+    check_clean "$T/top.qcow2" "create,backing_fmt=raw"
+    expect_refusal "$T/vmdk.qcow2" "$mnt" create,backing_file=base.raw,backing_fmt=vmdk
+    stderr_mentions 'has format "vmdk"; only raw and qcow2 backing files are supported'
+    expect_refusal "$T/q.qcow2" "$mnt" create,backing_file=base.raw,backing_fmt=qcow2
+    stderr_mentions 'base\.raw: not a qcow2 image'
+    [[ ! -e $T/vmdk.qcow2 && ! -e $T/q.qcow2 ]] || fail "a refused -o create left an image behind"
+}
+
 # uid=, gid= (decimal) and umask= (octal) as stat shows them.
 case_owner_and_mode() {
     local img=$T/o.qcow2 mnt=$T/mnt spec opts want
@@ -432,4 +450,5 @@ run_case command_line case_command_line
 run_case enum_values case_enum_values
 run_case sizes case_sizes
 run_case owner_and_mode case_owner_and_mode
+run_case backing_fmt case_backing_fmt
 finish_cases
