@@ -236,12 +236,17 @@ static int parse_number(const struct option_spec *o, const char *text, uint64_t 
     if (errno || end == text)
         goto bad;
     if (o->kind == VALUE_SIZE) {
+        unsigned shift = 0;
         switch (*end) {
-        case 'k': case 'K': v <<= 10; end++; break;
-        case 'm': case 'M': v <<= 20; end++; break;
-        case 'g': case 'G': v <<= 30; end++; break;
-        case 't': case 'T': v <<= 40; end++; break;
+        case 'k': case 'K': shift = 10; end++; break;
+        case 'm': case 'M': shift = 20; end++; break;
+        case 'g': case 'G': shift = 30; end++; break;
+        case 't': case 'T': shift = 40; end++; break;
         }
+        /* A shift that loses bits would give a small, valid-looking size. */
+        if (shift && v > (ULLONG_MAX >> shift))
+            goto bad;
+        v <<= shift;
         if (*end == 'B' || *end == 'b')
             end++;
     }

@@ -219,7 +219,8 @@ case_option_messages() {
     refuse_option "backing=$T/no-such-dir" "backing=$T/no-such-dir: expected allow, deny or an existing directory"
     refuse_option "backing=$T/ok.qcow2" "backing=$T/ok\.qcow2: expected allow, deny or an existing directory"
     sz='expected a size in bytes with an optional K, M, G or T suffix'
-    for v in abc 1.5M 4X 64KiB ""; do
+    # 17179869184G is 2^64 bytes: the suffix's shift must not wrap it to 0.
+    for v in abc 1.5M 4X 64KiB "" 17179869184G 16777216T; do
         refuse_option "l2-cache-size=$v" "invalid l2-cache-size \"$v\": $sz"
         refuse_option "refcount-cache-size=$v" "invalid refcount-cache-size \"$v\": $sz"
     done
@@ -245,6 +246,9 @@ case_option_messages() {
     stderr_mentions '-o create needs size=SIZE \(or backing_file=FILE\)'
     expect_refusal "$T/new.qcow2" "$T/mnt" create,size=lots
     stderr_mentions 'invalid size "lots": '"$sz"
+    # 2^64 + 1M: wrapped by the suffix's shift it would read as a valid 1M.
+    expect_refusal "$T/new.qcow2" "$T/mnt" create,size=17592186044417M
+    stderr_mentions 'invalid size "17592186044417M": '"$sz"
     for v in 256 3000 1k5 4M 0; do
         expect_refusal "$T/new.qcow2" "$T/mnt" "create,size=1M,cluster_size=$v"
         ((REFUSE_RC == 1)) || fail "cluster_size=$v: exit status $REFUSE_RC, expected 1"
