@@ -1400,7 +1400,8 @@ static uint64_t wfx_disk64(struct wfx *f, uint64_t off)
     return be64_get(wfx_disk(f, off, 8));
 }
 
-static void wfx_open(struct wfx *f, struct io *mem)
+/* Open @mem, an image of @cs-byte clusters, for writing. */
+static void wfx_open(struct wfx *f, struct io *mem, uint64_t cs)
 {
     const uint8_t *p;
     char err[256];
@@ -1411,11 +1412,11 @@ static void wfx_open(struct wfx *f, struct io *mem)
     f->mem = mem;
     f->io = seq_io_new(mem, f->log, EV_IMAGE);
     p = io_memory_data(mem, &n);
-    ck_assert_msg(header_decode(p, STD_CS, n, &f->h, err, sizeof(err)) == 0, "header: %s",
+    ck_assert_msg(header_decode(p, cs, n, &f->h, err, sizeof(err)) == 0, "header: %s",
                   err);
     meta_init(&f->m, &f->h, f->io, false);
     ck_assert_int_eq(meta_set_create(&f->m), 0);
-    ck_assert_int_eq(meta_mark(&f->m, 0, STD_CS, META_KIND_HEADER), 0);
+    ck_assert_int_eq(meta_mark(&f->m, 0, cs, META_KIND_HEADER), 0);
     if (f->h.nb_snapshots) {
         ck_assert_int_eq(meta_mark(&f->m, 6 * STD_CS, STD_CS, META_KIND_SNAPSHOTS), 0);
         ck_assert_int_eq(meta_mark(&f->m, 5 * STD_CS, 8, META_KIND_SNAPSHOTS), 0);
@@ -1455,8 +1456,8 @@ static uint64_t wfx_refcount(struct wfx *f, uint64_t off)
     return v;
 }
 
-/* Check the memory file's refcounts the way qcow2check does. */
-static struct check_report check_file(struct io *mem)
+/* Check the refcounts of @mem (@cs-byte clusters) the way qcow2check does. */
+static struct check_report check_file(struct io *mem, uint64_t cs)
 {
     struct check_report rep = { 0 };
     struct check_refs *refs = NULL;
@@ -1466,7 +1467,7 @@ static struct check_report check_file(struct io *mem)
     size_t n;
     const uint8_t *p = io_memory_data(mem, &n);
 
-    ck_assert_int_eq(header_decode(p, STD_CS, n, &h, err, sizeof(err)), 0);
+    ck_assert_int_eq(header_decode(p, cs, n, &h, err, sizeof(err)), 0);
     memset(&m, 0, sizeof(m));
     meta_init(&m, &h, mem, true);
     ck_assert_int_eq(check_count_refs(&m, &h, &rep, &refs), 0);
@@ -1476,9 +1477,9 @@ static struct check_report check_file(struct io *mem)
     return rep;
 }
 
-static void expect_clean(struct io *mem)
+static struct check_report expect_clean(struct io *mem, uint64_t cs)
 {
-    struct check_report rep = check_file(mem);
+    struct check_report rep = check_file(mem, cs);
 
     ck_assert_msg(rep.corruptions == 0 && rep.leaks == 0,
                   "check: %llu corruptions (%llu refcounts too low, %llu COPIED wrong, "
@@ -1488,19 +1489,24 @@ static void expect_clean(struct io *mem)
                   (unsigned long long)rep.count[CHECK_COPIED_WRONG],
                   (unsigned long long)rep.count[CHECK_OFFSET_INVALID],
                   (unsigned long long)rep.leaks);
+    return rep;
 }
 
 /* Close the caches (after wfx_flush), judge the file, free everything. */
-static void wfx_close_clean(struct wfx *f)
+static struct check_report wfx_close_clean(struct wfx *f)
 {
+    struct check_report rep;
+    uint64_t cs = f->m.cluster_size;
+
     ck_assert(!meta_is_corrupt(&f->m));
     refcount_close(f->rc);
     cluster_close(f->cl);
     meta_set_destroy(&f->m);
     header_free(&f->h);
-    expect_clean(f->mem);
+    rep = expect_clean(f->mem, cs);
     io_close(f->io);            /* closes mem */
     free(f->log);
+    return rep;
 }
 
 /* Allocate a data cluster for guest cluster @gc, write @pattern over it and
@@ -1525,12 +1531,12 @@ START_TEST(write_fixture_is_clean)
     struct check_report rep;
 
     /* The image the write tests start from is consistent... */
-    expect_clean(mem);
+    expect_clean(mem, STD_CS);
     io_close(mem);
     /* ...and the check sees a wrong refcount in it (so a clean verdict
      * after a test means something). */
     mem = write_image(false);
-    rep = check_file(mem);
+    rep = check_file(mem, STD_CS);
     ck_assert_uint_eq(rep.count[CHECK_COPIED_WRONG], 1);
     io_close(mem);
 }
@@ -1543,7 +1549,7 @@ START_TEST(prepare_l2_allocates_empty_table)
     uint64_t l2, entry, bitmap, data;
     const uint8_t *t;
 
-    wfx_open(&f, write_image(true));
+    wfx_open(&f, write_image(true), STD_CS);
     ck_assert_int_eq(cluster_prepare_l2(f.cl, gc), 0);
 
     /* A new table, zeroed on disk at once (over the garbage of the free
@@ -1561,6 +1567,8 @@ START_TEST(prepare_l2_allocates_empty_table)
                       t[i]);
     ck_assert_uint_eq(wfx_refcount(&f, l2), 1);
     ck_assert_int_eq(meta_kind_at(&f.m, l2), META_KIND_L2);
+    ck_assert_int_eq(cluster_flush_l1(f.cl), 0);
+    ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS + 16), l2 | COPIED);
     /* Prepared once, the table is ours: a second call changes nothing. */
     ck_assert_int_eq(cluster_prepare_l2(f.cl, gc + 1), 0);
     ck_assert_uint_eq(wfx_refcount(&f, 11 * STD_CS), 0);
@@ -1584,7 +1592,7 @@ START_TEST(prepare_l2_uses_copied_table_in_place)
     unsigned nb_events;
     uint64_t data;
 
-    wfx_open(&f, write_image(true));
+    wfx_open(&f, write_image(true), STD_CS);
     nb_events = f.log->nb;
     ck_assert_int_eq(cluster_prepare_l2(f.cl, gc), 0);
     ck_assert(!cluster_l1_dirty(f.cl));
@@ -1607,7 +1615,7 @@ START_TEST(prepare_l2_sets_missing_copied)
      * the table is ours already; only the flag is set, nothing copied. */
     struct wfx f;
 
-    wfx_open(&f, write_image(false));
+    wfx_open(&f, write_image(false), STD_CS);
     ck_assert_int_eq(cluster_prepare_l2(f.cl, STD_L2E), 0);
     ck_assert(cluster_l1_dirty(f.cl));
     ck_assert_uint_eq(wfx_refcount(&f, 10 * STD_CS), 0);
@@ -1623,7 +1631,7 @@ START_TEST(prepare_l2_copies_shared_table)
     struct wfx f;
     uint64_t entry, bitmap, data;
 
-    wfx_open(&f, write_image(true));
+    wfx_open(&f, write_image(true), STD_CS);
     ck_assert_int_eq(cluster_prepare_l2(f.cl, 1), 0);
 
     /* The copy holds the shared table's entries and has its own refcount;
@@ -1639,6 +1647,8 @@ START_TEST(prepare_l2_copies_shared_table)
     ck_assert_uint_eq(wfx_refcount(&f, old), 2);
     ck_assert(refcount_has_deferred(f.rc));
     ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS), old);
+    ck_assert_int_eq(cluster_flush_l1(f.cl), 0);
+    ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS), copy | COPIED);
 
     data = wfx_write_cluster(&f, 1, 0x33);
     wfx_flush(&f);
@@ -1661,7 +1671,7 @@ START_TEST(set_entry_dirty_slice_and_ordering)
     uint64_t data, entry, bitmap;
     int i_rc, i_flush, i_l2;
 
-    wfx_open(&f, write_image(true));
+    wfx_open(&f, write_image(true), STD_CS);
     wfx_write_cluster(&f, STD_L2E + 1, 0x44);
     wfx_flush(&f);
     /* A second write after a flush: the entry waits in the cache, and the
@@ -1717,24 +1727,8 @@ START_TEST(set_entry_extended_l2_bitmap)
         refcount_entry_set(4, im.buf + 2 * X_CS, c, 1);
     l1_set(&im, 3, 0, 4 * X_CS | COPIED);
 
-    /* wfx_open, for this geometry */
-    {
-        char err[256];
-        size_t n;
-        memset(&f, 0, sizeof(f));
-        f.log = tu_zalloc(sizeof(*f.log));
-        f.mem = img_io(&im);
-        f.io = seq_io_new(f.mem, f.log, EV_IMAGE);
-        const uint8_t *p = io_memory_data(f.mem, &n);
-        ck_assert_msg(header_decode(p, X_CS, n, &f.h, err, sizeof(err)) == 0, "header: %s",
-                      err);
-        meta_init(&f.m, &f.h, f.io, false);
-        ck_assert(f.m.extended_l2);
-        ck_assert_int_eq(meta_set_create(&f.m), 0);
-        ck_assert_int_eq(cluster_open(&f.m, 3 * X_CS, 1, 1u << 20, &f.cl), 0);
-        ck_assert_int_eq(refcount_open(&f.m, X_CS, 1, 1u << 20, &f.rc), 0);
-        ck_assert_int_eq(cluster_set_refcount(f.cl, f.rc), 0);
-    }
+    wfx_open(&f, img_io(&im), X_CS);
+    ck_assert(f.m.extended_l2);
 
     ck_assert_int_eq(cluster_prepare_l2(f.cl, gc), 0);
     ck_assert_int_eq(refcount_alloc(f.rc, 1, &host, &fresh), 0);
@@ -1760,33 +1754,7 @@ START_TEST(set_entry_extended_l2_bitmap)
     ck_assert_uint_eq(wfx_disk64(&f, 4 * X_CS + gc * 16 + 8), bitmap);
     ck_assert_uint_eq(wfx_disk64(&f, 4 * X_CS + gc * 16 - 8), 0);
     ck_assert_uint_eq(wfx_disk64(&f, 4 * X_CS + gc * 16 + 16), 0);
-    ck_assert(!meta_is_corrupt(&f.m));
-    refcount_close(f.rc);
-    cluster_close(f.cl);
-    meta_set_destroy(&f.m);
-    header_free(&f.h);
-    {
-        struct check_report rep = { 0 };
-        struct check_refs *refs = NULL;
-        struct qcow2_header h;
-        struct meta m;
-        char err[256];
-        size_t n;
-        const uint8_t *p = io_memory_data(f.mem, &n);
-
-        ck_assert_int_eq(header_decode(p, X_CS, n, &h, err, sizeof(err)), 0);
-        memset(&m, 0, sizeof(m));
-        meta_init(&m, &h, f.mem, true);
-        ck_assert_int_eq(check_count_refs(&m, &h, &rep, &refs), 0);
-        ck_assert_int_eq(check_compare(&m, &h, refs, &rep), 0);
-        ck_assert_uint_eq(rep.corruptions, 0);
-        ck_assert_uint_eq(rep.leaks, 0);
-        ck_assert_uint_eq(rep.allocated_clusters, 1);
-        check_refs_free(refs);
-        header_free(&h);
-    }
-    io_close(f.io);
-    free(f.log);
+    ck_assert_uint_eq(wfx_close_clean(&f).allocated_clusters, 1);
 }
 END_TEST
 
@@ -1798,7 +1766,7 @@ START_TEST(grow_l1_moves_table)
     int i_table, i_rc, i_hdr, i_flush1, i_flush2;
     const uint8_t *t;
 
-    wfx_open(&f, write_image(true));
+    wfx_open(&f, write_image(true), STD_CS);
     data = wfx_write_cluster(&f, 2 * STD_L2E, 0x77);   /* L1[2] gets table 10 */
     wfx_flush(&f);
     f.log->nb = 0;
