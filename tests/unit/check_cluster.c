@@ -1,6 +1,8 @@
 /*
- * Unit tests for cluster: L2 entry decoding, and guest-to-host lookups over
- * small images built in memory.
+ * Unit tests for cluster: L2 entry decoding, guest-to-host lookups over
+ * small images built in memory, and the write side (preparing, copying and
+ * allocating L2 tables, setting entries, growing the L1 table) judged by
+ * the image checker afterwards.
  */
 #include "testutil.h"
 
