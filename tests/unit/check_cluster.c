@@ -1443,7 +1443,8 @@ static void wfx_flush(struct wfx *f)
     ck_assert_int_eq(io_flush(f->io), 0);
     ck_assert_int_eq(cluster_flush_l1(f->cl), 0);
     ck_assert_int_eq(io_flush(f->io), 0);
-    ck_assert_int_eq(refcount_apply_deferred(f->rc, NULL, NULL), 0);
+    if (refcount_has_deferred(f->rc))   /* as image.c: never with none queued */
+        ck_assert_int_eq(refcount_apply_deferred(f->rc, NULL, NULL), 0);
     ck_assert_int_eq(cache_flush(rcc), 0);
     ck_assert(!cluster_l1_dirty(f->cl));
     ck_assert(!cache_has_dirty(l2));
