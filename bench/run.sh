@@ -108,7 +108,7 @@ ALL_JOBS=(
     "randwrite-alloc|alloc rand write 4k QD16|empty|write|iops|--rw=randwrite --bs=4k --iodepth=16"
     "randwrite-over|overwrite rand write 4k QD16|filled|write|iops|--rw=randwrite --bs=4k --iodepth=16"
     "randwrite-fsync|rand write 4k QD1 fsync=1|filled|write|iops|--rw=randwrite --bs=4k --iodepth=1 --fsync=1"
-    # Not one of issue 6's jobs (left out of the geometric mean, marked +):
+    # Not a throughput job (left out of the geometric mean, marked +):
     # the reads of randread-qd1 while a second fio job streams 1 MiB writes
     # (QD4) into the upper half of the disk with an fsync every 64 MiB.  It
     # shows whether a flush stalls the other requests.

@@ -1,6 +1,7 @@
 /*
  * backing — name resolution, policy and format detection for files an image
- * refers to.
+ * refers to, and opening them with the file-system identity of the images'
+ * owners when the daemon runs as root.
  */
 #include "backing.h"
 

@@ -8,8 +8,11 @@
  *   cache_mark_dirty() the table changed; it is written back later
  *   cache_flush()      write every dirty table (dependencies first), run
  *                      the flush hook, then flush the host file
- *   cache_set_dependency(c, d)  before any table of c is written, every
- *                      dirty table of d is written and the host flushed
+ *   cache_set_dependency(c, d)  before any table of c is written, d is
+ *                      flushed (cache_flush: its dirty tables, its flush
+ *                      hook, a host flush).  No chains: another dependency
+ *                      of c, or one of d, is flushed at once, and an error
+ *                      of that flush is not returned
  *   cache_depends_on_flush(c)   before any table of c is written, the host
  *                      file is flushed (guest data before the L2 entry that
  *                      makes it visible)

@@ -1,6 +1,7 @@
 /*
  * check — reference counting from the metadata, comparison with the
- * on-disk refcounts, and rebuilding of the refcount structures.
+ * on-disk refcounts, rebuilding of the refcount structures, and the repair
+ * of leaks and of OFLAG_COPIED flags.
  */
 #include "check.h"
 

@@ -10,8 +10,8 @@
  * Locking rule: every function must be called with the image's metadata
  * lock held exclusively, except cluster_lookup_shared, which needs it held
  * at least shared.  The returned run is a snapshot: after the lock is
- * dropped it may be used for I/O only as image.c's rules allow (the guest
- * range held, or the free generation checked after the I/O).
+ * dropped it may be used for I/O only as the image module's rules allow (the
+ * guest range held, or the free generation checked after the I/O).
  */
 #ifndef QCOW2FUSE_CLUSTER_H
 #define QCOW2FUSE_CLUSTER_H
@@ -125,11 +125,16 @@ int cluster_check_old_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
                             uint64_t bitmap, uint64_t *host, uint64_t *len);
 
 /*
- * Make the L2 table of guest cluster @gc exclusively ours: allocate it if
- * unallocated (written as zeros at once), or copy it if shared with a
- * snapshot (the old table's reference is dropped through a deferred free).
+ * Make the L2 table of guest cluster @gc exclusively ours: use it as it is
+ * when its L1 entry has COPIED (or its refcount is 1: COPIED is then set),
+ * allocate it if unallocated (written as zeros at once), or copy it if
+ * shared with a snapshot (the old table's reference is dropped through a
+ * deferred free).
  * On exit: the L1 entry has COPIED set; the L1 change is written by
  * cluster_flush_l1().
+ * Returns: 0, -EIO after meta_corrupt (@gc beyond the L1 table, a bad L1
+ *          entry, a table with refcount 0, an overlap), or -errno (a new
+ *          table that could not be written is given back at once).
  */
 int cluster_prepare_l2(struct cluster *cl, uint64_t gc);
 
@@ -139,6 +144,8 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc);
  *           earlier (tables never become shared again while mounted).
  * On exit:  the slice is dirty; if @new_data, the L2 cache now depends on
  *           the refcount cache and on a host flush (guest data first).
+ * Returns:  0, or -errno of getting the slice (its read, or the write of
+ *           the table evicted for it).
  */
 int cluster_set_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
                       uint64_t bitmap, bool new_data);
@@ -148,7 +155,9 @@ int cluster_set_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
  * elsewhere and flushed, then the header's l1_size/l1_table_offset are
  * switched (flushed), then the old table's clusters are released.
  * On entry: the L1 table has no dirty entries (flush first).
- * Returns: 0 or -errno (the old table stays in use on failure).
+ * Returns: 0, -EFBIG (beyond the L1 size limit), or -errno: up to the
+ *          header's switch the old table stays in use; if that write or
+ *          its flush fails, both tables stay allocated (a leak at worst).
  */
 int cluster_grow_l1(struct cluster *cl, uint32_t new_size);
 uint32_t cluster_l1_size(const struct cluster *cl);

@@ -1,5 +1,6 @@
 /*
- * io — backends for the host-file layer: POSIX file, memory, trace.
+ * io — backends for the host-file layer (POSIX file, memory, trace) and the
+ * sticky error of a failed flush (see io.h).
  */
 #include "io.h"
 

@@ -1,5 +1,6 @@
 /*
- * log — one function with levels, writing to stderr or syslog.
+ * log — one function with levels, writing to stderr or syslog (or to the
+ * hook a test installs).
  */
 #include "log.h"
 

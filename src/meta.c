@@ -1,5 +1,7 @@
 /*
- * meta — the corruption path shared by all metadata modules.
+ * meta — geometry from the header, the overlap map (meta_mark and
+ * meta_check_write), changes of the incompatible bits, and the corruption
+ * path shared by all metadata modules.
  */
 #include "meta.h"
 

@@ -1,10 +1,12 @@
 /*
- * meta — the geometry of one open qcow2 image and its corruption path,
+ * meta — the geometry of one open qcow2 image, the overlap map of its
+ * metadata clusters, its incompatible feature bits and its corruption path,
  * shared by the modules that interpret on-disk metadata (cluster, refcount,
- * compress).  Geometry is fixed at open; the corrupt flag is the one piece
- * of state, and meta_corrupt() is the single way to raise it: it logs once
- * with the offending offsets, sets the corrupt bit in the image header (on a
- * writable image) and from then on every write is refused.
+ * check, image, qcow2check).  The geometry is fixed at open, except that
+ * file_end only ever grows.  meta_corrupt() is the single way to raise the
+ * corrupt flag: it logs once with the offending offsets, sets the corrupt
+ * bit in the image header (on a writable version 3 image) and from then on
+ * every write is refused.
  */
 #ifndef QCOW2FUSE_META_H
 #define QCOW2FUSE_META_H
@@ -78,7 +80,8 @@ void meta_init(struct meta *m, const struct qcow2_header *h, struct io *io,
 /*
  * Report corrupt metadata: @what names the structure and offsets.
  * On exit: the image is marked corrupt (writes refused); the first call also
- * logs an error and, on a writable image, sets the corrupt bit on disk.
+ * logs an error and, on a writable version 3 image, sets the corrupt bit on
+ * disk (version 2 has no feature bits).
  * Returns -EIO, so callers can `return meta_corrupt(...)`.
  */
 int meta_corrupt(struct meta *m, const char *fmt, ...)

@@ -80,8 +80,10 @@ static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_
 
 /* ---- open/close ------------------------------------------------------------ */
 
-/* Clusters a crash can leave counted past the end of the file: at most the
- * allocations in flight (16 requests of up to 256 clusters). */
+/* Clusters a crash can leave counted past the end of the file: the
+ * allocations in flight, whose data had not reached the file.  At most 16
+ * requests run at once (the worker threads), of up to 1 MiB each: 4096
+ * clusters of 4 KiB, fewer with larger clusters (more with smaller ones). */
 #define REFCOUNT_SLACK_PAST_END 8192u
 
 /*

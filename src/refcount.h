@@ -11,9 +11,10 @@
  * depend on the refcount cache, no reference into a new block's range
  * reaches the disk before the block is linked.  A new refcount table is
  * written and flushed before the header points at it, and the old table is
- * released only after that.  Increments are always safe to write early (a crash leaks); callers
- * must make decrements visible only after the references they drop are gone
- * from disk (see image.c, deferred frees).
+ * released only after that.  Increments are always safe to write early (a
+ * crash leaks); callers must make decrements visible only after the
+ * references they drop are gone from disk (refcount_defer_free, applied by
+ * the image module's flush).
  *
  * Locking rule: call with the image's metadata lock held.
  */

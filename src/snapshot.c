@@ -1,5 +1,6 @@
 /*
- * snapshot — internal snapshot table decoding.
+ * snapshot — internal snapshot table decoding, and the check of the disk
+ * size a snapshot's view would show.
  */
 #include "snapshot.h"
 

@@ -1,10 +1,13 @@
 /*
- * Unit tests for cluster: L2 entry decoding, and guest-to-host lookups over
- * small images built in memory.
+ * Unit tests for cluster: L2 entry decoding, guest-to-host lookups over
+ * small images built in memory, and the write side (preparing, copying and
+ * allocating L2 tables, setting entries, growing the L1 table) judged by
+ * the image checker afterwards.
  */
 #include "testutil.h"
 
 #include "cache.h"
+#include "check.h"
 #include "cluster.h"
 #include "compress.h"
 #include "io.h"
@@ -1317,6 +1320,515 @@ START_TEST(evicted_l2_waits_for_data_file_flush)
 }
 END_TEST
 
+/* ---- write side: prepare_l2, set_entry, grow_l1 ----------------------- */
+
+/*
+ * A whole v3 image with 4 KiB clusters, 16-bit refcounts and one internal
+ * snapshot, so that every refcount can be judged by check_count_refs /
+ * check_compare afterwards:
+ *
+ *   0 header  1 refcount table  2 refcount block  3 active L1 (3 entries)
+ *   4 L2 table shared with the snapshot (L1[0], COPIED clear, refcount 2):
+ *     entry 0 -> data cluster 7 (refcount 2, COPIED clear)
+ *   5 the snapshot's L1 (1 entry -> 4)   6 the snapshot table
+ *   8 L2 table of L1[1] (COPIED, refcount 1): entry 0 -> data 9 (COPIED)
+ *   L1[2] empty
+ *  10 free (refcount 0) and full of garbage: the first cluster a new
+ *     table gets, so a table that is not written out reads as garbage
+ */
+#define W_CLUSTERS  11u
+#define W_L1SIZE    3u
+#define W_GARBAGE   0xa5
+
+static const uint64_t w_refs[W_CLUSTERS] = { 1, 1, 1, 1, 2, 1, 1, 2, 1, 1, 0 };
+
+static struct io *write_image(bool l1_copied)
+{
+    struct img im;
+    struct tu_hdr th = tu_hdr_default(3, STD_CB);
+    uint8_t *e;
+
+    img_init(&im, STD_CB, false, W_CLUSTERS);
+    th.size = W_L1SIZE * STD_L2E * STD_CS;
+    th.l1_size = W_L1SIZE;
+    th.nb_snapshots = 1;
+    th.snapshots_offset = 6 * STD_CS;
+    tu_hdr_write(im.buf, &th);
+    be64_put(im.buf + STD_CS, 2 * STD_CS);
+    for (unsigned c = 0; c < W_CLUSTERS; c++)
+        refcount_entry_set(4, im.buf + 2 * STD_CS, c, w_refs[c]);
+    l1_set(&im, 3, 0, 4 * STD_CS);
+    l1_set(&im, 3, 1, 8 * STD_CS | (l1_copied ? COPIED : 0));
+    l2_set(&im, 4, 0, 7 * STD_CS, 0);
+    l1_set(&im, 5, 0, 4 * STD_CS);
+    e = im.buf + 6 * STD_CS;
+    be64_put(e, 5 * STD_CS);                    /* the snapshot's L1 */
+    be32_put(e + 8, 1);
+    be16_put(e + 12, 1);                        /* id "1" */
+    be16_put(e + 14, 4);                        /* name "snap" */
+    be32_put(e + 36, 16);                       /* extra: vm state, disk size */
+    be64_put(e + 48, STD_L2E * STD_CS);
+    memcpy(e + 56, "1snap", 5);
+    fill_data(&im, 7);
+    l2_set(&im, 8, 0, 9 * STD_CS | COPIED, 0);
+    fill_data(&im, 9);
+    memset(im.buf + 10 * STD_CS, W_GARBAGE, STD_CS);
+    return img_io(&im);
+}
+
+/* A writable image open at the cluster level, as image.c's open does it. */
+struct wfx {
+    struct seq_log *log;
+    struct io *mem;             /* the memory file under @io */
+    struct io *io;              /* records writes and flushes into @log */
+    struct qcow2_header h;
+    struct meta m;
+    struct cluster *cl;
+    struct refcount *rc;
+};
+
+static const uint8_t *wfx_disk(struct wfx *f, uint64_t off, uint64_t len)
+{
+    size_t n;
+    const uint8_t *p = io_memory_data(f->mem, &n);
+
+    ck_assert_msg(off + len <= n, "0x%llx..+%llu lies past the file's end 0x%zx",
+                  (unsigned long long)off, (unsigned long long)len, n);
+    return p + off;
+}
+
+static uint64_t wfx_disk64(struct wfx *f, uint64_t off)
+{
+    return be64_get(wfx_disk(f, off, 8));
+}
+
+/* Open @mem, an image of @cs-byte clusters, for writing. */
+static void wfx_open(struct wfx *f, struct io *mem, uint64_t cs)
+{
+    const uint8_t *p;
+    char err[256];
+    size_t n;
+
+    memset(f, 0, sizeof(*f));
+    f->log = tu_zalloc(sizeof(*f->log));
+    f->mem = mem;
+    f->io = seq_io_new(mem, f->log, EV_IMAGE);
+    p = io_memory_data(mem, &n);
+    ck_assert_msg(header_decode(p, cs, n, &f->h, err, sizeof(err)) == 0, "header: %s",
+                  err);
+    meta_init(&f->m, &f->h, f->io, false);
+    ck_assert_int_eq(meta_set_create(&f->m), 0);
+    ck_assert_int_eq(meta_mark(&f->m, 0, cs, META_KIND_HEADER), 0);
+    if (f->h.nb_snapshots) {
+        ck_assert_int_eq(meta_mark(&f->m, 6 * STD_CS, STD_CS, META_KIND_SNAPSHOTS), 0);
+        ck_assert_int_eq(meta_mark(&f->m, 5 * STD_CS, 8, META_KIND_SNAPSHOTS), 0);
+        ck_assert_int_eq(cluster_mark_snapshot_l2(&f->m, 5 * STD_CS, 1), 0);
+    }
+    ck_assert_int_eq(cluster_open(&f->m, f->h.l1_table_offset, f->h.l1_size, 1u << 20,
+                                  &f->cl), 0);
+    ck_assert_int_eq(refcount_open(&f->m, f->h.refcount_table_offset,
+                                   f->h.refcount_table_clusters, 1u << 20, &f->rc), 0);
+    ck_assert_int_eq(cluster_set_refcount(f->cl, f->rc), 0);
+}
+
+/* What image.c's flush does: refcounts, host flush, L2, L1, host flush, then
+ * the deferred decrements (written and flushed). */
+static void wfx_flush(struct wfx *f)
+{
+    struct cache *l2 = cluster_l2_cache(f->cl), *rcc = refcount_cache(f->rc);
+
+    ck_assert_int_eq(cache_flush(rcc), 0);
+    cache_dependency_met(l2);
+    ck_assert_int_eq(cache_write_dirty(l2), 0);
+    ck_assert_int_eq(io_flush(f->io), 0);
+    ck_assert_int_eq(cluster_flush_l1(f->cl), 0);
+    ck_assert_int_eq(io_flush(f->io), 0);
+    if (refcount_has_deferred(f->rc))   /* as image.c: never with none queued */
+        ck_assert_int_eq(refcount_apply_deferred(f->rc, NULL, NULL), 0);
+    ck_assert_int_eq(cache_flush(rcc), 0);
+    ck_assert(!cluster_l1_dirty(f->cl));
+    ck_assert(!cache_has_dirty(l2));
+    ck_assert(!refcount_has_deferred(f->rc));
+}
+
+static uint64_t wfx_refcount(struct wfx *f, uint64_t off)
+{
+    uint64_t v;
+
+    ck_assert_int_eq(refcount_get(f->rc, off, &v), 0);
+    return v;
+}
+
+/* Check the refcounts of @mem (@cs-byte clusters) the way qcow2check does. */
+static struct check_report check_file(struct io *mem, uint64_t cs)
+{
+    struct check_report rep = { 0 };
+    struct check_refs *refs = NULL;
+    struct qcow2_header h;
+    struct meta m;
+    char err[256];
+    size_t n;
+    const uint8_t *p = io_memory_data(mem, &n);
+
+    ck_assert_int_eq(header_decode(p, cs, n, &h, err, sizeof(err)), 0);
+    memset(&m, 0, sizeof(m));
+    meta_init(&m, &h, mem, true);
+    ck_assert_int_eq(check_count_refs(&m, &h, &rep, &refs), 0);
+    ck_assert_int_eq(check_compare(&m, &h, refs, &rep), 0);
+    check_refs_free(refs);
+    header_free(&h);
+    return rep;
+}
+
+static struct check_report expect_clean(struct io *mem, uint64_t cs)
+{
+    struct check_report rep = check_file(mem, cs);
+
+    ck_assert_msg(rep.corruptions == 0 && rep.leaks == 0,
+                  "check: %llu corruptions (%llu refcounts too low, %llu COPIED wrong, "
+                  "%llu invalid offsets), %llu leaks",
+                  (unsigned long long)rep.corruptions,
+                  (unsigned long long)rep.count[CHECK_REFCOUNT_TOO_LOW],
+                  (unsigned long long)rep.count[CHECK_COPIED_WRONG],
+                  (unsigned long long)rep.count[CHECK_OFFSET_INVALID],
+                  (unsigned long long)rep.leaks);
+    return rep;
+}
+
+/* Close the caches (after wfx_flush), judge the file, free everything. */
+static struct check_report wfx_close_clean(struct wfx *f)
+{
+    struct check_report rep;
+    uint64_t cs = f->m.cluster_size;
+
+    ck_assert(!meta_is_corrupt(&f->m));
+    refcount_close(f->rc);
+    cluster_close(f->cl);
+    meta_set_destroy(&f->m);
+    header_free(&f->h);
+    rep = expect_clean(f->mem, cs);
+    io_close(f->io);            /* closes mem */
+    free(f->log);
+    return rep;
+}
+
+/* Allocate a data cluster for guest cluster @gc, write @pattern over it and
+ * set its entry (COPIED). */
+static uint64_t wfx_write_cluster(struct wfx *f, uint64_t gc, uint8_t pattern)
+{
+    uint8_t buf[STD_CS];
+    uint64_t host;
+    int fresh;
+
+    ck_assert_int_eq(cluster_prepare_l2(f->cl, gc), 0);
+    ck_assert_int_eq(refcount_alloc(f->rc, 1, &host, &fresh), 0);
+    memset(buf, pattern, sizeof(buf));
+    ck_assert_int_eq(io_pwrite(f->io, buf, sizeof(buf), host), 0);
+    ck_assert_int_eq(cluster_set_entry(f->cl, gc, host | COPIED, 0, true), 0);
+    return host;
+}
+
+START_TEST(write_fixture_is_clean)
+{
+    struct io *mem = write_image(true);
+    struct check_report rep;
+
+    /* The image the write tests start from is consistent... */
+    expect_clean(mem, STD_CS);
+    io_close(mem);
+    /* ...and the check sees a wrong refcount in it (so a clean verdict
+     * after a test means something). */
+    mem = write_image(false);
+    rep = check_file(mem, STD_CS);
+    ck_assert_uint_eq(rep.count[CHECK_COPIED_WRONG], 1);
+    io_close(mem);
+}
+END_TEST
+
+START_TEST(prepare_l2_allocates_empty_table)
+{
+    const uint64_t gc = 2 * STD_L2E + 5;        /* L1[2] is empty */
+    struct wfx f;
+    uint64_t l2, entry, bitmap, data;
+    const uint8_t *t;
+
+    wfx_open(&f, write_image(true), STD_CS);
+    ck_assert_int_eq(cluster_prepare_l2(f.cl, gc), 0);
+
+    /* A new table, zeroed on disk at once (over the garbage of the free
+     * cluster it reuses), its refcount raised; the L1 entry changes in
+     * memory only, until cluster_flush_l1. */
+    ck_assert(cluster_l1_dirty(f.cl));
+    ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS + 16), 0);
+    ck_assert_int_eq(cluster_get_entry(f.cl, gc, &entry, &bitmap), 0);
+    ck_assert_uint_eq(entry, 0);
+    l2 = 10 * STD_CS;                           /* the first free cluster */
+    ck_assert_int_ge(seq_find(f.log, EV_IMAGE, IO_TRACE_WRITE, l2), 0);
+    t = wfx_disk(&f, l2, STD_CS);
+    for (uint64_t i = 0; i < STD_CS; i++)
+        ck_assert_msg(t[i] == 0, "new L2 table byte %llu is 0x%02x", (unsigned long long)i,
+                      t[i]);
+    ck_assert_uint_eq(wfx_refcount(&f, l2), 1);
+    ck_assert_int_eq(meta_kind_at(&f.m, l2), META_KIND_L2);
+    ck_assert_int_eq(cluster_flush_l1(f.cl), 0);
+    ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS + 16), l2 | COPIED);
+    /* Prepared once, the table is ours: a second call changes nothing. */
+    ck_assert_int_eq(cluster_prepare_l2(f.cl, gc + 1), 0);
+    ck_assert_uint_eq(wfx_refcount(&f, 11 * STD_CS), 0);
+
+    data = wfx_write_cluster(&f, gc, 0x11);
+    ck_assert_uint_eq(data, 11 * STD_CS);
+    wfx_flush(&f);
+    ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS + 16), l2 | COPIED);
+    ck_assert_uint_eq(wfx_disk64(&f, l2 + 5 * 8), data | COPIED);
+    ck_assert_uint_eq(wfx_refcount(&f, l2), 1);
+    ck_assert_uint_eq(wfx_refcount(&f, data), 1);
+    expect_run(f.cl, gc * STD_CS, STD_CS, CLUSTER_DATA, data, STD_CS);
+    wfx_close_clean(&f);
+}
+END_TEST
+
+START_TEST(prepare_l2_uses_copied_table_in_place)
+{
+    const uint64_t gc = STD_L2E + 3;            /* L1[1]: table 8, COPIED */
+    struct wfx f;
+    unsigned nb_events;
+    uint64_t data;
+
+    wfx_open(&f, write_image(true), STD_CS);
+    nb_events = f.log->nb;
+    ck_assert_int_eq(cluster_prepare_l2(f.cl, gc), 0);
+    ck_assert(!cluster_l1_dirty(f.cl));
+    ck_assert_uint_eq(f.log->nb, nb_events);    /* nothing written */
+    ck_assert_uint_eq(wfx_refcount(&f, 10 * STD_CS), 0);    /* nothing allocated */
+
+    data = wfx_write_cluster(&f, gc, 0x22);
+    wfx_flush(&f);
+    ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS + 8), 8 * STD_CS | COPIED);
+    ck_assert_uint_eq(wfx_disk64(&f, 8 * STD_CS + 3 * 8), data | COPIED);
+    ck_assert_uint_eq(wfx_disk64(&f, 8 * STD_CS), 9 * STD_CS | COPIED);
+    ck_assert_uint_eq(wfx_refcount(&f, 8 * STD_CS), 1);
+    wfx_close_clean(&f);
+}
+END_TEST
+
+START_TEST(prepare_l2_sets_missing_copied)
+{
+    /* Refcount 1 with COPIED clear (what check calls a wrong COPIED flag):
+     * the table is ours already; only the flag is set, nothing copied. */
+    struct wfx f;
+
+    wfx_open(&f, write_image(false), STD_CS);
+    ck_assert_int_eq(cluster_prepare_l2(f.cl, STD_L2E), 0);
+    ck_assert(cluster_l1_dirty(f.cl));
+    ck_assert_uint_eq(wfx_refcount(&f, 10 * STD_CS), 0);
+    wfx_flush(&f);
+    ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS + 8), 8 * STD_CS | COPIED);
+    wfx_close_clean(&f);
+}
+END_TEST
+
+START_TEST(prepare_l2_copies_shared_table)
+{
+    const uint64_t old = 4 * STD_CS, copy = 10 * STD_CS;
+    struct wfx f;
+    uint64_t entry, bitmap, data;
+
+    wfx_open(&f, write_image(true), STD_CS);
+    ck_assert_int_eq(cluster_prepare_l2(f.cl, 1), 0);
+
+    /* The copy holds the shared table's entries and has its own refcount;
+     * the shared table keeps both references until the L1 entry that drops
+     * one is durable. */
+    ck_assert(cluster_l1_dirty(f.cl));
+    ck_assert_int_eq(memcmp(wfx_disk(&f, copy, STD_CS), wfx_disk(&f, old, STD_CS),
+                            STD_CS), 0);
+    ck_assert_int_eq(cluster_get_entry(f.cl, 0, &entry, &bitmap), 0);
+    ck_assert_uint_eq(entry, 7 * STD_CS);       /* still shared: no COPIED */
+    ck_assert_uint_eq(wfx_refcount(&f, copy), 1);
+    ck_assert_int_eq(meta_kind_at(&f.m, copy), META_KIND_L2);
+    ck_assert_uint_eq(wfx_refcount(&f, old), 2);
+    ck_assert(refcount_has_deferred(f.rc));
+    ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS), old);
+    ck_assert_int_eq(cluster_flush_l1(f.cl), 0);
+    ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS), copy | COPIED);
+
+    data = wfx_write_cluster(&f, 1, 0x33);
+    wfx_flush(&f);
+    ck_assert_uint_eq(wfx_disk64(&f, 3 * STD_CS), copy | COPIED);
+    ck_assert_uint_eq(wfx_disk64(&f, copy), 7 * STD_CS);
+    ck_assert_uint_eq(wfx_disk64(&f, copy + 8), data | COPIED);
+    /* The snapshot's table is untouched and still its own. */
+    ck_assert_uint_eq(wfx_disk64(&f, 5 * STD_CS), old);
+    ck_assert_uint_eq(wfx_disk64(&f, old + 8), 0);
+    ck_assert_uint_eq(wfx_refcount(&f, old), 1);
+    ck_assert_uint_eq(wfx_refcount(&f, 7 * STD_CS), 2);
+    wfx_close_clean(&f);
+}
+END_TEST
+
+START_TEST(set_entry_dirty_slice_and_ordering)
+{
+    const uint64_t gc = STD_L2E + 7;
+    struct wfx f;
+    uint64_t data, entry, bitmap;
+    int i_rc, i_flush, i_l2;
+
+    wfx_open(&f, write_image(true), STD_CS);
+    wfx_write_cluster(&f, STD_L2E + 1, 0x44);
+    wfx_flush(&f);
+    /* A second write after a flush: the entry waits in the cache, and the
+     * refcount of its new cluster reaches the disk, flushed, before it. */
+    f.log->nb = 0;
+    data = wfx_write_cluster(&f, gc, 0x55);
+    ck_assert(cache_has_dirty(cluster_l2_cache(f.cl)));
+    ck_assert_uint_eq(wfx_disk64(&f, 8 * STD_CS + 7 * 8), 0);
+    ck_assert_int_eq(cluster_get_entry(f.cl, gc, &entry, &bitmap), 0);
+    ck_assert_uint_eq(entry, data | COPIED);
+
+    ck_assert_int_eq(cache_flush(cluster_l2_cache(f.cl)), 0);
+    i_rc = seq_find(f.log, EV_IMAGE, IO_TRACE_WRITE, 2 * STD_CS);
+    i_l2 = seq_find(f.log, EV_IMAGE, IO_TRACE_WRITE, 8 * STD_CS);
+    i_flush = seq_find(f.log, EV_IMAGE, IO_TRACE_FLUSH, 0);
+    ck_assert_msg(i_l2 >= 0, "the L2 table was not written");
+    ck_assert_msg(i_rc >= 0 && i_rc < i_l2, "refcount block written at event %d, L2 "
+                  "table at %d", i_rc, i_l2);
+    ck_assert_msg(i_flush > i_rc && i_flush < i_l2, "no host flush between the "
+                  "refcount block (event %d) and the L2 table (%d)", i_rc, i_l2);
+    ck_assert_uint_eq(wfx_disk64(&f, 8 * STD_CS + 7 * 8), data | COPIED);
+    wfx_flush(&f);
+    wfx_close_clean(&f);
+}
+END_TEST
+
+/*
+ * Extended L2 entries, 64 KiB clusters: an L2 table of 4096 16-byte
+ * entries in 16 slices of 256.  0 header, 1 refcount table, 2 block,
+ * 3 L1 (1 entry) -> 4 L2 table (COPIED).
+ */
+#define X_CB    16u
+#define X_CS    (1ull << X_CB)
+#define X_SC    (X_CS / 32)
+
+START_TEST(set_entry_extended_l2_bitmap)
+{
+    const uint64_t gc = 300;                    /* slice 1, entry 44 */
+    const uint64_t bitmap = 0xfull | 0xf0ull << 32;     /* sc 0-3 data, 4-7 zero */
+    struct tu_hdr th = tu_hdr_default(3, X_CB);
+    struct img im;
+    struct wfx f;
+    uint64_t host, entry, bm;
+    uint8_t buf[X_SC * 4];
+    int fresh;
+
+    img_init(&im, X_CB, true, 5);
+    th.size = 4096 * X_CS;
+    th.incompatible_features = QCOW2_INCOMPAT_EXTL2;
+    tu_hdr_write(im.buf, &th);
+    be64_put(im.buf + X_CS, 2 * X_CS);
+    for (unsigned c = 0; c < 5; c++)
+        refcount_entry_set(4, im.buf + 2 * X_CS, c, 1);
+    l1_set(&im, 3, 0, 4 * X_CS | COPIED);
+
+    wfx_open(&f, img_io(&im), X_CS);
+    ck_assert(f.m.extended_l2);
+
+    ck_assert_int_eq(cluster_prepare_l2(f.cl, gc), 0);
+    ck_assert_int_eq(refcount_alloc(f.rc, 1, &host, &fresh), 0);
+    memset(buf, 0x66, sizeof(buf));
+    ck_assert_int_eq(io_pwrite(f.io, buf, sizeof(buf), host), 0);
+    ck_assert_int_eq(cluster_set_entry(f.cl, gc, host | COPIED, bitmap, true), 0);
+
+    ck_assert_int_eq(cluster_get_entry(f.cl, gc, &entry, &bm), 0);
+    ck_assert_uint_eq(entry, host | COPIED);
+    ck_assert_uint_eq(bm, bitmap);
+    for (uint64_t g = gc - 1; g <= gc + 1; g += 2) {
+        ck_assert_int_eq(cluster_get_entry(f.cl, g, &entry, &bm), 0);
+        ck_assert_uint_eq(entry, 0);
+        ck_assert_uint_eq(bm, 0);
+    }
+    expect_run(f.cl, gc * X_CS, X_CS, CLUSTER_DATA, host, 4 * X_SC);
+    expect_run(f.cl, gc * X_CS + 4 * X_SC, X_CS, CLUSTER_ZERO, 0, 4 * X_SC);
+    expect_run(f.cl, gc * X_CS + 8 * X_SC, 24 * X_SC, CLUSTER_UNALLOCATED, 0, 24 * X_SC);
+
+    wfx_flush(&f);
+    /* On disk: the entry, then its bitmap half, in slice 1 of the table. */
+    ck_assert_uint_eq(wfx_disk64(&f, 4 * X_CS + gc * 16), host | COPIED);
+    ck_assert_uint_eq(wfx_disk64(&f, 4 * X_CS + gc * 16 + 8), bitmap);
+    ck_assert_uint_eq(wfx_disk64(&f, 4 * X_CS + gc * 16 - 8), 0);
+    ck_assert_uint_eq(wfx_disk64(&f, 4 * X_CS + gc * 16 + 16), 0);
+    ck_assert_uint_eq(wfx_close_clean(&f).allocated_clusters, 1);
+}
+END_TEST
+
+START_TEST(grow_l1_moves_table)
+{
+    const uint32_t new_size = 1024;             /* two clusters */
+    struct wfx f;
+    uint64_t data, l1;
+    int i_table, i_rc, i_hdr, i_flush1, i_flush2;
+    const uint8_t *t;
+
+    wfx_open(&f, write_image(true), STD_CS);
+    data = wfx_write_cluster(&f, 2 * STD_L2E, 0x77);   /* L1[2] gets table 10 */
+    wfx_flush(&f);
+    f.log->nb = 0;
+    ck_assert_int_eq(cluster_grow_l1(f.cl, new_size), 0);
+
+    ck_assert_uint_eq(cluster_l1_size(f.cl), new_size);
+    l1 = be64_get(wfx_disk(&f, 40, 8));
+    ck_assert_uint_eq(be32_get(wfx_disk(&f, 36, 4)), new_size);
+    ck_assert_uint_ne(l1, 3 * STD_CS);
+    ck_assert_uint_eq(l1 % STD_CS, 0);
+    /* The entries moved with the table; the rest is empty. */
+    t = wfx_disk(&f, l1, 2 * STD_CS);
+    ck_assert_uint_eq(be64_get(t), 4 * STD_CS);
+    ck_assert_uint_eq(be64_get(t + 8), 8 * STD_CS | COPIED);
+    ck_assert_uint_eq(be64_get(t + 16), 10 * STD_CS | COPIED);
+    for (uint32_t i = W_L1SIZE; i < new_size; i++)
+        ck_assert_uint_eq(be64_get(t + 8 * i), 0);
+    ck_assert_uint_eq(wfx_refcount(&f, l1), 1);
+    ck_assert_uint_eq(wfx_refcount(&f, l1 + STD_CS), 1);
+    ck_assert_int_eq(meta_kind_at(&f.m, l1), META_KIND_L1);
+    ck_assert_int_eq(meta_kind_at(&f.m, l1 + STD_CS), META_KIND_L1);
+    ck_assert_int_eq(meta_kind_at(&f.m, 3 * STD_CS), META_KIND_NONE);
+
+    /* Order: the table and its refcounts, a flush, the header, a flush; the
+     * old table is freed after that: in the cache, not yet on disk. */
+    i_table = seq_find(f.log, EV_IMAGE, IO_TRACE_WRITE, l1);
+    i_rc = seq_find(f.log, EV_IMAGE, IO_TRACE_WRITE, 2 * STD_CS);
+    i_hdr = seq_find(f.log, EV_IMAGE, IO_TRACE_WRITE, 36);
+    ck_assert_int_ge(i_table, 0);
+    ck_assert_msg(i_rc >= 0 && i_hdr > i_rc, "refcount block at event %d, header %d",
+                  i_rc, i_hdr);
+    i_flush1 = -1;
+    for (int i = (i_table > i_rc ? i_table : i_rc) + 1; i < i_hdr; i++)
+        if (f.log->ev[i].type == IO_TRACE_FLUSH)
+            i_flush1 = i;
+    ck_assert_msg(i_flush1 > 0, "no host flush before the header write (event %d)", i_hdr);
+    i_flush2 = -1;
+    for (int i = i_hdr + 1; i < (int)f.log->nb && i_flush2 < 0; i++)
+        if (f.log->ev[i].type == IO_TRACE_FLUSH)
+            i_flush2 = i;
+    ck_assert_msg(i_flush2 > i_hdr, "no host flush after the header write");
+    ck_assert_uint_eq(wfx_refcount(&f, 3 * STD_CS), 0);
+    ck_assert_uint_eq(refcount_entry_get(4, wfx_disk(&f, 2 * STD_CS, STD_CS), 3), 1);
+
+    wfx_flush(&f);
+    ck_assert_uint_eq(refcount_entry_get(4, wfx_disk(&f, 2 * STD_CS, STD_CS), 3), 0);
+
+    /* The grown table is the one in use: an entry past the old size gets a
+     * table (the old L1's cluster, free now). */
+    ck_assert_int_eq(cluster_prepare_l2(f.cl, 1000 * STD_L2E), 0);
+    ck_assert(cluster_l1_dirty(f.cl));
+    wfx_flush(&f);
+    ck_assert_uint_eq(wfx_disk64(&f, l1 + 1000 * 8), 3 * STD_CS | COPIED);
+    ck_assert_uint_eq(wfx_refcount(&f, 3 * STD_CS), 1);
+    expect_run(f.cl, 2 * STD_L2E * STD_CS, STD_CS, CLUSTER_DATA, data, STD_CS);
+    wfx_close_clean(&f);
+}
+END_TEST
+
 static Suite *cluster_suite(void)
 {
     Suite *s = suite_create("cluster");
@@ -1363,6 +1875,14 @@ static Suite *cluster_suite(void)
     tc = tcase_create("write");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, evicted_l2_waits_for_data_file_flush);
+    tcase_add_test(tc, write_fixture_is_clean);
+    tcase_add_test(tc, prepare_l2_allocates_empty_table);
+    tcase_add_test(tc, prepare_l2_uses_copied_table_in_place);
+    tcase_add_test(tc, prepare_l2_sets_missing_copied);
+    tcase_add_test(tc, prepare_l2_copies_shared_table);
+    tcase_add_test(tc, set_entry_dirty_slice_and_ordering);
+    tcase_add_test(tc, set_entry_extended_l2_bitmap);
+    tcase_add_test(tc, grow_l1_moves_table);
     suite_add_tcase(s, tc);
     return s;
 }
