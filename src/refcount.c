@@ -80,11 +80,20 @@ static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_
 
 /* ---- open/close ------------------------------------------------------------ */
 
-/* Clusters a crash can leave counted past the end of the file: the
- * allocations in flight, whose data had not reached the file.  At most 16
- * requests run at once (the worker threads), of up to 1 MiB each: 4096
- * clusters of 4 KiB, fewer with larger clusters (more with smaller ones). */
-#define REFCOUNT_SLACK_PAST_END 8192u
+/* What a crash can leave counted past the end of the file: the allocations
+ * in flight, whose data had not reached the file.  At most 16 requests run
+ * at once (the worker threads), of up to 1 MiB each: 16 MiB, i.e. 32768
+ * clusters of 512 bytes.  Allowed: four times that in bytes, and never less
+ * than 8192 clusters (16 GiB of 2 MiB clusters). */
+#define REFCOUNT_SLACK_BYTES        (64ull << 20)
+#define REFCOUNT_SLACK_MIN_CLUSTERS 8192u
+
+static uint64_t slack_past_end(const struct meta *m)
+{
+    uint64_t n = REFCOUNT_SLACK_BYTES >> m->cluster_bits;
+
+    return n > REFCOUNT_SLACK_MIN_CLUSTERS ? n : REFCOUNT_SLACK_MIN_CLUSTERS;
+}
 
 /*
  * A refcount block that counts clusters far past the end of the file is not
@@ -95,7 +104,7 @@ static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_
 static int check_blocks_past_end(struct refcount *rc)
 {
     struct meta *m = rc->m;
-    uint64_t limit = (rc->file_end >> m->cluster_bits) + REFCOUNT_SLACK_PAST_END;
+    uint64_t limit = (rc->file_end >> m->cluster_bits) + slack_past_end(m);
     uint8_t *buf = NULL;
     int ret = 0;
 
@@ -834,7 +843,9 @@ int refcount_apply_deferred(struct refcount *rc, refcount_freed_fn *freed, void 
         if (ret < 0)
             break;
     }
-    memmove(rc->deferred, rc->deferred + i, (rc->nb_deferred - i) * sizeof(*rc->deferred));
+    if (i)      /* (an empty queue may have no array: memmove(NULL) is UB) */
+        memmove(rc->deferred, rc->deferred + i,
+                (rc->nb_deferred - i) * sizeof(*rc->deferred));
     rc->nb_deferred -= i;
     return ret;
 }

@@ -685,6 +685,49 @@ START_TEST(open_rejects_bad_table_entry)
 }
 END_TEST
 
+/*
+ * A crash can leave refcounts for clusters whose data never reached the
+ * file: as many as the requests in flight allocate, 16 x 1 MiB = 32768
+ * clusters of 512 bytes.  Such an image must open; a block counting
+ * clusters gigabytes further out must still be refused.
+ */
+START_TEST(open_allows_inflight_allocations_past_end)
+{
+    const uint64_t nb = 16, inflight = nb + 30000, wild = nb + 250000;
+
+    for (unsigned k = 0; k < 2; k++) {
+        uint64_t ci = k == 0 ? inflight : wild;
+        struct rimg im;
+        struct meta m;
+        struct io *io;
+        struct refcount *rc = NULL;
+
+        /* 512-byte clusters, 1-bit refcounts: 4096 clusters per block. */
+        rimg_init(&im, 9, 0, nb, 2, 4);
+        /* The second block (cluster 3) moves to the table entry of @ci. */
+        be64_put(im.buf + im.table_off + 8, 0);
+        be64_put(im.buf + im.table_off + 8 * (ci / 4096), 3 * 512);
+        refcount_entry_set(0, im.buf + 3 * 512, ci % 4096, 1);
+        ck_assert_int_eq(io_open_memory(im.buf, im.len, &io), 0);
+        free(im.buf);
+        tu_log_capture();
+        tu_meta_init(&m, io, 9, true, false);
+        m.refcount_order = 0;
+        m.file_end = nb * 512;
+        if (k == 0) {
+            ck_assert_int_eq(refcount_open(&m, im.table_off, 1, 1u << 20, &rc), 0);
+            ck_assert(!meta_is_corrupt(&m));
+            refcount_close(rc);
+        } else {
+            ck_assert_int_eq(refcount_open(&m, im.table_off, 1, 1u << 20, &rc), -EIO);
+            ck_assert(meta_is_corrupt(&m));
+        }
+        tu_log_release();
+        io_close(io);
+    }
+}
+END_TEST
+
 /* ---- allocation ------------------------------------------------------------ */
 
 START_TEST(alloc_first_fit_and_reuse)
@@ -1455,6 +1498,7 @@ static Suite *refcount_suite(void)
     tcase_add_test(tc, update_underflow);
     tcase_add_test(tc, update_overflow_all_orders);
     tcase_add_test(tc, open_rejects_bad_table_entry);
+    tcase_add_test(tc, open_allows_inflight_allocations_past_end);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("alloc");
