@@ -244,7 +244,6 @@ static int rebuild_dirty(struct image *img)
 {
     struct check_report rep = { 0 };
     struct check_refs *refs = NULL;
-    uint8_t buf[8];
     long fixed;
     int ret;
 
@@ -268,10 +267,8 @@ static int rebuild_dirty(struct image *img)
         ret = (int)fixed;
         goto out;
     }
-    img->meta.incompatible &= ~QCOW2_INCOMPAT_DIRTY;
+    ret = meta_update_incompatible(&img->meta, 0, QCOW2_INCOMPAT_DIRTY);
     img->hdr.incompatible_features = img->meta.incompatible;
-    be64_put(buf, img->meta.incompatible);
-    ret = io_pwrite(img->io, buf, sizeof(buf), 72);
     if (ret == 0)
         ret = io_flush(img->io);
 out:
@@ -528,14 +525,6 @@ int image_open_io(struct io *io, const char *name, const struct image_options *o
                   struct image **out)
 {
     return open_top(name, io, opts, out);
-}
-
-static int write_header_u64(struct image *img, unsigned offset, uint64_t v)
-{
-    uint8_t buf[8];
-
-    be64_put(buf, v);
-    return io_pwrite(img->io, buf, sizeof(buf), offset);
 }
 
 /* ---- a failed host flush -------------------------------------------------- */
@@ -928,7 +917,7 @@ static int prepare_write(struct image *img)
     if (h->version >= 3) {
         uint64_t keep = h->autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
         if (keep != h->autoclear_features) {
-            ret = write_header_u64(img, 88, keep);
+            ret = header_write_autoclear(img->io, keep);
             if (ret < 0)
                 return ret;
             h->autoclear_features = keep;
@@ -1767,7 +1756,6 @@ int image_resize(struct image *img, uint64_t new_size)
     uint64_t cs = m->cluster_size, old;
     uint64_t clusters, need_l1;
     bool zero_new;
-    uint8_t buf[8];
     struct range r;
     int ret;
 
@@ -1860,8 +1848,7 @@ int image_resize(struct image *img, uint64_t new_size)
             ret = io_truncate(m->data_io, new_size);
     }
     if (ret == 0) {
-        be64_put(buf, new_size);
-        ret = io_pwrite(img->io, buf, sizeof(buf), 24);
+        ret = header_write_size(img->io, new_size);
         if (ret == 0)
             ret = io_flush(img->io);
     }

@@ -173,10 +173,9 @@ int main(int argc, char *argv[])
         }
         if (repair == REPAIR_ALL && (h.incompatible_features &
                                      (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY))) {
-            uint8_t b[8];
-            h.incompatible_features &= ~(QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY);
-            be64_put(b, h.incompatible_features);
-            ret = io_pwrite(io, b, 8, 72);
+            ret = meta_update_incompatible(&m, 0, QCOW2_INCOMPAT_CORRUPT |
+                                                  QCOW2_INCOMPAT_DIRTY);
+            h.incompatible_features = m.incompatible;
             if (ret == 0)
                 ret = io_flush(io);
             if (ret < 0)
