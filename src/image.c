@@ -361,9 +361,6 @@ static int open_chain(const char *path, struct io *given_io,
                       unsigned depth, struct image **out)
 {
     struct image *img = image_alloc();
-    uint8_t *buf = NULL;
-    uint64_t file_size;
-    size_t buf_len;
     char err[512];
     int ret;
 
@@ -397,25 +394,12 @@ static int open_chain(const char *path, struct io *given_io,
             goto fail;
         img->io = traced;
     }
-    ret = io_get_size(img->io, &file_size);
-    if (ret < 0)
-        goto fail;
-
-    /* The header and its extensions live in the first cluster, at most
-     * 2 MiB: read that much (or the whole file if shorter). */
-    buf_len = file_size < (1u << QCOW2_MAX_CLUSTER_BITS) ? (size_t)file_size
-                                                         : (1u << QCOW2_MAX_CLUSTER_BITS);
-    buf = malloc(buf_len ? buf_len : 1);
-    if (!buf) {
-        ret = -ENOMEM;
-        goto fail;
-    }
-    ret = io_pread(img->io, buf, buf_len, 0);
-    if (ret < 0)
-        goto fail;
-    ret = header_decode(buf, buf_len, file_size, &img->hdr, err, sizeof(err));
+    ret = header_read(img->io, &img->hdr, err, sizeof(err));
     if (ret < 0) {
-        log_error("%s: %s", path, ret == -ENOMEM ? strerror(ENOMEM) : err);
+        /* A refused header is named; a failed read only returns its
+         * -errno (as before header_read). */
+        if (err[0] || ret == -ENOMEM)
+            log_error("%s: %s", path, err[0] ? err : strerror(ENOMEM));
         goto fail;
     }
 
@@ -491,12 +475,10 @@ static int open_chain(const char *path, struct io *given_io,
         if (ret < 0)
             goto fail;
     }
-    free(buf);
     *out = img;
     return 0;
 
 fail:
-    free(buf);
     image_free(img);
     return ret;
 }
