@@ -89,6 +89,92 @@ static bool has_nul(const uint8_t *p, size_t len)
     return memchr(p, 0, len) != NULL;
 }
 
+/*
+ * Decode the payload of one extension of a type we know (at header offset
+ * @off, @len bytes at @data) into h; other types are only kept.
+ * Returns: 0, -EINVAL (invalid payload, message in @err), -ENOMEM.
+ */
+static int decode_extension_payload(uint32_t type, const uint8_t *data, uint32_t len,
+                                    size_t off, struct qcow2_header *h,
+                                    char *err, size_t err_len)
+{
+    switch (type) {
+    case QCOW2_EXT_BACKING_FORMAT:
+        if (len == 0 || len > 255 || has_nul(data, len))
+            return fail(err, err_len, -EINVAL,
+                        "backing format extension at offset %zu: invalid "
+                        "name of length %u", off, len);
+        h->backing_format = dup_string(data, len);
+        return h->backing_format ? 0 : -ENOMEM;
+    case QCOW2_EXT_DATA_FILE:
+        if (len == 0 || len > HEADER_MAX_EXT_NAME || has_nul(data, len))
+            return fail(err, err_len, -EINVAL,
+                        "external data file name extension at offset %zu: "
+                        "invalid name of length %u", off, len);
+        h->data_file = dup_string(data, len);
+        return h->data_file ? 0 : -ENOMEM;
+    case QCOW2_EXT_FEATURE_TABLE:
+        if (len % 48)
+            return fail(err, err_len, -EINVAL,
+                        "feature name table at offset %zu: length %u is "
+                        "not a multiple of 48", off, len);
+        h->nb_feature_names = len / 48;
+        h->feature_names = calloc(h->nb_feature_names ? h->nb_feature_names : 1,
+                                  sizeof(*h->feature_names));
+        if (!h->feature_names)
+            return -ENOMEM;
+        for (unsigned i = 0; i < h->nb_feature_names; i++) {
+            const uint8_t *f = data + 48 * i;
+            h->feature_names[i].type = f[0];
+            h->feature_names[i].bit = f[1];
+            memcpy(h->feature_names[i].name, f + 2, 46);
+            h->feature_names[i].name[46] = '\0';
+        }
+        return 0;
+    case QCOW2_EXT_BITMAPS:
+        if (len < 24)
+            return fail(err, err_len, -EINVAL,
+                        "bitmaps extension at offset %zu: length %u is "
+                        "shorter than 24", off, len);
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+/* Append a copy of one extension to h->exts (capacity *cap).
+ * Returns: 0 or -ENOMEM. */
+static int keep_extension(struct qcow2_header *h, unsigned *cap, uint32_t type,
+                          const uint8_t *data, uint32_t len)
+{
+    struct header_ext *e;
+
+    if (h->nb_exts == *cap) {
+        unsigned ncap = *cap ? *cap * 2 : 8;
+        struct header_ext *n = realloc(h->exts, ncap * sizeof(*n));
+        if (!n)
+            return -ENOMEM;
+        h->exts = n;
+        *cap = ncap;
+    }
+    e = &h->exts[h->nb_exts];
+    e->type = type;
+    e->len = len;
+    e->data = malloc(len ? len : 1);
+    if (!e->data)
+        return -ENOMEM;
+    memcpy(e->data, data, len);
+    h->nb_exts++;
+    return 0;
+}
+
+/*
+ * Walk the extensions from the end of the header fields to the END marker
+ * or @area_end, decoding the known ones and keeping a copy of all.
+ * On exit: h->exts, h->ext_end and the decoded fields are set (even on
+ * failure, what was decoded is owned by h).
+ * Returns: 0, -EINVAL (message in @err), -ENOMEM.
+ */
 static int decode_extensions(const uint8_t *buf, size_t area_end,
                              struct qcow2_header *h, char *err, size_t err_len)
 {
@@ -99,7 +185,7 @@ static int decode_extensions(const uint8_t *buf, size_t area_end,
     for (;;) {
         uint32_t type, len;
         size_t padded;
-        struct header_ext *e;
+        int idx = -1, ret;
 
         if (off + 8 > area_end) {
             /* No room for an END marker: QEMU accepts a header whose
@@ -120,8 +206,6 @@ static int decode_extensions(const uint8_t *buf, size_t area_end,
                         "runs past the end of the header area (%zu bytes)",
                         type, off, len, area_end);
 
-        const uint8_t *data = buf + off + 8;
-        int idx = -1;
         switch (type) {
         case QCOW2_EXT_BACKING_FORMAT: idx = 0; break;
         case QCOW2_EXT_FEATURE_TABLE:  idx = 1; break;
@@ -137,69 +221,11 @@ static int decode_extensions(const uint8_t *buf, size_t area_end,
             seen_mask |= 1u << idx;
         }
 
-        switch (type) {
-        case QCOW2_EXT_BACKING_FORMAT:
-            if (len == 0 || len > 255 || has_nul(data, len))
-                return fail(err, err_len, -EINVAL,
-                            "backing format extension at offset %zu: invalid "
-                            "name of length %u", off, len);
-            h->backing_format = dup_string(data, len);
-            if (!h->backing_format)
-                return -ENOMEM;
-            break;
-        case QCOW2_EXT_DATA_FILE:
-            if (len == 0 || len > HEADER_MAX_EXT_NAME || has_nul(data, len))
-                return fail(err, err_len, -EINVAL,
-                            "external data file name extension at offset %zu: "
-                            "invalid name of length %u", off, len);
-            h->data_file = dup_string(data, len);
-            if (!h->data_file)
-                return -ENOMEM;
-            break;
-        case QCOW2_EXT_FEATURE_TABLE:
-            if (len % 48)
-                return fail(err, err_len, -EINVAL,
-                            "feature name table at offset %zu: length %u is "
-                            "not a multiple of 48", off, len);
-            h->nb_feature_names = len / 48;
-            h->feature_names = calloc(h->nb_feature_names ? h->nb_feature_names : 1,
-                                      sizeof(*h->feature_names));
-            if (!h->feature_names)
-                return -ENOMEM;
-            for (unsigned i = 0; i < h->nb_feature_names; i++) {
-                const uint8_t *f = data + 48 * i;
-                h->feature_names[i].type = f[0];
-                h->feature_names[i].bit = f[1];
-                memcpy(h->feature_names[i].name, f + 2, 46);
-                h->feature_names[i].name[46] = '\0';
-            }
-            break;
-        case QCOW2_EXT_BITMAPS:
-            if (len < 24)
-                return fail(err, err_len, -EINVAL,
-                            "bitmaps extension at offset %zu: length %u is "
-                            "shorter than 24", off, len);
-            break;
-        default:
-            break;
-        }
-
-        if (h->nb_exts == cap) {
-            unsigned ncap = cap ? cap * 2 : 8;
-            struct header_ext *n = realloc(h->exts, ncap * sizeof(*n));
-            if (!n)
-                return -ENOMEM;
-            h->exts = n;
-            cap = ncap;
-        }
-        e = &h->exts[h->nb_exts];
-        e->type = type;
-        e->len = len;
-        e->data = malloc(len ? len : 1);
-        if (!e->data)
-            return -ENOMEM;
-        memcpy(e->data, data, len);
-        h->nb_exts++;
+        ret = decode_extension_payload(type, buf + off + 8, len, off, h, err, err_len);
+        if (ret == 0)
+            ret = keep_extension(h, &cap, type, buf + off + 8, len);
+        if (ret < 0)
+            return ret;
         off += 8 + padded;
     }
 }
