@@ -495,7 +495,7 @@ int backing_format(struct io *io, const char *path, const char *declared,
                   "backing files are supported", path, declared);
         return -ENOTSUP;
     }
-    ret = io_pread(io, magic, sizeof(magic), 0);
+    ret = io_pread(io, magic, sizeof(magic), QCOW2_HDR_MAGIC);
     if (ret < 0)
         return ret;
     *out = be32_get(magic) == QCOW2_MAGIC ? BACKING_FORMAT_QCOW2 : BACKING_FORMAT_RAW;

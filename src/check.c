@@ -541,7 +541,7 @@ int check_rebuild_refcounts(struct meta *m, struct qcow2_header *h,
                                           : (1ull << (1u << m->refcount_order)) - 1;
     uint64_t used = 0, start, nb_blocks = 0, table_clusters = 0, entries = 0;
     uint64_t *block_at = NULL;
-    uint8_t *buf = NULL, *table = NULL, hdr[12];
+    uint8_t *buf = NULL, *table = NULL;
     uint32_t *grown;
     int ret;
 
@@ -654,9 +654,8 @@ int check_rebuild_refcounts(struct meta *m, struct qcow2_header *h,
             m->file_end = new_end;
     }
 
-    be64_put(hdr, (start + nb_blocks) << m->cluster_bits);
-    be32_put(hdr + 8, (uint32_t)table_clusters);
-    ret = io_pwrite(m->io, hdr, sizeof(hdr), 48);
+    ret = header_write_refcount_table(m->io, (start + nb_blocks) << m->cluster_bits,
+                                      (uint32_t)table_clusters);
     if (ret == 0)
         ret = io_flush(m->io);
     if (ret < 0)

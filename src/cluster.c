@@ -659,7 +659,7 @@ int cluster_grow_l1(struct cluster *cl, uint32_t new_size)
     uint64_t new_offset, old_offset = cl->l1_offset;
     uint64_t old_bytes = (uint64_t)cl->l1_size * 8;
     uint64_t *l1 = NULL;
-    uint8_t *disk = NULL, *dirty = NULL, hdr[12];
+    uint8_t *disk = NULL, *dirty = NULL;
     int fresh, ret;
 
     if (new_size <= cl->l1_size)
@@ -690,9 +690,7 @@ int cluster_grow_l1(struct cluster *cl, uint32_t new_size)
         (void)refcount_update(cl->rc, new_offset, nb << m->cluster_bits, -1);
         goto fail;
     }
-    be32_put(hdr, new_size);
-    be64_put(hdr + 4, new_offset);
-    ret = io_pwrite(m->io, hdr, sizeof(hdr), 36);
+    ret = header_write_l1_table(m->io, new_size, new_offset);
     if (ret == 0)
         ret = io_flush(m->io);
     if (ret < 0) {

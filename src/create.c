@@ -147,7 +147,7 @@ int create_image(const char *path, const struct create_options *o)
     h.refcount_table_clusters = (uint32_t)rt_clusters;
     h.l1_table_offset = l1_size ? (1 + rt_clusters) * cs : 0;
     h.refcount_order = 4;
-    h.header_length = 112;
+    h.header_length = QCOW2_V3_HEADER_LEN;
     if (o->lazy_refcounts)
         h.compatible_features |= QCOW2_COMPAT_LAZY_REFCOUNTS;
     h.backing_file = (char *)o->backing_file;

@@ -1,8 +1,10 @@
 /*
- * header — decode, validate and encode the qcow2 image header and its
- * extensions.  This is the one place where header bytes are turned from big
- * endian into host values; every field is checked here before any other
- * module sees it.  Pure functions: no I/O, no global state.
+ * header — the one owner of the on-disk qcow2 header: decode, validate and
+ * encode it with its extensions, read it from the image, and rewrite single
+ * fields in place.  Header bytes are turned from big endian into host values
+ * only here, and every field is checked before any other module sees it; no
+ * other module names a header byte offset.  No global state; the only I/O
+ * (header_read, header_write_*) goes through io, the one layer below.
  */
 #ifndef QCOW2FUSE_HEADER_H
 #define QCOW2FUSE_HEADER_H
@@ -10,9 +12,39 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct io;
+
 #define QCOW2_MAGIC                 0x514649fbu     /* "QFI\xfb" */
-#define QCOW2_V2_HEADER_LEN         72u
-#define QCOW2_V3_MIN_HEADER_LEN     104u
+
+/* Byte offsets of the header fields (qcow2.txt, "Header"), all big endian. */
+enum qcow2_header_offset {
+    QCOW2_HDR_MAGIC                   = 0,      /* u32 */
+    QCOW2_HDR_VERSION                 = 4,      /* u32 */
+    QCOW2_HDR_BACKING_FILE_OFFSET     = 8,      /* u64 */
+    QCOW2_HDR_BACKING_FILE_SIZE       = 16,     /* u32 */
+    QCOW2_HDR_CLUSTER_BITS            = 20,     /* u32 */
+    QCOW2_HDR_SIZE                    = 24,     /* u64: virtual size */
+    QCOW2_HDR_CRYPT_METHOD            = 32,     /* u32 */
+    QCOW2_HDR_L1_SIZE                 = 36,     /* u32: entries */
+    QCOW2_HDR_L1_TABLE_OFFSET         = 40,     /* u64 */
+    QCOW2_HDR_REFCOUNT_TABLE_OFFSET   = 48,     /* u64 */
+    QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS = 56,     /* u32 */
+    QCOW2_HDR_NB_SNAPSHOTS            = 60,     /* u32 */
+    QCOW2_HDR_SNAPSHOTS_OFFSET        = 64,     /* u64 */
+    /* Version 3 only. */
+    QCOW2_HDR_INCOMPATIBLE_FEATURES   = 72,     /* u64 */
+    QCOW2_HDR_COMPATIBLE_FEATURES     = 80,     /* u64 */
+    QCOW2_HDR_AUTOCLEAR_FEATURES      = 88,     /* u64 */
+    QCOW2_HDR_REFCOUNT_ORDER          = 96,     /* u32 */
+    QCOW2_HDR_HEADER_LENGTH           = 100,    /* u32 */
+    QCOW2_HDR_COMPRESSION_TYPE        = 104,    /* u8, if header_length > 104;
+                                                 * 105..111 padding */
+    QCOW2_HDR_EXTRA_FIELDS            = 112,    /* fields newer than this code */
+};
+
+#define QCOW2_V2_HEADER_LEN         72u     /* = QCOW2_HDR_INCOMPATIBLE_FEATURES */
+#define QCOW2_V3_MIN_HEADER_LEN     104u    /* = QCOW2_HDR_COMPRESSION_TYPE */
+#define QCOW2_V3_HEADER_LEN         112u    /* every field this code knows */
 #define QCOW2_MIN_CLUSTER_BITS      9u
 #define QCOW2_MAX_CLUSTER_BITS      21u
 #define QCOW2_MAX_BACKING_NAME      1023u
@@ -109,6 +141,37 @@ struct qcow2_header {
  */
 int header_decode(const uint8_t *buf, size_t buf_len, uint64_t file_size,
                   struct qcow2_header *h, char *err, size_t err_len);
+
+/*
+ * Read the header of the image on @io and decode it (header_decode): the
+ * first cluster, at most 2 MiB (the largest cluster), or the whole file if
+ * it is shorter.
+ * On entry: *h is uninitialised.
+ * On exit:  as header_decode.  On failure @err (if not NULL) holds
+ *           header_decode's message when the header was refused, and is
+ *           the empty string when it could not be read (or on -ENOMEM).
+ * Returns:  as header_decode, or the -errno of sizing or reading the file.
+ */
+int header_read(struct io *io, struct qcow2_header *h, char *err, size_t err_len);
+
+/*
+ * Rewrite fields of the header on @io in place.  Each is one io_pwrite of
+ * exactly the bytes of its field(s), so a table switch (offset and size) is
+ * one write that lands whole or not at all; none flushes: the caller orders
+ * the write against its data and flushes.  Returns 0 or the -errno of the
+ * write.
+ */
+/* size (8 bytes at 24). */
+int header_write_size(struct io *io, uint64_t size);
+/* l1_size and l1_table_offset together (12 bytes at 36). */
+int header_write_l1_table(struct io *io, uint32_t l1_size, uint64_t l1_offset);
+/* refcount_table_offset and refcount_table_clusters together (12 bytes at 48). */
+int header_write_refcount_table(struct io *io, uint64_t offset, uint32_t clusters);
+/* incompatible_features (8 bytes at 72; version 3).  On an open image only
+ * through meta_update_incompatible(), which serialises changes of the bits. */
+int header_write_incompatible(struct io *io, uint64_t bits);
+/* autoclear_features (8 bytes at 88; version 3). */
+int header_write_autoclear(struct io *io, uint64_t bits);
 
 /* Minimum bytes header_decode needs to learn the cluster size. */
 #define HEADER_PROBE_LEN            QCOW2_V3_MIN_HEADER_LEN

@@ -244,7 +244,6 @@ static int rebuild_dirty(struct image *img)
 {
     struct check_report rep = { 0 };
     struct check_refs *refs = NULL;
-    uint8_t buf[8];
     long fixed;
     int ret;
 
@@ -268,10 +267,8 @@ static int rebuild_dirty(struct image *img)
         ret = (int)fixed;
         goto out;
     }
-    img->meta.incompatible &= ~QCOW2_INCOMPAT_DIRTY;
+    ret = meta_update_incompatible(&img->meta, 0, QCOW2_INCOMPAT_DIRTY);
     img->hdr.incompatible_features = img->meta.incompatible;
-    be64_put(buf, img->meta.incompatible);
-    ret = io_pwrite(img->io, buf, sizeof(buf), 72);
     if (ret == 0)
         ret = io_flush(img->io);
 out:
@@ -364,9 +361,6 @@ static int open_chain(const char *path, struct io *given_io,
                       unsigned depth, struct image **out)
 {
     struct image *img = image_alloc();
-    uint8_t *buf = NULL;
-    uint64_t file_size;
-    size_t buf_len;
     char err[512];
     int ret;
 
@@ -400,25 +394,12 @@ static int open_chain(const char *path, struct io *given_io,
             goto fail;
         img->io = traced;
     }
-    ret = io_get_size(img->io, &file_size);
-    if (ret < 0)
-        goto fail;
-
-    /* The header and its extensions live in the first cluster, at most
-     * 2 MiB: read that much (or the whole file if shorter). */
-    buf_len = file_size < (1u << QCOW2_MAX_CLUSTER_BITS) ? (size_t)file_size
-                                                         : (1u << QCOW2_MAX_CLUSTER_BITS);
-    buf = malloc(buf_len ? buf_len : 1);
-    if (!buf) {
-        ret = -ENOMEM;
-        goto fail;
-    }
-    ret = io_pread(img->io, buf, buf_len, 0);
-    if (ret < 0)
-        goto fail;
-    ret = header_decode(buf, buf_len, file_size, &img->hdr, err, sizeof(err));
+    ret = header_read(img->io, &img->hdr, err, sizeof(err));
     if (ret < 0) {
-        log_error("%s: %s", path, ret == -ENOMEM ? strerror(ENOMEM) : err);
+        /* A refused header is named; a failed read only returns its
+         * -errno (as before header_read). */
+        if (err[0] || ret == -ENOMEM)
+            log_error("%s: %s", path, err[0] ? err : strerror(ENOMEM));
         goto fail;
     }
 
@@ -494,12 +475,10 @@ static int open_chain(const char *path, struct io *given_io,
         if (ret < 0)
             goto fail;
     }
-    free(buf);
     *out = img;
     return 0;
 
 fail:
-    free(buf);
     image_free(img);
     return ret;
 }
@@ -528,14 +507,6 @@ int image_open_io(struct io *io, const char *name, const struct image_options *o
                   struct image **out)
 {
     return open_top(name, io, opts, out);
-}
-
-static int write_header_u64(struct image *img, unsigned offset, uint64_t v)
-{
-    uint8_t buf[8];
-
-    be64_put(buf, v);
-    return io_pwrite(img->io, buf, sizeof(buf), offset);
 }
 
 /* ---- a failed host flush -------------------------------------------------- */
@@ -928,7 +899,7 @@ static int prepare_write(struct image *img)
     if (h->version >= 3) {
         uint64_t keep = h->autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
         if (keep != h->autoclear_features) {
-            ret = write_header_u64(img, 88, keep);
+            ret = header_write_autoclear(img->io, keep);
             if (ret < 0)
                 return ret;
             h->autoclear_features = keep;
@@ -1767,7 +1738,6 @@ int image_resize(struct image *img, uint64_t new_size)
     uint64_t cs = m->cluster_size, old;
     uint64_t clusters, need_l1;
     bool zero_new;
-    uint8_t buf[8];
     struct range r;
     int ret;
 
@@ -1860,8 +1830,7 @@ int image_resize(struct image *img, uint64_t new_size)
             ret = io_truncate(m->data_io, new_size);
     }
     if (ret == 0) {
-        be64_put(buf, new_size);
-        ret = io_pwrite(img->io, buf, sizeof(buf), 24);
+        ret = header_write_size(img->io, new_size);
         if (ret == 0)
             ret = io_flush(img->io);
     }

@@ -443,9 +443,6 @@ static int list_snapshots(const char *path)
     struct snapshot_table t;
     struct qcow2_header h;
     struct io *io;
-    uint64_t size;
-    uint8_t *buf = NULL;
-    size_t len;
     char err[512];
     unsigned bad_entries = 0;
     int ret;
@@ -455,53 +452,44 @@ static int list_snapshots(const char *path)
         fprintf(stderr, "qcow2fuse: cannot open %s: %s\n", path, strerror(-ret));
         return 1;
     }
-    ret = io_get_size(io, &size);
-    len = size < (1u << QCOW2_MAX_CLUSTER_BITS) ? (size_t)size : (1u << QCOW2_MAX_CLUSTER_BITS);
-    if (ret == 0 && !(buf = malloc(len ? len : 1)))
-        ret = -ENOMEM;
-    if (ret == 0)
-        ret = io_pread(io, buf, len, 0);
+    ret = header_read(io, &h, err, sizeof(err));
+    if (ret < 0 && err[0])
+        fprintf(stderr, "qcow2fuse: %s: %s\n", path, err);
     if (ret == 0) {
-        ret = header_decode(buf, len, size, &h, err, sizeof(err));
-        if (ret < 0)
+        ret = snapshot_table_read(io, &h, &t, err, sizeof(err));
+        if (ret == -EINVAL)
             fprintf(stderr, "qcow2fuse: %s: %s\n", path, err);
-        else {
-            ret = snapshot_table_read(io, &h, &t, err, sizeof(err));
-            if (ret == -EINVAL)
-                fprintf(stderr, "qcow2fuse: %s: %s\n", path, err);
-            if (ret == 0) {
-                printf("%-10s %-20s %20s %-19s %s\n", "ID", "NAME", "DISK SIZE",
-                       "DATE", "VM CLOCK");
-                for (uint32_t i = 0; i < t.nb; i++) {
-                    char date[32];
-                    time_t tt = (time_t)t.s[i].date_sec;
-                    struct tm tm;
-                    uint64_t ms = t.s[i].vm_clock_nsec / 1000000;
-                    /* The others are still listed; the status says one
-                     * was not. */
-                    if (snapshot_check_view(&h, &t.s[i], err, sizeof(err)) < 0) {
-                        fprintf(stderr, "qcow2fuse: %s: %s\n", path, err);
-                        bad_entries++;
-                        continue;
-                    }
-                    strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S",
-                             localtime_r(&tt, &tm));
-                    printf("%-10s %-20s %20llu %-19s %02llu:%02llu:%02llu.%03llu\n",
-                           t.s[i].id, t.s[i].name,
-                           (unsigned long long)(t.s[i].disk_size ? t.s[i].disk_size : h.size),
-                           date, (unsigned long long)(ms / 3600000),
-                           (unsigned long long)(ms / 60000 % 60),
-                           (unsigned long long)(ms / 1000 % 60),
-                           (unsigned long long)(ms % 1000));
+        if (ret == 0) {
+            printf("%-10s %-20s %20s %-19s %s\n", "ID", "NAME", "DISK SIZE",
+                   "DATE", "VM CLOCK");
+            for (uint32_t i = 0; i < t.nb; i++) {
+                char date[32];
+                time_t tt = (time_t)t.s[i].date_sec;
+                struct tm tm;
+                uint64_t ms = t.s[i].vm_clock_nsec / 1000000;
+                /* The others are still listed; the status says one
+                 * was not. */
+                if (snapshot_check_view(&h, &t.s[i], err, sizeof(err)) < 0) {
+                    fprintf(stderr, "qcow2fuse: %s: %s\n", path, err);
+                    bad_entries++;
+                    continue;
                 }
-                snapshot_table_free(&t);
+                strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S",
+                         localtime_r(&tt, &tm));
+                printf("%-10s %-20s %20llu %-19s %02llu:%02llu:%02llu.%03llu\n",
+                       t.s[i].id, t.s[i].name,
+                       (unsigned long long)(t.s[i].disk_size ? t.s[i].disk_size : h.size),
+                       date, (unsigned long long)(ms / 3600000),
+                       (unsigned long long)(ms / 60000 % 60),
+                       (unsigned long long)(ms / 1000 % 60),
+                       (unsigned long long)(ms % 1000));
             }
-            header_free(&h);
+            snapshot_table_free(&t);
         }
+        header_free(&h);
     }
     if (ret < 0 && ret != -EINVAL)
         fprintf(stderr, "qcow2fuse: %s: %s\n", path, strerror(-ret));
-    free(buf);
     io_close(io);
     return ret < 0 || bad_entries ? 1 : 0;
 }

@@ -19,14 +19,12 @@
 static int update_incompatible_locked(struct meta *m, uint64_t set, uint64_t clear)
 {
     uint64_t old = m->incompatible, val = (old | set) & ~clear;
-    uint8_t buf[8];
     int ret;
 
     if (val == old)
         return 0;
     m->incompatible = val;
-    be64_put(buf, val);
-    ret = io_pwrite(m->io, buf, sizeof(buf), 72);
+    ret = header_write_incompatible(m->io, val);
     if (ret < 0)
         m->incompatible = old;
     return ret;

@@ -89,7 +89,7 @@ int meta_corrupt(struct meta *m, const char *fmt, ...)
 
 /*
  * Set the incompatible feature bits @set and clear @clear, in memory and in
- * the header (offset 72), as one step against every other change of them
+ * the header (header_write_incompatible), as one step against every other change of them
  * (meta_corrupt included), so the header always ends up holding the last
  * value.  No host flush: the caller flushes.
  * On entry: the image is writable and version 3.

@@ -45,27 +45,11 @@ static int open_and_check(struct io *io, struct qcow2_header *h, struct meta *m,
 
 static int load_header(struct io *io, const char *path, struct qcow2_header *h)
 {
-    uint64_t file_size;
-    size_t len;
-    uint8_t *buf;
     char err[512];
-    int ret;
+    int ret = header_read(io, h, err, sizeof(err));
 
-    ret = io_get_size(io, &file_size);
-    if (ret < 0)
-        return ret;
-    len = file_size < (1u << QCOW2_MAX_CLUSTER_BITS) ? (size_t)file_size
-                                                     : (1u << QCOW2_MAX_CLUSTER_BITS);
-    buf = malloc(len ? len : 1);
-    if (!buf)
-        return -ENOMEM;
-    ret = io_pread(io, buf, len, 0);
-    if (ret == 0) {
-        ret = header_decode(buf, len, file_size, h, err, sizeof(err));
-        if (ret < 0)
-            fprintf(stderr, "qcow2check: %s: %s\n", path, err);
-    }
-    free(buf);
+    if (ret < 0 && err[0])
+        fprintf(stderr, "qcow2check: %s: %s\n", path, err);
     return ret;
 }
 
@@ -173,10 +157,9 @@ int main(int argc, char *argv[])
         }
         if (repair == REPAIR_ALL && (h.incompatible_features &
                                      (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY))) {
-            uint8_t b[8];
-            h.incompatible_features &= ~(QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY);
-            be64_put(b, h.incompatible_features);
-            ret = io_pwrite(io, b, 8, 72);
+            ret = meta_update_incompatible(&m, 0, QCOW2_INCOMPAT_CORRUPT |
+                                                  QCOW2_INCOMPAT_DIRTY);
+            h.incompatible_features = m.incompatible;
             if (ret == 0)
                 ret = io_flush(io);
             if (ret < 0)

@@ -410,7 +410,6 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
     uint64_t *new_table = NULL;
     uint64_t old_offset = rc->table_offset, old_clusters = rc->table_clusters;
     uint64_t ti_done = 0;       /* table indices below this one are laid out */
-    uint8_t hdr[12];
     int ret;
 
     if (new_entries < ti_needed + 1)
@@ -476,9 +475,7 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
     ret = cache_flush(rc->cache);
     if (ret < 0)
         goto undo;
-    be64_put(hdr, start << m->cluster_bits);
-    be32_put(hdr + 8, (uint32_t)t_clusters);
-    ret = io_pwrite(m->io, hdr, sizeof(hdr), 48);
+    ret = header_write_refcount_table(m->io, start << m->cluster_bits, (uint32_t)t_clusters);
     if (ret == 0)
         ret = io_flush(m->io);
     if (ret < 0)

@@ -1,5 +1,7 @@
 /*
- * Unit tests for header: header_decode, header_encode, header_feature_name.
+ * Unit tests for header: header_decode (and the order of its steps),
+ * header_encode, header_feature_name, header_read and the header_write_*
+ * field writers.
  */
 #include "testutil.h"
 
@@ -1078,6 +1080,427 @@ START_TEST(bad_after_extensions_no_leak)
 }
 END_TEST
 
+/* ---- named offsets --------------------------------------------------------- */
+
+START_TEST(field_offsets_match_layout)
+{
+    /* testutil writes the fields at the spec's offsets, spelled out: each
+     * named offset must find its field there. */
+    struct tu_hdr th = tu_hdr_default(3, 16);
+    uint8_t *buf = cluster_buf(16);
+
+    th.backing_file_offset = 0x1111;
+    th.backing_file_size = 0x2222;
+    th.crypt_method = 0x3333;
+    th.nb_snapshots = 0x4444;
+    th.snapshots_offset = 0x5555000000ull;
+    th.incompatible_features = 0x0102030405060708ull;
+    th.compatible_features = 0x1112131415161718ull;
+    th.autoclear_features = 0x2122232425262728ull;
+    th.refcount_order = 5;
+    th.header_length = 120;
+    th.compression_type = 0x77;
+    tu_hdr_write(buf, &th);
+
+    ck_assert_uint_eq(be32_get(buf + QCOW2_HDR_MAGIC), QCOW2_MAGIC);
+    ck_assert_uint_eq(be32_get(buf + QCOW2_HDR_VERSION), th.version);
+    ck_assert_uint_eq(be64_get(buf + QCOW2_HDR_BACKING_FILE_OFFSET), th.backing_file_offset);
+    ck_assert_uint_eq(be32_get(buf + QCOW2_HDR_BACKING_FILE_SIZE), th.backing_file_size);
+    ck_assert_uint_eq(be32_get(buf + QCOW2_HDR_CLUSTER_BITS), th.cluster_bits);
+    ck_assert_uint_eq(be64_get(buf + QCOW2_HDR_SIZE), th.size);
+    ck_assert_uint_eq(be32_get(buf + QCOW2_HDR_CRYPT_METHOD), th.crypt_method);
+    ck_assert_uint_eq(be32_get(buf + QCOW2_HDR_L1_SIZE), th.l1_size);
+    ck_assert_uint_eq(be64_get(buf + QCOW2_HDR_L1_TABLE_OFFSET), th.l1_table_offset);
+    ck_assert_uint_eq(be64_get(buf + QCOW2_HDR_REFCOUNT_TABLE_OFFSET), th.refcount_table_offset);
+    ck_assert_uint_eq(be32_get(buf + QCOW2_HDR_REFCOUNT_TABLE_CLUSTERS),
+                      th.refcount_table_clusters);
+    ck_assert_uint_eq(be32_get(buf + QCOW2_HDR_NB_SNAPSHOTS), th.nb_snapshots);
+    ck_assert_uint_eq(be64_get(buf + QCOW2_HDR_SNAPSHOTS_OFFSET), th.snapshots_offset);
+    ck_assert_uint_eq(be64_get(buf + QCOW2_HDR_INCOMPATIBLE_FEATURES), th.incompatible_features);
+    ck_assert_uint_eq(be64_get(buf + QCOW2_HDR_COMPATIBLE_FEATURES), th.compatible_features);
+    ck_assert_uint_eq(be64_get(buf + QCOW2_HDR_AUTOCLEAR_FEATURES), th.autoclear_features);
+    ck_assert_uint_eq(be32_get(buf + QCOW2_HDR_REFCOUNT_ORDER), th.refcount_order);
+    ck_assert_uint_eq(be32_get(buf + QCOW2_HDR_HEADER_LENGTH), th.header_length);
+    ck_assert_uint_eq(buf[QCOW2_HDR_COMPRESSION_TYPE], th.compression_type);
+    ck_assert_uint_eq(QCOW2_V2_HEADER_LEN, tu_hdr_default(2, 16).header_length);
+    ck_assert_uint_eq(QCOW2_V3_HEADER_LEN, tu_hdr_default(3, 16).header_length);
+    free(buf);
+}
+END_TEST
+
+/* ---- header_read and the field writers, through a watching backend -------- */
+
+/* Forwards to a memory backend; records reads and writes; can fail reads
+ * or the size query. */
+struct watch_io {
+    struct tu_fwd_io fwd;
+    unsigned preads, pwrites;
+    uint64_t pread_off, pwrite_off;
+    size_t pread_len, pwrite_len;
+    int fail_pread, fail_size;          /* -errno to return, or 0 */
+};
+
+static int watch_pread(struct io *io, void *buf, size_t len, uint64_t off)
+{
+    struct watch_io *w = (struct watch_io *)io;
+
+    w->preads++;
+    w->pread_off = off;
+    w->pread_len = len;
+    return w->fail_pread ? w->fail_pread : tu_fwd_pread(io, buf, len, off);
+}
+
+static int watch_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
+{
+    struct watch_io *w = (struct watch_io *)io;
+
+    w->pwrites++;
+    w->pwrite_off = off;
+    w->pwrite_len = len;
+    return tu_fwd_pwrite(io, buf, len, off);
+}
+
+static int watch_get_size(struct io *io, uint64_t *size)
+{
+    struct watch_io *w = (struct watch_io *)io;
+
+    return w->fail_size ? w->fail_size : tu_fwd_get_size(io, size);
+}
+
+static void watch_close(struct io *io)
+{
+    io_close(tu_fwd_inner(io));
+    free(io);
+}
+
+static const struct io_ops watch_ops = {
+    .pread = watch_pread,
+    .pwrite = watch_pwrite,
+    .flush = tu_fwd_flush,
+    .get_size = watch_get_size,
+    .truncate = tu_fwd_truncate,
+    .punch_hole = tu_fwd_punch,
+    .close = watch_close,
+};
+
+/* A watching backend over a copy of @data. */
+static struct watch_io *watch_open(const void *data, size_t len)
+{
+    struct watch_io *w = tu_zalloc(sizeof(*w));
+
+    ck_assert_int_eq(io_open_memory(data, len, &w->fwd.inner), 0);
+    w->fwd.io.ops = &watch_ops;
+    return w;
+}
+
+/* A valid image file of tu_default_file_size(@cb) bytes: the default header
+ * with a backing format extension and a backing name. */
+static uint8_t *image_file(unsigned cb, size_t *len)
+{
+    struct tu_hdr th = tu_hdr_default(3, cb);
+    uint8_t *file;
+    size_t off;
+
+    *len = (size_t)tu_default_file_size(cb);
+    file = tu_zalloc(*len);
+    th.backing_file_offset = 400;
+    th.backing_file_size = 4;
+    off = tu_hdr_write(file, &th);
+    tu_ext_put(file, &off, QCOW2_EXT_BACKING_FORMAT, "qcow2", 5);
+    memcpy(file + 400, "base", 4);
+    return file;
+}
+
+START_TEST(read_whole_short_file)
+{
+    /* A file shorter than 2 MiB is read whole, in one read from 0, and
+     * decoded as header_decode decodes the same bytes. */
+    size_t len;
+    uint8_t *file = image_file(16, &len);
+    struct watch_io *w = watch_open(file, len);
+    struct qcow2_header h, ref;
+    char err[512] = "x";
+
+    ck_assert_int_eq(header_read(&w->fwd.io, &h, err, sizeof(err)), 0);
+    ck_assert_uint_eq(w->preads, 1);
+    ck_assert_uint_eq(w->pread_off, 0);
+    ck_assert_uint_eq(w->pread_len, len);
+    decode_ok(file, len, len, &ref);
+    ck_assert_uint_eq(h.size, ref.size);
+    ck_assert_uint_eq(h.l1_table_offset, ref.l1_table_offset);
+    ck_assert_uint_eq(h.refcount_table_offset, ref.refcount_table_offset);
+    ck_assert_uint_eq(h.ext_end, ref.ext_end);
+    ck_assert_uint_eq(h.nb_exts, 1);
+    ck_assert_str_eq(h.backing_file, "base");
+    ck_assert_str_eq(h.backing_format, "qcow2");
+    header_free(&ref);
+    header_free(&h);
+    io_close(&w->fwd.io);
+    free(file);
+}
+END_TEST
+
+START_TEST(read_first_2mib_only)
+{
+    /* A file larger than the largest cluster: only its first 2 MiB are
+     * read, and that is enough for a 2 MiB-cluster header. */
+    size_t len;
+    uint8_t *file = image_file(21, &len);
+    struct watch_io *w = watch_open(file, len);
+    struct qcow2_header h;
+    char err[512] = "";
+
+    ck_assert_uint_gt(len, 2u << 20);
+    ck_assert_msg(header_read(&w->fwd.io, &h, err, sizeof(err)) == 0, "%s", err);
+    ck_assert_uint_eq(w->preads, 1);
+    ck_assert_uint_eq(w->pread_off, 0);
+    ck_assert_uint_eq(w->pread_len, 2u << 20);
+    ck_assert_uint_eq(h.cluster_bits, 21);
+    ck_assert_str_eq(h.backing_file, "base");
+    header_free(&h);
+    io_close(&w->fwd.io);
+    free(file);
+}
+END_TEST
+
+START_TEST(read_refusals)
+{
+    /* A refused header: header_decode's code and message; the message of a
+     * file shorter than a header names the bytes it has. */
+    static const uint8_t garbage[200] = { 'Q', 'F', 'I', 0 };
+    struct qcow2_header h;
+    char err[512];
+    struct watch_io *w = watch_open(NULL, 0);
+
+    ck_assert_int_eq(header_read(&w->fwd.io, &h, err, sizeof(err)), -EINVAL);
+    ck_assert_str_eq(err, "file is 0 bytes, too short for a qcow2 header");
+    io_close(&w->fwd.io);
+
+    w = watch_open(garbage, 60);
+    ck_assert_int_eq(header_read(&w->fwd.io, &h, err, sizeof(err)), -EINVAL);
+    ck_assert_str_eq(err, "file is 60 bytes, too short for a qcow2 header");
+    io_close(&w->fwd.io);
+
+    w = watch_open(garbage, sizeof(garbage));
+    ck_assert_int_eq(header_read(&w->fwd.io, &h, err, sizeof(err)), -EINVAL);
+    ck_assert_str_eq(err, "not a qcow2 image: magic (offset 0) is 0x51464900, "
+                          "expected 0x514649fb (\"QFI\\xfb\")");
+    io_close(&w->fwd.io);
+}
+END_TEST
+
+START_TEST(read_io_errors)
+{
+    /* A file that cannot be sized or read: that -errno, and no message
+     * (nothing was decoded; the caller names the failed read). */
+    size_t len;
+    uint8_t *file = image_file(16, &len);
+    struct watch_io *w = watch_open(file, len);
+    struct qcow2_header h;
+    char err[512];
+
+    w->fail_size = -EBADF;
+    strcpy(err, "stale");
+    ck_assert_int_eq(header_read(&w->fwd.io, &h, err, sizeof(err)), -EBADF);
+    ck_assert_str_eq(err, "");
+    ck_assert_uint_eq(w->preads, 0);
+
+    w->fail_size = 0;
+    w->fail_pread = -EIO;
+    strcpy(err, "stale");
+    ck_assert_int_eq(header_read(&w->fwd.io, &h, err, sizeof(err)), -EIO);
+    ck_assert_str_eq(err, "");
+    ck_assert_uint_eq(w->preads, 1);
+    /* A NULL message buffer is allowed. */
+    ck_assert_int_eq(header_read(&w->fwd.io, &h, NULL, 0), -EIO);
+    io_close(&w->fwd.io);
+    free(file);
+}
+END_TEST
+
+enum field_write {
+    FW_SIZE, FW_L1_TABLE, FW_REFCOUNT_TABLE, FW_INCOMPATIBLE, FW_AUTOCLEAR, FW_COUNT
+};
+
+START_TEST(write_fields)
+{
+    /* Each writer: one pwrite of exactly its field(s) (a table switch never
+     * torn in two), every other byte of the file unchanged, and the header
+     * reads back with the new value. */
+    static const struct { uint64_t off; size_t len; } want[FW_COUNT] = {
+        [FW_SIZE]           = { 24, 8 },
+        [FW_L1_TABLE]       = { 36, 12 },
+        [FW_REFCOUNT_TABLE] = { 48, 12 },
+        [FW_INCOMPATIBLE]   = { 72, 8 },
+        [FW_AUTOCLEAR]      = { 88, 8 },
+    };
+    const unsigned cb = 16;
+    const uint64_t cs = 1ull << cb;
+    size_t len, now_len;
+    uint8_t *file = image_file(cb, &len);
+    struct watch_io *w = watch_open(file, len);
+    struct io *io = &w->fwd.io;
+    struct qcow2_header h;
+    const uint8_t *now;
+    char err[512] = "";
+    int ret = -1;
+
+    switch (_i) {
+    case FW_SIZE:           ret = header_write_size(io, 32 * cs); break;
+    case FW_L1_TABLE:       ret = header_write_l1_table(io, 2, 2 * cs); break;
+    case FW_REFCOUNT_TABLE: ret = header_write_refcount_table(io, 2 * cs, 2); break;
+    case FW_INCOMPATIBLE:   ret = header_write_incompatible(io, QCOW2_INCOMPAT_DIRTY); break;
+    case FW_AUTOCLEAR:      ret = header_write_autoclear(io, QCOW2_AUTOCLEAR_BITMAPS); break;
+    }
+    ck_assert_int_eq(ret, 0);
+    ck_assert_uint_eq(w->pwrites, 1);
+    ck_assert_uint_eq(w->pwrite_off, want[_i].off);
+    ck_assert_uint_eq(w->pwrite_len, want[_i].len);
+    now = io_memory_data(tu_fwd_inner(io), &now_len);
+    ck_assert_uint_eq(now_len, len);
+    ck_assert_mem_eq(now, file, want[_i].off);
+    ck_assert_mem_eq(now + want[_i].off + want[_i].len, file + want[_i].off + want[_i].len,
+                     len - want[_i].off - want[_i].len);
+
+    ck_assert_msg(header_read(io, &h, err, sizeof(err)) == 0, "%s", err);
+    switch (_i) {
+    case FW_SIZE:
+        ck_assert_uint_eq(h.size, 32 * cs);
+        break;
+    case FW_L1_TABLE:
+        ck_assert_uint_eq(h.l1_size, 2);
+        ck_assert_uint_eq(h.l1_table_offset, 2 * cs);
+        break;
+    case FW_REFCOUNT_TABLE:
+        ck_assert_uint_eq(h.refcount_table_offset, 2 * cs);
+        ck_assert_uint_eq(h.refcount_table_clusters, 2);
+        break;
+    case FW_INCOMPATIBLE:
+        ck_assert_uint_eq(h.incompatible_features, QCOW2_INCOMPAT_DIRTY);
+        break;
+    case FW_AUTOCLEAR:
+        ck_assert_uint_eq(h.autoclear_features, QCOW2_AUTOCLEAR_BITMAPS);
+        break;
+    }
+    header_free(&h);
+    io_close(io);
+    free(file);
+}
+END_TEST
+
+/* ---- the decode steps: each step's refusal wins over the later ones -------- */
+
+START_TEST(decode_step_order)
+{
+    /* Headers with two faults, one for a step and one for a later step:
+     * the message names the earlier one.  Steps: fixed fields, header
+     * length and refcount order, features, tables (L1, refcount, snapshot),
+     * backing name, extensions, external data file. */
+    const unsigned cb = 16;
+    const uint64_t cs = 1ull << cb, fsz = tu_default_file_size(cb);
+
+    for (int c = 0; c < 10; c++) {
+        struct tu_hdr th = tu_hdr_default(3, cb);
+        uint8_t *buf = cluster_buf(cb);
+        const char *needle = NULL;
+        int code = -EINVAL;
+        size_t off;
+
+        switch (c) {
+        case 0:     /* fixed fields before header length */
+            th.version = 4;
+            th.header_length = 100;
+            needle = "version (offset 4)";
+            code = -ENOTSUP;
+            break;
+        case 1:     /* header length before features */
+            th.header_length = 100;
+            th.incompatible_features = 1ull << 40;
+            needle = "header_length (offset 100)";
+            break;
+        case 2:     /* refcount order before features */
+            th.refcount_order = 7;
+            th.incompatible_features = 1ull << 40;
+            needle = "refcount_order (offset 96)";
+            break;
+        case 3:     /* features before tables */
+            th.crypt_method = 2;
+            th.l1_size = 0;
+            needle = "crypt_method 2, LUKS";
+            code = -ENOTSUP;
+            break;
+        case 4:     /* L1 table before refcount table */
+            th.l1_table_offset = cs + 1;
+            th.refcount_table_offset = 0;
+            needle = "l1_table_offset (offset 40)";
+            break;
+        case 5:     /* refcount table before snapshot table */
+            th.refcount_table_clusters = 0;
+            th.snapshots_offset = 1;
+            needle = "refcount_table_clusters (offset 56)";
+            break;
+        case 6:     /* snapshot table before backing name */
+            th.snapshots_offset = 1;
+            th.backing_file_offset = 400;
+            th.backing_file_size = 0;
+            needle = "snapshots_offset (offset 64)";
+            break;
+        case 7:     /* backing name before extensions */
+            th.backing_file_offset = 400;
+            th.backing_file_size = 2000;
+            needle = "backing_file_size (offset 16)";
+            break;
+        case 8:     /* extensions before the external data file */
+            th.incompatible_features = QCOW2_INCOMPAT_DATA_FILE;
+            th.autoclear_features = QCOW2_AUTOCLEAR_DATA_RAW;
+            th.backing_file_offset = 400;
+            th.backing_file_size = 4;
+            needle = "appears twice";
+            break;
+        case 9:     /* the external data file step itself */
+            th.incompatible_features = QCOW2_INCOMPAT_DATA_FILE;
+            th.autoclear_features = QCOW2_AUTOCLEAR_DATA_RAW;
+            th.backing_file_offset = 400;
+            th.backing_file_size = 4;
+            needle = "raw external data file (autoclear bit 1) cannot be "
+                     "combined with a backing file";
+            break;
+        }
+        off = tu_hdr_write(buf, &th);
+        if (c == 8) {
+            tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "raw", 3);
+            tu_ext_put(buf, &off, QCOW2_EXT_BACKING_FORMAT, "raw", 3);
+        }
+        if (th.backing_file_offset)
+            memcpy(buf + 400, "base", 4);
+        expect_fail_buf(buf, cs, fsz, code, needle);
+        free(buf);
+    }
+}
+END_TEST
+
+START_TEST(data_file_raw_flag)
+{
+    /* The raw flag without the data-file bit is dropped, not refused; with
+     * it and no backing file, kept. */
+    for (int with_data_file = 0; with_data_file <= 1; with_data_file++) {
+        struct tu_hdr th = tu_hdr_default(3, 16);
+        uint8_t *buf = cluster_buf(16);
+        struct qcow2_header h;
+
+        th.autoclear_features = QCOW2_AUTOCLEAR_DATA_RAW | QCOW2_AUTOCLEAR_BITMAPS;
+        if (with_data_file)
+            th.incompatible_features = QCOW2_INCOMPAT_DATA_FILE;
+        tu_hdr_write(buf, &th);
+        decode_ok(buf, 1u << 16, tu_default_file_size(16), &h);
+        ck_assert_uint_eq(h.autoclear_features,
+                          with_data_file ? th.autoclear_features : QCOW2_AUTOCLEAR_BITMAPS);
+        header_free(&h);
+        free(buf);
+    }
+}
+END_TEST
+
 static Suite *header_suite(void)
 {
     Suite *s = suite_create("header");
@@ -1128,6 +1551,18 @@ static Suite *header_suite(void)
     tcase_add_test(tc, bad_ext_duplicate);
     tcase_add_test(tc, bad_ext_payloads);
     tcase_add_test(tc, bad_after_extensions_no_leak);
+    tcase_add_test(tc, decode_step_order);
+    tcase_add_test(tc, data_file_raw_flag);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("layout_and_io");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, field_offsets_match_layout);
+    tcase_add_test(tc, read_whole_short_file);
+    tcase_add_test(tc, read_first_2mib_only);
+    tcase_add_test(tc, read_refusals);
+    tcase_add_test(tc, read_io_errors);
+    tcase_add_loop_test(tc, write_fields, 0, FW_COUNT);
     suite_add_tcase(s, tc);
     return s;
 }
