@@ -40,9 +40,10 @@ struct pt {
 
 /*
  * The read buffer of a worker thread, grown to the largest request and
- * kept, as qcow2fuse does (src/fuse_ops.c): a malloc'd 1 MiB buffer per
- * request costs an mmap, page faults and a munmap, and a ceiling that pays
- * them hides what the daemon under test could gain.  fuse_reply_buf() has
+ * kept, as qcow2fuse does (src/fuse_ops.c): a ceiling must not pay an
+ * allocation per request (with glibc's heuristics off, a 1 MiB malloc is
+ * an mmap, page faults and a munmap) that the daemon under test no longer
+ * pays.  fuse_reply_buf() has
  * written the reply to /dev/fuse before it returns, so the next request
  * may reuse the buffer.  Freed by the key's destructor when the worker
  * exits.

@@ -29,10 +29,14 @@ struct fuse_ops_ctx {
 
 /*
  * The reply buffer of op_read, one per worker thread and kept from one
- * request to the next.  A fresh malloc of a 1 MiB reply is an mmap, 256
- * page faults and a munmap on every request; this one is allocated once
- * per thread, grown to the largest request seen (the kernel sends at most
- * max_read / max_pages, 1 MiB), and never shrinks.  Reuse is safe because
+ * request to the next, grown to the largest request seen (the kernel sends
+ * at most max_read / max_pages, 1 MiB) and never shrunk.  A malloc and
+ * free per request is cheap only while the allocator's heuristics hold:
+ * glibc keeps a freed 1 MiB chunk in the thread's arena once its dynamic
+ * mmap threshold has risen, but a fixed M_MMAP_THRESHOLD, a trimmed arena
+ * or another allocator turns every request into an mmap, 256 page faults
+ * and a munmap.  Owning the buffer makes it one allocation per worker
+ * thread whatever the allocator does.  Reuse is safe because
  * fuse_reply_buf() has copied the reply into the kernel (one writev on
  * /dev/fuse; splice is off, see op_init) before it returns.  The key's
  * destructor frees it when a worker exits (libfuse ends surplus idle
@@ -121,8 +125,11 @@ struct fuse_ops_ctx *fuse_ops_ctx_new(struct image *img,
 
 void fuse_ops_ctx_free(struct fuse_ops_ctx *ctx)
 {
-    struct reply_buf *rb = pthread_getspecific(reply_buf_key);
+    struct reply_buf *rb;
 
+    if (!ctx)
+        return;         /* and the key may not exist: nothing to free */
+    rb = pthread_getspecific(reply_buf_key);
     if (rb) {
         pthread_setspecific(reply_buf_key, NULL);
         reply_buf_free(rb);
