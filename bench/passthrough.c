@@ -6,9 +6,9 @@
  * offset.  The FUSE session is set up the way src/main.c and src/fuse_ops.c
  * set up qcow2fuse (low-level API, FOPEN_DIRECT_IO on open, max_background
  * 64, splice and writeback cache off, multi-threaded loop with clone_fd=1 and
- * at most 16 threads, read buffers from malloc answered with
- * fuse_reply_buf), so the difference between the two is the cost of the
- * qcow2 layer alone.
+ * at most 16 threads, a read buffer per worker thread kept across requests
+ * and answered with fuse_reply_buf), so the difference between the two is
+ * the cost of the qcow2 layer alone.
  *
  * usage: passthrough [-f] [FUSE options] RAWFILE MOUNTPOINT
  */
@@ -19,7 +19,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +37,60 @@ struct pt {
     int fd;
     struct stat host;           /* owner, mode and times of the raw file */
 };
+
+/*
+ * The read buffer of a worker thread, grown to the largest request and
+ * kept, as qcow2fuse does (src/fuse_ops.c): a ceiling must not pay an
+ * allocation per request (with glibc's heuristics off, a 1 MiB malloc is
+ * an mmap, page faults and a munmap) that the daemon under test no longer
+ * pays.  fuse_reply_buf() has
+ * written the reply to /dev/fuse before it returns, so the next request
+ * may reuse the buffer.  Freed by the key's destructor when the worker
+ * exits.
+ */
+struct read_buf {
+    char *mem;
+    size_t cap;
+};
+
+static pthread_key_t read_buf_key;
+
+static void read_buf_free(void *p)
+{
+    struct read_buf *rb = p;
+
+    free(rb->mem);
+    free(rb);
+}
+
+/* Returns a buffer of at least @size bytes, or NULL when out of memory. */
+static char *read_buf_get(size_t size)
+{
+    struct read_buf *rb = pthread_getspecific(read_buf_key);
+    size_t cap = 64 << 10;
+    char *mem;
+
+    if (!rb) {
+        rb = calloc(1, sizeof(*rb));
+        if (!rb || pthread_setspecific(read_buf_key, rb) != 0) {
+            free(rb);
+            return NULL;
+        }
+    }
+    if (rb->cap >= size)
+        return rb->mem;
+    while (cap < size && cap <= SIZE_MAX / 2)
+        cap *= 2;
+    if (cap < size)
+        cap = size;
+    mem = malloc(cap);
+    if (!mem)
+        return NULL;
+    free(rb->mem);
+    rb->mem = mem;
+    rb->cap = cap;
+    return mem;
+}
 
 static struct pt *pt_of(fuse_req_t req)
 {
@@ -166,7 +222,7 @@ static void pt_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_err(req, EINVAL);
         return;
     }
-    buf = malloc(size ? size : 1);
+    buf = read_buf_get(size ? size : 1);
     if (!buf) {
         fuse_reply_err(req, ENOMEM);
         return;
@@ -177,7 +233,6 @@ static void pt_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
             if (errno == EINTR)
                 continue;
             fuse_reply_err(req, errno);
-            free(buf);
             return;
         }
         if (n == 0)
@@ -185,7 +240,6 @@ static void pt_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         done += (size_t)n;
     }
     fuse_reply_buf(req, buf, done);
-    free(buf);
 }
 
 static void pt_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
@@ -341,6 +395,8 @@ int main(int argc, char *argv[])
     struct fuse_loop_config *lc;
     int ret = 1;
 
+    if (pthread_key_create(&read_buf_key, read_buf_free) != 0)
+        goto out;
     if (fuse_opt_parse(&args, &cli, NULL, opt_proc) < 0)
         goto out;
     if (!cli.file || !cli.mountpoint) {

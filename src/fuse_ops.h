@@ -28,6 +28,11 @@ struct fuse_ops_config {
 /* Returns NULL on allocation failure.  Does not take ownership of @img. */
 struct fuse_ops_ctx *fuse_ops_ctx_new(struct image *img,
                                       const struct fuse_ops_config *cfg);
+/*
+ * On entry: the session loop has returned (its worker threads, each of
+ * which freed its own read buffer on exit, are gone).
+ * On exit: @ctx and the calling thread's read buffer are freed.
+ */
 void fuse_ops_ctx_free(struct fuse_ops_ctx *ctx);
 
 /* The operations table; pass the ctx as userdata to fuse_session_new(). */

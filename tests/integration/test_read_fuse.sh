@@ -12,6 +12,7 @@ set -euo pipefail
 requires qemu-img qemu-io cmp dd stat ls
 requires_fuse
 MMAPCHECK=$(require_tool mmapcheck)
+READSIZES=$(require_tool readsizes)
 
 K=1024
 M=$((1024 * 1024))
@@ -201,6 +202,30 @@ case_small_l2_cache() {
     unmount_image "$mnt"
 }
 
+# Reads of every size from 1 byte to 12 KiB and of sizes around every power
+# of two up to 2 MiB + 1 (more than one FUSE request), at odd offsets, some
+# past the end, from 6 threads at once with O_DIRECT (the daemon sees these
+# exact sizes), each compared with qemu-img convert's bytes.  The daemon
+# keeps one reply buffer per worker thread and reuses it: no reply may carry
+# bytes of an earlier or a concurrent request, and holes, zero clusters and
+# compressed clusters read after data must come back as themselves.
+case_read_sizes() {
+    local img="$T/sizes.qcow2" mnt="$T/mnt" ref out vsize=$((12 * M + 3 * K)) seed=$RANDOM
+    qemu-img create -q -f qcow2 "$img" "$vsize" || fail "test setup: qemu-img create failed"
+    qio "$img" \
+        "write -s $R1 0 $((3 * M + 17))" \
+        "write -z $((1 * M)) $((192 * K))" \
+        "write -s $R2 $((5 * M + 12345)) $((4 * M))" \
+        "write -c -s $X1 $((10 * M)) $((256 * K))" \
+        "write -s $R3 $((vsize - 7000)) 7000"
+    ref=$(ref_raw "$img")
+    mount_image "$img" "$mnt" ro
+    out=$(io_timeout "$READSIZES" "$mnt/disk" "$ref" 6 "$seed" 2>&1) \
+        || fail "reads of many sizes from 6 threads (seed $seed): $out"
+    info "$out (seed $seed)"
+    unmount_image "$mnt"
+}
+
 case_bad_option_value() {
     expect_refusal "$IMG" "$T/mnt" ro,l2-cache-size=abc
     stderr_mentions 'l2-cache-size'
@@ -319,6 +344,7 @@ run_case odd_offsets_and_sizes case_odd_reads
 run_case eof case_eof
 run_case parallel_reads case_parallel
 run_case small_l2_cache case_small_l2_cache
+run_case read_sizes_concurrent case_read_sizes
 run_case bad_option_value case_bad_option_value
 run_case daemon_mode case_daemon_mode
 run_case help_version case_help_version
