@@ -10,7 +10,7 @@
  * Locking rule: every function must be called with the image's metadata
  * lock held exclusively, except cluster_lookup_shared, which needs it held
  * at least shared.  The returned run is a snapshot: after the lock is
- * dropped it may be used for I/O only as image.c's rules allow (the guest
+ * dropped it may be used for I/O only as image_impl.h's rules allow (the guest
  * range held, or the free generation checked after the I/O).
  */
 #ifndef QCOW2FUSE_CLUSTER_H

@@ -13,7 +13,7 @@
  * written and flushed before the header points at it, and the old table is
  * released only after that.  Increments are always safe to write early (a crash leaks); callers
  * must make decrements visible only after the references they drop are gone
- * from disk (see image.c, deferred frees).
+ * from disk (see image_flush.c, deferred frees).
  *
  * Locking rule: call with the image's metadata lock held.
  */
