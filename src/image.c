@@ -550,12 +550,12 @@ uint32_t image_cluster_size(const struct image *img)
  * then hold it.  Called with the metadata lock held (released while
  * waiting). */
 void image_range_lock_locked(struct image *img, struct range *r, uint64_t offset,
-                              uint64_t len)
+                             uint64_t len)
 {
     uint64_t cs = img->meta.cluster_size;
 
-    r->start = offset & ~(cs - 1);
-    r->end = (offset + len + cs - 1) & ~(cs - 1);
+    r->start = cluster_align_down(offset, cs);
+    r->end = cluster_align_up(offset + len, cs);
     for (;;) {
         struct range *o;
         for (o = img->ranges; o; o = o->next)
@@ -583,7 +583,7 @@ void image_range_unlock_locked(struct image *img, struct range *r)
 }
 
 void image_range_lock(struct image *img, struct range *r, uint64_t offset,
-                       uint64_t len)
+                      uint64_t len)
 {
     lock_exclusive(img);
     image_range_lock_locked(img, r, offset, len);

@@ -135,19 +135,25 @@ int image_write_range(struct image *img, const uint8_t *p, uint64_t len, uint64_
 int image_check_inside(struct image *img, uint64_t offset, uint64_t len);
 int image_check_writable(struct image *img, uint64_t offset, uint64_t len);
 
-/* What an L2 entry says about one guest cluster, in units (subclusters with
- * extended L2, else the whole cluster as unit 0). */
+/* What the L2 entry of one guest cluster said before a write, zeroing or
+ * discard replaces it, in units (subclusters with extended L2, else the
+ * whole cluster as unit 0). */
 struct old_state {
-    uint64_t entry;
+    uint64_t entry, bitmap;     /* as found */
     bool compressed;
     bool has_host;
     uint64_t host;
     uint32_t alloc;             /* units whose data is at host */
     uint32_t zero;              /* units that read as zero */
+    /* Validated: the host bytes of the image file a replacement releases
+     * (see cluster_check_old_entry); 0 when none. */
+    uint64_t free_host, free_len;
 };
 
-void image_decode_state(const struct image *img, uint64_t entry, uint64_t bitmap,
-                        struct old_state *st);
+/* Read, decode and validate (cluster_check_old_entry) the L2 entry of
+ * guest cluster @gc.  Called with the metadata lock held.
+ * Returns: 0, or -EIO after meta_corrupt() (free nothing then), -errno. */
+int image_old_state(struct image *img, uint64_t gc, struct old_state *st);
 
 /* ---- image_flush.c ---------------------------------------------------------- */
 

@@ -24,15 +24,14 @@
  * failure is -EAGAIN (read again) rather than corruption.
  */
 int image_read_compressed(struct image *img, const struct cluster_run *run,
-                           uint64_t offset, void *buf, const uint64_t *gen)
+                          uint64_t offset, void *buf, const uint64_t *gen)
 {
     struct meta *m = &img->meta;
     uint64_t host, max_len, file_size;
     uint8_t *comp = NULL, *plain = NULL;
     int ret;
 
-    ret = compress_descriptor_decode(run->l2_entry & ~(META_L2_COPIED | META_L2_COMPRESSED),
-                                     m->cluster_bits, &host, &max_len);
+    ret = cluster_compressed_extent(m, run->l2_entry, &host, &max_len, NULL, NULL);
     if (ret < 0)
         return -EIO;
     ret = io_get_size(img->io, &file_size);
@@ -43,7 +42,7 @@ int image_read_compressed(struct image *img, const struct cluster_run *run,
     if (host >= file_size)
         return meta_corrupt(m, "compressed cluster at guest offset 0x%llx points "
                             "at host offset 0x%llx, past the end of the file",
-                            (unsigned long long)(offset & ~(m->cluster_size - 1)),
+                            (unsigned long long)cluster_align_down(offset, m->cluster_size),
                             (unsigned long long)host);
     if (max_len > file_size - host)     /* the last sector may be short */
         max_len = file_size - host;
@@ -65,11 +64,11 @@ int image_read_compressed(struct image *img, const struct cluster_run *run,
     if (ret < 0) {
         ret = meta_corrupt(m, "compressed cluster at guest offset 0x%llx (host "
                            "offset 0x%llx, %llu bytes) does not decompress",
-                           (unsigned long long)(offset & ~(m->cluster_size - 1)),
+                           (unsigned long long)cluster_align_down(offset, m->cluster_size),
                            (unsigned long long)host, (unsigned long long)max_len);
         goto out;
     }
-    memcpy(buf, plain + (offset & (m->cluster_size - 1)), run->bytes);
+    memcpy(buf, plain + cluster_offset_in(offset, m->cluster_size), run->bytes);
 out:
     free(comp);
     free(plain);

@@ -24,20 +24,17 @@
 static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_write)
 {
     struct meta *m = &img->meta;
-    uint64_t entry, bitmap, new_entry, new_bitmap = 0, old_host, old_len;
+    uint64_t new_entry, new_bitmap = 0;
     bool backing = img->backing && (gc << m->cluster_bits) < image_size(img->backing);
     bool keep_host = false;
     struct old_state st;
     int ret;
 
     *need_write = false;
-    ret = cluster_get_entry(img->cl, gc, &entry, &bitmap);
     /* What the entry names is freed below: a corrupt entry frees nothing. */
-    if (ret == 0)
-        ret = cluster_check_old_entry(img->cl, gc, entry, bitmap, &old_host, &old_len);
+    ret = image_old_state(img, gc, &st);
     if (ret < 0)
         return ret;
-    image_decode_state(img, entry, bitmap, &st);
 
     if (!m->v3 && backing) {
         *need_write = true;
@@ -45,7 +42,7 @@ static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_w
     }
     if (m->has_data_file) {
         keep_host = true;       /* the mapping is fixed; raw files get zeros */
-    } else if (!unmap && st.has_host && (entry & META_L2_COPIED) &&
+    } else if (!unmap && st.has_host && (st.entry & META_L2_COPIED) &&
                (m->v3 || m->extended_l2)) {
         keep_host = true;       /* zero range keeps the allocation (needs the
                                  * zero flag: v2 has none) */
@@ -54,20 +51,20 @@ static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_w
     if (keep_host && st.has_host) {
         new_entry = st.host | META_L2_COPIED;
         if (m->extended_l2)
-            new_bitmap = 0xffffffffull << 32;
+            new_bitmap = (uint64_t)CLUSTER_ALL_SUBCLUSTERS << 32;
         else
             new_entry |= META_L2_ZERO;
     } else if (!backing && (unmap || !m->v3)) {
         new_entry = 0;          /* nothing beneath: unallocated reads zero */
     } else if (m->extended_l2) {
         new_entry = 0;
-        new_bitmap = 0xffffffffull << 32;
+        new_bitmap = (uint64_t)CLUSTER_ALL_SUBCLUSTERS << 32;
     } else {
         new_entry = META_L2_ZERO;
     }
-    if (new_entry == entry && new_bitmap == bitmap)
+    if (new_entry == st.entry && new_bitmap == st.bitmap)
         return 0;
-    if (entry == 0 && bitmap == 0 && new_entry == 0 && new_bitmap == 0)
+    if (st.entry == 0 && st.bitmap == 0 && new_entry == 0 && new_bitmap == 0)
         return 0;
 
     ret = image_prepare_write(img);
@@ -87,8 +84,8 @@ static int zero_cluster(struct image *img, uint64_t gc, bool unmap, bool *need_w
             ret = 0;
         }
     }
-    if (old_len && !keep_host)
-        ret = refcount_defer_free(img->rc, old_host, old_len);
+    if (st.free_len && !keep_host)
+        ret = refcount_defer_free(img->rc, st.free_host, st.free_len);
     return ret;
 }
 
@@ -101,7 +98,7 @@ int image_zero_range(struct image *img, uint64_t offset, uint64_t len, bool unma
     int ret = 0;
 
     while (offset < end && ret == 0) {
-        uint64_t in = offset & (cs - 1);
+        uint64_t in = cluster_offset_in(offset, cs);
         uint64_t n = cs - in < end - offset ? cs - in : end - offset;
 
         if (n == cs) {
@@ -172,7 +169,7 @@ int image_preallocate(struct image *img, uint64_t offset, uint64_t len)
     if (ret < 0 || len == 0)
         return ret;
     end = offset + len;
-    offset &= ~(cs - 1);
+    offset = cluster_align_down(offset, cs);
     image_range_lock(img, &r, offset, end - offset);
     buf = malloc(cs);
     if (!buf)
@@ -216,8 +213,8 @@ int image_preallocate(struct image *img, uint64_t offset, uint64_t len)
 static int zero_grown_range(struct image *img, uint64_t old, uint64_t new_size)
 {
     uint64_t cs = img->meta.cluster_size;
-    uint64_t head_end = (old + cs - 1) & ~(cs - 1);
-    uint64_t end = (new_size + cs - 1) & ~(cs - 1);
+    uint64_t head_end = cluster_align_up(old, cs);
+    uint64_t end = cluster_align_up(new_size, cs);
     int ret = 0;
 
     if (head_end > old)
@@ -276,7 +273,7 @@ int image_resize(struct image *img, uint64_t new_size)
     }
     if (new_size < old) {
         /* Only unallocated clusters may be cut off. */
-        uint64_t pos = (new_size + cs - 1) & ~(cs - 1);
+        uint64_t pos = cluster_align_up(new_size, cs);
         while (pos < old) {
             struct cluster_run run;
             lock_exclusive(img);
@@ -296,8 +293,8 @@ int image_resize(struct image *img, uint64_t new_size)
         }
         /* The cut-off tail of the last cluster must not come back if the
          * disk grows again. */
-        if (new_size & (cs - 1)) {
-            uint64_t tail_end = ((new_size + cs - 1) & ~(cs - 1));
+        if (cluster_offset_in(new_size, cs)) {
+            uint64_t tail_end = cluster_align_up(new_size, cs);
             ret = image_zero_range(img, new_size, (tail_end < old ? tail_end : old) - new_size,
                              false);
             if (ret < 0)
