@@ -461,6 +461,26 @@ START_TEST(read_races_with_release_and_reuse)
 }
 END_TEST
 
+/* Guest cluster 0 of the closed image in @inner holds @byte: make it a
+ * compressed cluster (zlib) in the same host cluster, by hand.  Returns
+ * that host offset; *clen: the compressed length. */
+static uint64_t compress_cluster0(struct io *inner, uint8_t byte, long *clen)
+{
+    uint8_t *plain = tu_zalloc(CS), *comp = tu_zalloc(CS);
+    uint64_t host = disk_l2_entry(inner, 0) & META_OFFSET_MASK;
+
+    ck_assert_uint_ne(host, 0);
+    memset(plain, byte, CS);
+    *clen = compress_encode(COMPRESS_ZLIB, plain, CS, comp, CS);
+    ck_assert_int_gt(*clen, 0);
+    ck_assert_int_eq(io_pwrite(inner, comp, (size_t)*clen, host), 0);
+    put_disk_l2_entry(inner, 0, META_L2_COMPRESSED |
+                      compress_descriptor_encode(host, (uint64_t)*clen, CB));
+    free(plain);
+    free(comp);
+    return host;
+}
+
 /*
  * The same race on a compressed cluster (made by rewriting guest cluster 0's
  * data and L2 entry by hand): the held pread returns 0xBB bytes that do not
@@ -481,14 +501,7 @@ START_TEST(compressed_read_races_with_release_and_reuse)
     /* Allocate guest cluster 0 (and its L2 table), then compress it. */
     write_pattern(img, 0, CS, 0xaa);
     ck_assert_int_eq(image_close(img), 0);
-    host = disk_l2_entry(inner, 0) & META_OFFSET_MASK;
-    ck_assert_uint_ne(host, 0);
-    memset(plain, 0xaa, CS);
-    clen = compress_encode(COMPRESS_ZLIB, plain, CS, comp, CS);
-    ck_assert_int_gt(clen, 0);
-    ck_assert_int_eq(io_pwrite(inner, comp, (size_t)clen, host), 0);
-    put_disk_l2_entry(inner, 0, META_L2_COMPRESSED |
-                      compress_descriptor_encode(host, (uint64_t)clen, CB));
+    host = compress_cluster0(inner, 0xaa, &clen);
     /* What the held read will find there must not decompress, so that the
      * read_compressed path (not only the final free_gen check) is taken. */
     memset(plain, 0xbb, CS);
@@ -1975,7 +1988,6 @@ START_TEST(plan_overwrites_compressed_cluster)
     struct io *inner = new_image_io();
     struct gate_io *g = gate_new(inner, true);
     struct image *img = open_on(g, &o);
-    uint8_t *plain = tu_zalloc(CS), *comp = tu_zalloc(CS);
     uint64_t old_host, new_host, entry;
     struct rec_io *rec;
     char ops[512];
@@ -1984,13 +1996,7 @@ START_TEST(plan_overwrites_compressed_cluster)
     write_pattern(img, 0, CS, 0xaa);
     write_pattern(img, 5 * CS, 4096, 0x11);     /* the next write's caches */
     ck_assert_int_eq(image_close(img), 0);
-    old_host = disk_l2_entry(inner, 0) & META_OFFSET_MASK;
-    memset(plain, 0xaa, CS);
-    clen = compress_encode(COMPRESS_ZLIB, plain, CS, comp, CS);
-    ck_assert_int_gt(clen, 0);
-    ck_assert_int_eq(io_pwrite(inner, comp, (size_t)clen, old_host), 0);
-    put_disk_l2_entry(inner, 0, META_L2_COMPRESSED |
-                      compress_descriptor_encode(old_host, (uint64_t)clen, CB));
+    old_host = compress_cluster0(inner, 0xaa, &clen);
     assert_refcounts_exact(inner, "the compressed cluster made by hand");
 
     img = open_rec(inner, "t.qcow2", &o, &rec);
@@ -2010,8 +2016,6 @@ START_TEST(plan_overwrites_compressed_cluster)
     entry = disk_l2_entry(inner, 0);
     ck_assert_uint_eq(entry, new_host | META_L2_COPIED);
     assert_refcounts_exact(inner, "after overwriting a compressed cluster");
-    free(plain);
-    free(comp);
     io_close(inner);
 }
 END_TEST
