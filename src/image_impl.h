@@ -129,7 +129,8 @@ int image_read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset)
 int image_prepare_write(struct image *img);
 /* The write proper: the caller holds the guest range and the metadata lock
  * (dropped around data I/O). */
-int image_write_range(struct image *img, const uint8_t *p, uint64_t len, uint64_t offset);
+int image_write_range(struct image *img, const uint8_t *data, uint64_t len,
+                      uint64_t offset);
 /* -ENOSPC past the end of the disk; check_writable also refuses a read-only,
  * corrupt or failed image. */
 int image_check_inside(struct image *img, uint64_t offset, uint64_t len);

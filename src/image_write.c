@@ -224,8 +224,9 @@ static int plan_inplace(struct image *img, uint64_t offset, uint64_t len,
  * Decide a PLAN_NEW_RUN: whole clusters from the cluster-aligned @offset
  * that need a new host cluster, allocated as one contiguous run.
  * On entry: p->old[0] holds the first cluster's entry (plan_inplace).
- * On exit: p->nb is 0 when fewer than two clusters qualify; the entries
- *          looked at are validated in p->old[] either way.
+ * On exit: p->nb is 0 when fewer than two clusters qualify; either way
+ *          *checked entries of p->old[] are validated (a PLAN_CLUSTER for
+ *          the first cluster need not check it again).
  */
 static int plan_new_run(struct image *img, uint64_t offset, uint64_t len,
                         struct write_plan *p, uint64_t *checked)
@@ -504,6 +505,9 @@ static int commit_plan(struct image *img, const struct write_plan *p, int ret)
     return 0;
 }
 
+/* The write proper, one plan after another.  On entry the caller holds the
+ * guest range and the metadata lock; on exit it still holds both (the lock
+ * is dropped around each plan's data I/O). */
 int image_write_range(struct image *img, const uint8_t *data, uint64_t len,
                       uint64_t offset)
 {
