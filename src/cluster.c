@@ -34,6 +34,28 @@ struct cluster {
 
 #define L1_CHUNK 512            /* entries per L1 write unit (4 KiB) */
 
+/* Compressed data is counted in whole sectors of this size. */
+#define COMPRESSED_SECTOR 512u
+
+int cluster_compressed_extent(const struct meta *m, uint64_t entry, uint64_t *host,
+                              uint64_t *len, uint64_t *sectors_host,
+                              uint64_t *sectors_len)
+{
+    uint64_t first, bytes;
+    int ret = compress_descriptor_decode(entry & ~(META_L2_COPIED | META_L2_COMPRESSED),
+                                         m->cluster_bits, &first, &bytes);
+
+    if (ret < 0)
+        return ret;
+    *host = first;
+    *len = bytes;
+    if (sectors_host) {
+        *sectors_len = bytes + (first & (COMPRESSED_SECTOR - 1));
+        *sectors_host = first & ~(uint64_t)(COMPRESSED_SECTOR - 1);
+    }
+    return 0;
+}
+
 int cluster_decode_entry(const struct meta *m, uint64_t entry, uint64_t bitmap,
                          unsigned sc, enum cluster_kind *kind, uint64_t *host,
                          const char **why)
@@ -47,8 +69,7 @@ int cluster_decode_entry(const struct meta *m, uint64_t entry, uint64_t bitmap,
             *why = "compressed cluster in an image with an external data file";
             return -EINVAL;
         }
-        if (compress_descriptor_decode(entry & ~(META_L2_COPIED | META_L2_COMPRESSED),
-                                       m->cluster_bits, host, &len) < 0) {
+        if (cluster_compressed_extent(m, entry, host, &len, NULL, NULL) < 0) {
             *why = "compressed cluster offset beyond 2^56";
             return -EINVAL;
         }
@@ -404,10 +425,7 @@ int cluster_check_old_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
         goto corrupt;
     if (entry & META_L2_COMPRESSED) {
         /* Decoded above; the refcounts cover every sector it names. */
-        (void)compress_descriptor_decode(entry & ~(META_L2_COPIED | META_L2_COMPRESSED),
-                                         m->cluster_bits, &h, &max_len);
-        n = max_len + (h & 511);
-        h &= ~511ull;
+        (void)cluster_compressed_extent(m, entry, &h, &max_len, &h, &n);
     } else if (!m->has_data_file && h) {
         n = m->cluster_size;
     } else {
@@ -420,7 +438,8 @@ int cluster_check_old_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
         why = what;
         goto corrupt;
     }
-    for (uint64_t off = h & ~(m->cluster_size - 1); off < h + n; off += m->cluster_size) {
+    for (uint64_t off = cluster_align_down(h, m->cluster_size); off < h + n;
+         off += m->cluster_size) {
         enum meta_kind k = meta_kind_at(m, off);
         uint64_t refs = 1;
         int ret;

@@ -10,8 +10,8 @@
  * Locking rule: every function must be called with the image's metadata
  * lock held exclusively, except cluster_lookup_shared, which needs it held
  * at least shared.  The returned run is a snapshot: after the lock is
- * dropped it may be used for I/O only as the image module's rules allow (the
- * guest range held, or the free generation checked after the I/O).
+ * dropped it may be used for I/O only as image_impl.h's rules allow (the guest
+ * range held, or the free generation checked after the I/O).
  */
 #ifndef QCOW2FUSE_CLUSTER_H
 #define QCOW2FUSE_CLUSTER_H
@@ -38,6 +38,35 @@ struct cluster_run {
     uint64_t l2_entry;          /* COMPRESSED: the raw descriptor */
 };
 
+/* ---- cluster arithmetic ---------------------------------------------------- */
+
+/* @cs: the cluster size, a power of two. */
+static inline uint64_t cluster_offset_in(uint64_t offset, uint64_t cs)
+{
+    return offset & (cs - 1);
+}
+
+static inline uint64_t cluster_align_down(uint64_t offset, uint64_t cs)
+{
+    return offset & ~(cs - 1);
+}
+
+static inline uint64_t cluster_align_up(uint64_t offset, uint64_t cs)
+{
+    return (offset + cs - 1) & ~(cs - 1);
+}
+
+/* The extended-L2 bitmap bits of subclusters @first..@last (<= 31). */
+static inline uint32_t cluster_subcluster_mask(unsigned first, unsigned last)
+{
+    uint32_t upto = last >= 31 ? 0xffffffffu : (1u << (last + 1)) - 1;
+
+    return upto & ~((1u << first) - 1);
+}
+
+/* All subclusters of a cluster: the whole bitmap half. */
+#define CLUSTER_ALL_SUBCLUSTERS 0xffffffffu
+
 /*
  * Decode one L2 entry (and, with extended L2, its bitmap) for subcluster
  * @sc (0 without extended L2).  Pure: used by lookups and unit tests.
@@ -48,6 +77,19 @@ struct cluster_run {
 int cluster_decode_entry(const struct meta *m, uint64_t entry, uint64_t bitmap,
                          unsigned sc, enum cluster_kind *kind, uint64_t *host,
                          const char **why);
+
+/*
+ * Where the compressed L2 entry @entry (COMPRESSED set) keeps its data.
+ * On exit: *host is its first byte, *len the bytes from there to the end
+ *          of its last 512-byte sector (what a read takes; the file may end
+ *          sooner); if @sectors_host is not NULL, *sectors_host and
+ *          *sectors_len are the whole sectors it occupies (what its
+ *          refcounts count, and a replacement frees).
+ * Returns: 0, or -EINVAL when the offset lies beyond 2^56.
+ */
+int cluster_compressed_extent(const struct meta *m, uint64_t entry, uint64_t *host,
+                              uint64_t *len, uint64_t *sectors_host,
+                              uint64_t *sectors_len);
 
 /*
  * Open the translation for the active L1 table.

@@ -11,7 +11,7 @@
  * Guest data I/O runs outside it, and so does the write-back of much guest
  * data at a flush.  Writes, zeroing, preallocation and resize also hold their
  * guest range (cluster aligned) against each other; reads hold nothing while
- * they do I/O (see struct range in image.c).
+ * they do I/O (see struct range in image_impl.h).
  */
 #ifndef QCOW2FUSE_IMAGE_H
 #define QCOW2FUSE_IMAGE_H

@@ -14,7 +14,7 @@
  * released only after that.  Increments are always safe to write early (a
  * crash leaks); callers must make decrements visible only after the
  * references they drop are gone from disk (refcount_defer_free, applied by
- * the image module's flush).
+ * image_flush.c).
  *
  * Locking rule: call with the image's metadata lock held.
  */

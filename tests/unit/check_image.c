@@ -7,7 +7,10 @@
  * write-back of much guest data without the metadata lock), and lookups
  * from several threads racing with L2 cache evictions, discards and the
  * reuse of freed host clusters; and a host whose N-th flush fails and loses
- * the writes before it, for every N of a workload (a power-loss judge).
+ * the writes before it, for every N of a workload (a power-loss judge);
+ * and the write plan's branches (in place, fresh allocation, COW from a
+ * backing file, compressed overwrite, subclusters, a snapshot-shared
+ * cluster), through a backend that records the host I/O.
  *
  * Images are made with create_image() in a temporary directory, loaded into
  * the memory backend and opened with image_open_io() through a "gate"
@@ -458,6 +461,26 @@ START_TEST(read_races_with_release_and_reuse)
 }
 END_TEST
 
+/* Guest cluster 0 of the closed image in @inner holds @byte: make it a
+ * compressed cluster (zlib) in the same host cluster, by hand.  Returns
+ * that host offset; *clen: the compressed length. */
+static uint64_t compress_cluster0(struct io *inner, uint8_t byte, long *clen)
+{
+    uint8_t *plain = tu_zalloc(CS), *comp = tu_zalloc(CS);
+    uint64_t host = disk_l2_entry(inner, 0) & META_OFFSET_MASK;
+
+    ck_assert_uint_ne(host, 0);
+    memset(plain, byte, CS);
+    *clen = compress_encode(COMPRESS_ZLIB, plain, CS, comp, CS);
+    ck_assert_int_gt(*clen, 0);
+    ck_assert_int_eq(io_pwrite(inner, comp, (size_t)*clen, host), 0);
+    put_disk_l2_entry(inner, 0, META_L2_COMPRESSED |
+                      compress_descriptor_encode(host, (uint64_t)*clen, CB));
+    free(plain);
+    free(comp);
+    return host;
+}
+
 /*
  * The same race on a compressed cluster (made by rewriting guest cluster 0's
  * data and L2 entry by hand): the held pread returns 0xBB bytes that do not
@@ -478,14 +501,7 @@ START_TEST(compressed_read_races_with_release_and_reuse)
     /* Allocate guest cluster 0 (and its L2 table), then compress it. */
     write_pattern(img, 0, CS, 0xaa);
     ck_assert_int_eq(image_close(img), 0);
-    host = disk_l2_entry(inner, 0) & META_OFFSET_MASK;
-    ck_assert_uint_ne(host, 0);
-    memset(plain, 0xaa, CS);
-    clen = compress_encode(COMPRESS_ZLIB, plain, CS, comp, CS);
-    ck_assert_int_gt(clen, 0);
-    ck_assert_int_eq(io_pwrite(inner, comp, (size_t)clen, host), 0);
-    put_disk_l2_entry(inner, 0, META_L2_COMPRESSED |
-                      compress_descriptor_encode(host, (uint64_t)clen, CB));
+    host = compress_cluster0(inner, 0xaa, &clen);
     /* What the held read will find there must not decompress, so that the
      * read_compressed path (not only the final free_gen check) is taken. */
     memset(plain, 0xbb, CS);
@@ -1694,6 +1710,476 @@ START_TEST(replacing_corrupt_entry_frees_nothing)
 }
 END_TEST
 
+/* ---- the write plan's branches --------------------------------------------- */
+
+/*
+ * A backend that records the host preads and pwrites made while it is on:
+ * what each kind of write plan (src/image_write.c) reads and writes.
+ * Closing it leaves @inner open, to be inspected.
+ */
+#define REC_MAX     64
+
+struct rec_op {
+    char kind;                  /* 'r' or 'w' */
+    uint64_t off, len;
+};
+
+struct rec_io {
+    struct tu_fwd_io fwd;
+    pthread_mutex_t lock;
+    bool on;
+    unsigned nb;
+    struct rec_op ops[REC_MAX];
+};
+
+static void rec_add(struct rec_io *r, char kind, uint64_t off, uint64_t len)
+{
+    pthread_mutex_lock(&r->lock);
+    if (r->on) {
+        ck_assert_uint_lt(r->nb, REC_MAX);
+        r->ops[r->nb++] = (struct rec_op){ kind, off, len };
+    }
+    pthread_mutex_unlock(&r->lock);
+}
+
+static int rec_pread(struct io *io, void *buf, size_t len, uint64_t off)
+{
+    rec_add((struct rec_io *)io, 'r', off, len);
+    return tu_fwd_pread(io, buf, len, off);
+}
+
+static int rec_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
+{
+    rec_add((struct rec_io *)io, 'w', off, len);
+    return tu_fwd_pwrite(io, buf, len, off);
+}
+
+static void rec_close(struct io *io)
+{
+    struct rec_io *r = (struct rec_io *)io;
+
+    pthread_mutex_destroy(&r->lock);
+    free(r);
+}
+
+static const struct io_ops rec_ops = {
+    .pread = rec_pread,
+    .pwrite = rec_pwrite,
+    .flush = tu_fwd_flush,
+    .get_size = tu_fwd_get_size,
+    .truncate = tu_fwd_truncate,
+    .punch_hole = tu_fwd_punch,
+    .close = rec_close,
+};
+
+/* Open the image held in @inner through a new recorder (*rec); @name is
+ * where a backing file is looked up from. */
+static struct image *open_rec(struct io *inner, const char *name,
+                              const struct image_options *o, struct rec_io **rec)
+{
+    struct rec_io *r = tu_zalloc(sizeof(*r));
+    struct image *img = NULL;
+
+    r->fwd.io.ops = &rec_ops;
+    r->fwd.inner = inner;
+    pthread_mutex_init(&r->lock, NULL);
+    ck_assert_int_eq(image_open_io(&r->fwd.io, name, o, &img), 0);
+    *rec = r;
+    return img;
+}
+
+static void rec_start(struct rec_io *r)
+{
+    pthread_mutex_lock(&r->lock);
+    r->on = true;
+    r->nb = 0;
+    pthread_mutex_unlock(&r->lock);
+}
+
+/* Stop recording; the ops recorded since rec_start, as text for messages. */
+static const char *rec_stop(struct rec_io *r, char *buf, size_t len)
+{
+    size_t used = 0;
+
+    pthread_mutex_lock(&r->lock);
+    r->on = false;
+    buf[0] = 0;
+    for (unsigned i = 0; i < r->nb && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, "%c 0x%llx+0x%llx; ",
+                                 r->ops[i].kind, (unsigned long long)r->ops[i].off,
+                                 (unsigned long long)r->ops[i].len);
+    pthread_mutex_unlock(&r->lock);
+    return buf;
+}
+
+/* Whether op @i of @r is a @kind of @len bytes at @off. */
+static bool rec_is(const struct rec_io *r, unsigned i, char kind, uint64_t off,
+                   uint64_t len)
+{
+    return i < r->nb && r->ops[i].kind == kind && r->ops[i].off == off &&
+           r->ops[i].len == len;
+}
+
+/* The image in @inner is consistent as qemu-img check sees it: every
+ * refcount equals its references (no leak, no corruption, COPIED right). */
+static void assert_refcounts_exact(struct io *inner, const char *what)
+{
+    struct check_report rep = { 0 };
+    struct check_refs *refs = NULL;
+    struct qcow2_header h;
+    struct meta m;
+    char err[256];
+    size_t len;
+    const uint8_t *disk = io_memory_data(inner, &len);
+
+    ck_assert_int_eq(header_decode(disk, len < (2u << 20) ? len : (2u << 20), len, &h,
+                                   err, sizeof(err)), 0);
+    meta_init(&m, &h, inner, true);
+    ck_assert_int_eq(check_count_refs(&m, &h, &rep, &refs), 0);
+    ck_assert_int_eq(check_compare(&m, &h, refs, &rep), 0);
+    check_refs_free(refs);
+    ck_assert_msg(rep.corruptions == 0 && rep.leaks == 0, "%s: %llu corruptions "
+                  "(%llu COPIED wrong), %llu leaks", what,
+                  (unsigned long long)rep.corruptions,
+                  (unsigned long long)rep.count[CHECK_COPIED_WRONG],
+                  (unsigned long long)rep.leaks);
+    header_free(&h);
+}
+
+static bool image_reads(struct image *img, uint64_t goff, size_t len, uint8_t byte)
+{
+    uint8_t *b = tu_zalloc(len);
+    bool ok;
+
+    ck_assert_int_eq(image_read(img, b, len, goff), 0);
+    ok = all_bytes(b, len, byte);
+    free(b);
+    return ok;
+}
+
+/*
+ * Clusters we own whose written part holds data are overwritten in place
+ * (PLAN_INPLACE): one pwrite at the host offset, across two clusters
+ * contiguous on the host, nothing read, no metadata changed.
+ */
+START_TEST(plan_overwrites_owned_clusters_in_place)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct rec_io *rec;
+    struct image *img = open_rec(inner, "t.qcow2", &o, &rec);
+    uint64_t host, size_before, size_after;
+    char ops[512];
+
+    write_pattern(img, 0, 2 * CS, 0xaa);
+    ck_assert_int_eq(image_flush(img), 0);
+    host = disk_l2_entry(inner, 0) & META_OFFSET_MASK;
+    ck_assert_uint_eq(disk_l2_entry(inner, 1) & META_OFFSET_MASK, host + CS);
+    ck_assert_int_eq(io_get_size(inner, &size_before), 0);
+
+    rec_start(rec);
+    write_pattern(img, CS - 4096, 8192, 0xcc);
+    rec_stop(rec, ops, sizeof(ops));
+    ck_assert_msg(rec->nb == 1 && rec_is(rec, 0, 'w', host + CS - 4096, 8192),
+                  "in-place overwrite: %s", ops);
+    ck_assert_int_eq(image_flush(img), 0);
+    ck_assert_int_eq(io_get_size(inner, &size_after), 0);
+    ck_assert_uint_eq(size_after, size_before);
+    ck_assert(image_reads(img, CS - 4096, 8192, 0xcc));
+    ck_assert(image_reads(img, 0, CS - 4096, 0xaa));
+    ck_assert_int_eq(image_close(img), 0);
+    ck_assert_uint_eq(disk_l2_entry(inner, 0), host | META_L2_COPIED);
+    ck_assert_uint_eq(disk_l2_entry(inner, 1), (host + CS) | META_L2_COPIED);
+    assert_refcounts_exact(inner, "after an in-place overwrite");
+    io_close(inner);
+}
+END_TEST
+
+/*
+ * Fresh allocation: whole unallocated clusters become one contiguous run
+ * written with one pwrite (PLAN_NEW_RUN); the part of a cluster that a
+ * write leaves uncovered, with no backing file beneath, is not written at
+ * all on a host cluster taken from past the end of the file (PLAN_CLUSTER:
+ * it reads as zeros there).
+ */
+START_TEST(plan_allocates_fresh_clusters)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct rec_io *rec;
+    struct image *img = open_rec(inner, "t.qcow2", &o, &rec);
+    uint64_t end, run;
+    char ops[512];
+
+    write_pattern(img, 0, 4096, 0x11);      /* the L2 table, the caches */
+    ck_assert_int_eq(io_get_size(inner, &end), 0);
+
+    rec_start(rec);
+    write_pattern(img, 4 * CS, 4 * CS, 0xaa);
+    rec_stop(rec, ops, sizeof(ops));
+    ck_assert_msg(rec->nb == 1 && rec->ops[0].kind == 'w' && rec->ops[0].len == 4 * CS &&
+                  rec->ops[0].off >= end, "a run of four new clusters: %s", ops);
+    run = rec->ops[0].off;
+
+    rec_start(rec);
+    write_pattern(img, 9 * CS + 1000, 3000, 0xbb);
+    rec_stop(rec, ops, sizeof(ops));
+    ck_assert_msg(rec->nb == 1 && rec->ops[0].kind == 'w' && rec->ops[0].len == 3000 &&
+                  rec->ops[0].off == run + 4 * CS + 1000,
+                  "a partial write of a new cluster: %s", ops);
+    ck_assert(image_reads(img, 9 * CS, 1000, 0));
+    ck_assert(image_reads(img, 9 * CS + 1000, 3000, 0xbb));
+    ck_assert(image_reads(img, 9 * CS + 4000, CS - 4000, 0));
+    ck_assert_int_eq(image_close(img), 0);
+    for (uint64_t i = 0; i < 4; i++)
+        ck_assert_uint_eq(disk_l2_entry(inner, 4 + i), (run + i * CS) | META_L2_COPIED);
+    ck_assert_uint_eq(disk_l2_entry(inner, 9), (run + 4 * CS) | META_L2_COPIED);
+    assert_refcounts_exact(inner, "after fresh allocations");
+    io_close(inner);
+}
+END_TEST
+
+/*
+ * Copy-on-write from a backing file (PLAN_CLUSTER): the new host cluster is
+ * written whole, with the backing file's bytes around the guest's.
+ */
+START_TEST(plan_copies_from_backing_file)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[96];
+    struct image_options o = default_opts();
+    struct io *inner = new_overlay_io(dir, path, sizeof(path));
+    struct rec_io *rec;
+    struct image *img;
+    uint8_t *host_bytes = tu_zalloc(CS);
+    uint64_t host;
+    char ops[512];
+
+    o.backing.policy = BACKING_ALLOW;
+    img = open_rec(inner, path, &o, &rec);
+    write_pattern(img, 0, 4096, 0x11);      /* the L2 table, the caches */
+
+    rec_start(rec);
+    write_pattern(img, 3 * CS + 1000, 4096, 0xcc);
+    rec_stop(rec, ops, sizeof(ops));
+    ck_assert_msg(rec->nb == 1 && rec->ops[0].kind == 'w' && rec->ops[0].len == CS,
+                  "COW from the backing file: %s", ops);
+    host = rec->ops[0].off;
+    ck_assert_int_eq(image_close(img), 0);
+    ck_assert_uint_eq(disk_l2_entry(inner, 3), host | META_L2_COPIED);
+    ck_assert_int_eq(io_pread(inner, host_bytes, CS, host), 0);
+    ck_assert(all_bytes(host_bytes, 1000, 0x5a));
+    ck_assert(all_bytes(host_bytes + 1000, 4096, 0xcc));
+    ck_assert(all_bytes(host_bytes + 5096, CS - 5096, 0x5a));
+    assert_refcounts_exact(inner, "after COW from a backing file");
+    remove_overlay_dir(dir);
+    free(host_bytes);
+    io_close(inner);
+}
+END_TEST
+
+/*
+ * Overwrite of part of a compressed cluster (PLAN_CLUSTER): the compressed
+ * data is read and decompressed, a new host cluster is written whole, and
+ * the compressed sectors are freed (refcounts exact after the close).
+ */
+START_TEST(plan_overwrites_compressed_cluster)
+{
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct gate_io *g = gate_new(inner, true);
+    struct image *img = open_on(g, &o);
+    uint64_t old_host, new_host, entry;
+    struct rec_io *rec;
+    char ops[512];
+    long clen;
+
+    write_pattern(img, 0, CS, 0xaa);
+    write_pattern(img, 5 * CS, 4096, 0x11);     /* the next write's caches */
+    ck_assert_int_eq(image_close(img), 0);
+    old_host = compress_cluster0(inner, 0xaa, &clen);
+    assert_refcounts_exact(inner, "the compressed cluster made by hand");
+
+    img = open_rec(inner, "t.qcow2", &o, &rec);
+    write_pattern(img, 6 * CS, 4096, 0x22);     /* the L2 slice, cached */
+    rec_start(rec);
+    write_pattern(img, 8192, 4096, 0xcc);
+    rec_stop(rec, ops, sizeof(ops));
+    ck_assert_msg(rec->nb == 2 && rec->ops[0].kind == 'r' && rec->ops[0].off == old_host &&
+                  rec->ops[0].len >= (uint64_t)clen && rec->ops[1].kind == 'w' &&
+                  rec->ops[1].len == CS && rec->ops[1].off != old_host,
+                  "overwrite of a compressed cluster: %s", ops);
+    new_host = rec->ops[1].off;
+    ck_assert(image_reads(img, 0, 8192, 0xaa));
+    ck_assert(image_reads(img, 8192, 4096, 0xcc));
+    ck_assert(image_reads(img, 12288, CS - 12288, 0xaa));
+    ck_assert_int_eq(image_close(img), 0);
+    entry = disk_l2_entry(inner, 0);
+    ck_assert_uint_eq(entry, new_host | META_L2_COPIED);
+    assert_refcounts_exact(inner, "after overwriting a compressed cluster");
+    io_close(inner);
+}
+END_TEST
+
+/* The L2 entry and bitmap of guest cluster 0 of an extended-L2 image. */
+static void disk_ext_l2_entry0(struct io *inner, uint64_t *entry, uint64_t *bitmap)
+{
+    uint64_t l2 = disk_u64(inner, disk_u64(inner, 40)) & META_OFFSET_MASK;
+
+    ck_assert_uint_ne(l2, 0);
+    *entry = disk_u64(inner, l2);
+    *bitmap = disk_u64(inner, l2 + 8);
+}
+
+/*
+ * Subclusters with extended L2 (2 KiB of a 64 KiB cluster): a write into
+ * a new cluster writes only the subcluster it touches (zeros around the
+ * data within it), a later write into an allocated subcluster goes in
+ * place, and one into an unallocated subcluster of a cluster we own
+ * writes that subcluster of the same host cluster.  The bitmap says which
+ * are allocated.
+ */
+START_TEST(plan_writes_subclusters)
+{
+    const uint64_t sc = CS / 32;
+    struct image_options o = default_opts();
+    struct io *inner = new_image_io();
+    struct rec_io *rec;
+    struct image *img;
+    uint64_t host, entry, bitmap;
+    uint8_t b = 0;
+    char ops[512];
+
+    /* An empty image: setting the extended-L2 bit (byte 79, bit 4) makes
+     * it a valid extended-L2 image (no L2 table exists yet). */
+    ck_assert_int_eq(io_pread(inner, &b, 1, 79), 0);
+    b |= (uint8_t)QCOW2_INCOMPAT_EXTL2;
+    ck_assert_int_eq(io_pwrite(inner, &b, 1, 79), 0);
+    img = open_rec(inner, "t.qcow2", &o, &rec);
+    write_pattern(img, 5 * CS, 4096, 0x11);     /* the L2 table, the caches */
+
+    rec_start(rec);
+    write_pattern(img, 2 * sc + 100, 1000, 0xaa);
+    rec_stop(rec, ops, sizeof(ops));
+    ck_assert_msg(rec->nb == 1 && rec->ops[0].kind == 'w' && rec->ops[0].len == sc &&
+                  (rec->ops[0].off & (CS - 1)) == 2 * sc,
+                  "a write into a new cluster's subcluster 2: %s", ops);
+    host = rec->ops[0].off - 2 * sc;
+
+    rec_start(rec);
+    write_pattern(img, 2 * sc + 1500, 200, 0xbb);
+    rec_stop(rec, ops, sizeof(ops));
+    ck_assert_msg(rec->nb == 1 && rec_is(rec, 0, 'w', host + 2 * sc + 1500, 200),
+                  "an overwrite of allocated subcluster 2: %s", ops);
+
+    rec_start(rec);
+    write_pattern(img, 5 * sc, sc, 0xcc);
+    rec_stop(rec, ops, sizeof(ops));
+    ck_assert_msg(rec->nb == 1 && rec_is(rec, 0, 'w', host + 5 * sc, sc),
+                  "a write of unallocated subcluster 5 of an owned cluster: %s", ops);
+
+    ck_assert(image_reads(img, 0, 2 * sc + 100, 0));
+    ck_assert(image_reads(img, 2 * sc + 100, 1000, 0xaa));
+    ck_assert(image_reads(img, 2 * sc + 1100, 400, 0));
+    ck_assert(image_reads(img, 2 * sc + 1500, 200, 0xbb));
+    ck_assert(image_reads(img, 2 * sc + 1700, 3 * sc - 1700, 0));
+    ck_assert(image_reads(img, 5 * sc, sc, 0xcc));
+    ck_assert(image_reads(img, 6 * sc, CS - 6 * sc, 0));
+    ck_assert_int_eq(image_close(img), 0);
+    disk_ext_l2_entry0(inner, &entry, &bitmap);
+    ck_assert_uint_eq(entry, host | META_L2_COPIED);
+    ck_assert_uint_eq(bitmap, (1ull << 2) | (1ull << 5));
+    assert_refcounts_exact(inner, "after subcluster writes");
+    io_close(inner);
+}
+END_TEST
+
+/*
+ * A cluster shared with an internal snapshot (refcount 2, COPIED clear;
+ * its L2 table shared too): the write copies the L2 table, reads the old
+ * cluster, writes a new one whole, and leaves the snapshot's data as it
+ * was; the old cluster's refcount drops to 1 (refcounts exact).  The
+ * snapshot is made by qemu-img.
+ */
+START_TEST(plan_copies_snapshot_shared_cluster)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[64], cmd[256];
+    struct create_options co = { .size = VSIZE, .cluster_bits = CB };
+    struct image_options o = default_opts();
+    struct image *img = NULL;
+    struct io *file, *inner;
+    struct rec_io *rec;
+    uint64_t size, old_host, old_l2, entry;
+    uint8_t *bytes;
+    char ops[512];
+
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/t.qcow2", dir);
+    ck_assert_int_eq(create_image(path, &co), 0);
+    ck_assert_int_eq(image_open(path, &o, &img), 0);
+    write_pattern(img, 0, CS, 0xaa);
+    ck_assert_int_eq(image_close(img), 0);
+    snprintf(cmd, sizeof(cmd), "qemu-img snapshot -c s1 '%s'", path);
+    ck_assert_int_eq(system(cmd), 0);
+    ck_assert_int_eq(io_open_file(path, false, &file), 0);
+    ck_assert_int_eq(io_get_size(file, &size), 0);
+    bytes = tu_zalloc((size_t)size);
+    ck_assert_int_eq(io_pread(file, bytes, (size_t)size, 0), 0);
+    io_close(file);
+    ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &inner), 0);
+    free(bytes);
+    entry = disk_l2_entry(inner, 0);
+    ck_assert_uint_eq(entry & META_L2_COPIED, 0);
+    old_host = entry & META_OFFSET_MASK;
+    old_l2 = disk_u64(inner, disk_u64(inner, 40)) & META_OFFSET_MASK;
+
+    img = open_rec(inner, path, &o, &rec);
+    rec_start(rec);
+    write_pattern(img, 8192, 4096, 0xcc);
+    rec_stop(rec, ops, sizeof(ops));
+    /* The L2 table copied, the old cluster read whole, the new one
+     * written whole (refcount block reads aside). */
+    {
+        bool l2_read = false, l2_written = false, data_read = false;
+        unsigned data_writes = 0;
+        uint64_t new_host = 0;
+        for (unsigned i = 0; i < rec->nb; i++) {
+            const struct rec_op *op = &rec->ops[i];
+            if (op->kind == 'r' && op->off == old_l2 && op->len == CS)
+                l2_read = true;
+            else if (op->kind == 'r' && op->off == old_host && op->len == CS)
+                data_read = true;
+            else if (op->kind == 'w' && op->len == CS && op->off != old_host &&
+                     op->off != old_l2 && !l2_written && !data_read)
+                l2_written = true;  /* the new, zeroed table comes first */
+            else if (op->kind == 'w') {
+                ck_assert_msg(op->len == CS && op->off != old_host,
+                              "a write of a snapshot-shared cluster: %s", ops);
+                data_writes++;
+                new_host = op->off;
+            }
+        }
+        ck_assert_msg(l2_read && l2_written && data_read && data_writes == 1,
+                      "a write of a snapshot-shared cluster: %s", ops);
+        ck_assert(image_reads(img, 0, 8192, 0xaa));
+        ck_assert(image_reads(img, 8192, 4096, 0xcc));
+        ck_assert(image_reads(img, 12288, CS - 12288, 0xaa));
+        ck_assert_int_eq(image_close(img), 0);
+        ck_assert_uint_eq(disk_l2_entry(inner, 0), new_host | META_L2_COPIED);
+    }
+    assert_refcounts_exact(inner, "after a write of a snapshot-shared cluster");
+
+    /* The snapshot still shows the old data. */
+    o.read_only = true;
+    o.snapshot = "s1";
+    img = open_rec(inner, path, &o, &rec);
+    ck_assert(image_reads(img, 0, CS, 0xaa));
+    ck_assert_int_eq(image_close(img), 0);
+    io_close(inner);
+    unlink(path);
+    rmdir(dir);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -1714,6 +2200,12 @@ static Suite *image_suite(void)
     tcase_add_test(tc, write_behind_shrinking_resize_rechecks_size);
     tcase_add_test(tc, resize_behind_resize_takes_the_new_size);
     tcase_add_loop_test(tc, replacing_corrupt_entry_frees_nothing, 0, (int)(NB_ZAP_CASES * 3));
+    tcase_add_test(tc, plan_overwrites_owned_clusters_in_place);
+    tcase_add_test(tc, plan_allocates_fresh_clusters);
+    tcase_add_test(tc, plan_copies_from_backing_file);
+    tcase_add_test(tc, plan_overwrites_compressed_cluster);
+    tcase_add_test(tc, plan_writes_subclusters);
+    tcase_add_test(tc, plan_copies_snapshot_shared_cluster);
     suite_add_tcase(s, tc);
 
     /* One workload run per host flush: slow under a sanitizer. */
