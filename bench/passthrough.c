@@ -427,7 +427,7 @@ int main(int argc, char *argv[])
     if (lc) {
         fuse_loop_cfg_set_clone_fd(lc, 1);
         fuse_loop_cfg_set_max_threads(lc, 16);
-        fuse_loop_cfg_set_idle_threads(lc, 8);
+        fuse_loop_cfg_set_idle_threads(lc, 16);
         ret = fuse_session_loop_mt(se, lc) < 0 ? 1 : 0;
         fuse_loop_cfg_destroy(lc);
     }

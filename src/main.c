@@ -710,7 +710,7 @@ static int serve(struct fuse_session *se, bool single_thread)
     }
     fuse_loop_cfg_set_clone_fd(lc, 1);
     fuse_loop_cfg_set_max_threads(lc, 16);
-    fuse_loop_cfg_set_idle_threads(lc, 8);
+    fuse_loop_cfg_set_idle_threads(lc, 16);
     ret = fuse_session_loop_mt(se, lc);
     fuse_loop_cfg_destroy(lc);
     return ret;
