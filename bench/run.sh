@@ -10,6 +10,10 @@
 # Environment:
 #   QCOW2FUSE     the daemon (default: build/qcow2fuse)
 #   PASSTHROUGH   the baseline daemon (default: build/bench/passthrough)
+#   BASELINE      a second qcow2fuse binary (e.g. a build of an older
+#                 commit): it runs as a fourth implementation, taking turns
+#                 with the others, and a last table compares the two builds
+#                 (figures and CPU per request, qcow2fuse/baseline)
 #   QSD           qemu-storage-daemon (default: from PATH; without it the
 #                 qsd column shows "-")
 #   RUNTIME       seconds per fio run (default 10, --quick 3)
@@ -123,6 +127,11 @@ for j in "${ALL_JOBS[@]}"; do
 done
 ((${#SELECTED[@]})) || die "JOBS=$JOBS matches no job"
 IMPLS=(qcow2fuse qsd passthrough)
+BASELINE=${BASELINE:-}
+if [[ -n $BASELINE ]]; then
+    [[ -x $BASELINE ]] || die "BASELINE=$BASELINE is not an executable file"
+    IMPLS+=(baseline)
+fi
 
 # --- directories and clean-up ------------------------------------------------
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -226,6 +235,7 @@ machine_info() {
     echo "kernel:      $(uname -sr)"
     echo "qcow2fuse:   $QCOW2FUSE ($("$QCOW2FUSE" --version 2>&1 | head -n1)," \
         "git $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown))"
+    [[ -z $BASELINE ]] || echo "baseline:    $BASELINE"
     echo "qsd:         ${QSD:-none}${QSD:+ ($("$QSD" --version | head -n1))}"
     echo "fio:         $(fio --version)"
     if [[ $SCRATCH == loop ]]; then
@@ -298,11 +308,13 @@ start_impl() {
     local impl=$1 img=$2 log=$3
     CUR_KIND=$impl
     case $impl in
-    qcow2fuse|passthrough)
+    qcow2fuse|baseline|passthrough)
         CUR_MP=$WORK/mnt
         mkdir -p "$CUR_MP"
         if [[ $impl == qcow2fuse ]]; then
             "$QCOW2FUSE" -f "$img" "$CUR_MP" >>"$log" 2>&1 &
+        elif [[ $impl == baseline ]]; then
+            "$BASELINE" -f "$img" "$CUR_MP" >>"$log" 2>&1 &
         else
             "$PASSTHROUGH" -f "$img" "$CUR_MP" >>"$log" 2>&1 &
         fi
@@ -528,6 +540,21 @@ TABLE=$RESULTS/table.txt
     fi
     awk -F'\t' 'NR > 1 && $2 == "qcow2fuse" && $6 != "-" && $6 > m { m = $6 }
         END { if (m) printf "qcow2fuse peak RSS (VmHWM) over these jobs: %.1f MiB\n", m / 1024 }' "$SUMMARY"
+    if [[ -n $BASELINE ]]; then
+        echo
+        echo "qcow2fuse against the baseline build $BASELINE (medians):"
+        printf '%-30s %-5s %10s %10s %8s %9s %9s %8s\n' job unit qcow2fuse baseline q/base \
+            'CPU/IO q' 'CPU/IO b' q/base
+        for j in "${SELECTED[@]}"; do
+            IFS='|' read -r name label kind dir fig args <<<"$j"
+            unit=IOPS
+            [[ $fig == bw ]] && unit=MB/s
+            q=${VAL[$name.qcow2fuse]} b=${VAL[$name.baseline]}
+            printf '%-30s %-5s %10s %10s %8s %9s %9s %8s\n' "$label" "$unit" "$(fmt_fig "$q")" \
+                "$(fmt_fig "$b")" "$(ratio "$q" "$b")" "${CPU[$name.qcow2fuse]}" \
+                "${CPU[$name.baseline]}" "$(ratio "${CPU[$name.qcow2fuse]}" "${CPU[$name.baseline]}")"
+        done
+    fi
 } | tee "$TABLE"
 
 # --- RSS and mount time on a 1 TiB image ------------------------------------------
