@@ -270,14 +270,25 @@ void cache_set_flush_hook(struct cache *c, cache_flush_hook_fn *fn, void *opaque
     c->flush_hook_opaque = opaque;
 }
 
-void cache_set_dependency(struct cache *c, struct cache *dependency)
+int cache_set_dependency(struct cache *c, struct cache *dependency)
 {
-    /* Chains are not allowed: settle the dependency's own first. */
-    if (dependency->depends)
-        (void)flush_dependency(dependency);
-    if (c->depends && c->depends != dependency)
-        (void)flush_dependency(c);
+    int ret;
+
+    /* Chains are not allowed: settle the dependency's own first.  On
+     * failure nothing changes: an unsettled dependency is kept, not lost,
+     * and the next table write settles it (image_flush.c, invariant 7). */
+    if (dependency->depends) {
+        ret = flush_dependency(dependency);
+        if (ret < 0)
+            return ret;
+    }
+    if (c->depends && c->depends != dependency) {
+        ret = flush_dependency(c);
+        if (ret < 0)
+            return ret;
+    }
     c->depends = dependency;
+    return 0;
 }
 
 void cache_depends_on_flush(struct cache *c)

@@ -11,8 +11,8 @@
  *   cache_set_dependency(c, d)  before any table of c is written, d is
  *                      flushed (cache_flush: its dirty tables, its flush
  *                      hook, a host flush).  No chains: another dependency
- *                      of c, or one of d, is flushed at once, and an error
- *                      of that flush is not returned
+ *                      of c, or one of d, is flushed at once; an error of
+ *                      that flush is returned and the old dependency kept
  *   cache_depends_on_flush(c)   before any table of c is written, the host
  *                      file is flushed (guest data before the L2 entry that
  *                      makes it visible)
@@ -99,7 +99,15 @@ int cache_flush(struct cache *c);
 /* As cache_flush, but without the final host flush. */
 int cache_write_dirty(struct cache *c);
 
-void cache_set_dependency(struct cache *c, struct cache *dependency);
+/*
+ * The write orderings of image_flush.c (invariants 1, 2 and 3) as seen from
+ * one cache: they hold also when a table leaves by eviction, where no
+ * caller is there to order the writes.
+ * cache_set_dependency: On exit @c depends on @dependency.  Returns 0, or
+ * the -errno of settling an earlier dependency (of @c on another cache, or
+ * of @dependency itself); nothing is changed then.
+ */
+int cache_set_dependency(struct cache *c, struct cache *dependency);
 void cache_depends_on_flush(struct cache *c);
 
 /*
@@ -135,8 +143,10 @@ void cache_set_write_check(struct cache *c, cache_write_check_fn *fn, void *opaq
 /*
  * Called by cache_flush() after the dirty tables are written and before the
  * final host flush; it may write and flush on its own.  The refcount module
- * uses it to link refcount blocks into the table (the table itself is not
- * cached), so every path that flushes refcounts also links them.
+ * uses it to link new refcount blocks into the table (the table itself is
+ * not cached) when a dependent L2 slice is evicted (image_flush.c,
+ * invariant 3: the one up-call left); its own flushes link them by an
+ * explicit call.
  * Returns 0 or -errno (returned by cache_flush).
  */
 typedef int cache_flush_hook_fn(void *opaque);

@@ -182,7 +182,8 @@ int cluster_open(struct meta *m, uint64_t l1_offset, uint32_t l1_size,
         goto fail;
     }
     /* An L2 entry names guest data in the data file: that file is the one
-     * to flush before the entry reaches the disk. */
+     * to flush before the entry reaches the disk (image_flush.c,
+     * invariant 2). */
     if (m->data_io && m->data_io != m->io)
         cache_set_data_io(cl->l2_cache, m->data_io);
     *out = cl;
@@ -206,6 +207,31 @@ void cluster_close(struct cluster *cl)
 struct cache *cluster_l2_cache(struct cluster *cl)
 {
     return cl->l2_cache;
+}
+
+bool cluster_l2_dirty(const struct cluster *cl)
+{
+    return cache_has_dirty(cl->l2_cache);
+}
+
+void cluster_refcounts_durable(struct cluster *cl)
+{
+    cache_dependency_met(cl->l2_cache);
+}
+
+int cluster_write_l2(struct cluster *cl)
+{
+    return cache_write_dirty(cl->l2_cache);
+}
+
+void cluster_set_writethrough(struct cluster *cl, bool on)
+{
+    cache_set_writethrough(cl->l2_cache, on);
+}
+
+void cluster_cache_stats(const struct cluster *cl, struct cache_stats *out)
+{
+    cache_get_stats(cl->l2_cache, out);
 }
 
 /* Whether L1 entry @e is fit to use as it stands: no reserved bits, an
@@ -397,7 +423,9 @@ int cluster_set_refcount(struct cluster *cl, struct refcount *rc)
     int ret;
 
     cl->rc = rc;
-    cache_set_dependency(cl->l2_cache, refcount_cache(rc));
+    ret = cache_set_dependency(cl->l2_cache, refcount_cache(rc));
+    if (ret < 0)
+        return ret;
     cache_set_write_check(cl->l2_cache, l2_write_check, m);
     /* The active L1 and L2 tables, for the overlap check. */
     ret = meta_mark(m, cl->l1_offset, (uint64_t)cl->l1_size * 8, META_KIND_L1);
@@ -582,7 +610,8 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc)
     for (uint64_t so = 0; so < m->cluster_size; so += cl->slice_bytes)
         cache_discard(cl->l2_cache, new_offset + so);
     /* Written at once: the table must be on disk before the L1 entry that
-     * points at it, and the L1 is written only after a host flush. */
+     * points at it, and the L1 is written only after a host flush
+     * (image_flush.c, invariant 5). */
     ret = io_pwrite(m->io, buf, m->cluster_size, new_offset);
     if (ret < 0) {
         /* A full host file system (ENOSPC), say: nothing points at the
@@ -613,17 +642,23 @@ int cluster_set_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
     ret = cache_get(cl->l2_cache, slice_offset(cl, l2_offset, l2_index), (void **)&slice);
     if (ret < 0)
         return ret;
+    /* Invariants 1 and 2 of image_flush.c for a slice that leaves by
+     * eviction; recorded before the entry changes, so that an error
+     * leaves the slice as it was. */
+    if (new_data) {
+        ret = cache_set_dependency(cl->l2_cache, refcount_cache(cl->rc));
+        if (ret < 0)
+            goto out;
+        cache_depends_on_flush(cl->l2_cache);
+    }
     i = l2_index % cl->slice_entries;
     be64_put(slice + i * m->l2_entry_bytes, entry);
     if (m->extended_l2)
         be64_put(slice + i * 16 + 8, bitmap);
     cache_mark_dirty(cl->l2_cache, slice);
-    if (new_data) {
-        cache_set_dependency(cl->l2_cache, refcount_cache(cl->rc));
-        cache_depends_on_flush(cl->l2_cache);
-    }
+out:
     cache_put(cl->l2_cache, (void **)&slice);
-    return 0;
+    return ret;
 }
 
 bool cluster_l1_dirty(const struct cluster *cl)
@@ -702,9 +737,10 @@ int cluster_grow_l1(struct cluster *cl, uint32_t new_size)
     ret = meta_check_write(m, new_offset, nb << m->cluster_bits, META_KIND_L1);
     if (ret == 0)
         ret = io_pwrite(m->io, disk, nb << m->cluster_bits, new_offset);
-    /* The table and its refcounts on disk before the header points at it. */
+    /* The table and its refcounts on disk before the header points at it
+     * (image_flush.c, invariant 6). */
     if (ret == 0)
-        ret = cache_flush(refcount_cache(cl->rc));
+        ret = refcount_flush(cl->rc);
     if (ret < 0) {
         (void)refcount_update(cl->rc, new_offset, nb << m->cluster_bits, -1);
         goto fail;

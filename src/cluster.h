@@ -120,7 +120,29 @@ int cluster_lookup(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
 int cluster_lookup_shared(struct cluster *cl, uint64_t offset, uint64_t max_bytes,
                           struct cluster_run *run);
 
+/* The L2 cache, for unit tests: everything else goes through the functions
+ * below, so that this module owns its cache. */
 struct cache *cluster_l2_cache(struct cluster *cl);
+
+/* Dirty L2 slices wait to be written. */
+bool cluster_l2_dirty(const struct cluster *cl);
+
+/*
+ * The caller has made the refcounts and the guest data durable (invariants
+ * 1 and 2 of image_flush.c: refcount_flush, and a flush of the data file):
+ * the next L2 write needs no flush of its own.
+ */
+void cluster_refcounts_durable(struct cluster *cl);
+
+/* Write the dirty L2 slices (no host flush).  Returns: 0 or the first
+ * -errno; a slice whose write failed stays dirty. */
+int cluster_write_l2(struct cluster *cl);
+
+/* Write-through mode of the L2 cache (see cache_set_writethrough). */
+void cluster_set_writethrough(struct cluster *cl, bool on);
+
+struct cache_stats;
+void cluster_cache_stats(const struct cluster *cl, struct cache_stats *out);
 
 /* ---- write side (writable images only) ------------------------------------ */
 
@@ -185,9 +207,11 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc);
  * On entry: cluster_prepare_l2(@gc) succeeded under the same lock hold or
  *           earlier (tables never become shared again while mounted).
  * On exit:  the slice is dirty; if @new_data, the L2 cache now depends on
- *           the refcount cache and on a host flush (guest data first).
+ *           the refcount cache and on a host flush (invariants 1 and 2 of
+ *           image_flush.c).
  * Returns:  0, or -errno of getting the slice (its read, or the write of
- *           the table evicted for it).
+ *           the table evicted for it) or of settling an earlier dependency
+ *           (the entry is unchanged then).
  */
 int cluster_set_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
                       uint64_t bitmap, bool new_data);

@@ -8,7 +8,7 @@
  */
 #include "image_impl.h"
 
-#include "cache.h"
+#include "cache.h"          /* struct cache_stats */
 #include "check.h"
 #include "cluster.h"
 #include "header.h"
@@ -407,8 +407,8 @@ static int open_chain(const char *path, struct io *given_io,
         if (ret < 0)
             goto fail;
         if (opts->writethrough) {
-            cache_set_writethrough(cluster_l2_cache(img->cl), true);
-            cache_set_writethrough(refcount_cache(img->rc), true);
+            cluster_set_writethrough(img->cl, true);
+            refcount_set_writethrough(img->rc, true);
         }
     }
 
@@ -582,9 +582,9 @@ void image_stats(struct image *img, char *buf, size_t len)
 
     lock_exclusive(img);
     if (img->cl)
-        cache_get_stats(cluster_l2_cache(img->cl), &l2);
+        cluster_cache_stats(img->cl, &l2);
     if (img->rc)
-        cache_get_stats(refcount_cache(img->rc), &rc);
+        refcount_cache_stats(img->rc, &rc);
     unlock_exclusive(img);
     snprintf(buf, len,
              "read %llu bytes, written %llu bytes, %llu clusters allocated, "

@@ -1,11 +1,66 @@
 /*
  * image_flush — making what was written durable, in the order that keeps
- * the image consistent after a crash at any point: guest data and refcount
- * increments, then L2 and L1 tables, then the deferred frees.
+ * the image consistent after a crash at any point.  This is the one place
+ * where the write ordering is written down; other modules refer to these
+ * invariants by number.  A crash under them can leave a leak (a refcount
+ * without a reference: harmless, repaired by a check), never a reference
+ * with refcount 0, never an L2 entry that shows stale host data.
+ *
+ * 1. Refcounts before references.  A refcount increment is durable before
+ *    the L2 entry, L1 entry, table or header field that uses the cluster
+ *    reaches the disk: a host flush lies between.  Kept by
+ *    image_flush_locked (step 1, refcount_flush, before step 2).  For an
+ *    L2 slice that leaves the cache by eviction, inside a cache_get in the
+ *    middle of a write where no caller can order it, by the L2 cache's
+ *    dependency on the refcount cache (cache.c flush_dependency, recorded
+ *    by cluster_set_refcount and cluster_set_entry): this, with 2 and 3,
+ *    is the only ordering the cache keeps by itself.
+ * 2. Guest data before the L2 entry that makes it visible, with a flush of
+ *    the file that holds the data (the image, or its external data file)
+ *    between.  Kept by image_flush_locked (step 1 flushes the data file and
+ *    the image before step 2); on eviction by cache_depends_on_flush
+ *    (cluster_set_entry for new data) and cache_set_data_io (cluster_open).
+ *    The design notes allow one exception, a cluster taken from past the
+ *    old end of the file (it reads back as zeros after a crash); this code
+ *    does not rely on it: step 1 flushes whenever anything was written.
+ * 3. New refcount blocks linked in holder order.  A new block's entry in
+ *    the refcount table is written only after the block is durable and
+ *    after the block that holds the new block's own refcount is linked,
+ *    with a host flush before each round of entries.  Kept by refcount.c
+ *    link_pending, called by refcount_flush (step 1, cluster_grow_l1, the
+ *    refcount table's growth).  When an evicted L2 slice flushes the
+ *    refcount cache (1), the cache runs it through its flush hook: the one
+ *    up-call left, as the eviction happens inside the cache.
+ * 4. Frees only after the dropping change is durable.  A reference that is
+ *    still on disk is dropped through refcount_defer_free (cluster_prepare_l2
+ *    for a copied L2 table; image_write.c commit_plan and image_zero.c for
+ *    replaced clusters), and the queue is applied (refcount_apply_deferred)
+ *    only in step 3, after step 2's host flush made the L2 and L1 entries
+ *    that no longer name the clusters durable; free_gen is bumped first so
+ *    reads in flight read again (image_read_range).  Old tables replaced by
+ *    6 are released only after the header that stops naming them is
+ *    flushed.
+ * 5. An L2 table before the L1 entry that points at it, with a host flush
+ *    between.  Kept by cluster_prepare_l2 (a new or copied table is written
+ *    at once) and image_flush_locked (step 2 flushes before
+ *    cluster_flush_l1).
+ * 6. New tables before the header that names them.  A grown L1 table
+ *    (cluster_grow_l1) or a relocated refcount table (refcount.c
+ *    grow_table) is written and flushed with the refcounts (refcount_flush)
+ *    before the header switch, and the switch is flushed before the old
+ *    table's clusters are released.
+ * 7. Errors are never dropped.  A table whose write fails stays dirty
+ *    (cache.c entry_write), a link that fails stays pending (link_pending),
+ *    a decrement that fails stays queued (refcount_apply_deferred); settling
+ *    an earlier dependency returns its error and keeps it
+ *    (cache_set_dependency); each step below returns its first error.  A
+ *    failed host flush is sticky: the io refuses every later write and
+ *    flush (io_flush_failed), the image takes none (image_flush_failed),
+ *    and the cache evicts only clean tables, as the dirty ones hold the only
+ *    copy of what reads must see (cache.c take_entry).
  */
 #include "image_impl.h"
 
-#include "cache.h"
 #include "cluster.h"
 #include "io.h"
 #include "log.h"
@@ -46,17 +101,15 @@ static int sync_io(struct image *img)
 
 int image_flush_locked(struct image *img)
 {
-    struct cache *l2 = cluster_l2_cache(img->cl);
-    struct cache *rcc = refcount_cache(img->rc);
-    bool tables = cache_has_dirty(l2) || cluster_l1_dirty(img->cl);
+    bool tables = cluster_l2_dirty(img->cl) || cluster_l1_dirty(img->cl);
     int ret = 0;
     uint64_t io_snap = img->io->changes;
     uint64_t data_snap = img->data_io ? img->data_io->changes : 0;
 
     /* 1. Guest data, refcount increments and links of new refcount
-     *    blocks, then a host flush; skipped when nothing was written since
-     *    the last one (writes counted before a snapshot have completed, so
-     *    the flush after it covers them). */
+     *    blocks, then a host flush (invariants 1, 2, 3); skipped when
+     *    nothing was written since the last one (writes counted before a
+     *    snapshot have completed, so the flush after it covers them). */
     if (img->data_io && data_snap != img->synced_data) {
         ret = io_flush(img->data_io);
         if (ret < 0) {
@@ -65,17 +118,19 @@ int image_flush_locked(struct image *img)
         }
         advance(&img->synced_data, data_snap);
     }
-    if (io_snap != img->synced || cache_has_dirty(rcc) || refcount_has_pending(img->rc)) {
-        ret = cache_flush(rcc);
+    if (io_snap != img->synced || refcount_has_dirty(img->rc) ||
+        refcount_has_pending(img->rc)) {
+        ret = refcount_flush(img->rc);
         if (ret < 0)
             return ret;
         advance(&img->synced, io_snap);
     }
-    cache_dependency_met(l2);
+    cluster_refcounts_durable(img->cl);
 
-    /* 2. L2 tables; then the L1 entries that point at new tables. */
+    /* 2. L2 tables; then the L1 entries that point at new tables
+     *    (invariant 5). */
     if (tables) {
-        ret = cache_write_dirty(l2);
+        ret = cluster_write_l2(img->cl);
         if (ret < 0)
             return ret;
         if (cluster_l1_dirty(img->cl)) {
@@ -90,7 +145,8 @@ int image_flush_locked(struct image *img)
             return ret;
     }
 
-    /* 3. The references are gone from disk: drop their refcounts. */
+    /* 3. The references are gone from disk: drop their refcounts
+     *    (invariant 4). */
     if (refcount_has_deferred(img->rc)) {
         img->free_gen++;        /* reads in flight re-read (image_read_range) */
         ret = refcount_apply_deferred(img->rc, punch_freed, img);
@@ -98,7 +154,7 @@ int image_flush_locked(struct image *img)
             return ret;
         /* Decrements create no refcount blocks (step 1 linked them all):
          * the dirty blocks and a flush are all there is. */
-        ret = cache_write_dirty(rcc);
+        ret = refcount_write_dirty(img->rc);
         if (ret == 0)
             ret = sync_io(img);
     }

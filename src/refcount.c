@@ -32,7 +32,8 @@ struct refcount {
     size_t nb_pending, cap_pending;
 };
 
-static int link_pending(void *opaque);
+static int link_pending(struct refcount *rc);
+static int link_pending_hook(void *opaque);
 
 /* ---- refcount block entry access ----------------------------------------- */
 
@@ -204,7 +205,7 @@ int refcount_open(struct meta *m, uint64_t table_offset, uint32_t table_clusters
         goto fail;
     }
     cache_set_write_check(rc->cache, block_write_check, m);
-    cache_set_flush_hook(rc->cache, link_pending, rc);
+    cache_set_flush_hook(rc->cache, link_pending_hook, rc);
     ret = meta_mark(m, table_offset, (uint64_t)table_clusters << m->cluster_bits,
                     META_KIND_REFTABLE);
     for (uint64_t i = 0; ret == 0 && i < rc->table_entries; i++)
@@ -234,6 +235,37 @@ void refcount_close(struct refcount *rc)
 struct cache *refcount_cache(struct refcount *rc)
 {
     return rc->cache;
+}
+
+int refcount_flush(struct refcount *rc)
+{
+    int ret = cache_write_dirty(rc->cache);
+    int ret2;
+
+    if (ret == 0)
+        ret = link_pending(rc);
+    ret2 = io_flush(rc->m->io);
+    return ret < 0 ? ret : ret2;
+}
+
+int refcount_write_dirty(struct refcount *rc)
+{
+    return cache_write_dirty(rc->cache);
+}
+
+bool refcount_has_dirty(const struct refcount *rc)
+{
+    return cache_has_dirty(rc->cache);
+}
+
+void refcount_set_writethrough(struct refcount *rc, bool on)
+{
+    cache_set_writethrough(rc->cache, on);
+}
+
+void refcount_cache_stats(const struct refcount *rc, struct cache_stats *out)
+{
+    cache_get_stats(rc->cache, out);
 }
 
 uint64_t refcount_end(const struct refcount *rc)
@@ -471,8 +503,9 @@ static int grow_table(struct refcount *rc, uint64_t ti_needed)
         new_table[i] = be64_get(&new_table[i]);
     if (ret < 0)
         goto undo;
-    /* Blocks, increments and table durable before the header points there. */
-    ret = cache_flush(rc->cache);
+    /* Blocks, increments and table durable before the header points there
+     * (image_flush.c, invariant 6). */
+    ret = refcount_flush(rc);
     if (ret < 0)
         goto undo;
     ret = header_write_refcount_table(m->io, start << m->cluster_bits, (uint32_t)t_clusters);
@@ -588,8 +621,8 @@ out:
  * link_pending() when the refcount cache is next flushed: linking here
  * would need a host flush (the block before the entry that points at it)
  * in the middle of the write stream, with the metadata lock held.  Until
- * then no L2 entry that points into their range reaches the disk (L2
- * tables depend on the refcount cache), so a crash only leaks.
+ * then no L2 entry that points into their range reaches the disk
+ * (image_flush.c, invariants 1 and 3), so a crash only leaks.
  */
 static int create_blocks(struct refcount *rc, uint64_t ti_lo, uint64_t ti_hi,
                          uint64_t first_new, uint64_t k)
@@ -651,7 +684,7 @@ static bool is_pending(const struct refcount *rc, uint64_t ti)
 }
 
 /*
- * The refcount cache's flush hook: write the table entries of new blocks.
+ * Write the table entries of new blocks (image_flush.c, invariant 3).
  * On entry every dirty refcount block has been written (not flushed).
  *
  * A new block's own refcount lives in whichever block covers its cluster,
@@ -661,11 +694,11 @@ static bool is_pending(const struct refcount *rc, uint64_t ti)
  * entries are written in rounds, each round those whose holder is linked
  * (or themselves), with a host flush before each round: the first one
  * makes the blocks durable before anything points at them.  The caller
- * (cache_flush) flushes after the last round.
+ * (refcount_flush, or cache_flush through the hook) flushes after the
+ * last round.
  */
-static int link_pending(void *opaque)
+static int link_pending(struct refcount *rc)
 {
-    struct refcount *rc = opaque;
     uint64_t be = rc->block_entries;
     int ret;
 
@@ -701,6 +734,13 @@ static int link_pending(void *opaque)
         rc->nb_pending = kept;
     }
     return 0;
+}
+
+/* The refcount cache's flush hook: the cache flushes refcounts on its own
+ * only when an L2 slice that depends on them is evicted (invariant 3). */
+static int link_pending_hook(void *opaque)
+{
+    return link_pending(opaque);
 }
 
 /*

@@ -4,17 +4,11 @@
  * refcount structures (new self-describing refcount blocks, and a relocated,
  * larger refcount table) when the file outgrows them.
  *
- * Ordering: a new refcount block is written when it is created but linked
- * into the on-disk table only when the refcount cache is next flushed (its
- * flush hook): blocks flushed first, then the table entries in dependency
- * rounds.  So allocation never waits for a host flush, and as L2 tables
- * depend on the refcount cache, no reference into a new block's range
- * reaches the disk before the block is linked.  A new refcount table is
- * written and flushed before the header points at it, and the old table is
- * released only after that.  Increments are always safe to write early (a
- * crash leaks); callers must make decrements visible only after the
- * references they drop are gone from disk (refcount_defer_free, applied by
- * image_flush.c).
+ * Ordering: the numbered invariants at the top of image_flush.c.  This
+ * module keeps 3 (new blocks linked in holder order, by refcount_flush)
+ * and 6 (a new refcount table durable before the header names it); it
+ * queues decrements for 4 (refcount_defer_free, applied by image_flush.c).
+ * So allocation never waits for a host flush.
  *
  * Locking rule: call with the image's metadata lock held.
  */
@@ -42,7 +36,30 @@ int refcount_open(struct meta *m, uint64_t table_offset, uint32_t table_clusters
                   uint64_t cache_bytes, struct refcount **out);
 void refcount_close(struct refcount *rc);
 
+/* The refcount-block cache, for unit tests: everything else goes through
+ * the functions below, so that this module owns its cache. */
 struct cache *refcount_cache(struct refcount *rc);
+
+/*
+ * Make every refcount change durable: write the dirty blocks, link new
+ * blocks into the on-disk table (invariant 3: a host flush before each
+ * round of links), then flush the host.
+ * Returns: 0 or the first -errno (what failed stays dirty or pending, and
+ *          the next flush retries).
+ */
+int refcount_flush(struct refcount *rc);
+
+/* Write the dirty refcount blocks, no host flush and no linking.
+ * On entry no new block is pending (refcount_flush linked them all).
+ * Returns: 0 or the first -errno. */
+int refcount_write_dirty(struct refcount *rc);
+bool refcount_has_dirty(const struct refcount *rc);
+
+/* Write-through mode of the block cache (see cache_set_writethrough). */
+void refcount_set_writethrough(struct refcount *rc, bool on);
+
+struct cache_stats;
+void refcount_cache_stats(const struct refcount *rc, struct cache_stats *out);
 
 /* The refcount of the host cluster containing byte @offset. */
 int refcount_get(struct refcount *rc, uint64_t offset, uint64_t *value);
@@ -74,14 +91,18 @@ int refcount_defer_free(struct refcount *rc, uint64_t offset, uint64_t len);
 bool refcount_has_deferred(const struct refcount *rc);
 
 /* New refcount blocks wait to be linked into the on-disk table (by the next
- * flush of the refcount cache). */
+ * refcount_flush, or the flush an evicted L2 slice needs). */
 bool refcount_has_pending(const struct refcount *rc);
 size_t refcount_nb_deferred(const struct refcount *rc);
 
 /*
- * Apply every queued decrement (in the cache; written by the next flush of
- * the refcount cache).  Host ranges whose clusters reach refcount 0 are
- * reported to @freed (may be NULL), e.g. to release their space.
+ * Apply every queued decrement (in the cache; written by the caller's next
+ * refcount_write_dirty or refcount_flush).
+ * On entry: the changes that drop the queued references are durable
+ *           (image_flush.c, invariant 4).
+ * On exit:  host ranges whose clusters reached refcount 0 were reported to
+ *           @freed (may be NULL) during this call, e.g. to release their
+ *           space; nothing keeps @freed afterwards.
  * Returns: 0 or -errno; on error the failed ranges stay queued.
  */
 typedef void refcount_freed_fn(void *opaque, uint64_t offset, uint64_t len);

@@ -1477,6 +1477,83 @@ START_TEST(writethrough_respects_dependency)
 }
 END_TEST
 
+/* A host whose flushes fail once told to (and then for good, as io.c
+ * poisons an io after a failed flush). */
+struct failflush_io {
+    struct tu_fwd_io fwd;
+    bool fail;
+};
+
+static int failflush_flush(struct io *io)
+{
+    if (((struct failflush_io *)io)->fail)
+        return -EIO;
+    return tu_fwd_flush(io);
+}
+
+static void failflush_close(struct io *io)
+{
+    io_close(tu_fwd_inner(io));
+    free(io);
+}
+
+static const struct io_ops failflush_ops = {
+    .pread = tu_fwd_pread,
+    .pwrite = tu_fwd_pwrite,
+    .flush = failflush_flush,
+    .get_size = tu_fwd_get_size,
+    .truncate = tu_fwd_truncate,
+    .punch_hole = tu_fwd_punch,
+    .close = failflush_close,
+};
+
+/*
+ * Settling an earlier dependency can fail (its host flush does): the error
+ * is returned, and the dependency is kept, so the dependent table is not
+ * written before the tables it depends on are durable.  Here the refcount
+ * cache lives on a host whose flush fails, the L2 cache on another one:
+ * moving the L2 cache's dependency to a third cache must fail, and the L2
+ * table must then stay unwritten.
+ */
+START_TEST(set_dependency_returns_settle_error)
+{
+    struct failflush_io *bad = tu_zalloc(sizeof(*bad));
+    struct io *good = pattern_io(TS);
+    struct cache *l2, *rc, *other, *chained;
+
+    bad->fwd.io.ops = &failflush_ops;
+    bad->fwd.inner = pattern_io(TS);
+    l2 = cache_create(good, "L2", TS, 4);
+    other = cache_create(good, "other", TS, 4);
+    chained = cache_create(good, "chained", TS, 4);
+    rc = cache_create(&bad->fwd.io, "refcount", TS, 4);
+    dirty_table(rc, 20 * TS, 0x11);
+    dirty_table(l2, 40 * TS, 0x22);
+    ck_assert_int_eq(cache_set_dependency(l2, rc), 0);
+
+    bad->fail = true;
+    ck_assert_int_eq(cache_set_dependency(l2, other), -EIO);
+    /* Still waiting for the refcount cache, which cannot be made durable. */
+    ck_assert_int_eq(cache_write_dirty(l2), -EIO);
+    ck_assert(cache_has_dirty(l2));
+    ck_assert(has_pattern(mem_at(good, 40 * TS), 40, TS));
+
+    /* The same for a chain: a cache whose dependency depends on the
+     * failing one. */
+    ck_assert_int_eq(cache_set_dependency(chained, l2), -EIO);
+    dirty_table(chained, 50 * TS, 0x33);
+    ck_assert_int_eq(cache_write_dirty(chained), 0);   /* no dependency */
+    ck_assert(has_pattern(mem_at(good, 40 * TS), 40, TS));
+
+    cache_destroy(l2);
+    cache_destroy(other);
+    cache_destroy(chained);
+    cache_destroy(rc);
+    io_close(good);
+    io_close(&bad->fwd.io);
+}
+END_TEST
+
 static Suite *cache_suite(void)
 {
     Suite *s = suite_create("cache");
@@ -1532,6 +1609,7 @@ static Suite *cache_suite(void)
     tcase_add_test(tc, writethrough_writes_on_last_put);
     tcase_add_test(tc, writethrough_respects_dependency);
     tcase_add_test(tc, flush_hook_order);
+    tcase_add_test(tc, set_dependency_returns_settle_error);
     suite_add_tcase(s, tc);
     return s;
 }

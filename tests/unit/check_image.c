@@ -2180,6 +2180,141 @@ START_TEST(plan_copies_snapshot_shared_cluster)
 }
 END_TEST
 
+/* ---- write ordering (image_flush.c's invariants), seen in a trace ------ */
+
+/* Open the image held in @inner (kept when the image closes) with its
+ * host I/O traced into *fd. */
+static struct image *open_traced(struct io *inner, int *fd)
+{
+    struct image_options o = default_opts();
+    struct image *img = NULL;
+
+    *fd = tu_trace_fd();
+    o.trace_fd = *fd;
+    /* The gate (never armed) keeps @inner for the test when closed. */
+    ck_assert_int_eq(image_open_io(&gate_new(inner, true)->fwd.io, "t.qcow2", &o,
+                                   &img), 0);
+    return img;
+}
+
+/* The last record in [@from, @to) of @type (for writes and punches: at
+ * @off, @len bytes), or -1. */
+static int trace_last(const struct tu_trace *t, uint32_t type, uint64_t off,
+                      uint64_t len, unsigned from, unsigned to)
+{
+    int found = -1;
+
+    for (unsigned i = from; i < to && i < t->nb; i++)
+        if (t->recs[i].r.type == type &&
+            (type == IO_TRACE_FLUSH ||
+             (t->recs[i].r.offset == off && t->recs[i].r.length == len)))
+            found = (int)i;
+    return found;
+}
+
+static bool trace_flush_between(const struct tu_trace *t, int a, int b)
+{
+    for (int i = a + 1; i < b; i++)
+        if (t->recs[i].r.type == IO_TRACE_FLUSH)
+            return true;
+    return false;
+}
+
+/*
+ * Invariants 1, 2 and 5: a write into an empty image allocates an L2 table
+ * and a data cluster.  At the flush the refcount block is written, then
+ * the host flushed, then the L2 slice; the guest data is flushed before
+ * the L2 slice too; the L1 entry comes after the L2 table, with a flush
+ * between.
+ */
+START_TEST(flush_orders_refcounts_data_l2_l1)
+{
+    struct io *inner = new_image_io();
+    int fd;
+    struct image *img = open_traced(inner, &fd);
+    uint64_t rb, l1, l2, data;
+    struct tu_trace t;
+    int i_rb, i_data, i_l2, i_l2_new, i_l1;
+
+    write_pattern(img, 0, CS, 0x5a);
+    ck_assert_int_eq(image_flush(img), 0);
+    tu_trace_read(fd, &t);
+    rb = disk_u64(inner, disk_u64(inner, 48));
+    l1 = disk_u64(inner, 40);
+    l2 = disk_u64(inner, l1) & META_OFFSET_MASK;
+    data = disk_l2_entry(inner, 0) & META_OFFSET_MASK;
+    ck_assert_uint_ne(l2, 0);
+    ck_assert_uint_ne(data, 0);
+
+    i_rb = trace_last(&t, IO_TRACE_WRITE, rb, CS, 0, t.nb);
+    i_data = trace_last(&t, IO_TRACE_WRITE, data, CS, 0, t.nb);
+    i_l2_new = trace_last(&t, IO_TRACE_WRITE, l2, CS, 0, t.nb);  /* zeroed at once */
+    i_l2 = trace_last(&t, IO_TRACE_WRITE, l2, 4096, 0, t.nb);    /* the slice */
+    i_l1 = trace_last(&t, IO_TRACE_WRITE, l1, 8, 0, t.nb);
+    ck_assert_msg(i_rb >= 0 && i_data >= 0 && i_l2_new >= 0 && i_l2 >= 0 && i_l1 >= 0,
+                  "rb %d data %d new L2 %d slice %d L1 %d", i_rb, i_data, i_l2_new,
+                  i_l2, i_l1);
+    ck_assert_msg(i_rb < i_l2 && trace_flush_between(&t, i_rb, i_l2),
+                  "refcount block (%d), flush, L2 slice (%d)", i_rb, i_l2);
+    ck_assert_msg(i_data < i_l2 && trace_flush_between(&t, i_data, i_l2),
+                  "guest data (%d), flush, L2 slice (%d)", i_data, i_l2);
+    ck_assert_msg(i_l2_new < i_l1 && i_l2 < i_l1 && trace_flush_between(&t, i_l2, i_l1),
+                  "L2 table (%d, %d), flush, L1 entry (%d)", i_l2_new, i_l2, i_l1);
+    ck_assert_int_ge(trace_last(&t, IO_TRACE_FLUSH, 0, 0, (unsigned)i_l1, t.nb), 0);
+    tu_trace_free(&t);
+    ck_assert_int_eq(image_close(img), 0);
+    close(fd);
+    assert_refcounts_exact(inner, "after an ordered flush");
+    io_close(inner);
+}
+END_TEST
+
+/*
+ * Invariant 4: a discard drops the reference to a data cluster; its
+ * refcount reaches the disk (and its space is punched) only after the L2
+ * slice that no longer names it, with a host flush between.
+ */
+START_TEST(deferred_free_after_durable_l2)
+{
+    struct io *inner = new_image_io();
+    int fd;
+    struct image *img = open_traced(inner, &fd);
+    uint64_t rb, l2, data;
+    struct tu_trace t;
+    unsigned n0;
+    int i_l2, i_rb, i_punch;
+
+    write_pattern(img, 0, CS, 0x5a);
+    ck_assert_int_eq(image_flush(img), 0);
+    rb = disk_u64(inner, disk_u64(inner, 48));
+    l2 = disk_u64(inner, disk_u64(inner, 40)) & META_OFFSET_MASK;
+    data = disk_l2_entry(inner, 0) & META_OFFSET_MASK;
+    tu_trace_read(fd, &t);
+    n0 = t.nb;
+    tu_trace_free(&t);
+
+    ck_assert_int_eq(image_zero(img, 0, CS, true), 0);
+    ck_assert_int_eq(image_flush(img), 0);
+    tu_trace_read(fd, &t);
+    i_l2 = trace_last(&t, IO_TRACE_WRITE, l2, 4096, n0, t.nb);
+    i_rb = trace_last(&t, IO_TRACE_WRITE, rb, CS, n0, t.nb);
+    i_punch = trace_last(&t, IO_TRACE_PUNCH, data, CS, n0, t.nb);
+    ck_assert_msg(i_l2 >= 0 && i_rb >= 0 && i_punch >= 0, "slice %d block %d punch %d",
+                  i_l2, i_rb, i_punch);
+    ck_assert_msg(i_l2 < i_rb && trace_flush_between(&t, i_l2, i_rb),
+                  "L2 slice (%d), flush, decremented refcount block (%d)", i_l2, i_rb);
+    ck_assert_msg(i_l2 < i_punch && trace_flush_between(&t, i_l2, i_punch),
+                  "L2 slice (%d), flush, punch (%d)", i_l2, i_punch);
+    ck_assert_int_ge(trace_last(&t, IO_TRACE_FLUSH, 0, 0, (unsigned)i_rb, t.nb), 0);
+    tu_trace_free(&t);
+    ck_assert_int_eq(image_close(img), 0);
+    close(fd);
+    ck_assert_uint_eq(disk_l2_entry(inner, 0), 0);
+    assert_refcounts_exact(inner, "after a deferred free");
+    io_close(inner);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -2206,6 +2341,8 @@ static Suite *image_suite(void)
     tcase_add_test(tc, plan_overwrites_compressed_cluster);
     tcase_add_test(tc, plan_writes_subclusters);
     tcase_add_test(tc, plan_copies_snapshot_shared_cluster);
+    tcase_add_test(tc, flush_orders_refcounts_data_l2_l1);
+    tcase_add_test(tc, deferred_free_after_durable_l2);
     suite_add_tcase(s, tc);
 
     /* One workload run per host flush: slow under a sanitizer. */
