@@ -715,3 +715,12 @@ guarded() {
     wait "$cpid" || rc=$?
     return "$rc"
 }
+
+# sanitized_build BINARY: BINARY is linked with AddressSanitizer or
+# ThreadSanitizer.  (Not `ldd | grep -q`: grep's early exit can end ldd with
+# SIGPIPE, and under pipefail the test then reads as false.)
+sanitized_build() {
+    local libs
+    libs=$(ldd "$1" 2>/dev/null) || true
+    [[ $libs == *libasan* || $libs == *libtsan* ]]
+}

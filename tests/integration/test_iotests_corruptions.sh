@@ -657,7 +657,7 @@ case_data_at_32pb() {
     # nor crash: under a 1 GiB address-space limit it reports the damage.
     # (A sanitizer build reserves terabytes of shadow memory: no limit.)
     local limit=(prlimit --as=$((1024 * M)))
-    if ldd "$QCOW2CHECK" 2>/dev/null | grep -Eq 'lib[at]san'; then limit=(); fi
+    if sanitized_build "$QCOW2CHECK"; then limit=(); fi
     timeout -k 5 60 "${limit[@]}" "$QCOW2CHECK" "$T/chk.qcow2" >"$T/chk.out" 2>&1 || rc=$?
     ((rc == 2)) || { sed 's/^/    | /' "$T/chk.out" >&2; fail "qcow2check exited $rc, expected 2 (corruptions found)"; }
     outcome "qcow2check${limit[*]:+ under a 1 GiB limit}: exit 2: $(grep -m1 -i 'error\|corrupt' "$T/chk.out" | cut -c1-100)"

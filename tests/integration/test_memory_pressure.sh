@@ -40,7 +40,7 @@ LIMIT_MIB=${LIMIT_MIB:-64}
 # AddressSanitizer keeps up to 256 MiB of freed memory in quarantine, which
 # the cgroup counts: the OOM killer then ends the daemon of a sanitizer
 # build (seen in CI).  A small quarantine keeps the limit about the daemon.
-if ldd "$QCOW2FUSE" 2>/dev/null | grep -q 'libasan'; then
+if sanitized_build "$QCOW2FUSE"; then
     export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}quarantine_size_mb=4"
 fi
 WRITE_MIB=$((2 * LIMIT_MIB))
