@@ -231,22 +231,14 @@ static struct io *new_image_io_geom(uint64_t vsize, unsigned cluster_bits)
 {
     char dir[] = "/tmp/check_image.XXXXXX", path[64];
     struct create_options co = { .size = vsize, .cluster_bits = cluster_bits };
-    struct io *file, *mem;
-    uint64_t size;
-    uint8_t *bytes;
+    struct io *mem;
 
     ck_assert_ptr_nonnull(mkdtemp(dir));
     snprintf(path, sizeof(path), "%s/t.qcow2", dir);
     ck_assert_int_eq(create_image(path, &co), 0);
-    ck_assert_int_eq(io_open_file(path, false, &file), 0);
-    ck_assert_int_eq(io_get_size(file, &size), 0);
-    bytes = tu_zalloc((size_t)size);
-    ck_assert_int_eq(io_pread(file, bytes, (size_t)size, 0), 0);
-    io_close(file);
+    mem = tu_file_to_memory(path);
     unlink(path);
     rmdir(dir);
-    ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &mem), 0);
-    free(bytes);
     return mem;
 }
 
@@ -1470,9 +1462,7 @@ static struct io *new_overlay_io(char *dir, char *path, size_t path_len)
     struct create_options co = { .size = VSIZE, .cluster_bits = CB,
                                  .backing_format = "raw" };
     uint8_t *buf = tu_zalloc(1u << 20);
-    struct io *file, *mem;
-    uint64_t size;
-    uint8_t *bytes;
+    struct io *mem;
 
     ck_assert_ptr_nonnull(mkdtemp(dir));
     snprintf(base, sizeof(base), "%s/base.raw", dir);
@@ -1488,13 +1478,7 @@ static struct io *new_overlay_io(char *dir, char *path, size_t path_len)
     free(buf);
     co.backing_file = base;
     ck_assert_int_eq(create_image(path, &co), 0);
-    ck_assert_int_eq(io_open_file(path, false, &file), 0);
-    ck_assert_int_eq(io_get_size(file, &size), 0);
-    bytes = tu_zalloc((size_t)size);
-    ck_assert_int_eq(io_pread(file, bytes, (size_t)size, 0), 0);
-    io_close(file);
-    ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &mem), 0);
-    free(bytes);
+    mem = tu_file_to_memory(path);
     return mem;
 }
 
@@ -2106,10 +2090,9 @@ START_TEST(plan_copies_snapshot_shared_cluster)
     struct create_options co = { .size = VSIZE, .cluster_bits = CB };
     struct image_options o = default_opts();
     struct image *img = NULL;
-    struct io *file, *inner;
+    struct io *inner;
     struct rec_io *rec;
-    uint64_t size, old_host, old_l2, entry;
-    uint8_t *bytes;
+    uint64_t old_host, old_l2, entry;
     char ops[512];
 
     ck_assert_ptr_nonnull(mkdtemp(dir));
@@ -2120,13 +2103,7 @@ START_TEST(plan_copies_snapshot_shared_cluster)
     ck_assert_int_eq(image_close(img), 0);
     snprintf(cmd, sizeof(cmd), "qemu-img snapshot -c s1 '%s'", path);
     ck_assert_int_eq(system(cmd), 0);
-    ck_assert_int_eq(io_open_file(path, false, &file), 0);
-    ck_assert_int_eq(io_get_size(file, &size), 0);
-    bytes = tu_zalloc((size_t)size);
-    ck_assert_int_eq(io_pread(file, bytes, (size_t)size, 0), 0);
-    io_close(file);
-    ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &inner), 0);
-    free(bytes);
+    inner = tu_file_to_memory(path);
     entry = disk_l2_entry(inner, 0);
     ck_assert_uint_eq(entry & META_L2_COPIED, 0);
     old_host = entry & META_OFFSET_MASK;

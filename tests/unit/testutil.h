@@ -36,6 +36,24 @@ static inline void *tu_zalloc(size_t len)
     return p;
 }
 
+/* The bytes of the file at @path in a new memory backend (the file itself
+ * is left as it is). */
+static inline struct io *tu_file_to_memory(const char *path)
+{
+    struct io *file, *mem;
+    uint64_t size;
+    uint8_t *bytes;
+
+    ck_assert_int_eq(io_open_file(path, false, &file), 0);
+    ck_assert_int_eq(io_get_size(file, &size), 0);
+    bytes = tu_zalloc((size_t)size);
+    ck_assert_int_eq(io_pread(file, bytes, (size_t)size, 0), 0);
+    io_close(file);
+    ck_assert_int_eq(io_open_memory(bytes, (size_t)size, &mem), 0);
+    free(bytes);
+    return mem;
+}
+
 /* ---- qcow2 header fields ------------------------------------------------- */
 
 /* The fixed header fields, in host order, as the test wants them on disk. */
