@@ -437,19 +437,37 @@ int cluster_set_refcount(struct cluster *cl, struct refcount *rc)
     return ret;
 }
 
+void cluster_entry_decode(const struct meta *m, uint64_t entry, uint64_t bitmap,
+                          struct cluster_entry *e)
+{
+    e->entry = entry;
+    e->bitmap = bitmap;
+    e->host = 0;
+    e->why = NULL;
+    e->ret = cluster_decode_entry(m, entry, bitmap, 0, &e->kind, &e->host, &e->why);
+}
+
 int cluster_check_old_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
                             uint64_t bitmap, uint64_t *host, uint64_t *len)
+{
+    struct cluster_entry e;
+
+    cluster_entry_decode(cl->m, entry, bitmap, &e);
+    return cluster_check_decoded(cl, gc, &e, host, len);
+}
+
+int cluster_check_decoded(struct cluster *cl, uint64_t gc, const struct cluster_entry *e,
+                          uint64_t *host, uint64_t *len)
 {
     struct meta *m = cl->m;
     uint64_t l1_index = gc / m->l2_entries;
     uint64_t l2_offset = l1_index < cl->l1_size ? cl->l1[l1_index] & META_OFFSET_MASK : 0;
-    uint64_t h = 0, n = 0, max_len;
-    enum cluster_kind kind;
-    const char *why;
+    uint64_t entry = e->entry, h = e->host, n = 0, max_len;
+    const char *why = e->why;
     char what[96];
 
     *host = *len = 0;
-    if (cluster_decode_entry(m, entry, bitmap, 0, &kind, &h, &why) < 0)
+    if (e->ret < 0)
         goto corrupt;
     if (entry & META_L2_COMPRESSED) {
         /* Decoded above; the refcounts cover every sector it names. */

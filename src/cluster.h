@@ -188,6 +188,23 @@ int cluster_get_entry(struct cluster *cl, uint64_t gc, uint64_t *entry,
 int cluster_check_old_entry(struct cluster *cl, uint64_t gc, uint64_t entry,
                             uint64_t bitmap, uint64_t *host, uint64_t *len);
 
+/* An L2 entry decoded once (for subcluster 0), so that a caller who looks
+ * at it before replacing it validates what it decoded, not a new decoding. */
+struct cluster_entry {
+    uint64_t entry, bitmap;     /* as found */
+    int ret;                    /* cluster_decode_entry()'s result */
+    enum cluster_kind kind;
+    uint64_t host;
+    const char *why;            /* the reason, when ret < 0 */
+};
+
+void cluster_entry_decode(const struct meta *m, uint64_t entry, uint64_t bitmap,
+                          struct cluster_entry *e);
+
+/* cluster_check_old_entry() of an entry decoded by cluster_entry_decode(). */
+int cluster_check_decoded(struct cluster *cl, uint64_t gc, const struct cluster_entry *e,
+                          uint64_t *host, uint64_t *len);
+
 /*
  * Make the L2 table of guest cluster @gc exclusively ours: use it as it is
  * when its L1 entry has COPIED (or its refcount is 1: COPIED is then set),

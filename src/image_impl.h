@@ -10,6 +10,7 @@
 
 #include "image.h"
 
+#include "cluster.h"
 #include "compress.h"
 #include "header.h"
 #include "meta.h"
@@ -141,6 +142,7 @@ int image_check_writable(struct image *img, uint64_t offset, uint64_t len);
  * whole cluster as unit 0). */
 struct old_state {
     uint64_t entry, bitmap;     /* as found */
+    struct cluster_entry dec;   /* the one decoding of them (validation) */
     bool compressed;
     bool has_host;
     uint64_t host;

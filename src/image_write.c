@@ -93,6 +93,7 @@ static void decode_state(const struct image *img, uint64_t entry, uint64_t bitma
     memset(st, 0, sizeof(*st));
     st->entry = entry;
     st->bitmap = bitmap;
+    cluster_entry_decode(m, entry, bitmap, &st->dec);
     if (entry & META_L2_COMPRESSED) {
         st->compressed = true;
         return;
@@ -110,11 +111,11 @@ static void decode_state(const struct image *img, uint64_t entry, uint64_t bitma
 }
 
 /* Validate the entry *st of guest cluster @gc before it is replaced, and
- * note the host bytes its replacement frees (see cluster_check_old_entry). */
+ * note the host bytes its replacement frees (see cluster_check_old_entry):
+ * the decoding decode_state() made is the one validated. */
 static int check_old_state(struct image *img, uint64_t gc, struct old_state *st)
 {
-    return cluster_check_old_entry(img->cl, gc, st->entry, st->bitmap, &st->free_host,
-                                   &st->free_len);
+    return cluster_check_decoded(img->cl, gc, &st->dec, &st->free_host, &st->free_len);
 }
 
 int image_old_state(struct image *img, uint64_t gc, struct old_state *st)
@@ -183,9 +184,6 @@ static int plan_inplace(struct image *img, uint64_t offset, uint64_t len,
         uint64_t entry, bitmap, in = cluster_offset_in(pos, cs);
         uint64_t n = cs - in < end - pos ? cs - in : end - pos;
         struct old_state st;
-        const char *why;
-        enum cluster_kind kind;
-        uint64_t h;
         uint32_t need = units_of(m, in, n);
 
         ret = cluster_get_entry(img->cl, pos >> m->cluster_bits, &entry, &bitmap);
@@ -194,7 +192,7 @@ static int plan_inplace(struct image *img, uint64_t offset, uint64_t len,
         decode_state(img, entry, bitmap, &st);
         if (pos == offset)
             p->old[0] = st;
-        if (cluster_decode_entry(m, entry, bitmap, 0, &kind, &h, &why) < 0)
+        if (st.dec.ret < 0)
             break;              /* a plan of another kind reports it */
         if (st.compressed || !st.has_host || !(entry & META_L2_COPIED))
             break;
