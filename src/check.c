@@ -119,7 +119,7 @@ static int walk_l2(struct meta *m, struct check_refs *r, struct check_report *re
     for (uint64_t i = 0; i < m->l2_entries; i++) {
         uint64_t e = be64_get(t + i * m->l2_entry_bytes);
         if (e & META_L2_COMPRESSED) {
-            uint64_t host, len;
+            uint64_t host, len, sectors, sectors_len;
             if (compress_descriptor_decode(e & ~(META_L2_COPIED | META_L2_COMPRESSED),
                                            m->cluster_bits, &host, &len) < 0) {
                 finding(rep, CHECK_OFFSET_INVALID, "compressed cluster in L2 "
@@ -127,7 +127,8 @@ static int walk_l2(struct meta *m, struct check_refs *r, struct check_report *re
                         (unsigned long long)l2_offset, (unsigned long long)i);
                 continue;
             }
-            inc_refs(m, r, rep, host & ~511ull, len + (host & 511), "compressed cluster");
+            compress_sectors(host, len, &sectors, &sectors_len);
+            inc_refs(m, r, rep, sectors, sectors_len, "compressed cluster");
             if (active)
                 rep->allocated_clusters++;
             continue;

@@ -34,9 +34,6 @@ struct cluster {
 
 #define L1_CHUNK 512            /* entries per L1 write unit (4 KiB) */
 
-/* Compressed data is counted in whole sectors of this size. */
-#define COMPRESSED_SECTOR 512u
-
 int cluster_compressed_extent(const struct meta *m, uint64_t entry, uint64_t *host,
                               uint64_t *len, uint64_t *sectors_host,
                               uint64_t *sectors_len)
@@ -49,10 +46,8 @@ int cluster_compressed_extent(const struct meta *m, uint64_t entry, uint64_t *ho
         return ret;
     *host = first;
     *len = bytes;
-    if (sectors_host) {
-        *sectors_len = bytes + (first & (COMPRESSED_SECTOR - 1));
-        *sectors_host = first & ~(uint64_t)(COMPRESSED_SECTOR - 1);
-    }
+    if (sectors_host)
+        compress_sectors(first, bytes, sectors_host, sectors_len);
     return 0;
 }
 

@@ -23,6 +23,16 @@ enum compress_type {
 int compress_descriptor_decode(uint64_t l2_entry, unsigned cluster_bits,
                                uint64_t *host_offset, uint64_t *max_len);
 
+/* The 512-byte sectors that hold @len compressed bytes at @host_offset:
+ * what the refcounts of a compressed cluster count. */
+#define COMPRESS_SECTOR 512u
+static inline void compress_sectors(uint64_t host_offset, uint64_t len,
+                                    uint64_t *sectors_offset, uint64_t *sectors_len)
+{
+    *sectors_offset = host_offset & ~(uint64_t)(COMPRESS_SECTOR - 1);
+    *sectors_len = len + (host_offset & (COMPRESS_SECTOR - 1));
+}
+
 /* Encode a descriptor for @len bytes at @host_offset (without flag bits). */
 uint64_t compress_descriptor_encode(uint64_t host_offset, uint64_t len,
                                     unsigned cluster_bits);
