@@ -639,12 +639,18 @@ int header_read(struct io *io, struct qcow2_header *h, char *err, size_t err_len
 
 /* ---- in-place field writes ------------------------------------------------- */
 
-int header_write_size(struct io *io, uint64_t size)
+/* One 64-bit field, in one pwrite. */
+static int write_u64_field(struct io *io, enum qcow2_header_offset field, uint64_t v)
 {
     uint8_t b[8];
 
-    be64_put(b, size);
-    return io_pwrite(io, b, sizeof(b), QCOW2_HDR_SIZE);
+    be64_put(b, v);
+    return io_pwrite(io, b, sizeof(b), field);
+}
+
+int header_write_size(struct io *io, uint64_t size)
+{
+    return write_u64_field(io, QCOW2_HDR_SIZE, size);
 }
 
 int header_write_l1_table(struct io *io, uint32_t l1_size, uint64_t l1_offset)
@@ -671,18 +677,12 @@ int header_write_refcount_table(struct io *io, uint64_t offset, uint32_t cluster
 
 int header_write_incompatible(struct io *io, uint64_t bits)
 {
-    uint8_t b[8];
-
-    be64_put(b, bits);
-    return io_pwrite(io, b, sizeof(b), QCOW2_HDR_INCOMPATIBLE_FEATURES);
+    return write_u64_field(io, QCOW2_HDR_INCOMPATIBLE_FEATURES, bits);
 }
 
 int header_write_autoclear(struct io *io, uint64_t bits)
 {
-    uint8_t b[8];
-
-    be64_put(b, bits);
-    return io_pwrite(io, b, sizeof(b), QCOW2_HDR_AUTOCLEAR_FEATURES);
+    return write_u64_field(io, QCOW2_HDR_AUTOCLEAR_FEATURES, bits);
 }
 
 int header_encode(struct qcow2_header *h, uint8_t *buf, size_t buf_len)
