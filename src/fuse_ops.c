@@ -1,11 +1,11 @@
 /*
- * fuse_ops — low-level FUSE operations over one image.
- *
- * Inode 1 is the mount point's directory; inode 2 is the disk file.
+ * fuse_ops — libfuse's low-level operations over the mount's tree (vfs):
+ * each request is decoded, served by one vfs call, and its -errno or
+ * result turned into the reply.  FUSE node ids are vfs inode numbers.
  */
 #include "fuse_ops.h"
 
-#include "image.h"
+#include "vfs.h"
 #include "log.h"
 
 #include <errno.h>
@@ -18,13 +18,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define ROOT_INO    FUSE_ROOT_ID
-#define DISK_INO    2
+_Static_assert(VFS_ROOT_INO == FUSE_ROOT_ID, "the root's node id");
+
+#define ATTR_TIMEOUT    1.0     /* seconds the kernel may cache attributes */
 
 struct fuse_ops_ctx {
-    struct image *img;
+    struct vfs *vfs;
     struct fuse_ops_config cfg;
-    struct timespec mount_time;
 };
 
 /*
@@ -106,7 +106,7 @@ static void *reply_buf_get(size_t size)
     return mem;
 }
 
-struct fuse_ops_ctx *fuse_ops_ctx_new(struct image *img,
+struct fuse_ops_ctx *fuse_ops_ctx_new(struct vfs *vfs,
                                       const struct fuse_ops_config *cfg)
 {
     struct fuse_ops_ctx *ctx;
@@ -117,9 +117,8 @@ struct fuse_ops_ctx *fuse_ops_ctx_new(struct image *img,
     ctx = calloc(1, sizeof(*ctx));
     if (!ctx)
         return NULL;
-    ctx->img = img;
+    ctx->vfs = vfs;
     ctx->cfg = *cfg;
-    clock_gettime(CLOCK_REALTIME, &ctx->mount_time);
     return ctx;
 }
 
@@ -137,31 +136,9 @@ void fuse_ops_ctx_free(struct fuse_ops_ctx *ctx)
     free(ctx);
 }
 
-static struct fuse_ops_ctx *ctx_of(fuse_req_t req)
+static struct vfs *vfs_of(fuse_req_t req)
 {
-    return fuse_req_userdata(req);
-}
-
-static void fill_attr(struct fuse_ops_ctx *ctx, fuse_ino_t ino, struct stat *st)
-{
-    memset(st, 0, sizeof(*st));
-    st->st_ino = ino;
-    st->st_uid = ctx->cfg.uid;
-    st->st_gid = ctx->cfg.gid;
-    st->st_atim = st->st_mtim = st->st_ctim = ctx->mount_time;
-    if (ino == ROOT_INO) {
-        st->st_mode = S_IFDIR | 0755;
-        st->st_nlink = 2;
-    } else {
-        uint64_t size = image_size(ctx->img);
-        st->st_mode = S_IFREG | ctx->cfg.mode;
-        if (image_is_read_only(ctx->img))
-            st->st_mode &= ~(mode_t)0222;
-        st->st_nlink = 1;
-        st->st_size = (off_t)size;
-        st->st_blksize = 4096;
-        st->st_blocks = (blkcnt_t)((size + 511) / 512);
-    }
+    return ((struct fuse_ops_ctx *)fuse_req_userdata(req))->vfs;
 }
 
 static void op_init(void *userdata, struct fuse_conn_info *conn)
@@ -177,80 +154,92 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-    struct fuse_ops_ctx *ctx = ctx_of(req);
     struct fuse_entry_param e;
+    int ret;
 
-    if (parent != ROOT_INO || strcmp(name, ctx->cfg.disk_name) != 0) {
-        fuse_reply_err(req, ENOENT);
+    memset(&e, 0, sizeof(e));
+    ret = vfs_lookup(vfs_of(req), parent, name, &e.attr);
+    if (ret < 0) {
+        fuse_reply_err(req, -ret);
         return;
     }
-    memset(&e, 0, sizeof(e));
-    e.ino = DISK_INO;
-    e.attr_timeout = 1.0;
-    e.entry_timeout = 1.0;
-    fill_attr(ctx, DISK_INO, &e.attr);
+    e.ino = e.attr.st_ino;
+    e.attr_timeout = ATTR_TIMEOUT;
+    e.entry_timeout = ATTR_TIMEOUT;
     fuse_reply_entry(req, &e);
 }
 
 static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct stat st;
+    int ret = vfs_getattr(vfs_of(req), ino, &st);
 
-    if (ino != ROOT_INO && ino != DISK_INO) {
-        fuse_reply_err(req, ENOENT);
-        return;
-    }
-    fill_attr(ctx_of(req), ino, &st);
-    fuse_reply_attr(req, &st, 1.0);
+    if (ret < 0)
+        fuse_reply_err(req, -ret);
+    else
+        fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+}
+
+struct dir_reply {
+    fuse_req_t req;
+    char *buf;
+    size_t size;
+    size_t used;
+};
+
+static int add_dirent(void *arg, const char *name, const struct stat *st,
+                      uint64_t next_pos)
+{
+    struct dir_reply *d = arg;
+    size_t n = fuse_add_direntry(d->req, d->buf + d->used, d->size - d->used, name,
+                                 st, (off_t)next_pos);
+
+    if (n > d->size - d->used)
+        return 1;
+    d->used += n;
+    return 0;
 }
 
 static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                        struct fuse_file_info *fi)
 {
-    struct fuse_ops_ctx *ctx = ctx_of(req);
-    const char *names[] = { ".", "..", ctx->cfg.disk_name };
-    const fuse_ino_t inos[] = { ROOT_INO, ROOT_INO, DISK_INO };
-    char buf[1024];
-    size_t used = 0;
+    struct dir_reply d = { .req = req, .size = size < 65536 ? size : 65536 };
+    int ret;
 
-    if (ino != ROOT_INO) {
-        fuse_reply_err(req, ENOTDIR);
+    if (off < 0) {
+        fuse_reply_err(req, EINVAL);
         return;
     }
-    for (off_t i = off; i < 3; i++) {
-        struct stat st = { .st_ino = inos[i],
-                           .st_mode = i < 2 ? S_IFDIR : S_IFREG };
-        size_t n = fuse_add_direntry(req, buf + used, sizeof(buf) - used,
-                                     names[i], &st, i + 1);
-        if (used + n > sizeof(buf) || used + n > size)
-            break;
-        used += n;
+    d.buf = reply_buf_get(d.size);
+    if (!d.buf) {
+        fuse_reply_err(req, ENOMEM);
+        return;
     }
-    fuse_reply_buf(req, buf, used);
+    ret = vfs_readdir(vfs_of(req), ino, (uint64_t)off, add_dirent, &d);
+    if (ret < 0)
+        fuse_reply_err(req, -ret);
+    else
+        fuse_reply_buf(req, d.buf, d.used);
 }
 
 static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    struct fuse_ops_ctx *ctx = ctx_of(req);
+    struct vfs_open_info info;
+    int ret = vfs_open(vfs_of(req), ino, fi->flags, &info);
 
-    if (ino != DISK_INO) {
-        fuse_reply_err(req, ino == ROOT_INO ? EISDIR : ENOENT);
+    if (ret < 0) {
+        fuse_reply_err(req, -ret);
         return;
     }
-    if ((fi->flags & O_ACCMODE) != O_RDONLY && image_is_read_only(ctx->img)) {
-        fuse_reply_err(req, EROFS);
-        return;
-    }
-    fi->direct_io = ctx->cfg.direct_io;
-    fi->keep_cache = !ctx->cfg.direct_io;
+    fi->direct_io = info.direct_io;
+    fi->keep_cache = info.keep_cache;
     fuse_reply_open(req, fi);
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                     struct fuse_file_info *fi)
 {
-    struct fuse_ops_ctx *ctx = ctx_of(req);
-    uint64_t disk_size = image_size(ctx->img);
+    size_t len;
     void *buf;
     int ret;
 
@@ -258,59 +247,39 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_err(req, EINVAL);
         return;
     }
-    if ((uint64_t)off >= disk_size || size == 0) {
-        fuse_reply_buf(req, NULL, 0);
-        return;
-    }
-    if (size > disk_size - (uint64_t)off)
-        size = (size_t)(disk_size - (uint64_t)off);
     buf = reply_buf_get(size);
     if (!buf) {
         fuse_reply_err(req, ENOMEM);
         return;
     }
-    /* image_read fills all @size bytes (holes and zero clusters with
-     * zeros) and reads each contiguous host run with one pread straight
-     * into @buf, so nothing of an earlier request survives in the reply. */
-    ret = image_read(ctx->img, buf, size, (uint64_t)off);
+    ret = vfs_read(vfs_of(req), ino, buf, size, (uint64_t)off, &len);
     if (ret < 0)
         fuse_reply_err(req, -ret);
     else
-        fuse_reply_buf(req, buf, size);
+        fuse_reply_buf(req, buf, len);
 }
 
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
                      off_t off, struct fuse_file_info *fi)
 {
-    struct fuse_ops_ctx *ctx = ctx_of(req);
-    uint64_t disk_size = image_size(ctx->img);
+    size_t len;
     int ret;
 
     if (off < 0) {
         fuse_reply_err(req, EINVAL);
         return;
     }
-    /* A disk does not grow by writing past its end (truncate resizes). */
-    if ((uint64_t)off >= disk_size) {
-        fuse_reply_err(req, size ? ENOSPC : 0);
-        return;
-    }
-    if (size > disk_size - (uint64_t)off)
-        size = (size_t)(disk_size - (uint64_t)off);
-    ret = image_write(ctx->img, buf, size, (uint64_t)off);
+    ret = vfs_write(vfs_of(req), ino, buf, size, (uint64_t)off, &len);
     if (ret < 0)
         fuse_reply_err(req, -ret);
     else
-        fuse_reply_write(req, size);
+        fuse_reply_write(req, len);
 }
 
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,
                      struct fuse_file_info *fi)
 {
-    /* fdatasync needs the metadata too: without the L2 update the data
-     * is not reachable. */
-    int ret = image_flush(ctx_of(req)->img);
-    fuse_reply_err(req, -ret);
+    fuse_reply_err(req, -vfs_fsync(vfs_of(req), ino));
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -321,127 +290,79 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off,
                          off_t len, struct fuse_file_info *fi)
 {
-    struct fuse_ops_ctx *ctx = ctx_of(req);
-    uint64_t size = image_size(ctx->img), end;
-    bool keep = mode & FALLOC_FL_KEEP_SIZE;
-    int op = mode & ~FALLOC_FL_KEEP_SIZE;
-    int ret;
-
     if (off < 0 || len <= 0) {
         fuse_reply_err(req, EINVAL);
         return;
     }
-    end = (uint64_t)off + (uint64_t)len;
-    /* A disk does not grow through fallocate: only truncate resizes it. */
-    if (end > size && !keep) {
-        fuse_reply_err(req, EOPNOTSUPP);
-        return;
-    }
-    if ((uint64_t)off >= size) {
-        fuse_reply_err(req, 0);
-        return;
-    }
-    if (end > size)
-        end = size;
-    if (op == 0)
-        ret = image_preallocate(ctx->img, (uint64_t)off, end - (uint64_t)off);
-    else if (op == FALLOC_FL_PUNCH_HOLE && keep)
-        ret = image_zero(ctx->img, (uint64_t)off, end - (uint64_t)off, true);
-    else if (op == FALLOC_FL_ZERO_RANGE)
-        ret = image_zero(ctx->img, (uint64_t)off, end - (uint64_t)off, false);
-    else
-        ret = -EOPNOTSUPP;
-    fuse_reply_err(req, -ret);
+    fuse_reply_err(req, -vfs_fallocate(vfs_of(req), ino, mode, (uint64_t)off,
+                                       (uint64_t)len));
 }
 
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
                        int to_set, struct fuse_file_info *fi)
 {
-    struct fuse_ops_ctx *ctx = ctx_of(req);
+    unsigned what = 0;
     struct stat st;
     int ret;
 
-    if (ino != DISK_INO && ino != ROOT_INO) {
-        fuse_reply_err(req, ENOENT);
-        return;
-    }
-    if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
-        fuse_reply_err(req, EPERM);
-        return;
-    }
+    if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))
+        what |= VFS_SET_OWNER;
     if (to_set & FUSE_SET_ATTR_SIZE) {
-        if (ino != DISK_INO) {
-            fuse_reply_err(req, EISDIR);
-            return;
-        }
         if (attr->st_size < 0) {
             fuse_reply_err(req, EINVAL);
             return;
         }
-        ret = image_resize(ctx->img, (uint64_t)attr->st_size);
-        if (ret < 0) {
-            fuse_reply_err(req, -ret);
-            return;
-        }
+        what |= VFS_SET_SIZE;
     }
-    /* Times are accepted and not stored: the disk has no timestamps. */
-    fill_attr(ctx, ino, &st);
-    fuse_reply_attr(req, &st, 1.0);
+    ret = vfs_setattr(vfs_of(req), ino, what, (uint64_t)attr->st_size, &st);
+    if (ret < 0)
+        fuse_reply_err(req, -ret);
+    else
+        fuse_reply_attr(req, &st, ATTR_TIMEOUT);
 }
 
-#define STATS_XATTR "user.qcow2fuse.stats"
+/* Reply to getxattr/listxattr: the length when asked for it, else the bytes. */
+static void reply_xattr(fuse_req_t req, int ret, const char *buf, size_t size, size_t len)
+{
+    if (ret < 0)
+        fuse_reply_err(req, -ret);
+    else if (size == 0)
+        fuse_reply_xattr(req, len);
+    else
+        fuse_reply_buf(req, buf, len);
+}
 
 static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
     char buf[1024];
-    size_t n;
+    size_t len;
+    int ret = vfs_getxattr(vfs_of(req), ino, name, buf,
+                           size < sizeof(buf) ? size : sizeof(buf), &len);
 
-    if (ino != DISK_INO || strcmp(name, STATS_XATTR) != 0) {
-        fuse_reply_err(req, ENODATA);
-        return;
-    }
-    image_stats(ctx_of(req)->img, buf, sizeof(buf));
-    n = strlen(buf);
-    if (size == 0)
-        fuse_reply_xattr(req, n);
-    else if (size < n)
-        fuse_reply_err(req, ERANGE);
-    else
-        fuse_reply_buf(req, buf, n);
+    reply_xattr(req, ret, buf, size, len);
 }
 
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
-    static const char names[] = STATS_XATTR;   /* with its NUL */
+    char buf[256];
+    size_t len;
+    int ret = vfs_listxattr(vfs_of(req), ino, buf,
+                            size < sizeof(buf) ? size : sizeof(buf), &len);
 
-    if (ino != DISK_INO) {
-        fuse_reply_xattr(req, 0);
-        return;
-    }
-    if (size == 0)
-        fuse_reply_xattr(req, sizeof(names));
-    else if (size < sizeof(names))
-        fuse_reply_err(req, ERANGE);
-    else
-        fuse_reply_buf(req, names, sizeof(names));
+    reply_xattr(req, ret, buf, size, len);
 }
 
 static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
                      struct fuse_file_info *fi)
 {
-    struct fuse_ops_ctx *ctx = ctx_of(req);
     uint64_t result;
     int ret;
 
-    if (whence != SEEK_DATA && whence != SEEK_HOLE) {
-        fuse_reply_err(req, EINVAL);
-        return;
-    }
     if (off < 0) {
         fuse_reply_err(req, ENXIO);
         return;
     }
-    ret = image_seek(ctx->img, (uint64_t)off, whence == SEEK_DATA, &result);
+    ret = vfs_lseek(vfs_of(req), ino, (uint64_t)off, whence, &result);
     if (ret < 0)
         fuse_reply_err(req, -ret);
     else
@@ -450,15 +371,9 @@ static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 
 static void op_statfs(fuse_req_t req, fuse_ino_t ino)
 {
-    struct fuse_ops_ctx *ctx = ctx_of(req);
     struct statvfs sv;
 
-    memset(&sv, 0, sizeof(sv));
-    sv.f_bsize = 4096;
-    sv.f_frsize = 4096;
-    sv.f_blocks = (image_size(ctx->img) + 4095) / 4096;
-    sv.f_files = 2;
-    sv.f_namemax = 255;
+    vfs_statfs(vfs_of(req), &sv);
     fuse_reply_statfs(req, &sv);
 }
 

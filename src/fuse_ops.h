@@ -1,8 +1,8 @@
 /*
- * fuse_ops — the FUSE boundary: a directory holding one regular file whose
- * contents are the virtual disk.  This is the only module that talks to
- * libfuse's low-level API and the only place a -errno becomes a
- * fuse_reply_err().
+ * fuse_ops — the FUSE boundary: libfuse's low-level requests served from the
+ * mount's tree (vfs: the directory, the disk file and what is beside it).
+ * This is the only module that talks to libfuse's low-level API and the
+ * only place a -errno becomes a fuse_reply_err().
  */
 #ifndef QCOW2FUSE_FUSE_OPS_H
 #define QCOW2FUSE_FUSE_OPS_H
@@ -13,20 +13,15 @@
 #include <stdbool.h>
 #include <sys/types.h>
 
-struct image;
+struct vfs;
 struct fuse_ops_ctx;
 
 struct fuse_ops_config {
-    const char *disk_name;      /* the file's name, e.g. "disk" */
-    uid_t uid;
-    gid_t gid;
-    mode_t mode;                /* permission bits of the disk file */
-    bool direct_io;             /* FOPEN_DIRECT_IO on open */
     unsigned max_background;    /* 0: libfuse default */
 };
 
-/* Returns NULL on allocation failure.  Does not take ownership of @img. */
-struct fuse_ops_ctx *fuse_ops_ctx_new(struct image *img,
+/* Returns NULL on allocation failure.  Does not take ownership of @vfs. */
+struct fuse_ops_ctx *fuse_ops_ctx_new(struct vfs *vfs,
                                       const struct fuse_ops_config *cfg);
 /*
  * On entry: the session loop has returned (its worker threads, each of

@@ -6,6 +6,7 @@
  */
 #include "create.h"
 #include "fuse_ops.h"
+#include "vfs.h"
 #include "header.h"
 #include "image.h"
 #include "io.h"
@@ -663,26 +664,26 @@ static int open_image(struct cli *cli, struct stat *st, struct image **img)
  * The FUSE session that serves @img, with its signal handlers, not yet
  * mounted.  The disk file has the image file's owner and mode (@st) unless
  * uid=, gid= or umask= say otherwise.
- * Returns: 0 or -errno; *ctx and *se are to be freed either way.
+ * Returns: 0 or -errno; *vfs, *ctx and *se are to be freed either way.
  */
 static int session_new(const struct cli *cli, struct image *img, const struct stat *st,
-                       struct fuse_args *args, struct fuse_ops_ctx **ctx,
-                       struct fuse_session **se)
+                       struct fuse_args *args, struct vfs **vfs,
+                       struct fuse_ops_ctx **ctx, struct fuse_session **se)
 {
-    struct fuse_ops_config c = {
+    struct vfs_config vc = {
         .disk_name = cli->text[OPT_NAME] ? cli->text[OPT_NAME] : "disk",
         .uid = cli->text[OPT_UID] ? (uid_t)cli->value[OPT_UID] : st->st_uid,
         .gid = cli->text[OPT_GID] ? (gid_t)cli->value[OPT_GID] : st->st_gid,
-        .mode = cli->text[OPT_UMASK] ? 0666 & ~(mode_t)cli->value[OPT_UMASK]
-                                     : st->st_mode & 0666,
+        .disk_mode = cli->text[OPT_UMASK] ? 0666 & ~(mode_t)cli->value[OPT_UMASK]
+                                          : st->st_mode & 0666,
         .direct_io = true,
-        .max_background = 64,
     };
+    struct fuse_ops_config c = { .max_background = 64 };
     char *fsname = fsname_arg(cli->image_path);
     int ret = 0;
 
-    *ctx = fuse_ops_ctx_new(img, &c);
-    if (!*ctx || !fsname || fuse_opt_add_arg(args, fsname) < 0) {
+    if (vfs_new(img, &vc, vfs) < 0 || !(*ctx = fuse_ops_ctx_new(*vfs, &c)) ||
+        !fsname || fuse_opt_add_arg(args, fsname) < 0) {
         fprintf(stderr, "qcow2fuse: out of memory\n");
         ret = -ENOMEM;
         goto out;
@@ -722,6 +723,7 @@ int main(int argc, char *argv[])
     struct cli cli = { .trace_fd = -1 };
     struct fuse_ops_ctx *ctx = NULL;
     struct fuse_session *se = NULL;
+    struct vfs *vfs = NULL;
     struct image *img = NULL;
     struct stat st;
     int ret = 1, err;
@@ -743,7 +745,7 @@ int main(int argc, char *argv[])
     if (open_image(&cli, &st, &img) < 0)
         goto out;
 
-    if (session_new(&cli, img, &st, &args, &ctx, &se) < 0)
+    if (session_new(&cli, img, &st, &args, &vfs, &ctx, &se) < 0)
         goto out_close;
     if (fuse_session_mount(se, cli.mount_path) < 0) {
         fprintf(stderr, "qcow2fuse: cannot mount on %s\n", cli.mount_path);
@@ -764,6 +766,9 @@ out_close:
         fuse_remove_signal_handlers(se);
         fuse_session_destroy(se);
     }
+    /* Before the image closes: a node's release hook may still use it. */
+    fuse_ops_ctx_free(ctx);
+    vfs_free(vfs);
     if (img && (err = image_close(img)) < 0) {
         /* Status 1: what the guest wrote may not all be on disk (with -f
          * the caller sees it; a daemon's message goes to syslog). */
@@ -772,7 +777,6 @@ out_close:
                   cli.image_path, strerror(-err));
         ret = 1;
     }
-    fuse_ops_ctx_free(ctx);
 out:
     fuse_opt_free_args(&args);
     cli_free(&cli);
