@@ -6,7 +6,7 @@ VERSION   := 0.1.0
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 CC        ?= cc
-PKGS      := fuse3 zlib libzstd
+PKGS      := fuse3 zlib libzstd liburing
 
 ifeq ($(SANITIZE),1)
 BUILD     ?= build/sanitize

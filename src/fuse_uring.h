@@ -1,0 +1,88 @@
+/*
+ * fuse_uring — the FUSE-over-io_uring transport (kernel 6.14+, off unless
+ * /sys/module/fuse/parameters/enable_uring is Y).
+ *
+ * The kernel keeps one ring queue per possible CPU and queues each request
+ * on the queue of the CPU its submitter runs on; a request never moves to
+ * another queue.  Each queue here owns N entries (a header area and a
+ * payload buffer each) registered with FUSE_IO_URING_CMD_REGISTER; the
+ * kernel completes an entry's command when it has put a request in it, and
+ * the reply goes back with FUSE_IO_URING_CMD_COMMIT_AND_FETCH, which also
+ * hands the entry back for the next request.  Every request is served by
+ * fuse_server_dispatch() in the thread that received it.
+ *
+ * FORGET and INTERRUPT still arrive on the /dev/fuse fd: the caller keeps
+ * one classic reader on it while the ring runs.
+ */
+#ifndef QCOW2FUSE_FUSE_URING_H
+#define QCOW2FUSE_FUSE_URING_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* FUSE_INIT flag (protocol 7.42): bit 41 of flags | flags2 << 32. */
+#ifndef FUSE_OVER_IO_URING
+#define FUSE_OVER_IO_URING (1ULL << 41)
+#endif
+
+struct fuse_server;
+struct fuse_uring;
+
+struct fuse_uring_config {
+    int dev_fd;                 /* the /dev/fuse fd FUSE_INIT was answered on */
+    size_t max_write;           /* as FUSE_INIT negotiated */
+    unsigned max_pages;         /* as FUSE_INIT negotiated */
+    unsigned queue_depth;       /* entries per queue; 0: FUSE_URING_DEFAULT_DEPTH */
+    /*
+     * How many threads serve the queues: 0 = one per queue; fewer share
+     * (queue q goes to thread q % threads, whose one io_uring holds the
+     * entries of all its queues).
+     */
+    unsigned threads;
+    bool pin;                   /* a thread with one queue runs on that queue's CPU */
+};
+
+#define FUSE_URING_DEFAULT_DEPTH 8
+
+/*
+ * Whether the kernel lets a connection use io_uring at all: the module
+ * parameter is Y.  (The kernel offers FUSE_OVER_IO_URING in init_in only
+ * then; this tells a user why it did not.)
+ */
+bool fuse_uring_kernel_enabled(void);
+
+/* The kernel's queue count: the number of possible CPUs.  0 if unknown. */
+unsigned fuse_uring_possible_cpus(void);
+
+/*
+ * On entry: FUSE_INIT was answered on @cfg->dev_fd with FUSE_OVER_IO_URING
+ * set in the reply's flags.
+ * On exit: one io_uring per thread, every entry of every queue registered
+ * (the kernel switches the connection to the ring once every queue has one)
+ * and the threads serving them; *@out owns all of it.
+ * Returns: 0, or -errno (nothing started; the kernel then keeps using the
+ * classic fd, since a failed REGISTER turns io_uring off for the
+ * connection).
+ */
+int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cfg,
+                     struct fuse_uring **out);
+
+/*
+ * Wait until every queue has ended: the connection went away (unmount:
+ * the kernel completes each registered command with -ENOTCONN) or
+ * fuse_uring_stop was called.  Returns 0, or the first unexpected -errno a
+ * queue ended with.
+ */
+int fuse_uring_wait(struct fuse_uring *uring);
+
+/*
+ * Make every thread leave its loop (the pending commands are cancelled
+ * when the rings close), join them and free @uring.  NULL is a no-op.
+ */
+void fuse_uring_stop(struct fuse_uring *uring);
+
+/* Requests served through the ring so far (all queues). */
+uint64_t fuse_uring_requests(const struct fuse_uring *uring);
+
+#endif
