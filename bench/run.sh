@@ -14,6 +14,10 @@
 #                 commit): it runs as a fourth implementation, taking turns
 #                 with the others, and a last table compares the two builds
 #                 (figures and CPU per request, qcow2fuse/baseline)
+#   QCOW2FUSE_OPTS, BASELINE_OPTS
+#                 -o options for the qcow2fuse and the baseline daemon
+#                 (e.g. transport=io_uring; BASELINE may then be the same
+#                 binary with BASELINE_OPTS=transport=classic)
 #   QSD           qemu-storage-daemon (default: from PATH; without it the
 #                 qsd column shows "-")
 #   RUNTIME       seconds per fio run (default 10, --quick 3)
@@ -72,6 +76,8 @@ fi
 QCOW2FUSE=${QCOW2FUSE:-$ROOT/build/qcow2fuse}
 PASSTHROUGH=${PASSTHROUGH:-$ROOT/build/bench/passthrough}
 QSD=${QSD:-$(command -v qemu-storage-daemon || true)}
+QCOW2FUSE_OPTS=${QCOW2FUSE_OPTS:-}
+BASELINE_OPTS=${BASELINE_OPTS:-}
 PERF=${PERF:-0}
 SCRATCH=${SCRATCH:-auto}
 if ((QUICK)); then SCRATCH_SIZE=${SCRATCH_SIZE:-16G}; else SCRATCH_SIZE=${SCRATCH_SIZE:-32G}; fi
@@ -235,7 +241,8 @@ machine_info() {
     echo "kernel:      $(uname -sr)"
     echo "qcow2fuse:   $QCOW2FUSE ($("$QCOW2FUSE" --version 2>&1 | head -n1)," \
         "git $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown))"
-    [[ -z $BASELINE ]] || echo "baseline:    $BASELINE"
+    [[ -z $QCOW2FUSE_OPTS ]] || echo "             -o $QCOW2FUSE_OPTS"
+    [[ -z $BASELINE ]] || echo "baseline:    $BASELINE${BASELINE_OPTS:+ -o $BASELINE_OPTS}"
     echo "qsd:         ${QSD:-none}${QSD:+ ($("$QSD" --version | head -n1))}"
     echo "fio:         $(fio --version)"
     if [[ $SCRATCH == loop ]]; then
@@ -312,9 +319,9 @@ start_impl() {
         CUR_MP=$WORK/mnt
         mkdir -p "$CUR_MP"
         if [[ $impl == qcow2fuse ]]; then
-            "$QCOW2FUSE" -f "$img" "$CUR_MP" >>"$log" 2>&1 &
+            "$QCOW2FUSE" -f ${QCOW2FUSE_OPTS:+-o "$QCOW2FUSE_OPTS"} "$img" "$CUR_MP" >>"$log" 2>&1 &
         elif [[ $impl == baseline ]]; then
-            "$BASELINE" -f "$img" "$CUR_MP" >>"$log" 2>&1 &
+            "$BASELINE" -f ${BASELINE_OPTS:+-o "$BASELINE_OPTS"} "$img" "$CUR_MP" >>"$log" 2>&1 &
         else
             "$PASSTHROUGH" -f "$img" "$CUR_MP" >>"$log" 2>&1 &
         fi

@@ -11,6 +11,8 @@
 #   TMPDIR      where per-test temporary directories are created (default /tmp)
 #   KEEP_TMP=1  keep the temporary directory (for debugging)
 #   CASE_FILTER glob: only run the cases (run_case) whose name matches
+#   QCOW2FUSE_TRANSPORT  classic|io_uring|auto: mount helpers add
+#               -o transport=VALUE (unless the test's own options name one)
 #
 # Exit codes of a test script: 0 pass, 1 fail, 77 skip.
 #
@@ -484,6 +486,21 @@ _check_sanitizer_output() {
     fi
 }
 
+# For the tests that start the daemon themselves: "${TRANSPORT_ARGS[@]}"
+# is -o transport=$QCOW2FUSE_TRANSPORT, or nothing.
+TRANSPORT_ARGS=()
+if [[ -n ${QCOW2FUSE_TRANSPORT:-} ]]; then TRANSPORT_ARGS=(-o "transport=$QCOW2FUSE_TRANSPORT"); fi
+
+# with_transport OPTS: OPTS with transport=$QCOW2FUSE_TRANSPORT added when
+# that is set and OPTS name no transport of their own.
+with_transport() {
+    local opts=$1
+    if [[ -n ${QCOW2FUSE_TRANSPORT:-} && ,$opts, != *,transport=* ]]; then
+        opts=${opts:+$opts,}transport=$QCOW2FUSE_TRANSPORT
+    fi
+    printf '%s' "$opts"
+}
+
 # try_mount IMG MNT [OPTS]: start "$QCOW2FUSE -f [-o OPTS] IMG MNT" in the
 # background (from $MOUNT_CWD, IMG made absolute) and wait until MNT/disk
 # exists.  Returns 0 when the mount is up (sets MOUNT_MS, the time from
@@ -498,6 +515,7 @@ try_mount() {
     if is_mounted "$mnt"; then fail "try_mount: $mnt is already mounted"; fi
     log="$T/daemon.$(_seq).log"
     local args=(-f)
+    opts=$(with_transport "$opts")
     if [[ -n $opts ]]; then args+=(-o "$opts"); fi
     t0=$(date +%s%N)
     deadline=$((t0 + MOUNT_TIMEOUT * 1000000000))

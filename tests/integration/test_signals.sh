@@ -88,7 +88,7 @@ case_foreground() {
     mkdir "$mnt"
     # A script's background jobs ignore SIGINT, and libfuse keeps an
     # ignored signal ignored: restore the default for the daemon.
-    (cd "$T" && exec env --default-signal=INT "$QCOW2FUSE" -f "$img_arg" "$mnt_arg") \
+    (cd "$T" && exec env --default-signal=INT "$QCOW2FUSE" "${TRANSPORT_ARGS[@]}" -f "$img_arg" "$mnt_arg") \
         </dev/null >"$log" 2>&1 &
     pid=$!
     track_mount "$mnt" "$pid"
@@ -107,7 +107,7 @@ case_background() {
     local img=$T/img.qcow2 mnt=$T/m log=$T/daemon.log pid
     qemu-img create -q -f qcow2 "$img" 64M
     mkdir "$mnt"
-    (cd "$T" && exec "$QCOW2FUSE" img.qcow2 m) </dev/null >"$log" 2>&1 ||
+    (cd "$T" && exec "$QCOW2FUSE" "${TRANSPORT_ARGS[@]}" img.qcow2 m) </dev/null >"$log" 2>&1 ||
         fail "the daemon did not start: $(cat "$log")"
     track_mount "$mnt"
     wait_for "mount of m" "$MOUNT_TIMEOUT" mounted_with_disk "$mnt"

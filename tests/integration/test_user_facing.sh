@@ -109,7 +109,7 @@ case_naming_and_ownership() {
     [[ $(stat -c %a "$mnt/disk") == 440 ]] || fail "mode of disk on an ro mount of a 0640 image: $(stat -c %a "$mnt/disk")"
     unmount_image "$mnt"
     mkdir -p "$mnt"
-    "$QCOW2FUSE" -f -o name=vm.img,uid=1234,gid=4321,umask=027 "$img" "$mnt" &
+    "$QCOW2FUSE" "${TRANSPORT_ARGS[@]}" -f -o name=vm.img,uid=1234,gid=4321,umask=027 "$img" "$mnt" &
     track_pid $!
     for _ in $(seq 200); do [[ -e $mnt/vm.img ]] && break; sleep 0.02; done
     track_mount "$mnt"
@@ -299,14 +299,14 @@ case_command_line() {
     grep -q "mount point $T/ok.qcow2: not a directory" "$err" || fail "file as mount point: $(cat "$err")"
     # -s (one thread) and -d (FUSE debug output) serve requests as well.
     mkdir -p "$T/mnt"
-    "$QCOW2FUSE" -s -f "$T/ok.qcow2" "$T/mnt" 2>"$err" &
+    "$QCOW2FUSE" "${TRANSPORT_ARGS[@]}" -s -f "$T/ok.qcow2" "$T/mnt" 2>"$err" &
     track_pid $!
     for _ in $(seq 200); do [[ -e $T/mnt/disk ]] && break; sleep 0.02; done
     track_mount "$T/mnt"
     dd if=/dev/urandom of="$T/mnt/disk" bs=64k count=2 conv=notrunc,fsync status=none
     compare_raw "$T/ok.qcow2" "$T/mnt"
     fusermount3 -u "$T/mnt"
-    "$QCOW2FUSE" -d "$T/ok.qcow2" "$T/mnt" >"$out" 2>"$err" &
+    "$QCOW2FUSE" "${TRANSPORT_ARGS[@]}" -d "$T/ok.qcow2" "$T/mnt" >"$out" 2>"$err" &
     track_pid $!
     for _ in $(seq 200); do [[ -e $T/mnt/disk ]] && break; sleep 0.02; done
     compare_raw "$T/ok.qcow2" "$T/mnt"
