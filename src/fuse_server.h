@@ -78,10 +78,9 @@ bool fuse_server_get_conn(struct fuse_server *srv, struct fuse_server_conn *conn
 /*
  * The classic transport: serve the FUSE connection of @session_fd (from
  * fuse_session_fd) with @threads workers (0: the default), each reading
- * its own clone of the descriptor, until the file system is unmounted
- * or SIGTERM, SIGINT or SIGHUP arrives (handlers are installed for
- * those whose disposition is the default: an ignored signal stays
- * ignored; SIGPIPE is ignored) or fuse_server_stop is called.
+ * its own clone of the descriptor, until the file system is unmounted,
+ * a stop signal arrives (fuse_server_handle_signals) or fuse_server_stop
+ * is called (also before serve: it then returns at once).
  * On exit: every worker has finished its request and ended; @session_fd
  * is still open (the caller unmounts with fuse_session_unmount, which
  * ends requests still queued in the kernel).
@@ -92,5 +91,13 @@ int fuse_server_serve(struct fuse_server *srv, int session_fd, unsigned threads)
 
 /* Make fuse_server_serve return, as a stop signal does.  Async-signal-safe. */
 void fuse_server_stop(struct fuse_server *srv);
+
+/*
+ * SIGTERM, SIGINT and SIGHUP call fuse_server_stop(@srv) from here until
+ * fuse_server_free: handlers are installed for those whose disposition is
+ * the default (an ignored one stays ignored, as with libfuse); SIGPIPE,
+ * if default, is ignored.
+ */
+void fuse_server_handle_signals(struct fuse_server *srv);
 
 #endif
