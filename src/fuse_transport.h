@@ -7,8 +7,10 @@
  *
  * A transport hands each request to fuse_server_dispatch() in the thread
  * that received it, with a sink that knows how to send that request's
- * reply; dispatch calls the sink's send exactly once (never for FORGET and
- * BATCH_FORGET, which have no reply) before it returns.
+ * reply; dispatch calls the sink's send exactly once before it returns,
+ * except for the requests that have no reply: FORGET, BATCH_FORGET,
+ * INTERRUPT and NOTIFY_REPLY (the kernel sends those through the
+ * /dev/fuse read also when io_uring serves the rest).
  *
  * This header is a first draft written by the lead so that the dispatcher
  * and the io_uring transport can be built at the same time; the engineers
@@ -28,7 +30,12 @@ struct fuse_server;
  * past the in-header at everything else the read returned (for WRITE the
  * fuse_write_in followed by the data), @payload is NULL.  io_uring: @op_in
  * is the ring entry's op_in area, @payload its payload buffer (the data of
- * a WRITE).  The dispatcher checks every length before it reads a field.
+ * a WRITE, the name of a LOOKUP).  The dispatcher takes an opcode's fixed
+ * header from @op_in and its variable part (a name, a WRITE's data) from
+ * @payload when there is one, else from @op_in past the fixed header; it
+ * requires in->len == sizeof(*in) + @op_in_len + @payload_len.  None of
+ * the pointers need be aligned.  The dispatcher checks every length before
+ * it reads a field.
  */
 struct fuse_request {
     const struct fuse_in_header *in;

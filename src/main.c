@@ -5,13 +5,16 @@
  * write every piece of metadata back before exiting.
  */
 #include "create.h"
-#include "fuse_ops.h"
+#include "fuse_server.h"
 #include "vfs.h"
 #include "header.h"
 #include "image.h"
 #include "io.h"
 #include "log.h"
 #include "snapshot.h"
+
+#define FUSE_USE_VERSION FUSE_MAKE_VERSION(3, 12)
+#include <fuse_lowlevel.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -53,6 +56,7 @@ enum cli_option {
     OPT_SNAPSHOT,
     OPT_BACKING_FILE,
     OPT_BACKING_FMT,
+    OPT_TRANSPORT,
     OPT_COUNT
 };
 
@@ -101,6 +105,16 @@ static const struct option_word detect_zeroes_words[] = {
     { NULL, 0, false },
 };
 
+/* How requests travel between the kernel and us (fuse_server). */
+enum { TRANSPORT_AUTO, TRANSPORT_CLASSIC, TRANSPORT_IO_URING };
+
+static const struct option_word transport_words[] = {
+    { "auto", TRANSPORT_AUTO, false },
+    { "classic", TRANSPORT_CLASSIC, false },
+    { "io_uring", TRANSPORT_IO_URING, false },
+    { NULL, 0, false },
+};
+
 struct option_spec {
     const char *name;           /* NAME, as messages show it */
     const char *templ;          /* "NAME=%s" for fuse_opt_parse */
@@ -133,6 +147,7 @@ static const struct option_spec option_specs[OPT_COUNT] = {
     OPTION(OPT_SNAPSHOT, "snapshot", .kind = VALUE_TEXT),
     OPTION(OPT_BACKING_FILE, "backing_file", .kind = VALUE_TEXT),
     OPTION(OPT_BACKING_FMT, "backing_fmt", .kind = VALUE_TEXT),
+    OPTION(OPT_TRANSPORT, "transport", .kind = VALUE_WORD, .words = transport_words),
 };
 
 /* The command line; everything in it is released by cli_free. */
@@ -219,6 +234,9 @@ static void usage(FILE *out)
 "  -o uid=N,gid=N,umask=M   owner and permissions of the disk file\n"
 "                           (default: those of the image file)\n"
 "  -o name=FILE             name of the disk file (default: disk)\n"
+"  -o transport=auto|classic|io_uring  how FUSE requests travel: read and\n"
+"                           write on /dev/fuse (classic), or io_uring ring\n"
+"                           entries; auto picks the best one available\n"
 "  -o allow_other           let other users access the mount (FUSE option)\n");
 }
 
@@ -397,6 +415,12 @@ static int cli_convert(struct cli *cli)
                          cli->text[OPT_BACKING_FILE])) {
         fprintf(stderr, "qcow2fuse: size=, cluster_size= and backing_file= only "
                 "apply with -o create\n");
+        return -EINVAL;
+    }
+    /* The io_uring transport is not built yet: auto means classic. */
+    if (cli->text[OPT_TRANSPORT] && cli->value[OPT_TRANSPORT] == TRANSPORT_IO_URING) {
+        fprintf(stderr, "qcow2fuse: transport=io_uring: not available: this build has "
+                "no FUSE-over-io_uring transport; use transport=classic or auto\n");
         return -EINVAL;
     }
     if (cli->creating && cli->text[OPT_CLUSTER_SIZE] &&
@@ -661,14 +685,15 @@ static int open_image(struct cli *cli, struct stat *st, struct image **img)
 }
 
 /*
- * The FUSE session that serves @img, with its signal handlers, not yet
- * mounted.  The disk file has the image file's owner and mode (@st) unless
- * uid=, gid= or umask= say otherwise.
- * Returns: 0 or -errno; *vfs, *ctx and *se are to be freed either way.
+ * The mount's tree over @img and the server that answers its requests,
+ * and the libfuse session that only parses the FUSE options and mounts
+ * (not yet mounted).  The disk file has the image file's owner and mode
+ * (@st) unless uid=, gid= or umask= say otherwise.
+ * Returns: 0 or -errno; *vfs, *srv and *se are to be freed either way.
  */
 static int session_new(const struct cli *cli, struct image *img, const struct stat *st,
                        struct fuse_args *args, struct vfs **vfs,
-                       struct fuse_ops_ctx **ctx, struct fuse_session **se)
+                       struct fuse_server **srv, struct fuse_session **se)
 {
     struct vfs_config vc = {
         .disk_name = cli->text[OPT_NAME] ? cli->text[OPT_NAME] : "disk",
@@ -678,42 +703,28 @@ static int session_new(const struct cli *cli, struct image *img, const struct st
                                           : st->st_mode & 0666,
         .direct_io = true,
     };
-    struct fuse_ops_config c = { .max_background = 64 };
+    struct fuse_server_config sc = {
+        .max_background = 64,
+        .debug = cli->debug,
+    };
+    /* libfuse never sees a request: its operations stay empty. */
+    static const struct fuse_lowlevel_ops no_ops;
     char *fsname = fsname_arg(cli->image_path);
     int ret = 0;
 
-    if (vfs_new(img, &vc, vfs) < 0 || !(*ctx = fuse_ops_ctx_new(*vfs, &c)) ||
+    if (vfs_new(img, &vc, vfs) < 0 || fuse_server_new(*vfs, &sc, srv) < 0 ||
         !fsname || fuse_opt_add_arg(args, fsname) < 0) {
         fprintf(stderr, "qcow2fuse: out of memory\n");
         ret = -ENOMEM;
         goto out;
     }
-    *se = fuse_session_new(args, fuse_ops_table(), sizeof(struct fuse_lowlevel_ops), *ctx);
-    if (!*se || fuse_set_signal_handlers(*se) < 0)
+    *se = fuse_session_new(args, &no_ops, sizeof(no_ops), NULL);
+    if (!*se)
         ret = -EINVAL;          /* libfuse printed why */
+    else
+        fuse_server_handle_signals(*srv);
 out:
     free(fsname);
-    return ret;
-}
-
-/* Serve requests until unmount or a signal.  Returns 0 or -errno. */
-static int serve(struct fuse_session *se, bool single_thread)
-{
-    struct fuse_loop_config *lc;
-    int ret;
-
-    if (single_thread)
-        return fuse_session_loop(se);
-    lc = fuse_loop_cfg_create();
-    if (!lc) {
-        log_error("out of memory");
-        return -ENOMEM;
-    }
-    fuse_loop_cfg_set_clone_fd(lc, 1);
-    fuse_loop_cfg_set_max_threads(lc, 16);
-    fuse_loop_cfg_set_idle_threads(lc, 16);
-    ret = fuse_session_loop_mt(se, lc);
-    fuse_loop_cfg_destroy(lc);
     return ret;
 }
 
@@ -721,7 +732,7 @@ int main(int argc, char *argv[])
 {
     struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
     struct cli cli = { .trace_fd = -1 };
-    struct fuse_ops_ctx *ctx = NULL;
+    struct fuse_server *srv = NULL;
     struct fuse_session *se = NULL;
     struct vfs *vfs = NULL;
     struct image *img = NULL;
@@ -745,7 +756,7 @@ int main(int argc, char *argv[])
     if (open_image(&cli, &st, &img) < 0)
         goto out;
 
-    if (session_new(&cli, img, &st, &args, &vfs, &ctx, &se) < 0)
+    if (session_new(&cli, img, &st, &args, &vfs, &srv, &se) < 0)
         goto out_close;
     if (fuse_session_mount(se, cli.mount_path) < 0) {
         fprintf(stderr, "qcow2fuse: cannot mount on %s\n", cli.mount_path);
@@ -755,19 +766,26 @@ int main(int argc, char *argv[])
         goto out_unmount;
     if (!cli.foreground)
         log_use_syslog("qcow2fuse");
+    if (cli.debug)
+        log_set_level(LOG_LEVEL_DEBUG);
     set_io_flusher();
     start_stats_thread(img);
-    ret = serve(se, cli.single_thread) < 0 ? 1 : 0;
+    /* Until unmount or SIGTERM, SIGINT, SIGHUP: then every request read
+     * has been answered, and unmounting ends those still queued. */
+    err = fuse_server_serve(srv, fuse_session_fd(se), cli.single_thread ? 1 : 0);
+    if (err < 0) {
+        log_error("serving the FUSE connection failed: %s", strerror(-err));
+        ret = 1;
+    } else {
+        ret = 0;
+    }
 
 out_unmount:
     fuse_session_unmount(se);
 out_close:
-    if (se) {
-        fuse_remove_signal_handlers(se);
+    if (se)
         fuse_session_destroy(se);
-    }
     /* Before the image closes: a node's release hook may still use it. */
-    fuse_ops_ctx_free(ctx);
     vfs_free(vfs);
     if (img && (err = image_close(img)) < 0) {
         /* Status 1: what the guest wrote may not all be on disk (with -f
@@ -777,6 +795,9 @@ out_close:
                   cli.image_path, strerror(-err));
         ret = 1;
     }
+    /* Last: until here a stop signal only ends serving (the write-back
+     * above is not cut short by a second SIGTERM). */
+    fuse_server_free(srv);
 out:
     fuse_opt_free_args(&args);
     cli_free(&cli);
