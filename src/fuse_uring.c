@@ -112,6 +112,7 @@ struct fuse_uring {
     unsigned nr_queues;
     unsigned nr_threads;
     unsigned depth;
+    bool spread;
     size_t payload_size;
     size_t header_size;
     atomic_bool stopping;
@@ -174,6 +175,39 @@ unsigned fuse_uring_possible_cpus(void)
         p = *end == ',' ? end + 1 : end;
     }
     return count;
+}
+
+int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg)
+{
+    const char *p = text;
+
+    while (*p) {
+        size_t len = strcspn(p, ",");
+        unsigned long v = 0;
+        char *end;
+
+        if (len == 6 && !strncmp(p, "spread", 6)) {
+            cfg->spread = true;
+        } else if (len == 3 && !strncmp(p, "pin", 3)) {
+            cfg->pin = true;
+        } else if (len > 8 && !strncmp(p, "threads=", 8)) {
+            v = strtoul(p + 8, &end, 10);
+            if (end != p + len || v == 0 || v > 256)
+                return -EINVAL;
+            cfg->threads = (unsigned)v;
+        } else if (len > 6 && !strncmp(p, "depth=", 6)) {
+            v = strtoul(p + 6, &end, 10);
+            if (end != p + len || v == 0 || v > 1024)
+                return -EINVAL;
+            cfg->queue_depth = (unsigned)v;
+        } else {
+            return -EINVAL;
+        }
+        p += len;
+        if (*p == ',')
+            p++;
+    }
+    return 0;
 }
 
 /* Room for one more SQE is guaranteed: the SQ holds every entry plus the wake poll. */
@@ -422,6 +456,9 @@ static void *thread_main(void *arg)
         }
         io_uring_cq_advance(&t->ring, seen);
     }
+    /* Replies queued by the last round still go out: their callers wait for them. */
+    if (t->live > 0)
+        io_uring_submit(&t->ring);
     return NULL;
 }
 
@@ -492,7 +529,12 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
         ret = -EINVAL;
         goto fail_early;
     }
-    u->nr_threads = cfg->threads && cfg->threads < u->nr_queues ? cfg->threads : u->nr_queues;
+    u->spread = cfg->spread;
+    u->nr_threads = cfg->threads ? cfg->threads : u->nr_queues;
+    if (!u->spread && u->nr_threads > u->nr_queues)
+        u->nr_threads = u->nr_queues;
+    if (u->nr_threads > 256)
+        u->nr_threads = 256;
     /* The kernel refuses a payload buffer smaller than its largest request. */
     payload = 8192;
     if (cfg->max_write > payload)
@@ -515,9 +557,10 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
         t->owner = u;
         t->index = i;
         t->wake_fd = -1;
-        t->cpu = cfg->pin && u->nr_threads == u->nr_queues ? (int)i : -1;
-        for (q = i; q < u->nr_queues; q += u->nr_threads)
-            n += u->depth;
+        t->cpu = cfg->pin ? (int)(i % u->nr_queues) : -1;
+        for (q = 0; q < u->nr_queues; q++)
+            if (u->spread || q % u->nr_threads == i)
+                n += u->depth;
         t->nr_entries = n;
         t->entries = calloc(n, sizeof(*t->entries));
         if (!t->entries) {
@@ -525,9 +568,11 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
             goto fail_early;
         }
         n = 0;
-        for (q = i; q < u->nr_queues; q += u->nr_threads) {
+        for (q = 0; q < u->nr_queues; q++) {
             unsigned d;
 
+            if (!u->spread && q % u->nr_threads != i)
+                continue;
             for (d = 0; d < u->depth; d++, n++) {
                 t->entries[n].thread = t;
                 t->entries[n].qid = (uint16_t)q;
@@ -563,10 +608,10 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
         free_uring(u);
         return ret;
     }
-    log_info("io_uring: %u queues of %u entries, %zu KiB payload, served by %u thread%s%s",
-             u->nr_queues, u->depth, u->payload_size >> 10, u->nr_threads,
-             u->nr_threads == 1 ? "" : "s",
-             u->threads[0].cpu >= 0 ? ", each pinned to its queue's CPU" : ", unpinned");
+    log_info("io_uring: %u queues, %u threads (%s, %s), %u entries of %zu KiB per queue",
+             u->nr_queues, u->nr_threads, u->spread ? "each serving every queue" :
+             "each serving its own queues", u->threads[0].cpu >= 0 ? "pinned" : "unpinned",
+             u->depth * (u->spread ? u->nr_threads : 1), u->payload_size >> 10);
     *out = u;
     return 0;
 

@@ -35,15 +35,24 @@ struct fuse_uring_config {
     unsigned max_pages;         /* as FUSE_INIT negotiated */
     unsigned queue_depth;       /* entries per queue; 0: FUSE_URING_DEFAULT_DEPTH */
     /*
-     * How many threads serve the queues: 0 = one per queue; fewer share
-     * (queue q goes to thread q % threads, whose one io_uring holds the
-     * entries of all its queues).
+     * Threads that serve the queues, each with its own io_uring: 0 = one
+     * per queue.  Without @spread, queue q belongs to thread q % threads
+     * alone.  With @spread, every thread holds @queue_depth entries of
+     * every queue, so a request waits for a thread only when all threads
+     * are busy, whatever CPU it came from.
      */
     unsigned threads;
-    bool pin;                   /* a thread with one queue runs on that queue's CPU */
+    bool spread;
+    bool pin;                   /* thread i runs on CPU i (of the possible ones) */
 };
 
 #define FUSE_URING_DEFAULT_DEPTH 8
+
+/*
+ * A layout for measurements: "threads=N,depth=N,spread,pin" (any of them,
+ * comma-separated) over what @cfg holds.  Returns 0 or -EINVAL.
+ */
+int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg);
 
 /*
  * Whether the kernel lets a connection use io_uring at all: the module

@@ -6,6 +6,7 @@
  */
 #include "create.h"
 #include "fuse_server.h"
+#include "fuse_uring.h"
 #include "vfs.h"
 #include "header.h"
 #include "image.h"
@@ -417,10 +418,13 @@ static int cli_convert(struct cli *cli)
                 "apply with -o create\n");
         return -EINVAL;
     }
-    /* The io_uring transport is not built yet: auto means classic. */
-    if (cli->text[OPT_TRANSPORT] && cli->value[OPT_TRANSPORT] == TRANSPORT_IO_URING) {
-        fprintf(stderr, "qcow2fuse: transport=io_uring: not available: this build has "
-                "no FUSE-over-io_uring transport; use transport=classic or auto\n");
+    /* Refused before mounting: the kernel offers io_uring only with its switch on. */
+    if (cli->text[OPT_TRANSPORT] && cli->value[OPT_TRANSPORT] == TRANSPORT_IO_URING &&
+        !fuse_uring_kernel_enabled()) {
+        fprintf(stderr, "qcow2fuse: transport=io_uring: the kernel's FUSE over io_uring "
+                "is off (/sys/module/fuse/parameters/enable_uring is not Y; as root: "
+                "echo Y > /sys/module/fuse/parameters/enable_uring); use "
+                "transport=classic or auto\n");
         return -EINVAL;
     }
     if (cli->creating && cli->text[OPT_CLUSTER_SIZE] &&
@@ -685,6 +689,40 @@ static int open_image(struct cli *cli, struct stat *st, struct image **img)
 }
 
 /*
+ * The io_uring transport, started from the server's INIT (the kernel takes
+ * ring registrations only once INIT is answered) and stopped after the
+ * classic loop returns, before the unmount: its rings hold the /dev/fuse
+ * file, so the connection would not end while they are open.
+ */
+struct ring_ctl {
+    int dev_fd;
+    bool single_thread;
+    struct fuse_uring *uring;   /* written by the INIT worker, read after serve */
+};
+
+static void start_ring(void *arg, struct fuse_server *srv, const struct fuse_server_conn *conn)
+{
+    struct ring_ctl *rc = arg;
+    struct fuse_uring_config cfg = {
+        .dev_fd = rc->dev_fd,
+        .max_write = conn->max_write,
+        .max_pages = FUSE_SERVER_MAX_PAGES,
+        .threads = rc->single_thread ? 1 : 0,
+    };
+    const char *layout = getenv("QCOW2FUSE_URING_LAYOUT");
+    int ret;
+
+    if (!conn->io_uring)
+        return;                 /* fuse_server said why */
+    if (layout && fuse_uring_parse_layout(layout, &cfg) < 0)
+        log_warn("QCOW2FUSE_URING_LAYOUT=%s: not understood, ignored", layout);
+    ret = fuse_uring_start(srv, &cfg, &rc->uring);
+    if (ret < 0)
+        log_warn("FUSE over io_uring could not start (%s): requests stay on the "
+                 "classic transport", strerror(-ret));
+}
+
+/*
  * The mount's tree over @img and the server that answers its requests,
  * and the libfuse session that only parses the FUSE options and mounts
  * (not yet mounted).  The disk file has the image file's owner and mode
@@ -692,7 +730,7 @@ static int open_image(struct cli *cli, struct stat *st, struct image **img)
  * Returns: 0 or -errno; *vfs, *srv and *se are to be freed either way.
  */
 static int session_new(const struct cli *cli, struct image *img, const struct stat *st,
-                       struct fuse_args *args, struct vfs **vfs,
+                       struct fuse_args *args, struct ring_ctl *ring, struct vfs **vfs,
                        struct fuse_server **srv, struct fuse_session **se)
 {
     struct vfs_config vc = {
@@ -706,6 +744,9 @@ static int session_new(const struct cli *cli, struct image *img, const struct st
     struct fuse_server_config sc = {
         .max_background = 64,
         .debug = cli->debug,
+        .io_uring = cli->text[OPT_TRANSPORT] && cli->value[OPT_TRANSPORT] == TRANSPORT_IO_URING,
+        .after_init = start_ring,
+        .after_init_arg = ring,
     };
     /* libfuse never sees a request: its operations stay empty. */
     static const struct fuse_lowlevel_ops no_ops;
@@ -733,6 +774,7 @@ int main(int argc, char *argv[])
     struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
     struct cli cli = { .trace_fd = -1 };
     struct fuse_server *srv = NULL;
+    struct ring_ctl ring = { .dev_fd = -1 };
     struct fuse_session *se = NULL;
     struct vfs *vfs = NULL;
     struct image *img = NULL;
@@ -756,7 +798,7 @@ int main(int argc, char *argv[])
     if (open_image(&cli, &st, &img) < 0)
         goto out;
 
-    if (session_new(&cli, img, &st, &args, &vfs, &srv, &se) < 0)
+    if (session_new(&cli, img, &st, &args, &ring, &vfs, &srv, &se) < 0)
         goto out_close;
     if (fuse_session_mount(se, cli.mount_path) < 0) {
         fprintf(stderr, "qcow2fuse: cannot mount on %s\n", cli.mount_path);
@@ -772,6 +814,8 @@ int main(int argc, char *argv[])
     start_stats_thread(img);
     /* Until unmount or SIGTERM, SIGINT, SIGHUP: then every request read
      * has been answered, and unmounting ends those still queued. */
+    ring.dev_fd = fuse_session_fd(se);
+    ring.single_thread = cli.single_thread;
     err = fuse_server_serve(srv, fuse_session_fd(se), cli.single_thread ? 1 : 0);
     if (err < 0) {
         log_error("serving the FUSE connection failed: %s", strerror(-err));
@@ -779,6 +823,7 @@ int main(int argc, char *argv[])
     } else {
         ret = 0;
     }
+    fuse_uring_stop(ring.uring);
 
 out_unmount:
     fuse_session_unmount(se);
