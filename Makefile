@@ -67,6 +67,9 @@ integration: $(BUILD)/qcow2fuse $(BUILD)/qcow2check $(TOOL_BINS)
 	QCOW2FUSE=$(abspath $(BUILD)/qcow2fuse) QCOW2CHECK=$(abspath $(BUILD)/qcow2check) \
 	    TOOLS=$(abspath $(BUILD)/tests) \
 	    tests/integration/run.sh
+	QCOW2FUSE=$(abspath $(BUILD)/qcow2fuse) QCOW2CHECK=$(abspath $(BUILD)/qcow2check) \
+	    TOOLS=$(abspath $(BUILD)/tests) \
+	    tests/integration/on_io_uring.sh
 
 check: unit integration
 

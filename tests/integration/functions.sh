@@ -596,6 +596,12 @@ unmount_image() {
     fi
     is_mounted "$mnt" && fail "$mnt is still mounted after fusermount3 -u"
     [[ -n $log ]] && _check_sanitizer_output "$log" "daemon for $mnt"
+    # A run of the suite on the ring must not pass on a silent fallback.
+    if [[ ${QCOW2FUSE_TRANSPORT:-} == io_uring && -n $log ]] &&
+        ! grep -Eq 'io_uring: [0-9]+ queues' "$log"; then
+        sed 's/^/    | /' "$log" >&2
+        fail "QCOW2FUSE_TRANSPORT=io_uring, but the daemon for $mnt did not start its ring"
+    fi
     return 0
 }
 

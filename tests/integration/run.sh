@@ -2,15 +2,16 @@
 #
 # Run the qcow2fuse integration tests.
 #
-#   QCOW2FUSE=/abs/path/qcow2fuse TOOLS=/abs/path/tools tests/integration/run.sh [GLOB]
+#   QCOW2FUSE=/abs/path/qcow2fuse TOOLS=/abs/path/tools tests/integration/run.sh [GLOB...]
 #
 # Runs every tests/integration/test_*.sh in sorted order, each in its own
 # bash process with a timeout, and prints one line per test:
 #   PASS name | FAIL name | SKIP name (reason)
 # followed by "N passed, N failed, N skipped".  Exits 1 if a test failed.
 #
-# GLOB (optional) selects tests by name, e.g. 'test_read_*' or '*errors*'
-# (the name is the file name without .sh; the ".sh" suffix is accepted too).
+# GLOBs (optional) select tests by name, e.g. 'test_read_*' or '*errors*'
+# (the name is the file name without .sh; the ".sh" suffix is accepted too);
+# a test runs when it matches any of them.
 #
 # Environment:
 #   TEST_TIMEOUT  seconds per test script (default 300)
@@ -37,9 +38,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 [[ -d $TOOLS ]] || die "TOOLS=$TOOLS is not a directory"
 export QCOW2FUSE TOOLS
 
-(($# <= 1)) || die "usage: $0 [GLOB]"
-filter=${1:-*}
-filter=${filter%.sh}
+filters=()
+for f in "${@:-*}"; do filters+=("${f%.sh}"); done
 
 timeout_s=${TEST_TIMEOUT:-300}
 
@@ -129,8 +129,12 @@ ran=0
 for t in "${tests[@]}"; do
     [[ -n $t ]] || continue
     name=$(basename "$t" .sh)
-    # shellcheck disable=SC2053  # glob match on purpose
-    [[ $name == $filter ]] || continue
+    selected=0
+    for f in "${filters[@]}"; do
+        # shellcheck disable=SC2053  # glob match on purpose
+        [[ $name == $f ]] && selected=1
+    done
+    ((selected)) || continue
     ran=$((ran + 1))
     log="$logdir/$name.log"
     tdir="$workroot/$name"
@@ -171,7 +175,7 @@ for t in "${tests[@]}"; do
 done
 
 if ((ran == 0)); then
-    echo "run.sh: no test matches '$filter'" >&2
+    echo "run.sh: no test matches ${filters[*]}" >&2
 fi
 echo "$passed passed, $failed failed, $skipped skipped"
 if ((failed > 0 || ran == 0)); then

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+#
+# Run the FUSE-facing integration tests once more on the io_uring transport:
+#
+#   QCOW2FUSE=... TOOLS=... tests/integration/on_io_uring.sh [GLOB...]
+#
+# Turns the kernel's switch (/sys/module/fuse/parameters/enable_uring) on,
+# runs run.sh with QCOW2FUSE_TRANSPORT=io_uring (the mount helpers then add
+# -o transport=io_uring and fail a mount whose daemon did not start its
+# ring) and puts the switch back however it ends.  Without the switch (a
+# kernel without FUSE over io_uring, or not root) it says SKIP and why, and
+# exits 0: the classic run already covered the same tests.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+switch=/sys/module/fuse/parameters/enable_uring
+default_tests=(test_read_fuse test_user_facing test_discard test_read_sparse
+               test_write_ext4 test_concurrency test_signals)
+
+if [[ ! -e $switch ]]; then
+    echo "SKIP io_uring pass: $switch is missing (no FUSE over io_uring in this kernel)"
+    exit 0
+fi
+if [[ ! -w $switch ]]; then
+    echo "SKIP io_uring pass: $switch is not writable (needs root)"
+    exit 0
+fi
+old=$(cat "$switch")
+trap 'echo "$old" >"$switch"' EXIT
+echo Y >"$switch"
+echo "--- the FUSE-facing tests again, on -o transport=io_uring"
+rc=0
+QCOW2FUSE_TRANSPORT=io_uring "$here/run.sh" "${@:-${default_tests[@]}}" || rc=$?
+exit "$rc"
