@@ -190,6 +190,8 @@ int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg)
             cfg->spread = true;
         } else if (len == 3 && !strncmp(p, "pin", 3)) {
             cfg->pin = true;
+        } else if (len == 5 && !strncmp(p, "nopin", 5)) {
+            cfg->pin = false;
         } else if (len > 8 && !strncmp(p, "threads=", 8)) {
             v = strtoul(p + 8, &end, 10);
             if (end != p + len || v == 0 || v > 256)
@@ -414,6 +416,40 @@ static int thread_setup(struct uring_thread *t)
     return 0;
 }
 
+/*
+ * Once FUSE_OVER_IO_URING is negotiated the kernel holds every request
+ * until each queue has an entry; only a REGISTER it refuses makes it turn
+ * io_uring off for the connection and serve the /dev/fuse reads instead.
+ * This sends one (queue index past the last).  Returns 0 when the kernel
+ * refused it, else -errno (the kernel may still be waiting).
+ */
+static int turn_kernel_ring_off(int dev_fd)
+{
+    struct io_uring ring;
+    struct io_uring_sqe *sqe;
+    struct io_uring_cqe *cqe;
+    struct fuse_uring_cmd_req *cmd;
+    int ret;
+
+    ret = io_uring_queue_init(1, &ring, IORING_SETUP_SQE128);
+    if (ret < 0)
+        return ret;
+    /* An SQE128 SQE is two slots; the cmd area is the second one, zeroed. */
+    sqe = io_uring_get_sqe(&ring);
+    io_uring_prep_rw(IORING_OP_URING_CMD, sqe, dev_fd, NULL, 0, 0);
+    sqe->cmd_op = FUSE_IO_URING_CMD_REGISTER;
+    cmd = (struct fuse_uring_cmd_req *)sqe->cmd;
+    memset(cmd, 0, sizeof(*cmd));
+    cmd->qid = UINT16_MAX;
+    ret = io_uring_submit_and_wait(&ring, 1);
+    if (ret >= 0)
+        ret = io_uring_peek_cqe(&ring, &cqe);
+    if (ret >= 0)
+        ret = cqe->res < 0 ? 0 : -EPROTO;
+    io_uring_queue_exit(&ring);
+    return ret;
+}
+
 static void report_started(struct fuse_uring *u, int error)
 {
     pthread_mutex_lock(&u->lock);
@@ -606,6 +642,11 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
                   strerror(-ret));
         wake_and_join(u);
         free_uring(u);
+        if (turn_kernel_ring_off(cfg->dev_fd) < 0) {
+            log_error("io_uring: the kernel may keep waiting for the ring: requests "
+                      "cannot be served");
+            return -ENOTRECOVERABLE;
+        }
         return ret;
     }
     log_info("io_uring: %u queues, %u threads (%s, %s), %u entries of %zu KiB per queue",
@@ -617,6 +658,11 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
 
 fail_early:
     free_uring(u);
+    if (turn_kernel_ring_off(cfg->dev_fd) < 0) {
+        log_error("io_uring: the kernel may keep waiting for the ring: requests "
+                  "cannot be served");
+        return -ENOTRECOVERABLE;
+    }
     return ret;
 }
 

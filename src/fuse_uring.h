@@ -49,7 +49,7 @@ struct fuse_uring_config {
 #define FUSE_URING_DEFAULT_DEPTH 8
 
 /*
- * A layout for measurements: "threads=N,depth=N,spread,pin" (any of them,
+ * A layout for measurements: "threads=N,depth=N,spread,pin,nopin" (any of them,
  * comma-separated) over what @cfg holds.  Returns 0 or -EINVAL.
  */
 int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg);
@@ -70,9 +70,11 @@ unsigned fuse_uring_possible_cpus(void);
  * On exit: one io_uring per thread, every entry of every queue registered
  * (the kernel switches the connection to the ring once every queue has one)
  * and the threads serving them; *@out owns all of it.
- * Returns: 0, or -errno (nothing started; the kernel then keeps using the
- * classic fd, since a failed REGISTER turns io_uring off for the
- * connection).
+ * Returns: 0; or -errno: nothing started, and the kernel was made to turn
+ * io_uring off for the connection (a REGISTER it refuses does that), so
+ * the classic fd serves every request; or -ENOTRECOVERABLE: even that
+ * failed, and the kernel holds every request for a ring that will not
+ * come: the caller must end the mount.
  */
 int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cfg,
                      struct fuse_uring **out);

@@ -237,7 +237,9 @@ static void usage(FILE *out)
 "  -o name=FILE             name of the disk file (default: disk)\n"
 "  -o transport=auto|classic|io_uring  how FUSE requests travel: read and\n"
 "                           write on /dev/fuse (classic), or io_uring ring\n"
-"                           entries; auto picks the best one available\n"
+"                           entries (needs enable_uring=Y in the fuse\n"
+"                           module); auto is classic: io_uring was slower\n"
+"                           for 1 MiB reads at QD16 (bench/README)\n"
 "  -o allow_other           let other users access the mount (FUSE option)\n");
 }
 
@@ -708,6 +710,8 @@ static void start_ring(void *arg, struct fuse_server *srv, const struct fuse_ser
         .max_write = conn->max_write,
         .max_pages = FUSE_SERVER_MAX_PAGES,
         .threads = rc->single_thread ? 1 : 0,
+        /* Pinned measured best of the layouts tried (bench/README). */
+        .pin = true,
     };
     const char *layout = getenv("QCOW2FUSE_URING_LAYOUT");
     int ret;
@@ -717,7 +721,9 @@ static void start_ring(void *arg, struct fuse_server *srv, const struct fuse_ser
     if (layout && fuse_uring_parse_layout(layout, &cfg) < 0)
         log_warn("QCOW2FUSE_URING_LAYOUT=%s: not understood, ignored", layout);
     ret = fuse_uring_start(srv, &cfg, &rc->uring);
-    if (ret < 0)
+    if (ret == -ENOTRECOVERABLE)
+        fuse_server_stop(srv);  /* unmount rather than leave every request hanging */
+    else if (ret < 0)
         log_warn("FUSE over io_uring could not start (%s): requests stay on the "
                  "classic transport", strerror(-ret));
 }
