@@ -175,9 +175,9 @@ static int decode_extension(struct bitmaps *b, const struct header_ext *e)
 static int refuse(struct bitmaps *b, const struct bitmap *bm, uint64_t pos,
                   const char *why)
 {
-    log_error("%s: persistent bitmap '%s' (directory entry at 0x%llx): %s; QEMU "
-              "refuses to open it for writing too; mount it read-only (-o ro), or "
-              "remove the bitmap (qemu-img bitmap --remove)", b->path,
+    log_error("%s: persistent bitmap '%s' (directory entry at 0x%llx): %s; it "
+              "cannot be kept up to date, so the image is not mounted writable "
+              "(QEMU refuses to open it at all); mount it read-only (-o ro)", b->path,
               bm->name ? bm->name : "?", (unsigned long long)(b->dir_offset + pos),
               why);
     return -ENOTSUP;
