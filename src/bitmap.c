@@ -643,8 +643,13 @@ int bitmap_store(struct bitmaps *b, struct refcount *rc)
 
     if (!b || !b->in_use_written)
         return 0;
-    if (meta_is_corrupt(b->m))
-        return -EIO;            /* nothing more is written: they stay in use */
+    if (meta_is_corrupt(b->m)) {
+        /* Reported already; nothing more is written. */
+        log_warn("%s: the persistent bitmaps are not stored (the image is marked "
+                 "corrupt): they stay in use, which QEMU takes as inconsistent",
+                 b->path);
+        return 0;
+    }
     dir = malloc(b->dir_size);
     if (!dir) {
         ret = -ENOMEM;

@@ -100,7 +100,7 @@ void bitmap_mark(struct bitmaps *b, uint64_t offset, uint64_t len);
  * clusters are queued as deferred frees for the caller's next flush.
  * On exit: on failure the bitmaps stay in_use on disk (QEMU then takes
  *          them as inconsistent) and what this call allocated is given
- *          back.
+ *          back.  On an image marked corrupt nothing is written (logged).
  * Returns: 0 or -errno.
  */
 int bitmap_store(struct bitmaps *b, struct refcount *rc);
