@@ -299,6 +299,36 @@ static int decode_entry(struct bitmaps *b, uint64_t pos, struct bitmap *bm,
     return 0;
 }
 
+static int by_name(const void *x, const void *y)
+{
+    const struct bitmap *const *a = x, *const *c = y;
+    int d = strcmp((*a)->name, (*c)->name);
+
+    return d ? d : ((*a)->entry_pos > (*c)->entry_pos) - ((*a)->entry_pos < (*c)->entry_pos);
+}
+
+/* Names are unique (sorted, not pairwise: there may be 65535). */
+static int check_unique_names(struct bitmaps *b)
+{
+    struct bitmap **sorted = malloc(b->nb * sizeof(*sorted));
+    int ret = 0;
+
+    if (!sorted)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < b->nb; i++)
+        sorted[i] = &b->bm[i];
+    qsort(sorted, b->nb, sizeof(*sorted), by_name);
+    for (uint32_t i = 1; i < b->nb && ret == 0; i++)
+        if (strcmp(sorted[i - 1]->name, sorted[i]->name) == 0)
+            ret = meta_corrupt(b->m, "bitmap directory at 0x%llx: two bitmaps named "
+                               "'%s' (entries at 0x%llx and 0x%llx)",
+                               (unsigned long long)b->dir_offset, sorted[i]->name,
+                               (unsigned long long)(b->dir_offset + sorted[i - 1]->entry_pos),
+                               (unsigned long long)(b->dir_offset + sorted[i]->entry_pos));
+    free(sorted);
+    return ret;
+}
+
 static int decode_directory(struct bitmaps *b)
 {
     uint64_t pos = 0;
@@ -321,13 +351,6 @@ static int decode_directory(struct bitmaps *b)
         ret = decode_entry(b, pos, &b->bm[i], &pos);
         if (ret < 0)
             return ret;
-        for (uint32_t j = 0; j < i; j++)
-            if (strcmp(b->bm[j].name, b->bm[i].name) == 0)
-                return meta_corrupt(b->m, "bitmap directory at 0x%llx: two bitmaps "
-                                    "named '%s' (entries at 0x%llx and 0x%llx)",
-                                    (unsigned long long)b->dir_offset, b->bm[i].name,
-                                    (unsigned long long)(b->dir_offset + b->bm[j].entry_pos),
-                                    (unsigned long long)(b->dir_offset + b->bm[i].entry_pos));
         i++;
     }
     if (i != b->nb)
@@ -335,7 +358,7 @@ static int decode_directory(struct bitmaps *b)
                             "%llu bytes, but nb_bitmaps says %u",
                             (unsigned long long)b->dir_offset, i,
                             (unsigned long long)b->dir_size, b->nb);
-    return 0;
+    return check_unique_names(b);
 }
 
 /* ---- open: tables and data --------------------------------------------------- */
@@ -403,7 +426,7 @@ int bitmap_open(struct meta *m, const struct qcow2_header *h, const char *path,
 {
     const struct header_ext *e = find_ext(h);
     struct bitmaps *b;
-    uint64_t memory = 0;
+    uint64_t memory = 0, tables = 0;
     int ret;
 
     *out = NULL;
@@ -425,9 +448,23 @@ int bitmap_open(struct meta *m, const struct qcow2_header *h, const char *path,
         ret = meta_mark(m, b->dir_offset, b->dir_size, META_KIND_BITMAPS);
     for (uint32_t i = 0; ret == 0 && i < b->nb; i++) {
         struct bitmap *bm = &b->bm[i];
+        /* Tables may overlap each other: bound what is read, too. */
+        tables += (uint64_t)bm->table_size * 8;
+        if (tables > BITMAP_MAX_MEMORY) {
+            log_error("%s: the bitmap tables of the persistent bitmaps take more "
+                      "than %llu MiB; mount it read-only (-o ro)", path,
+                      BITMAP_MAX_MEMORY >> 20);
+            ret = -ENOTSUP;
+            break;
+        }
         ret = load_table(b, bm);
         if (ret < 0)
             break;
+        if ((bm->flags & BITMAP_FLAG_IN_USE) || !(bm->flags & BITMAP_FLAG_AUTO)) {
+            /* Never stored: its table is not needed again. */
+            free(bm->table);
+            bm->table = NULL;
+        }
         if (bm->flags & BITMAP_FLAG_IN_USE) {
             log_warn("%s: persistent bitmap '%s' is marked in use: it was not saved "
                      "cleanly (a crash?), and QEMU takes it as inconsistent; it is "
@@ -437,7 +474,7 @@ int bitmap_open(struct meta *m, const struct qcow2_header *h, const char *path,
         }
         if (!(bm->flags & BITMAP_FLAG_AUTO))
             continue;           /* disabled: stays unchanged */
-        memory += bm->bytes;
+        memory += bm->bytes + (uint64_t)bm->table_size * 8;
         if (memory > BITMAP_MAX_MEMORY) {
             log_error("%s: the enabled persistent bitmaps need more than %llu MiB "
                       "of memory; mount it read-only (-o ro)", path,
