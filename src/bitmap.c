@@ -66,6 +66,7 @@ struct bitmaps {
     uint32_t nb;
     uint8_t *dir;               /* the directory as on disk */
     struct bitmap *bm;
+    uint32_t *loaded;           /* indices of the loaded bitmaps */
     unsigned nb_loaded;
     bool in_use_written;
     pthread_mutex_t lock;       /* bits and changed of every bitmap */
@@ -100,6 +101,7 @@ void bitmap_close(struct bitmaps *b)
         free(b->bm[i].bits);
     }
     free(b->bm);
+    free(b->loaded);
     free(b->dir);
     pthread_mutex_destroy(&b->lock);
     free(b);
@@ -336,8 +338,9 @@ static int decode_directory(struct bitmaps *b)
     int ret;
 
     b->bm = calloc(b->nb, sizeof(*b->bm));
+    b->loaded = calloc(b->nb, sizeof(*b->loaded));
     b->dir = malloc(b->dir_size);
-    if (!b->bm || !b->dir)
+    if (!b->bm || !b->loaded || !b->dir)
         return -ENOMEM;
     ret = io_pread(b->m->io, b->dir, b->dir_size, b->dir_offset);
     if (ret < 0)
@@ -484,7 +487,7 @@ int bitmap_open(struct meta *m, const struct qcow2_header *h, const char *path,
         }
         ret = load_data(b, bm);
         if (ret == 0)
-            b->nb_loaded++;
+            b->loaded[b->nb_loaded++] = i;
     }
     if (ret < 0) {
         bitmap_close(b);
@@ -554,8 +557,8 @@ void bitmap_mark(struct bitmaps *b, uint64_t offset, uint64_t len)
     if (!b || b->nb_loaded == 0 || len == 0)
         return;
     pthread_mutex_lock(&b->lock);
-    for (uint32_t i = 0; i < b->nb; i++) {
-        struct bitmap *bm = &b->bm[i];
+    for (unsigned i = 0; i < b->nb_loaded; i++) {
+        struct bitmap *bm = &b->bm[b->loaded[i]];
         uint64_t first = offset >> bm->granularity_bits;
         uint64_t last = (offset + len - 1) >> bm->granularity_bits;
 
