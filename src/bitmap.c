@@ -679,9 +679,16 @@ int bitmap_store(struct bitmaps *b, struct refcount *rc)
 {
     struct allocs a = { .cs = b ? b->m->cluster_size : 0 };
     uint8_t *dir = NULL;
+    bool changed = false;
     int ret = 0;
 
-    if (!b || !b->in_use_written)
+    if (!b)
+        return 0;
+    /* A change that left the image as it was (zeroing zeros) wrote no in
+     * use mark, and is stored all the same: QEMU marks every request. */
+    for (unsigned i = 0; i < b->nb_loaded; i++)
+        changed |= b->bm[b->loaded[i]].changed;
+    if (!b->in_use_written && !changed)
         return 0;
     if (meta_is_corrupt(b->m)) {
         /* Reported already; nothing more is written. */

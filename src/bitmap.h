@@ -98,6 +98,8 @@ void bitmap_mark(struct bitmaps *b, uint64_t offset, uint64_t len);
  * bitmap into new clusters from @rc, then the directory with in_use clear
  * (in place: its size does not change), flush; the old data and table
  * clusters are queued as deferred frees for the caller's next flush.
+ * Changed bitmaps are stored even when no in-use mark was written (their
+ * only changes left the disk as it was): a crash in between loses nothing.
  * On exit: on failure the bitmaps stay in_use on disk (QEMU then takes
  *          them as inconsistent) and what this call allocated is given
  *          back.  On an image marked corrupt nothing is written (logged).
