@@ -8,6 +8,7 @@
  */
 #include "image_impl.h"
 
+#include "bitmap.h"
 #include "cache.h"          /* struct cache_stats */
 #include "check.h"
 #include "cluster.h"
@@ -31,6 +32,7 @@ static void image_free(struct image *img)
         return;
     if (img->backing)
         image_close(img->backing);
+    bitmap_close(img->bitmaps);
     cluster_close(img->cl);
     refcount_close(img->rc);
     meta_set_destroy(&img->meta);
@@ -397,6 +399,8 @@ static int open_chain(const char *path, struct io *given_io,
             ret = meta_mark(&img->meta, 0, img->meta.cluster_size, META_KIND_HEADER);
         if (ret == 0)
             ret = mark_snapshots(img);
+        if (ret == 0)
+            ret = bitmap_open(&img->meta, &img->hdr, img->path, &img->bitmaps);
         if (ret < 0)
             goto fail;
         ret = refcount_open(&img->meta, img->hdr.refcount_table_offset,
@@ -498,6 +502,15 @@ int image_close(struct image *img)
         ret = -EIO;
     } else if (!img->meta.read_only && !img->is_raw) {
         ret = image_flush(img);
+        /* The bitmaps last: they must cover every change, and their old
+         * clusters are freed by the flush after them. */
+        if (ret == 0 && img->bitmaps) {
+            lock_exclusive(img);
+            ret = bitmap_store(img->bitmaps, img->rc);
+            unlock_exclusive(img);
+            if (ret == 0)
+                ret = image_flush(img);
+        }
         if (ret == 0 && img->set_dirty_bit) {
             ret = meta_update_incompatible(&img->meta, 0, QCOW2_INCOMPAT_DIRTY);
             if (ret == 0)

@@ -46,6 +46,8 @@ struct image {
     _Atomic uint64_t size;      /* read without the lock by reads */
     enum compress_type compression;
     struct refcount *rc;        /* writable images only */
+    struct bitmaps *bitmaps;    /* persistent dirty bitmaps kept (writable
+                                 * images with valid ones), or NULL */
     bool write_prepared;        /* header feature bits updated for writing */
     bool set_dirty_bit;         /* we set the lazy-refcounts dirty bit */
     uint64_t flush_seq;

@@ -7,6 +7,7 @@
  */
 #include "image_impl.h"
 
+#include "bitmap.h"
 #include "cluster.h"
 #include "header.h"
 #include "io.h"
@@ -20,9 +21,10 @@
 /* ---- write path ---------------------------------------------------------- */
 
 /*
- * Before the first write: drop autoclear bits we do not maintain (QEMU then
- * ignores stale bitmaps instead of trusting them) and, with lazy refcounts,
- * set the dirty bit, durably.  Called with the metadata lock held.
+ * Before the first write: mark the kept persistent bitmaps in use; drop
+ * autoclear bits we do not maintain (bitmaps we do not keep: QEMU then
+ * ignores them instead of trusting them) and, with lazy refcounts, set the
+ * dirty bit, durably.  Called with the metadata lock held.
  */
 int image_prepare_write(struct image *img)
 {
@@ -32,8 +34,13 @@ int image_prepare_write(struct image *img)
 
     if (img->write_prepared)
         return 0;
+    ret = bitmap_prepare_write(img->bitmaps);
+    if (ret < 0)
+        return ret;
     if (h->version >= 3) {
-        uint64_t keep = h->autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
+        uint64_t keep = h->autoclear_features &
+                        (QCOW2_AUTOCLEAR_DATA_RAW |
+                         (img->bitmaps ? QCOW2_AUTOCLEAR_BITMAPS : 0));
         if (keep != h->autoclear_features) {
             ret = header_write_autoclear(img->io, keep);
             if (ret < 0)
@@ -563,6 +570,7 @@ int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
 
     if (ret < 0 || len == 0)
         return ret;
+    bitmap_mark(img->bitmaps, offset, len);
     img->bytes_written += len;
     /* The range may have been held by a shrinking resize: once it is ours,
      * the size is checked again, so nothing is allocated past the end. */
