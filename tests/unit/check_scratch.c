@@ -9,11 +9,17 @@
 
 #include "scratch.h"
 
-/* Under ASan (SANITIZE=1) a malloc that cannot be met must return NULL, as
- * it does without ASan, rather than end the process: the failed-growth
- * case asks for one. */
+/* Under ASan (SANITIZE=1) and TSan (SANITIZE=thread) a malloc that cannot
+ * be met must return NULL, as it does without them, rather than end the
+ * process: the failed-growth case asks for one. */
 const char *__asan_default_options(void);
 const char *__asan_default_options(void)
+{
+    return "allocator_may_return_null=1";
+}
+
+const char *__tsan_default_options(void);
+const char *__tsan_default_options(void)
 {
     return "allocator_may_return_null=1";
 }
