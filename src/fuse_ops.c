@@ -7,10 +7,10 @@
 
 #include "vfs.h"
 #include "log.h"
+#include "scratch.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,93 +27,11 @@ struct fuse_ops_ctx {
     struct fuse_ops_config cfg;
 };
 
-/*
- * The reply buffer of op_read, one per worker thread and kept from one
- * request to the next, grown to the largest request seen (the kernel sends
- * at most max_read / max_pages, 1 MiB) and never shrunk.  A malloc and
- * free per request is cheap only while the allocator's heuristics hold:
- * glibc keeps a freed 1 MiB chunk in the thread's arena once its dynamic
- * mmap threshold has risen, but a fixed M_MMAP_THRESHOLD, a trimmed arena
- * or another allocator turns every request into an mmap, 256 page faults
- * and a munmap.  Owning the buffer makes it one allocation per worker
- * thread whatever the allocator does.  Reuse is safe because
- * fuse_reply_buf() has copied the reply into the kernel (one writev on
- * /dev/fuse; splice is off, see op_init) before it returns.  The key's
- * destructor frees it when a worker exits (libfuse ends surplus idle
- * workers and, at unmount, cancels the rest while they wait in read());
- * fuse_ops_ctx_free() frees the calling thread's own, for the
- * single-threaded loop.
- */
-struct reply_buf {
-    void *mem;
-    size_t cap;
-};
-
-#define REPLY_BUF_MIN   (64u << 10)
-
-static pthread_key_t reply_buf_key;
-static pthread_once_t reply_buf_once = PTHREAD_ONCE_INIT;
-static int reply_buf_key_err;
-
-static void reply_buf_free(void *p)
-{
-    struct reply_buf *rb = p;
-
-    free(rb->mem);
-    free(rb);
-}
-
-static void reply_buf_key_create(void)
-{
-    reply_buf_key_err = pthread_key_create(&reply_buf_key, reply_buf_free);
-}
-
-/*
- * On exit: the calling thread's reply buffer holds at least @size bytes;
- * its old contents are gone.
- * Returns: the buffer, or NULL when out of memory.
- */
-static void *reply_buf_get(size_t size)
-{
-    struct reply_buf *rb = pthread_getspecific(reply_buf_key);
-    size_t cap;
-    void *mem;
-
-    if (!rb) {
-        rb = calloc(1, sizeof(*rb));
-        if (!rb)
-            return NULL;
-        if (pthread_setspecific(reply_buf_key, rb) != 0) {
-            free(rb);
-            return NULL;
-        }
-    }
-    if (rb->cap >= size)
-        return rb->mem;
-    /* Powers of two: a run of growing requests reallocates a few times
-     * only.  No realloc: the old contents need not be kept. */
-    cap = REPLY_BUF_MIN;
-    while (cap < size && cap <= SIZE_MAX / 2)
-        cap *= 2;
-    if (cap < size)
-        cap = size;
-    mem = malloc(cap);
-    if (!mem)
-        return NULL;
-    free(rb->mem);
-    rb->mem = mem;
-    rb->cap = cap;
-    return mem;
-}
-
 struct fuse_ops_ctx *fuse_ops_ctx_new(struct vfs *vfs,
                                       const struct fuse_ops_config *cfg)
 {
     struct fuse_ops_ctx *ctx;
 
-    pthread_once(&reply_buf_once, reply_buf_key_create);
-    if (reply_buf_key_err)
-        return NULL;
     ctx = calloc(1, sizeof(*ctx));
     if (!ctx)
         return NULL;
@@ -124,15 +42,11 @@ struct fuse_ops_ctx *fuse_ops_ctx_new(struct vfs *vfs,
 
 void fuse_ops_ctx_free(struct fuse_ops_ctx *ctx)
 {
-    struct reply_buf *rb;
-
     if (!ctx)
-        return;         /* and the key may not exist: nothing to free */
-    rb = pthread_getspecific(reply_buf_key);
-    if (rb) {
-        pthread_setspecific(reply_buf_key, NULL);
-        reply_buf_free(rb);
-    }
+        return;
+    /* The worker threads' buffers went with them; the single-threaded
+     * loop's thread returns here instead. */
+    scratch_release_thread();
     free(ctx);
 }
 
@@ -210,7 +124,7 @@ static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_err(req, EINVAL);
         return;
     }
-    d.buf = reply_buf_get(d.size);
+    d.buf = scratch_get(SCRATCH_REPLY, d.size);
     if (!d.buf) {
         fuse_reply_err(req, ENOMEM);
         return;
@@ -247,7 +161,10 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fuse_reply_err(req, EINVAL);
         return;
     }
-    buf = reply_buf_get(size);
+    /* The thread's reply buffer, kept from one request to the next
+     * (scratch.h).  Reuse is safe because fuse_reply_buf() has copied the
+     * reply into the kernel (one writev; splice is off) before it returns. */
+    buf = scratch_get(SCRATCH_REPLY, size);
     if (!buf) {
         fuse_reply_err(req, ENOMEM);
         return;

@@ -11,6 +11,7 @@
 #include "compress.h"
 #include "io.h"
 #include "meta.h"
+#include "scratch.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -18,7 +19,10 @@
 #include <string.h>
 
 /*
- * Read and decompress the cluster of @run into @buf.  @gen: the free_gen
+ * Read and decompress the cluster of @run into @buf: straight into it when
+ * the run is the whole cluster, else through the thread's
+ * SCRATCH_DECOMPRESSED buffer; the compressed bytes go through
+ * SCRATCH_COMPRESSED (no caller of it holds either).  @gen: the free_gen
  * seen at the lookup, for a reader that holds no range (else NULL): when it
  * moved, the data may have been released and reused under the read, so a
  * failure is -EAGAIN (read again) rather than corruption.
@@ -28,7 +32,8 @@ int image_read_compressed(struct image *img, const struct cluster_run *run,
 {
     struct meta *m = &img->meta;
     uint64_t host, max_len, file_size;
-    uint8_t *comp = NULL, *plain = NULL;
+    uint64_t in = cluster_offset_in(offset, m->cluster_size);
+    uint8_t *comp, *plain = buf;
     int ret;
 
     ret = cluster_compressed_extent(m, run->l2_entry, &host, &max_len, NULL, NULL);
@@ -47,32 +52,25 @@ int image_read_compressed(struct image *img, const struct cluster_run *run,
     if (max_len > file_size - host)     /* the last sector may be short */
         max_len = file_size - host;
 
-    comp = malloc(max_len);
-    plain = malloc(m->cluster_size);
-    if (!comp || !plain) {
-        ret = -ENOMEM;
-        goto out;
-    }
+    comp = scratch_get(SCRATCH_COMPRESSED, max_len);
+    if (in != 0 || run->bytes != m->cluster_size)
+        plain = scratch_get(SCRATCH_DECOMPRESSED, m->cluster_size);
+    if (!comp || !plain)
+        return -ENOMEM;
     ret = io_pread(img->io, comp, max_len, host);
     if (ret < 0)
-        goto out;
+        return ret;
     ret = compress_decode(img->compression, comp, max_len, plain, m->cluster_size);
-    if (ret < 0 && gen && img->free_gen != *gen) {
-        ret = -EAGAIN;
-        goto out;
-    }
-    if (ret < 0) {
-        ret = meta_corrupt(m, "compressed cluster at guest offset 0x%llx (host "
-                           "offset 0x%llx, %llu bytes) does not decompress",
-                           (unsigned long long)cluster_align_down(offset, m->cluster_size),
-                           (unsigned long long)host, (unsigned long long)max_len);
-        goto out;
-    }
-    memcpy(buf, plain + cluster_offset_in(offset, m->cluster_size), run->bytes);
-out:
-    free(comp);
-    free(plain);
-    return ret;
+    if (ret < 0 && gen && img->free_gen != *gen)
+        return -EAGAIN;
+    if (ret < 0)
+        return meta_corrupt(m, "compressed cluster at guest offset 0x%llx (host "
+                            "offset 0x%llx, %llu bytes) does not decompress",
+                            (unsigned long long)cluster_align_down(offset, m->cluster_size),
+                            (unsigned long long)host, (unsigned long long)max_len);
+    if (plain != buf)
+        memcpy(buf, plain + in, run->bytes);
+    return 0;
 }
 
 /*

@@ -13,6 +13,7 @@
 #include "io.h"
 #include "meta.h"
 #include "refcount.h"
+#include "scratch.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -379,7 +380,10 @@ static int old_content(struct image *img, const struct old_state *st,
 /*
  * The guest I/O of a PLAN_CLUSTER: copy what the write does not cover from
  * the old contents, then write the units that change.  Called without the
- * metadata lock.
+ * metadata lock.  The cluster is built in the thread's SCRATCH_COW buffer
+ * and a compressed old cluster decompressed into SCRATCH_COW_OLD: nothing
+ * it calls (image_read_compressed, the backing image's read) writes, so
+ * neither is in use further down.
  */
 static int write_cluster_data(struct image *img, const struct write_plan *p,
                               const uint8_t *data)
@@ -391,21 +395,19 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
     unsigned u0 = (unsigned)(in / unit), u1 = (unsigned)((in + n - 1) / unit);
     uint32_t span = p->written | p->carry;
     unsigned lo = (unsigned)__builtin_ctz(span), hi = 31 - (unsigned)__builtin_clz(span);
-    uint8_t *buf = NULL, *plain = NULL;
+    uint8_t *buf, *plain = NULL;
     int fresh = p->fresh, ret;
 
-    buf = malloc(cs);
-    if (!buf) {
-        ret = -ENOMEM;
-        goto out;
-    }
+    buf = scratch_get(SCRATCH_COW, cs);
+    if (!buf)
+        return -ENOMEM;
     if (st->compressed) {
         struct cluster_run run = { .kind = CLUSTER_COMPRESSED, .bytes = cs,
                                    .l2_entry = st->entry };
-        plain = malloc(cs);
+        plain = scratch_get(SCRATCH_COW_OLD, cs);
         ret = plain ? image_read_compressed(img, &run, goff, plain, NULL) : -ENOMEM;
         if (ret < 0)
-            goto out;
+            return ret;
     }
 
     if (!m->extended_l2 && !st->compressed && !st->alloc &&
@@ -420,10 +422,8 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
         if (!fresh && p->allocated && n < cs && img->discard == IMAGE_DISCARD_UNMAP &&
             io_punch_hole(m->data_io, p->host, cs) == 0)
             fresh = 1;
-        if (fresh) {
-            ret = io_pwrite(m->data_io, data, n, p->host + in);
-            goto out;
-        }
+        if (fresh)
+            return io_pwrite(m->data_io, data, n, p->host + in);
     }
 
     for (unsigned u = lo; u <= hi; u++) {
@@ -440,7 +440,7 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
             continue;                           /* not written: already there */
         ret = old_content(img, st, u, plain, goff + ustart, buf + ustart, unit);
         if (ret < 0)
-            goto out;
+            return ret;
     }
     memcpy(buf + in, data, n);
 
@@ -452,9 +452,6 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
         ret = io_pwrite(m->data_io, buf + (uint64_t)lo * unit,
                         (uint64_t)(hi - lo + 1) * unit, p->host + (uint64_t)lo * unit);
     }
-out:
-    free(buf);
-    free(plain);
     return ret;
 }
 
