@@ -588,7 +588,7 @@ static void append_fill_stats(struct image *img, char *buf, size_t len)
     };
     size_t used = strlen(buf);
     int state = img->stream_state;
-    uint64_t size = img->size, pos = img->stream_pos;
+    uint64_t size = img->stream_total, pos = img->stream_pos;
 
     if (img->copy_on_read && used < len)
         used += (size_t)snprintf(buf + used, len - used, ", copied on read %llu bytes",

@@ -141,6 +141,10 @@ int image_flush_quiet(struct image *img);
 /* Whether the image still has a backing chain. */
 bool image_has_backing(struct image *img);
 
+/* The virtual size of the backing chain (its top image's), 0 without:
+ * past it the disk reads as zeros with or without the chain. */
+uint64_t image_chain_size(struct image *img);
+
 /* Guest requests in flight (reads, writes, zeroing, flushes). */
 unsigned image_guest_requests(struct image *img);
 
@@ -180,8 +184,9 @@ enum image_stream_state {
     IMAGE_STREAM_FAILED,
 };
 
-/* Where a stream is (@pos: the bytes of the disk walked), for image_stats. */
-void image_report_stream(struct image *img, enum image_stream_state state, uint64_t pos);
+/* Where a stream is (@pos of @total bytes walked), for image_stats. */
+void image_report_stream(struct image *img, enum image_stream_state state, uint64_t pos,
+                         uint64_t total);
 
 /* Trace mark recorded after every successful image_flush(); the argument is
  * the flush's sequence number (1, 2, ...).  Used by the power-loss tests. */

@@ -44,9 +44,24 @@ unsigned image_guest_requests(struct image *img)
     return img->guest_requests;
 }
 
-void image_report_stream(struct image *img, enum image_stream_state state, uint64_t pos)
+uint64_t image_chain_size(struct image *img)
+{
+    struct image *chain;
+    uint64_t size = 0;
+
+    img->backing_users++;
+    chain = img->backing;
+    if (chain)
+        size = image_size(chain);
+    img->backing_users--;
+    return size;
+}
+
+void image_report_stream(struct image *img, enum image_stream_state state, uint64_t pos,
+                         uint64_t total)
 {
     img->stream_pos = pos;
+    img->stream_total = total;
     img->stream_state = (int)state;
 }
 
@@ -194,15 +209,11 @@ int image_fill(struct image *img, uint64_t offset, uint64_t len, uint64_t *fille
     const struct meta *m = &img->meta;
     uint64_t cs = m->cluster_size, pos, end, chain_size;
     uint64_t span_max = cs > FILL_SPAN_MAX ? cs : FILL_SPAN_MAX;
-    struct image *chain;
     int ret;
 
     *filled = 0;
-    img->backing_users++;
-    chain = img->backing;
-    chain_size = chain ? image_size(chain) : 0;
-    img->backing_users--;
-    if (!chain || len == 0)
+    chain_size = image_chain_size(img);
+    if (chain_size == 0 || len == 0)
         return 0;
     ret = image_check_writable(img, 0, 0);
     if (ret < 0)

@@ -52,7 +52,7 @@ struct image {
     _Atomic unsigned guest_requests;    /* in flight: reads, writes, zeroing, flushes */
     _Atomic uint64_t bytes_filled, bytes_copied_on_read;
     _Atomic int stream_state;   /* enum image_stream_state, set by the stream */
-    _Atomic uint64_t stream_pos;
+    _Atomic uint64_t stream_pos, stream_total;
     _Atomic uint64_t size;      /* read without the lock by reads */
     enum compress_type compression;
     struct refcount *rc;        /* writable images only */

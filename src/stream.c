@@ -87,6 +87,16 @@ static uint64_t step_bytes(uint64_t rate)
     return step < STEP_MIN ? STEP_MIN : step > STEP_MAX ? STEP_MAX : step;
 }
 
+/* Where the walk ends: past the chain's end the disk reads as zeros with
+ * or without it, so there is nothing to fill (and a disk grown over a
+ * small chain does not dilute the progress). */
+static uint64_t walk_end(struct image *img, uint64_t chain_end)
+{
+    uint64_t size = image_size(img);
+
+    return size < chain_end ? size : chain_end;
+}
+
 static void *stream_main(void *arg)
 {
     struct stream *s = arg;
@@ -101,11 +111,15 @@ static void *stream_main(void *arg)
 
     if (s->rate)
         snprintf(rate, sizeof(rate), "at most %llu bytes/s", (unsigned long long)s->rate);
+    uint64_t cs = image_cluster_size(img);
+    uint64_t chain_end = (image_chain_size(img) + cs - 1) / cs * cs;
+
     log_info("stream: copying what the image lacks from its backing chain (%llu "
-             "bytes to walk, %s)", (unsigned long long)image_size(img), rate);
-    image_report_stream(img, IMAGE_STREAM_RUNNING, 0);
-    while (pos < image_size(img)) {
-        uint64_t size = image_size(img), n = size - pos < step ? size - pos : step, got;
+             "bytes to walk, %s)", (unsigned long long)walk_end(img, chain_end), rate);
+    image_report_stream(img, IMAGE_STREAM_RUNNING, 0, walk_end(img, chain_end));
+    while (pos < walk_end(img, chain_end)) {
+        uint64_t size = walk_end(img, chain_end);
+        uint64_t n = size - pos < step ? size - pos : step, got;
 
         if ((stopped = back_off(s)))
             break;
@@ -114,7 +128,7 @@ static void *stream_main(void *arg)
             break;
         pos += n;
         filled += got;
-        image_report_stream(img, IMAGE_STREAM_RUNNING, pos);
+        image_report_stream(img, IMAGE_STREAM_RUNNING, pos, size);
         while (next_tenth < 10 && pos >= size / 10 * next_tenth) {
             /* Progress made durable now and then: a crash loses little. */
             if (filled)
@@ -135,25 +149,25 @@ static void *stream_main(void *arg)
         }
     }
     if (ret < 0) {
-        image_report_stream(img, IMAGE_STREAM_FAILED, pos);
+        image_report_stream(img, IMAGE_STREAM_FAILED, pos, walk_end(img, chain_end));
         log_error("stream: stopped by an error at byte %llu: %s; the backing file "
                   "stays (the next mount with -o stream tries again)",
                   (unsigned long long)pos, strerror(-ret));
         return NULL;
     }
     if (stopped) {
-        image_report_stream(img, IMAGE_STREAM_STOPPED, pos);
+        image_report_stream(img, IMAGE_STREAM_STOPPED, pos, walk_end(img, chain_end));
         log_info("stream: stopped at byte %llu of %llu by the unmount, %llu bytes "
                  "filled; the next mount with -o stream goes on", (unsigned long long)pos,
-                 (unsigned long long)image_size(img), (unsigned long long)filled);
+                 (unsigned long long)walk_end(img, chain_end), (unsigned long long)filled);
         return NULL;
     }
     ret = image_drop_backing(img);
     if (ret < 0) {
-        image_report_stream(img, IMAGE_STREAM_FAILED, pos);
+        image_report_stream(img, IMAGE_STREAM_FAILED, pos, walk_end(img, chain_end));
         return NULL;    /* logged */
     }
-    image_report_stream(img, IMAGE_STREAM_DONE, pos);
+    image_report_stream(img, IMAGE_STREAM_DONE, pos, walk_end(img, chain_end));
     log_info("stream: done in %.1f s, %llu bytes filled; the backing file is dropped "
              "from the header and the chain closed",
              (double)(now_ns() - start) / 1e9, (unsigned long long)filled);
