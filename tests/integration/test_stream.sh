@@ -21,6 +21,8 @@
 #               check clean, the backing file stays
 #   guest-wins  guest writes (dd) while the stream runs, ahead of it and
 #               behind it: the final content has them
+#   unmount     unmounted midway: prompt exit, clean image over its chain
+#   subclusters extended L2: partly allocated clusters filled unit by unit
 #   refusals    ro + stream, ro + copy-on-read, snapshot= + stream are
 #               refused with a message; stream on an image without a
 #               backing file says nothing to stream and changes nothing
@@ -220,6 +222,41 @@ case_guest_wins() {
     same_bytes "$(ref_raw "$TOP")" "$exp" "the image after streaming with guest writes"
 }
 
+# Unmounted while it streams: the daemon exits at once (unmount_image's
+# deadline), the stream says where it stopped, the image is clean and
+# still over its chain with the chain's content.
+case_unmount() {
+    local mnt=$T/mnt
+    make_chain "$T"
+    mount_image "$TOP" "$mnt" stream=2M
+    wait_stats "$mnt" "stream running ([1-9][0-9])%"
+    unmount_image "$mnt"
+    grep -q "stream: stopped at byte" "$DAEMON_LOG" || fail "no 'stream: stopped' in the log"
+    has_backing "$TOP"
+    check_clean "$TOP" "stream stopped by unmount"
+    same_bytes "$(ref_raw "$TOP")" "$REF" "the image after a stopped stream"
+}
+
+# Extended L2 entries: partial writes in top leave clusters with some
+# subclusters allocated; the stream fills only the others.
+case_subclusters() {
+    local mnt=$T/mnt
+    make_chain "$T"
+    qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=65536 -b "$T/mid.qcow2" \
+        -F qcow2 "$TOP" $((16 * M)) || fail "test setup: qemu-img create failed"
+    qio "$TOP" "write -P 0x33 $((1536 * 1024 + 4096)) 4096" \
+        "write -P 0x34 $((9 * M + 30000)) 70000" \
+        "write -z $((3 * M + 8192)) 4096"
+    REF=$(ref_raw "$TOP" "$T/ref.raw")
+    mount_image "$TOP" "$mnt" stream
+    wait_stats "$mnt" "stream done 100%"
+    same_bytes "$mnt/disk" "$REF" "the disk after streaming (extended L2)"
+    unmount_image "$mnt"
+    no_backing "$TOP"
+    check_clean "$TOP" "streamed image with extended L2"
+    same_bytes "$(ref_raw "$TOP")" "$REF" "the streamed image with extended L2"
+}
+
 case_refusals() {
     local mnt=$T/mnt img=$T/alone.qcow2 sum
     make_chain "$T"
@@ -247,5 +284,7 @@ run_case stream case_stream
 run_case resume case_resume
 run_case cor case_cor
 run_case guest-wins case_guest_wins
+run_case unmount case_unmount
+run_case subclusters case_subclusters
 run_case refusals case_refusals
 finish_cases
