@@ -147,13 +147,13 @@ int image_read(struct image *img, void *buf, size_t len, uint64_t offset)
 
 int image_read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset)
 {
-    bool from_chain;
+    bool from_chain = false;
 
     return read_range(img, p, len, offset, &from_chain);
 }
 
-/* The read; *from_chain is set when some of it came from the backing
- * chain. */
+/* The read; *from_chain (false on entry) is set when some of it came from
+ * the backing chain. */
 static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset,
                       bool *from_chain)
 {
