@@ -14,7 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 /* Bytes of the disk walked per step: the stop flag, the guest's requests
  * and the rate are looked at between steps. */
@@ -103,16 +105,18 @@ static void *stream_main(void *arg)
     struct image *img = s->img;
     uint64_t pos = 0, filled = 0, step = step_bytes(s->rate);
     int64_t start = now_ns(), rate_start = start;
-    unsigned next_tenth = 1;
-    int ret = 0;
-
-    char rate[48] = "unthrottled";
-    bool stopped = false;
-
-    if (s->rate)
-        snprintf(rate, sizeof(rate), "at most %llu bytes/s", (unsigned long long)s->rate);
     uint64_t cs = image_cluster_size(img);
     uint64_t chain_end = (image_chain_size(img) + cs - 1) / cs * cs;
+    unsigned next_tenth = 1;
+    char rate[48] = "unthrottled";
+    bool stopped = false;
+    int ret = 0;
+
+    /* Lowest CPU priority too (this thread only: Linux nice is per
+     * thread); refused, it only matters less. */
+    (void)setpriority(PRIO_PROCESS, (id_t)gettid(), 19);
+    if (s->rate)
+        snprintf(rate, sizeof(rate), "at most %llu bytes/s", (unsigned long long)s->rate);
 
     log_info("stream: copying what the image lacks from its backing chain (%llu "
              "bytes to walk, %s)", (unsigned long long)walk_end(img, chain_end), rate);
