@@ -99,13 +99,61 @@ static int lookup_for_read(struct image *img, uint64_t offset, uint64_t max,
     return ret;
 }
 
+/*
+ * Read [@offset, +@len) of the backing chain into @p for a run that a lookup
+ * made at chain generation @chain_gen found unallocated.  The chain may be
+ * dropped meanwhile (image_drop_backing): it is only used while counted in
+ * backing_users, and when it is gone and the generation moved, the run was
+ * filled before the drop and is read again (-EAGAIN).
+ * On exit: *from_chain says whether the chain gave the bytes.
+ */
+static int read_backing(struct image *img, uint8_t *p, uint64_t len, uint64_t offset,
+                        uint64_t chain_gen, bool *from_chain)
+{
+    struct image *chain;
+    int ret = 0;
+
+    img->backing_users++;
+    chain = img->backing;
+    *from_chain = chain != NULL;
+    if (chain)
+        ret = image_read(chain, p, len, offset);
+    else if (img->chain_gen != chain_gen)
+        ret = -EAGAIN;
+    else
+        memset(p, 0, len);
+    img->backing_users--;
+    return ret;
+}
+
+static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset,
+                      bool *from_chain);
+
 int image_read(struct image *img, void *buf, size_t len, uint64_t offset)
 {
+    bool from_chain = false;
+    int ret;
+
+    guest_begin(img);
     img->bytes_read += len;
-    return image_read_range(img, buf, len, offset);
+    ret = read_range(img, buf, len, offset, &from_chain);
+    if (ret == 0 && from_chain && img->copy_on_read)
+        image_copy_on_read(img, offset, len);
+    guest_end(img);
+    return ret;
 }
 
 int image_read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset)
+{
+    bool from_chain = false;
+
+    return read_range(img, p, len, offset, &from_chain);
+}
+
+/* The read; *from_chain (false on entry) is set when some of it came from
+ * the backing chain. */
+static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset,
+                      bool *from_chain)
 {
     void *buf = p;
     int ret;
@@ -126,7 +174,8 @@ int image_read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset)
 
     while (len > 0) {
         struct cluster_run run;
-        uint64_t gen;
+        uint64_t gen, chain_gen = img->chain_gen;
+        bool chain_read;
 
         ret = lookup_for_read(img, offset, len, &run, &gen);
         if (ret < 0)
@@ -141,10 +190,10 @@ int image_read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset)
             ret = 0;
             break;
         case CLUSTER_UNALLOCATED:
-            if (img->backing)
-                ret = image_read(img->backing, p, run.bytes, offset);
-            else
-                memset(p, 0, run.bytes);
+            ret = read_backing(img, p, run.bytes, offset, chain_gen, &chain_read);
+            if (ret == -EAGAIN)
+                continue;
+            *from_chain |= chain_read;
             break;
         case CLUSTER_COMPRESSED:
             ret = image_read_compressed(img, &run, offset, p, &gen);
@@ -171,7 +220,8 @@ static int block_status(struct image *img, uint64_t offset, uint64_t max,
                         bool *data, uint64_t *bytes)
 {
     struct cluster_run run;
-    uint64_t size = img->size;
+    uint64_t size = img->size, chain_gen = img->chain_gen;
+    struct image *chain;
     int ret;
 
     if (offset >= size) {
@@ -200,13 +250,24 @@ static int block_status(struct image *img, uint64_t offset, uint64_t max,
         *bytes = run.bytes;
         return 0;
     case CLUSTER_UNALLOCATED:
-        if (img->backing)
-            return block_status(img->backing, offset, run.bytes, data, bytes);
+        break;
+    }
+    /* As read_backing: the chain only while counted; dropped after the
+     * lookup, the run is local now: look again. */
+    img->backing_users++;
+    chain = img->backing;
+    if (chain) {
+        ret = block_status(chain, offset, run.bytes, data, bytes);
+    } else if (img->chain_gen != chain_gen) {
+        ret = -EAGAIN;
+    } else {
         *data = false;
         *bytes = run.bytes;
-        return 0;
     }
-    return -EIO;
+    img->backing_users--;
+    if (ret == -EAGAIN)
+        return block_status(img, offset, max, data, bytes);
+    return ret;
 }
 
 int image_seek(struct image *img, uint64_t offset, bool data, uint64_t *result)

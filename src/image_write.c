@@ -543,7 +543,7 @@ int image_check_writable(struct image *img, uint64_t offset, uint64_t len)
     return image_check_inside(img, offset, len);
 }
 
-static bool all_zero(const uint8_t *p, size_t len)
+bool image_all_zero(const uint8_t *p, size_t len)
 {
     /* Word-wise scan; the first non-zero byte usually ends it at once. */
     while (len && ((uintptr_t)p & 7)) {
@@ -560,7 +560,19 @@ static bool all_zero(const uint8_t *p, size_t len)
     return true;
 }
 
+static int write_request(struct image *img, const void *buf, size_t len, uint64_t offset);
+
 int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
+{
+    int ret;
+
+    guest_begin(img);
+    ret = write_request(img, buf, len, offset);
+    guest_end(img);
+    return ret;
+}
+
+static int write_request(struct image *img, const void *buf, size_t len, uint64_t offset)
 {
     struct range r;
     int ret = image_check_writable(img, offset, len);
@@ -571,7 +583,7 @@ int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
     img->bytes_written += len;
     /* The range may have been held by a shrinking resize: once it is ours,
      * the size is checked again, so nothing is allocated past the end. */
-    if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && all_zero(buf, len)) {
+    if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && image_all_zero(buf, len)) {
         image_range_lock(img, &r, offset, len);
         ret = image_check_inside(img, offset, len);
         if (ret == 0)

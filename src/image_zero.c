@@ -153,11 +153,13 @@ int image_zero(struct image *img, uint64_t offset, uint64_t len, bool punch)
     if (ret < 0 || len == 0)
         return ret;
     bitmap_mark(img->bitmaps, offset, len);
+    guest_begin(img);
     image_range_lock(img, &r, offset, len);
     ret = image_check_inside(img, offset, len);       /* a resize may have run */
     if (ret == 0)
         ret = image_zero_range(img, offset, len, punch && img->discard == IMAGE_DISCARD_UNMAP);
     image_range_unlock(img, &r);
+    guest_end(img);
     return ret;
 }
 

@@ -12,6 +12,7 @@
 #include "io.h"
 #include "log.h"
 #include "snapshot.h"
+#include "stream.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -53,6 +54,7 @@ enum cli_option {
     OPT_SNAPSHOT,
     OPT_BACKING_FILE,
     OPT_BACKING_FMT,
+    OPT_STREAM,
     OPT_COUNT
 };
 
@@ -133,6 +135,8 @@ static const struct option_spec option_specs[OPT_COUNT] = {
     OPTION(OPT_SNAPSHOT, "snapshot", .kind = VALUE_TEXT),
     OPTION(OPT_BACKING_FILE, "backing_file", .kind = VALUE_TEXT),
     OPTION(OPT_BACKING_FMT, "backing_fmt", .kind = VALUE_TEXT),
+    /* stream=RATE; a bare "stream" is in flag_opts */
+    OPTION(OPT_STREAM, "stream", .kind = VALUE_SIZE, .base = 10),
 };
 
 /* The command line; everything in it is released by cli_free. */
@@ -146,6 +150,8 @@ struct cli {
     int create;
     bool creating;              /* -o create and the image does not exist */
     int list_snapshots;
+    int stream;                 /* -o stream, with or without a rate */
+    int copy_on_read;
     int show_help;
     int show_version;
     char *text[OPT_COUNT];      /* -o NAME=VALUE as given; NULL: not given */
@@ -163,6 +169,8 @@ enum { KEY_HELP, KEY_VERSION, KEY_RO, KEY_RW, KEY_FOREGROUND, KEY_DEBUG, KEY_SIN
 /* The options without a value; cli_parse puts option_specs[] in front. */
 static const struct fuse_opt flag_opts[] = {
     { "create", offsetof(struct cli, create), 1 },
+    { "stream", offsetof(struct cli, stream), 1 },
+    { "copy-on-read", offsetof(struct cli, copy_on_read), 1 },
     FUSE_OPT_KEY("--list-snapshots", KEY_LIST),
     /* Words mount(8) and fstab pass that mean nothing here. */
     FUSE_OPT_KEY("defaults", KEY_DROP),
@@ -219,6 +227,12 @@ static void usage(FILE *out)
 "  -o uid=N,gid=N,umask=M   owner and permissions of the disk file\n"
 "                           (default: those of the image file)\n"
 "  -o name=FILE             name of the disk file (default: disk)\n"
+"  -o copy-on-read          clusters a read fetches from the backing chain\n"
+"                           are written into the image\n"
+"  -o stream[=RATE]         copy the whole backing chain into the image in\n"
+"                           the background (at most RATE bytes/s, K/M/G\n"
+"                           suffixes; default unthrottled), then drop the\n"
+"                           backing file; resumes at the next mount\n"
 "  -o allow_other           let other users access the mount (FUSE option)\n");
 }
 
@@ -397,6 +411,14 @@ static int cli_convert(struct cli *cli)
                          cli->text[OPT_BACKING_FILE])) {
         fprintf(stderr, "qcow2fuse: size=, cluster_size= and backing_file= only "
                 "apply with -o create\n");
+        return -EINVAL;
+    }
+    if (cli->text[OPT_STREAM])
+        cli->stream = 1;
+    if ((cli->stream || cli->copy_on_read) && (cli->read_only || cli->text[OPT_SNAPSHOT])) {
+        fprintf(stderr, "qcow2fuse: -o %s writes into the image: it cannot be "
+                "combined with %s\n", cli->stream ? "stream" : "copy-on-read",
+                cli->read_only ? "-o ro" : "-o snapshot= (a snapshot is shown read-only)");
         return -EINVAL;
     }
     if (cli->creating && cli->text[OPT_CLUSTER_SIZE] &&
@@ -639,6 +661,7 @@ static int open_image(struct cli *cli, struct stat *st, struct image **img)
             .skip_owner_check = backing && policy == BACKING_ALLOW, /* only when asked for */
         },
         .snapshot = cli->text[OPT_SNAPSHOT],
+        .copy_on_read = cli->copy_on_read,
     };
     const char *trace = cli->text[OPT_IO_TRACE];
 
@@ -725,6 +748,7 @@ int main(int argc, char *argv[])
     struct fuse_session *se = NULL;
     struct vfs *vfs = NULL;
     struct image *img = NULL;
+    struct stream *stream = NULL;
     struct stat st;
     int ret = 1, err;
 
@@ -757,7 +781,14 @@ int main(int argc, char *argv[])
         log_use_syslog("qcow2fuse");
     set_io_flusher();
     start_stats_thread(img);
+    if (cli.stream) {
+        /* After the fork to the background: threads do not survive it. */
+        struct stream_options so = { .rate = cli.value[OPT_STREAM] };
+        if (stream_start(img, &so, &stream) < 0)
+            goto out_unmount;
+    }
     ret = serve(se, cli.single_thread) < 0 ? 1 : 0;
+    stream_stop(stream);
 
 out_unmount:
     fuse_session_unmount(se);
