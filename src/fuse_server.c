@@ -15,6 +15,7 @@
 
 #include "fuse_proto.h"
 #include "log.h"
+#include "scratch.h"
 #include "vfs.h"
 
 #include <errno.h>
@@ -64,39 +65,6 @@ struct fuse_server {
     atomic_int error;           /* -EPROTO after a refused INIT */
     atomic_uint live_workers;
 };
-
-/* ---- Fallback reply buffer ---- */
-
-/*
- * A transport whose sink has no payload buffer of the size asked gets the
- * dispatcher's own, one per thread, allocated at its full size the first
- * time and kept (no allocation per request).  The key's destructor frees
- * a thread's buffer when it exits; fuse_server_free frees the caller's.
- */
-static pthread_key_t fallback_key;
-static pthread_once_t fallback_once = PTHREAD_ONCE_INIT;
-static int fallback_key_err;
-
-#define FALLBACK_CAP    (FUSE_SERVER_MAX_PAGES * PAGE_BYTES)
-
-static void fallback_key_create(void)
-{
-    fallback_key_err = pthread_key_create(&fallback_key, free);
-}
-
-static void *fallback_buf(void)
-{
-    void *buf = pthread_getspecific(fallback_key);
-
-    if (buf)
-        return buf;
-    buf = malloc(FALLBACK_CAP);
-    if (buf && pthread_setspecific(fallback_key, buf) != 0) {
-        free(buf);
-        buf = NULL;
-    }
-    return buf;
-}
 
 /* ---- One request being served ---- */
 
@@ -176,14 +144,17 @@ static const char *tail_name(const struct req *r)
     return (const char *)r->tail;
 }
 
-/* A reply payload buffer of @size bytes: the sink's, else our own. */
+/*
+ * A reply payload buffer of @size bytes: the sink's, else the thread's
+ * scratch reply buffer (kept from one request to the next: nothing is
+ * allocated per request once it has grown).  The sink's send has copied
+ * the reply out before dispatch returns, so reuse is safe.
+ */
 static void *payload_buf(struct req *r, size_t size)
 {
     void *buf = r->sink->payload_buf ? r->sink->payload_buf(r->sink, size) : NULL;
 
-    if (buf || size > FALLBACK_CAP)
-        return buf;
-    return fallback_buf();
+    return buf ? buf : scratch_get(SCRATCH_REPLY, size);
 }
 
 /* ---- Encoding ---- */
@@ -820,9 +791,6 @@ int fuse_server_new(struct vfs *vfs, const struct fuse_server_config *cfg,
 {
     struct fuse_server *srv;
 
-    pthread_once(&fallback_once, fallback_key_create);
-    if (fallback_key_err)
-        return -ENOMEM;
     srv = calloc(1, sizeof(*srv));
     if (!srv)
         return -ENOMEM;
@@ -913,16 +881,10 @@ static void remove_signal_handlers(struct fuse_server *srv)
 
 void fuse_server_free(struct fuse_server *srv)
 {
-    void *buf;
-
     if (!srv)
         return;
     remove_signal_handlers(srv);
-    buf = pthread_getspecific(fallback_key);
-    if (buf) {
-        pthread_setspecific(fallback_key, NULL);
-        free(buf);
-    }
+    scratch_release_thread();
     pthread_mutex_destroy(&srv->init_lock);
     sem_destroy(&srv->wake);
     free(srv);

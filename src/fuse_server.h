@@ -67,8 +67,8 @@ int fuse_server_new(struct vfs *vfs, const struct fuse_server_config *cfg,
 /*
  * On entry: no request is in flight and none will come (serve has
  * returned, other transports are stopped).
- * On exit: @srv is freed, the stop-signal handlers serve installed are
- * removed, and the calling thread's fallback reply buffer is freed.
+ * On exit: @srv is freed, the stop-signal handlers are removed, and the
+ * calling thread's scratch buffers (scratch.h) are freed.
  */
 void fuse_server_free(struct fuse_server *srv);
 

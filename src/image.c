@@ -8,6 +8,7 @@
  */
 #include "image_impl.h"
 
+#include "bitmap.h"
 #include "cache.h"          /* struct cache_stats */
 #include "check.h"
 #include "cluster.h"
@@ -31,6 +32,7 @@ static void image_free(struct image *img)
         return;
     if (img->backing)
         image_close(img->backing);
+    bitmap_close(img->bitmaps);
     cluster_close(img->cl);
     refcount_close(img->rc);
     meta_set_destroy(&img->meta);
@@ -103,6 +105,7 @@ static int open_backing(struct image *img, const struct image_options *opts,
     /* The chain below is opened for the top image's owner. */
     struct image_options below = *opts;
     struct backing_owners owners = { .namer = backing_owner(img->io) };
+    struct image *chain = NULL;
     enum backing_format fmt;
     struct io *bio = NULL;
     char *bpath = NULL;
@@ -125,7 +128,7 @@ static int open_backing(struct image *img, const struct image_options *opts,
         goto out;
     }
     if (fmt == BACKING_FORMAT_RAW) {
-        ret = open_raw(bpath, bio, &img->backing);
+        ret = open_raw(bpath, bio, &chain);
     } else {
         /* The descriptor opened for the owner, not a second open by name. */
         ret = io_lock_image(bio, bpath, false);
@@ -133,8 +136,9 @@ static int open_backing(struct image *img, const struct image_options *opts,
             io_close(bio);
             goto out;
         }
-        ret = open_chain(bpath, bio, &below, false, depth + 1, &img->backing);
+        ret = open_chain(bpath, bio, &below, false, depth + 1, &chain);
     }
+    img->backing = chain;
 out:
     free(bpath);
     return ret;
@@ -397,6 +401,8 @@ static int open_chain(const char *path, struct io *given_io,
             ret = meta_mark(&img->meta, 0, img->meta.cluster_size, META_KIND_HEADER);
         if (ret == 0)
             ret = mark_snapshots(img);
+        if (ret == 0)
+            ret = bitmap_open(&img->meta, &img->hdr, img->path, &img->bitmaps);
         if (ret < 0)
             goto fail;
         ret = refcount_open(&img->meta, img->hdr.refcount_table_offset,
@@ -434,6 +440,7 @@ static int open_top(const char *path, struct io *io, const struct image_options 
     if (ret == 0) {
         (*out)->discard = opts->discard;
         (*out)->detect_zeroes = opts->detect_zeroes;
+        (*out)->copy_on_read = opts->copy_on_read && !image_is_read_only(*out);
         io_set_name((*out)->io, (*out)->path);
     }
     return ret;
@@ -498,6 +505,15 @@ int image_close(struct image *img)
         ret = -EIO;
     } else if (!img->meta.read_only && !img->is_raw) {
         ret = image_flush(img);
+        /* The bitmaps last: they must cover every change, and their old
+         * clusters are freed by the flush after them. */
+        if (ret == 0 && img->bitmaps) {
+            lock_exclusive(img);
+            ret = bitmap_store(img->bitmaps, img->rc);
+            unlock_exclusive(img);
+            if (ret == 0)
+                ret = image_flush(img);
+        }
         if (ret == 0 && img->set_dirty_bit) {
             ret = meta_update_incompatible(&img->meta, 0, QCOW2_INCOMPAT_DIRTY);
             if (ret == 0)
@@ -576,6 +592,31 @@ void image_range_unlock(struct image *img, struct range *r)
     unlock_exclusive(img);
 }
 
+/* The copy-on-read and stream part of the statistics line. */
+static void append_fill_stats(struct image *img, char *buf, size_t len)
+{
+    static const char *const states[] = {
+        [IMAGE_STREAM_RUNNING] = "running", [IMAGE_STREAM_DONE] = "done",
+        [IMAGE_STREAM_STOPPED] = "stopped", [IMAGE_STREAM_FAILED] = "failed",
+    };
+    size_t used = strlen(buf);
+    int state = img->stream_state;
+    uint64_t size = img->stream_total, pos = img->stream_pos;
+
+    if (img->copy_on_read && used < len)
+        used += (size_t)snprintf(buf + used, len - used, ", copied on read %llu bytes",
+                                 (unsigned long long)img->bytes_copied_on_read);
+    if (state == IMAGE_STREAM_OFF || used >= len)
+        return;
+    if (pos > size)
+        pos = size;
+    snprintf(buf + used, len - used, ", stream %s %llu%% (%llu of %llu bytes walked, "
+             "%llu bytes filled)", states[state],
+             (unsigned long long)(size ? (double)pos * 100 / (double)size : 100),
+             (unsigned long long)pos, (unsigned long long)size,
+             (unsigned long long)img->bytes_filled);
+}
+
 void image_stats(struct image *img, char *buf, size_t len)
 {
     struct cache_stats l2 = { 0 }, rc = { 0 };
@@ -595,4 +636,5 @@ void image_stats(struct image *img, char *buf, size_t len)
              (unsigned long long)l2.hits, (unsigned long long)l2.misses,
              (unsigned long long)l2.evictions, (unsigned long long)rc.hits,
              (unsigned long long)rc.misses);
+    append_fill_stats(img, buf, len);
 }

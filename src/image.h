@@ -45,6 +45,7 @@ struct image_options {
     struct backing_options backing;
     int trace_fd;                   /* >= 0: record host I/O (tests) */
     const char *snapshot;           /* show this internal snapshot (read-only) */
+    bool copy_on_read;              /* reads fill the top image from the chain */
 };
 
 #define IMAGE_MAX_CHAIN_DEPTH   64
@@ -128,6 +129,66 @@ int image_resize(struct image *img, uint64_t new_size);
 /* A one-line summary of the counters: bytes read and written, clusters
  * allocated, flushes, cache hits and misses. */
 void image_stats(struct image *img, char *buf, size_t len);
+
+/*
+ * As image_flush, for a flush the guest did not ask for (a background
+ * stream's): no trace mark, so the marks stay the guest's fsyncs.
+ */
+int image_flush_quiet(struct image *img);
+
+/* ---- copy-on-read and streaming (image_fill.c) ----------------------------- */
+
+/* Whether the image still has a backing chain. */
+bool image_has_backing(struct image *img);
+
+/* The virtual size of the backing chain (its top image's), 0 without:
+ * past it the disk reads as zeros with or without the chain. */
+uint64_t image_chain_size(struct image *img);
+
+/* Guest requests in flight (reads, writes, zeroing, flushes). */
+unsigned image_guest_requests(struct image *img);
+
+/*
+ * Copy the clusters of [@offset, @offset + @len) (widened to whole
+ * clusters) that the top image does not have from the backing chain into
+ * it: data as a write would write it, clusters that read as zeros as zero
+ * clusters.  Only what is still unallocated is filled: each span is held
+ * as a write holds its range, and looked at again under it, so a guest
+ * write that got there first is never overwritten.  Clusters the image
+ * has are skipped at lookup speed, and so is what lies past the end of the
+ * backing chain (it reads as zeros with or without it).
+ * On exit: *filled is the number of bytes filled.
+ * Returns: 0 (also with no backing chain: nothing to do), -EROFS, -EIO,
+ *          -ENOSPC, -errno.
+ */
+int image_fill(struct image *img, uint64_t offset, uint64_t len, uint64_t *filled);
+
+/*
+ * Make the image stand alone: make everything written durable (data, then
+ * L2 and L1 tables: image_flush_quiet), then clear the header's backing
+ * file name (flushed) and drop its backing format extension (flushed), then
+ * close the backing chain once no read is inside it.
+ * On entry: the whole disk is local (a pass of image_fill over it
+ *           succeeded: nothing makes a cluster unallocated again while a
+ *           backing file is there).
+ * Returns: 0, -EBUSY (logged: the image has internal snapshots, which
+ *          still read through the chain), or -errno (the backing chain
+ *          stays; a crash in between leaves either header, both valid for
+ *          the same content).
+ */
+int image_drop_backing(struct image *img);
+
+enum image_stream_state {
+    IMAGE_STREAM_OFF,
+    IMAGE_STREAM_RUNNING,
+    IMAGE_STREAM_DONE,          /* the backing file is dropped */
+    IMAGE_STREAM_STOPPED,       /* by unmount: the next -o stream resumes */
+    IMAGE_STREAM_FAILED,
+};
+
+/* Where a stream is (@pos of @total bytes walked), for image_stats. */
+void image_report_stream(struct image *img, enum image_stream_state state, uint64_t pos,
+                         uint64_t total);
 
 /* Trace mark recorded after every successful image_flush(); the argument is
  * the flush's sequence number (1, 2, ...).  Used by the power-loss tests. */

@@ -58,6 +58,14 @@
  *    flush (io_flush_failed), the image takes none (image_flush_failed),
  *    and the cache evicts only clean tables, as the dirty ones hold the only
  *    copy of what reads must see (cache.c take_entry).
+ * 8. The backing file goes only after what was copied from it is durable.
+ *    Streaming (image_fill.c) fills the image through the write path (1, 2,
+ *    5 hold for it as for guest writes); image_drop_backing then flushes
+ *    (image_flush_quiet: data, refcounts, L2 and L1 tables), clears the
+ *    header's backing file name, flushes, drops the backing format
+ *    extension, flushes.  A crash anywhere leaves a header that either
+ *    still names the chain (its content unchanged) or stands alone over a
+ *    disk that is all local.
  */
 #include "image_impl.h"
 
@@ -196,7 +204,25 @@ static int flush_data_unlocked(struct image *img)
     return ret;
 }
 
+static int flush_image(struct image *img, bool mark);
+
 int image_flush(struct image *img)
+{
+    int ret;
+
+    guest_begin(img);
+    ret = flush_image(img, true);
+    guest_end(img);
+    return ret;
+}
+
+int image_flush_quiet(struct image *img)
+{
+    return flush_image(img, false);
+}
+
+/* The flush; @mark: record the trace mark of a guest flush. */
+static int flush_image(struct image *img, bool mark)
 {
     int ret;
 
@@ -210,7 +236,7 @@ int image_flush(struct image *img)
     pthread_mutex_lock(&img->lock);
     if (ret == 0)
         ret = image_flush_locked(img);
-    if (ret == 0)
+    if (ret == 0 && mark)
         io_mark(img->io, IMAGE_MARK_FLUSHED, ++img->flush_seq);
     img->flushes++;
     pthread_mutex_unlock(&img->lock);

@@ -7,11 +7,13 @@
  */
 #include "image_impl.h"
 
+#include "bitmap.h"
 #include "cluster.h"
 #include "header.h"
 #include "io.h"
 #include "meta.h"
 #include "refcount.h"
+#include "scratch.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -20,9 +22,10 @@
 /* ---- write path ---------------------------------------------------------- */
 
 /*
- * Before the first write: drop autoclear bits we do not maintain (QEMU then
- * ignores stale bitmaps instead of trusting them) and, with lazy refcounts,
- * set the dirty bit, durably.  Called with the metadata lock held.
+ * Before the first write: mark the kept persistent bitmaps in use; drop
+ * autoclear bits we do not maintain (bitmaps we do not keep: QEMU then
+ * ignores them instead of trusting them) and, with lazy refcounts, set the
+ * dirty bit, durably.  Called with the metadata lock held.
  */
 int image_prepare_write(struct image *img)
 {
@@ -32,8 +35,13 @@ int image_prepare_write(struct image *img)
 
     if (img->write_prepared)
         return 0;
+    ret = bitmap_prepare_write(img->bitmaps);
+    if (ret < 0)
+        return ret;
     if (h->version >= 3) {
-        uint64_t keep = h->autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
+        uint64_t keep = h->autoclear_features &
+                        (QCOW2_AUTOCLEAR_DATA_RAW |
+                         (img->bitmaps ? QCOW2_AUTOCLEAR_BITMAPS : 0));
         if (keep != h->autoclear_features) {
             ret = header_write_autoclear(img->io, keep);
             if (ret < 0)
@@ -372,7 +380,10 @@ static int old_content(struct image *img, const struct old_state *st,
 /*
  * The guest I/O of a PLAN_CLUSTER: copy what the write does not cover from
  * the old contents, then write the units that change.  Called without the
- * metadata lock.
+ * metadata lock.  The cluster is built in the thread's SCRATCH_COW buffer
+ * and a compressed old cluster decompressed into SCRATCH_COW_OLD: nothing
+ * it calls (image_read_compressed, the backing image's read) writes, so
+ * neither is in use further down.
  */
 static int write_cluster_data(struct image *img, const struct write_plan *p,
                               const uint8_t *data)
@@ -384,21 +395,19 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
     unsigned u0 = (unsigned)(in / unit), u1 = (unsigned)((in + n - 1) / unit);
     uint32_t span = p->written | p->carry;
     unsigned lo = (unsigned)__builtin_ctz(span), hi = 31 - (unsigned)__builtin_clz(span);
-    uint8_t *buf = NULL, *plain = NULL;
+    uint8_t *buf, *plain = NULL;
     int fresh = p->fresh, ret;
 
-    buf = malloc(cs);
-    if (!buf) {
-        ret = -ENOMEM;
-        goto out;
-    }
+    buf = scratch_get(SCRATCH_COW, cs);
+    if (!buf)
+        return -ENOMEM;
     if (st->compressed) {
         struct cluster_run run = { .kind = CLUSTER_COMPRESSED, .bytes = cs,
                                    .l2_entry = st->entry };
-        plain = malloc(cs);
+        plain = scratch_get(SCRATCH_COW_OLD, cs);
         ret = plain ? image_read_compressed(img, &run, goff, plain, NULL) : -ENOMEM;
         if (ret < 0)
-            goto out;
+            return ret;
     }
 
     if (!m->extended_l2 && !st->compressed && !st->alloc &&
@@ -413,10 +422,8 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
         if (!fresh && p->allocated && n < cs && img->discard == IMAGE_DISCARD_UNMAP &&
             io_punch_hole(m->data_io, p->host, cs) == 0)
             fresh = 1;
-        if (fresh) {
-            ret = io_pwrite(m->data_io, data, n, p->host + in);
-            goto out;
-        }
+        if (fresh)
+            return io_pwrite(m->data_io, data, n, p->host + in);
     }
 
     for (unsigned u = lo; u <= hi; u++) {
@@ -433,7 +440,7 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
             continue;                           /* not written: already there */
         ret = old_content(img, st, u, plain, goff + ustart, buf + ustart, unit);
         if (ret < 0)
-            goto out;
+            return ret;
     }
     memcpy(buf + in, data, n);
 
@@ -445,9 +452,6 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
         ret = io_pwrite(m->data_io, buf + (uint64_t)lo * unit,
                         (uint64_t)(hi - lo + 1) * unit, p->host + (uint64_t)lo * unit);
     }
-out:
-    free(buf);
-    free(plain);
     return ret;
 }
 
@@ -520,7 +524,7 @@ int image_write_range(struct image *img, const uint8_t *data, uint64_t len,
 }
 
 /* Whether [@offset, +@len) lies inside the disk: -ENOSPC past its end, as
- * for a write that starts there (see fuse_ops.c). */
+ * for a write that starts there (see vfs_write). */
 int image_check_inside(struct image *img, uint64_t offset, uint64_t len)
 {
     uint64_t size = img->size;
@@ -539,7 +543,7 @@ int image_check_writable(struct image *img, uint64_t offset, uint64_t len)
     return image_check_inside(img, offset, len);
 }
 
-static bool all_zero(const uint8_t *p, size_t len)
+bool image_all_zero(const uint8_t *p, size_t len)
 {
     /* Word-wise scan; the first non-zero byte usually ends it at once. */
     while (len && ((uintptr_t)p & 7)) {
@@ -556,17 +560,30 @@ static bool all_zero(const uint8_t *p, size_t len)
     return true;
 }
 
+static int write_request(struct image *img, const void *buf, size_t len, uint64_t offset);
+
 int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
+{
+    int ret;
+
+    guest_begin(img);
+    ret = write_request(img, buf, len, offset);
+    guest_end(img);
+    return ret;
+}
+
+static int write_request(struct image *img, const void *buf, size_t len, uint64_t offset)
 {
     struct range r;
     int ret = image_check_writable(img, offset, len);
 
     if (ret < 0 || len == 0)
         return ret;
+    bitmap_mark(img->bitmaps, offset, len);
     img->bytes_written += len;
     /* The range may have been held by a shrinking resize: once it is ours,
      * the size is checked again, so nothing is allocated past the end. */
-    if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && all_zero(buf, len)) {
+    if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && image_all_zero(buf, len)) {
         image_range_lock(img, &r, offset, len);
         ret = image_check_inside(img, offset, len);
         if (ret == 0)

@@ -12,6 +12,7 @@
 #include "io.h"
 #include "log.h"
 #include "snapshot.h"
+#include "stream.h"
 
 #define FUSE_USE_VERSION FUSE_MAKE_VERSION(3, 12)
 #include <fuse_lowlevel.h>
@@ -56,6 +57,7 @@ enum cli_option {
     OPT_SNAPSHOT,
     OPT_BACKING_FILE,
     OPT_BACKING_FMT,
+    OPT_STREAM,
     OPT_TRANSPORT,
     OPT_COUNT
 };
@@ -147,6 +149,8 @@ static const struct option_spec option_specs[OPT_COUNT] = {
     OPTION(OPT_SNAPSHOT, "snapshot", .kind = VALUE_TEXT),
     OPTION(OPT_BACKING_FILE, "backing_file", .kind = VALUE_TEXT),
     OPTION(OPT_BACKING_FMT, "backing_fmt", .kind = VALUE_TEXT),
+    /* stream=RATE; a bare "stream" is in flag_opts */
+    OPTION(OPT_STREAM, "stream", .kind = VALUE_SIZE, .base = 10),
     OPTION(OPT_TRANSPORT, "transport", .kind = VALUE_WORD, .words = transport_words),
 };
 
@@ -161,6 +165,8 @@ struct cli {
     int create;
     bool creating;              /* -o create and the image does not exist */
     int list_snapshots;
+    int stream;                 /* -o stream, with or without a rate */
+    int copy_on_read;
     int show_help;
     int show_version;
     char *text[OPT_COUNT];      /* -o NAME=VALUE as given; NULL: not given */
@@ -178,6 +184,8 @@ enum { KEY_HELP, KEY_VERSION, KEY_RO, KEY_RW, KEY_FOREGROUND, KEY_DEBUG, KEY_SIN
 /* The options without a value; cli_parse puts option_specs[] in front. */
 static const struct fuse_opt flag_opts[] = {
     { "create", offsetof(struct cli, create), 1 },
+    { "stream", offsetof(struct cli, stream), 1 },
+    { "copy-on-read", offsetof(struct cli, copy_on_read), 1 },
     FUSE_OPT_KEY("--list-snapshots", KEY_LIST),
     /* Words mount(8) and fstab pass that mean nothing here. */
     FUSE_OPT_KEY("defaults", KEY_DROP),
@@ -234,6 +242,12 @@ static void usage(FILE *out)
 "  -o uid=N,gid=N,umask=M   owner and permissions of the disk file\n"
 "                           (default: those of the image file)\n"
 "  -o name=FILE             name of the disk file (default: disk)\n"
+"  -o copy-on-read          clusters a read fetches from the backing chain\n"
+"                           are written into the image\n"
+"  -o stream[=RATE]         copy the whole backing chain into the image in\n"
+"                           the background (at most RATE bytes/s, K/M/G\n"
+"                           suffixes; default unthrottled), then drop the\n"
+"                           backing file; resumes at the next mount\n"
 "  -o transport=auto|classic|io_uring  how FUSE requests travel: read and\n"
 "                           write on /dev/fuse (classic), or io_uring ring\n"
 "                           entries; auto picks the best one available\n"
@@ -415,6 +429,14 @@ static int cli_convert(struct cli *cli)
                          cli->text[OPT_BACKING_FILE])) {
         fprintf(stderr, "qcow2fuse: size=, cluster_size= and backing_file= only "
                 "apply with -o create\n");
+        return -EINVAL;
+    }
+    if (cli->text[OPT_STREAM])
+        cli->stream = 1;
+    if ((cli->stream || cli->copy_on_read) && (cli->read_only || cli->text[OPT_SNAPSHOT])) {
+        fprintf(stderr, "qcow2fuse: -o %s writes into the image: it cannot be "
+                "combined with %s\n", cli->stream ? "stream" : "copy-on-read",
+                cli->read_only ? "-o ro" : "-o snapshot= (a snapshot is shown read-only)");
         return -EINVAL;
     }
     /* The io_uring transport is not built yet: auto means classic. */
@@ -663,6 +685,7 @@ static int open_image(struct cli *cli, struct stat *st, struct image **img)
             .skip_owner_check = backing && policy == BACKING_ALLOW, /* only when asked for */
         },
         .snapshot = cli->text[OPT_SNAPSHOT],
+        .copy_on_read = cli->copy_on_read,
     };
     const char *trace = cli->text[OPT_IO_TRACE];
 
@@ -736,6 +759,7 @@ int main(int argc, char *argv[])
     struct fuse_session *se = NULL;
     struct vfs *vfs = NULL;
     struct image *img = NULL;
+    struct stream *stream = NULL;
     struct stat st;
     int ret = 1, err;
 
@@ -770,6 +794,12 @@ int main(int argc, char *argv[])
         log_set_level(LOG_LEVEL_DEBUG);
     set_io_flusher();
     start_stats_thread(img);
+    if (cli.stream) {
+        /* After the fork to the background: threads do not survive it. */
+        struct stream_options so = { .rate = cli.value[OPT_STREAM] };
+        if (stream_start(img, &so, &stream) < 0)
+            goto out_unmount;
+    }
     /* Until unmount or SIGTERM, SIGINT, SIGHUP: then every request read
      * has been answered, and unmounting ends those still queued. */
     err = fuse_server_serve(srv, fuse_session_fd(se), cli.single_thread ? 1 : 0);
@@ -779,6 +809,7 @@ int main(int argc, char *argv[])
     } else {
         ret = 0;
     }
+    stream_stop(stream);
 
 out_unmount:
     fuse_session_unmount(se);

@@ -23,7 +23,9 @@
 # refcount blocks), 512-byte clusters with refcount_bits=1 and =64 (the
 # refcount table grows), an overlay over a raw backing file (partial-cluster
 # copy-on-write from the backing file), a compressed image and an image with
-# an internal snapshot (copy-on-write of shared clusters, freed clusters).
+# an internal snapshot (copy-on-write of shared clusters, freed clusters),
+# and streaming (a chain of three filled into the image while plwriter
+# runs, then the backing file dropped).
 # And flush-fails: the image file (or its external data file) behind
 # qemu-storage-daemon's blkdebug, whose K-th flush fails once (see
 # flush_fails): the failure must stick, the daemon exit with status 1, and
@@ -78,9 +80,10 @@ json_field() {
 }
 
 # powerloss IMG NOPS STATES SEED [BASE_RAW [GROW]]: IMG is the prepared
-# image (its state before the mount); mount it with an I/O trace, run
-# plwriter (GROW: the growth of its mid-run resize, default random 1..64
-# MiB), unmount, check the final image (it must have grown to the last size
+# image (its state before the mount); mount it with an I/O trace (and the
+# options in PL_MOUNT_OPTS), run plwriter (GROW: the growth of its mid-run
+# resize, default random 1..64 MiB), run PL_BEFORE_UNMOUNT MNT if set,
+# unmount, check the final image (it must have grown to the last size
 # plwriter logged), replay STATES crash states.  Sets IMAGE_END (the final
 # image's end offset according to qemu-img check) and L1_MOVED (1 if the
 # header's L1 table offset changed).
@@ -93,7 +96,7 @@ powerloss() {
     size0=$(be_int "$img" 24 8)
     l1n0=$(be_int "$img" 36 4)
     l1off0=$(be_int "$img" 40 8)
-    mount_image "$img" "$mnt" "io-trace=$trace"
+    mount_image "$img" "$mnt" "io-trace=$trace${PL_MOUNT_OPTS:+,$PL_MOUNT_OPTS}"
     info "plwriter: seed $seed, $nops operations${grow:+, mid-run growth $grow bytes}"
     rc=0
     timeout -k 5 "$WRITER_TIMEOUT" "$PLWRITER" "$mnt/disk" "$log" "$seed" "$nops" \
@@ -104,6 +107,7 @@ powerloss() {
         fail "plwriter did not finish within ${WRITER_TIMEOUT}s (daemon hung?; seed $seed)"
     fi
     ((rc == 0)) || fail "plwriter failed (exit $rc; seed $seed)"
+    if [[ -n ${PL_BEFORE_UNMOUNT:-} ]]; then "$PL_BEFORE_UNMOUNT" "$mnt"; fi
     unmount_image "$mnt"
 
     # The image the daemon left behind is clean: no corruption, no leaks.
@@ -225,6 +229,43 @@ case_snapshot() {
         || fail "test setup: qemu-img convert failed"
     qemu-img snapshot -c before "$img" || fail "test setup: qemu-img snapshot failed"
     powerloss "$img" 300 100 $((SEED + 6))
+}
+
+# wait_stream_done MNT: poll the statistics of MNT/disk until the stream is
+# done (fail after WRITER_TIMEOUT seconds or when it failed).
+wait_stream_done() {
+    local mnt=$1 s deadline
+    deadline=$(($(date +%s) + WRITER_TIMEOUT))
+    while :; do
+        s=$(io_timeout getfattr --only-values -n user.qcow2fuse.stats "$mnt/disk" 2>/dev/null) || true
+        [[ $s == *"stream done 100%"* ]] && break
+        [[ $s == *"stream failed"* ]] && fail "the stream failed: $s"
+        (($(date +%s) <= deadline)) || fail "the stream did not end within ${WRITER_TIMEOUT}s: $s"
+        sleep 0.1
+    done
+    info "stream: ${s##*, stream }"
+}
+
+# Streaming the backing chain: a raw file <- a qcow2 mid (data, zero and
+# compressed clusters) <- the image, mounted with stream=RATE while
+# plwriter runs, then to the end (the backing file dropped).  The states
+# are taken while the stream fills clusters beside the guest's writes and
+# around the header's switch; each must show the chain's content (--base:
+# the chain as qemu-img converted it before) where the guest did not write.
+case_stream() {
+    local mid="$T/mid.qcow2" img="$T/img.qcow2" chain="$T/chain.raw" out
+    qemu-img create -q -f qcow2 -o cluster_size=65536 -b "$BASE_RAW" -F raw "$mid" \
+        || fail "test setup: qemu-img create failed"
+    qemu-io -f qcow2 -c "write -P 0x11 $M $M" -c "write -z $((3 * M)) $M" \
+        -c "write -c -P 0x22 $((5 * M)) 256k" "$mid" >/dev/null \
+        || fail "test setup: qemu-io failed"
+    qemu-img create -q -f qcow2 -o cluster_size=65536 -b "$mid" -F qcow2 "$img" \
+        || fail "test setup: qemu-img create failed"
+    qemu-img convert -O raw "$img" "$chain" || fail "test setup: qemu-img convert failed"
+    PL_MOUNT_OPTS=stream=16M PL_BEFORE_UNMOUNT=wait_stream_done \
+        powerloss "$img" 300 100 $((SEED + 10)) "$chain"
+    out=$(qemu-img info --output=json "$img")
+    ! grep -q '"backing-filename' <<<"$out" || fail "the streamed image still names a backing file"
 }
 
 # unmount_expect_status1 MNT: as unmount_image (functions.sh, whose
@@ -363,5 +404,6 @@ run_case 512-rb64 case_512_rb64
 run_case backing case_backing
 run_case compressed case_compressed
 run_case snapshot case_snapshot
+run_case stream case_stream
 run_case flush-fails case_flush_fails
 finish_cases

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a new user meets: image creation, snapshot views, the mount helper
-# and fstab forms, make install, file naming and ownership, statistics,
-# manual pages, and the messages of refusals.
+# and fstab forms, make install, uninstall and deps, file naming and
+# ownership, statistics, manual pages, and the messages of refusals.
 . "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 
 requires qemu-img qemu-io
@@ -81,6 +81,55 @@ case_install() {
         [[ -e $T/root/$f ]] || fail "make install did not install /$f"
     done
     "$T/root/usr/bin/qcow2fuse" --version | grep -q qcow2fuse || fail "installed binary does not run"
+}
+
+case_uninstall() {
+    requires make find
+    local root=$T/root left
+    mkdir -p "$root/opt/q/bin"
+    echo other >"$root/opt/q/bin/not-ours"         # make uninstall leaves it
+    make -s -C "$top" install DESTDIR="$root" PREFIX=/opt/q >/dev/null || fail "make install failed"
+    [[ -x $root/opt/q/bin/qcow2fuse && -e $root/opt/q/share/man/man1/qcow2fuse.1 ]] ||
+        fail "make install did not honour PREFIX=/opt/q"
+    make -s -C "$top" uninstall DESTDIR="$root" PREFIX=/opt/q >/dev/null || fail "make uninstall failed"
+    left=$(cd "$root" && find . ! -type d | sort)
+    [[ $left == ./opt/q/bin/not-ours ]] || fail "after make uninstall, files left: ${left//$'\n'/ }"
+    make -s -C "$top" uninstall DESTDIR="$root" PREFIX=/opt/q >/dev/null ||
+        fail "make uninstall with nothing installed failed"
+}
+
+# make deps installs only what is missing, and make check and make demo
+# run it before they build anything.  apt-get is a stub that logs its
+# arguments (update succeeds, install fails): nothing is installed.
+case_deps() {
+    requires make dpkg-query
+    local stub=$T/stub out target
+    mkdir -p "$stub"
+    # shellcheck disable=SC2016  # $* and $1 are the stub's own
+    printf '#!/bin/sh\necho "apt-get $*" >>"%s/apt.log"\n[ "$1" = update ]\n' "$T" >"$stub/apt-get"
+    chmod +x "$stub/apt-get"
+    out=$(PATH=$stub:$PATH make -s -C "$top" deps) || fail "make deps failed with everything installed"
+    [[ $out == "deps: all build and test dependencies are installed" ]] || fail "make deps said: $out"
+    [[ ! -e $T/apt.log ]] || fail "make deps ran apt-get with everything installed: $(cat "$T/apt.log")"
+
+    PATH=$stub:$PATH make -s -C "$top" deps DEPS_PKGS="coreutils qcow2fuse-no-such-package" \
+        >"$T/deps.out" 2>&1 && fail "make deps succeeded though apt-get install failed"
+    grep -q '^deps: installing: qcow2fuse-no-such-package$' "$T/deps.out" ||
+        fail "make deps did not say what it installs: $(cat "$T/deps.out")"
+    [[ $(cat "$T/apt.log") == "apt-get update"$'\n'"apt-get install -y qcow2fuse-no-such-package" ]] ||
+        fail "apt-get was not asked for the missing package only: $(cat "$T/apt.log")"
+
+    # With CC=false nothing builds: apt-get asked and no build tree made
+    # means deps ran first.
+    for target in check demo; do
+        rm -f "$T/apt.log"
+        PATH=$stub:$PATH make -s -C "$top" "$target" CC=false BUILD="$T/build-$target" \
+            DEPS_PKGS=qcow2fuse-no-such-package >"$T/$target.out" 2>&1 &&
+            fail "make $target succeeded though its dependencies could not be installed"
+        grep -q 'install -y qcow2fuse-no-such-package' "$T/apt.log" 2>/dev/null ||
+            fail "make $target did not install what is missing first: $(cat "$T/$target.out")"
+        [[ ! -e $T/build-$target ]] || fail "make $target started building before make deps"
+    done
 }
 
 case_man_pages() {
@@ -445,6 +494,8 @@ run_case snapshot case_snapshot
 run_case snapshot_disk_size case_snapshot_disk_size
 run_case mount_helper case_mount_helper
 run_case install case_install
+run_case uninstall case_uninstall
+run_case deps case_deps
 run_case man_pages case_man_pages
 run_case naming_and_ownership case_naming_and_ownership
 run_case stats_signal case_stats_signal

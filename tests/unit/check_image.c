@@ -55,6 +55,7 @@ struct gate_io {
     uint64_t arm_offset;
     unsigned hits;              /* preads containing arm_offset since arming */
     bool flush_armed;           /* hold the next flush instead of a pread */
+    bool write_armed;           /* hold the next pwrite instead of a pread */
     unsigned flushes;           /* host flushes seen */
     uint8_t gated_first, gated_last;    /* what the held pread returned */
     _Atomic bool fail_punch;    /* punches fail with -EOPNOTSUPP */
@@ -134,6 +135,18 @@ static int gate_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
 {
     struct gate_io *g = (struct gate_io *)io;
 
+    pthread_mutex_lock(&g->lock);
+    if (g->write_armed) {
+        struct timespec ts;
+        g->write_armed = false;
+        g->blocked = true;
+        pthread_cond_broadcast(&g->cond);
+        deadline(&ts);
+        while (!g->released && !g->timed_out)
+            if (pthread_cond_timedwait(&g->cond, &g->lock, &ts) == ETIMEDOUT)
+                g->timed_out = true;
+    }
+    pthread_mutex_unlock(&g->lock);
     g->written += len;
     return tu_fwd_pwrite(io, buf, len, off);
 }
@@ -201,6 +214,14 @@ static void gate_arm_flush(struct gate_io *g)
 {
     pthread_mutex_lock(&g->lock);
     g->flush_armed = true;
+    g->blocked = g->released = g->timed_out = false;
+    pthread_mutex_unlock(&g->lock);
+}
+
+static void gate_arm_write(struct gate_io *g)
+{
+    pthread_mutex_lock(&g->lock);
+    g->write_armed = true;
     g->blocked = g->released = g->timed_out = false;
     pthread_mutex_unlock(&g->lock);
 }
@@ -1542,6 +1563,127 @@ START_TEST(resize_behind_resize_takes_the_new_size)
 }
 END_TEST
 
+/* ---- copy-on-read and streaming: a fill only fills ---------------------- */
+
+struct filler {
+    struct image *img;
+    uint64_t offset, len, filled;
+    _Atomic pid_t tid;
+    pthread_t pt;
+    int ret;
+};
+
+static void *filler_main(void *arg)
+{
+    struct filler *f = arg;
+    atomic_store(&f->tid, gettid());
+    f->ret = image_fill(f->img, f->offset, f->len, &f->filled);
+    return NULL;
+}
+
+/* The overlay of new_overlay_io() opened through a gate, with its L2 table
+ * made and the header prepared for writing by a write at guest 0 (so that
+ * the next host write of a write or fill is its data). */
+static struct image *open_overlay(char *dir, char *path, size_t path_len,
+                                  struct gate_io **g, int trace_fd)
+{
+    struct image_options o = default_opts();
+    struct image *img = NULL;
+
+    *g = gate_new(new_overlay_io(dir, path, path_len), false);
+    o.backing.policy = BACKING_ALLOW;
+    o.trace_fd = trace_fd;
+    ck_assert_int_eq(image_open_io(&(*g)->fwd.io, path, &o, &img), 0);
+    write_pattern(img, 0, 4096, 0x11);
+    ck_assert_int_eq(image_flush(img), 0);
+    return img;
+}
+
+/* Guest cluster @gc reads 0x5a (the backing file) but for 0x77 at
+ * [4096, 8192). */
+static void assert_guest_write_kept(struct image *img, uint64_t gc)
+{
+    uint8_t *buf = tu_zalloc(CS);
+
+    ck_assert_int_eq(image_read(img, buf, CS, gc * CS), 0);
+    ck_assert_msg(all_bytes(buf, 4096, 0x5a) && all_bytes(buf + 8192, CS - 8192, 0x5a),
+                  "the backing file's bytes around the guest write are gone");
+    ck_assert_msg(all_bytes(buf + 4096, 4096, 0x77),
+                  "the guest write was overwritten by the fill (0x%02x)", buf[4096]);
+    free(buf);
+}
+
+/*
+ * A fill that finds a cluster unallocated at its lookup while a guest write
+ * into it is under way (held at the write of its data, the L2 entry not
+ * yet set) must wait for the write's range and then leave the cluster
+ * alone: it is allocated now.  Filling it from what the lookup said wrote
+ * the backing file's bytes over the guest's.
+ */
+START_TEST(fill_leaves_cluster_a_guest_write_allocated)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[96];
+    struct gate_io *g;
+    struct image *img = open_overlay(dir, path, sizeof(path), &g, -1);
+    struct writer w = { .img = img, .offset = 3 * CS + 4096 };
+    struct filler f = { .img = img, .offset = 3 * CS, .len = CS };
+    bool waited;
+
+    memset(w.buf, 0x77, sizeof(w.buf));
+    gate_arm_write(g);
+    ck_assert_int_eq(pthread_create(&w.pt, NULL, writer_main, &w), 0);
+    ck_assert_msg(gate_wait_blocked(g), "the guest write never wrote its data");
+    ck_assert_int_eq(pthread_create(&f.pt, NULL, filler_main, &f), 0);
+    waited = wait_asleep(&f.tid);
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(w.pt, NULL), 0);
+    ck_assert_int_eq(pthread_join(f.pt, NULL), 0);
+    ck_assert(!g->timed_out);
+    ck_assert_int_eq(w.ret, 0);
+    ck_assert_int_eq(f.ret, 0);
+    assert_guest_write_kept(img, 3);
+    ck_assert_msg(waited, "the fill never waited for the guest write");
+    ck_assert_uint_eq(f.filled, 0);
+    ck_assert_int_eq(image_close(img), 0);
+    remove_overlay_dir(dir);
+}
+END_TEST
+
+/*
+ * A guest write that comes while a fill of its cluster is under way (held
+ * at the write of the copied data) waits for the fill's range and then
+ * wins.  A fill that held no range let the write allocate a cluster of its
+ * own, then pointed the L2 entry at the copy: the guest's bytes were lost.
+ */
+START_TEST(guest_write_behind_fill_wins)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[96];
+    struct gate_io *g;
+    struct image *img = open_overlay(dir, path, sizeof(path), &g, -1);
+    struct writer w = { .img = img, .offset = 3 * CS + 4096 };
+    struct filler f = { .img = img, .offset = 3 * CS, .len = CS };
+    bool waited;
+
+    memset(w.buf, 0x77, sizeof(w.buf));
+    gate_arm_write(g);
+    ck_assert_int_eq(pthread_create(&f.pt, NULL, filler_main, &f), 0);
+    ck_assert_msg(gate_wait_blocked(g), "the fill never wrote its data");
+    ck_assert_int_eq(pthread_create(&w.pt, NULL, writer_main, &w), 0);
+    waited = wait_asleep(&w.tid);
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(f.pt, NULL), 0);
+    ck_assert_int_eq(pthread_join(w.pt, NULL), 0);
+    ck_assert(!g->timed_out);
+    ck_assert_int_eq(f.ret, 0);
+    ck_assert_int_eq(w.ret, 0);
+    assert_guest_write_kept(img, 3);
+    ck_assert_msg(waited, "the guest write never waited for the fill");
+    ck_assert_uint_eq(f.filled, CS);
+    ck_assert_int_eq(image_close(img), 0);
+    remove_overlay_dir(dir);
+}
+END_TEST
+
 /* ---- replaced entries that must not be freed ----------------------------- */
 
 /* What the corrupt L2 entry of guest cluster 2 names. */
@@ -2292,6 +2434,70 @@ START_TEST(deferred_free_after_durable_l2)
 }
 END_TEST
 
+/*
+ * Invariant 8: after a fill of the whole disk, image_drop_backing makes
+ * the copies durable (their data and L2 tables written, then a host flush)
+ * before the header's backing file name is cleared; that write is flushed
+ * before the backing format extension goes, and that one is flushed too.
+ * The image then stands alone with the same content.
+ */
+START_TEST(drop_backing_after_durable_fill)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[96];
+    struct gate_io *g;
+    int fd = tu_trace_fd();
+    struct image *img = open_overlay(dir, path, sizeof(path), &g, fd);
+    struct io *inner = g->fwd.inner;
+    struct image_options o = default_opts();
+    struct qcow2_header h;
+    struct tu_trace t;
+    uint64_t filled;
+    uint8_t *buf = tu_zalloc(CS);
+    int i_name, i_ext = -1, i_before = -1;
+
+    g->keep_inner = true;
+    ck_assert_int_eq(image_fill(img, 0, VSIZE, &filled), 0);
+    ck_assert_uint_eq(filled, VSIZE - CS);      /* cluster 0 was written */
+    ck_assert(image_has_backing(img));
+    ck_assert_int_eq(image_drop_backing(img), 0);
+    ck_assert(!image_has_backing(img));
+    ck_assert_int_eq(image_read(img, buf, CS, 7 * CS), 0);
+    ck_assert(all_bytes(buf, CS, 0x5a));
+
+    tu_trace_read(fd, &t);
+    i_name = trace_last(&t, IO_TRACE_WRITE, 8, 12, 0, t.nb);
+    ck_assert_int_ge(i_name, 0);
+    for (int i = 0; i < i_name; i++)
+        if (t.recs[i].r.type == IO_TRACE_WRITE)
+            i_before = i;
+    for (unsigned i = (unsigned)i_name + 1; i < t.nb; i++)
+        if (t.recs[i].r.type == IO_TRACE_WRITE && t.recs[i].r.offset < CS)
+            i_ext = (int)i;
+    ck_assert_msg(i_before >= 0 && trace_flush_between(&t, i_before, i_name),
+                  "the copies (last write %d) are not flushed before the header (%d)",
+                  i_before, i_name);
+    ck_assert_msg(i_ext > i_name && trace_flush_between(&t, i_name, i_ext),
+                  "the name's write (%d), flush, the extension area's (%d)", i_name, i_ext);
+    ck_assert_int_ge(trace_last(&t, IO_TRACE_FLUSH, 0, 0, (unsigned)i_ext, t.nb), 0);
+    tu_trace_free(&t);
+    ck_assert_int_eq(image_close(img), 0);
+    close(fd);
+
+    /* Stands alone: no name, no format; opens with backing files denied. */
+    ck_assert_int_eq(header_read(inner, &h, NULL, 0), 0);
+    ck_assert_ptr_null(h.backing_file);
+    ck_assert_ptr_null(h.backing_format);
+    ck_assert_uint_eq(h.backing_file_offset, 0);
+    header_free(&h);
+    remove_overlay_dir(dir);
+    ck_assert_int_eq(image_open_io(inner, "t.qcow2", &o, &img), 0);
+    ck_assert_int_eq(image_read(img, buf, CS, VSIZE - CS), 0);
+    ck_assert(all_bytes(buf, CS, 0x5a));
+    ck_assert_int_eq(image_close(img), 0);
+    free(buf);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -2311,6 +2517,9 @@ static Suite *image_suite(void)
     tcase_add_test(tc, lookups_race_with_evictions_and_reuse);
     tcase_add_test(tc, write_behind_shrinking_resize_rechecks_size);
     tcase_add_test(tc, resize_behind_resize_takes_the_new_size);
+    tcase_add_test(tc, fill_leaves_cluster_a_guest_write_allocated);
+    tcase_add_test(tc, guest_write_behind_fill_wins);
+    tcase_add_test(tc, drop_backing_after_durable_fill);
     tcase_add_loop_test(tc, replacing_corrupt_entry_frees_nothing, 0, (int)(NB_ZAP_CASES * 3));
     tcase_add_test(tc, plan_overwrites_owned_clusters_in_place);
     tcase_add_test(tc, plan_allocates_fresh_clusters);
