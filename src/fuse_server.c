@@ -40,12 +40,14 @@ _Static_assert(VFS_ROOT_INO == FUSE_ROOT_ID, "the root's node id");
 #define DEFAULT_MAX_PAGES   32u
 #define PAGE_BYTES          4096u
 
-/* The INIT flags we ask for, when the kernel offers them.  What libfuse
- * 3.14 asked for before, less HANDLE_KILLPRIV (the disk file has no
- * set-id bits to kill), IOCTL_DIR (no ioctls served) and splice
- * (measured slower here), plus
- * DIRECT_IO_ALLOW_MMAP; never WRITEBACK_CACHE (it made a file mounted
- * over a regular file report size 0). */
+/*
+ * The INIT flags we ask for, when the kernel offers them: what libfuse
+ * 3.14 asked for before, less HANDLE_KILLPRIV (the disk file has no set-id
+ * bits to kill), IOCTL_DIR (no ioctls are served) and splice (measured
+ * slower here), plus DIRECT_IO_ALLOW_MMAP.  Never WRITEBACK_CACHE: it made
+ * a file mounted over a regular file report size 0.  ATOMIC_O_TRUNC keeps
+ * open(O_TRUNC) from truncating the disk, as before.
+ */
 #define WANTED_FLAGS (FUSE_ASYNC_READ | FUSE_ATOMIC_O_TRUNC | FUSE_BIG_WRITES |  \
                       FUSE_AUTO_INVAL_DATA | FUSE_ASYNC_DIO |                     \
                       FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES |                      \
@@ -83,8 +85,8 @@ struct req {
 
 /*
  * The one place a result becomes a reply: @error 0 or -errno.  The kernel
- * refuses a reply whose error is positive or beyond -511 (it would end
- * the connection's request with -EINVAL): such a value, a bug below us,
+ * refuses a reply whose error is positive or beyond -511 (the write fails
+ * and the request would wait for ever): such a value, a bug below us,
  * goes out as EIO.
  */
 static void reply(struct req *r, int error, const void *payload, size_t len)
@@ -154,7 +156,8 @@ static void *payload_buf(struct req *r, size_t size)
 {
     void *buf = r->sink->payload_buf ? r->sink->payload_buf(r->sink, size) : NULL;
 
-    return buf ? buf : scratch_get(SCRATCH_REPLY, size);
+    /* At least a byte: an empty scratch slot has no buffer at all. */
+    return buf ? buf : scratch_get(SCRATCH_REPLY, size ? size : 1);
 }
 
 /* ---- Encoding ---- */
