@@ -106,7 +106,7 @@ fuzz: $(FUZZ_TARGETS)
 	        -timeout=10 -print_final_stats=1 $$t.corpus $(FUZZ_DIR)/seeds; done
 
 deps:
-	@missing=""; for p in libfuse3-dev fuse3 zlib1g-dev libzstd-dev check pkg-config qemu-utils e2fsprogs fio attr; do \
+	@missing=""; for p in libfuse3-dev fuse3 zlib1g-dev libzstd-dev check pkg-config qemu-utils e2fsprogs fio attr fdisk gdisk; do \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
