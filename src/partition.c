@@ -663,8 +663,9 @@ struct partition_set {
     struct image *img;
     char *disk_name;
     mode_t mode;
-    /* One reading of the table at a time; guards nodes[]. */
+    /* One reading of the table at a time; guards nodes[] and read_once. */
     pthread_mutex_t reread_lock;
+    bool read_once;
     struct part_node nodes[PARTITION_MAX];
     unsigned n_nodes;
     /* Guards what a write is compared with; held only for that. */
@@ -710,9 +711,11 @@ static void add_node(struct partition_set *ps, const struct partition *q)
  * Make the files match @t: keep those whose partition has the same number,
  * start and length; remove the rest, then add the new ones.
  * On entry: reread_lock is held.
+ * Returns: how many files were removed or added.
  */
-static void apply_table(struct partition_set *ps, const struct partition_table *t)
+static unsigned apply_table(struct partition_set *ps, const struct partition_table *t)
 {
+    unsigned changes = 0;
     bool have[PARTITION_MAX] = { false };
     unsigned kept = 0;
 
@@ -731,13 +734,17 @@ static void apply_table(struct partition_set *ps, const struct partition_table *
         }
         /* Handles open on it get ESTALE from now on. */
         vfs_remove(ps->vfs, n->ino);
+        changes++;
         log_info("%s-p%u removed: partition %u moved, changed size or is gone",
                  ps->disk_name, n->number, n->number);
     }
     ps->n_nodes = kept;
     for (unsigned j = 0; j < t->count; j++)
-        if (!have[j])
+        if (!have[j]) {
             add_node(ps, &t->part[j]);
+            changes++;
+        }
+    return changes;
 }
 
 /* Read the table again and update the files and what writes are
@@ -760,10 +767,15 @@ static void reread(struct partition_set *ps)
         log_error("partition table: not read (%s): the partition files stay as they were",
                   strerror(-ret));
     } else {
-        log_info("partition table: %s%s, %u partition%s%s", scheme_names[t->scheme],
-                 t->gpt_backup ? " (backup header)" : "", t->count,
-                 t->count == 1 ? "" : "s", t->problems ? " (problems above)" : "");
-        apply_table(ps, t);
+        unsigned changes = apply_table(ps, t);
+        /* A file system on the whole disk rewrites its superblock in LBA
+         * 2 and so has its (absent) table read again often: say nothing
+         * then. */
+        log_msg(!ps->read_once || changes || t->problems ? LOG_LEVEL_INFO : LOG_LEVEL_DEBUG,
+                "partition table: %s%s, %u partition%s%s", scheme_names[t->scheme],
+                t->gpt_backup ? " (backup header)" : "", t->count,
+                t->count == 1 ? "" : "s", t->problems ? " (problems above)" : "");
+        ps->read_once = true;
     }
     pthread_mutex_lock(&ps->watch_lock);
     ps->watched_size = size;
