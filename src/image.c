@@ -498,6 +498,13 @@ int image_close(struct image *img)
         ret = -EIO;
     } else if (!img->meta.read_only && !img->is_raw) {
         ret = image_flush(img);
+        /* Every reference is durable: what is left of the reservation
+         * goes back, or it would stay as leaked clusters. */
+        if (ret == 0) {
+            lock_exclusive(img);
+            ret = refcount_release_reservation(img->rc);
+            unlock_exclusive(img);
+        }
         if (ret == 0 && img->set_dirty_bit) {
             ret = meta_update_incompatible(&img->meta, 0, QCOW2_INCOMPAT_DIRTY);
             if (ret == 0)
