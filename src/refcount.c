@@ -1069,6 +1069,8 @@ int refcount_release_reservation(struct refcount *rc)
     if (ret < 0)
         return ret;
     end = (size + m->cluster_size - 1) >> m->cluster_bits;
+    if (rc->used_end > end)
+        end = rc->used_end;     /* in use past the end: not written yet */
     if (lo >= end)
         return 0;
     ret = all_free(rc, lo, end, &tail_free);
