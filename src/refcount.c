@@ -100,8 +100,10 @@ static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_
 /* What a crash can leave counted past the end of the file: the allocations
  * in flight, whose data had not reached the file.  At most 16 requests run
  * at once (the worker threads), of up to 1 MiB each: 16 MiB, i.e. 32768
- * clusters of 512 bytes.  Allowed: four times that in bytes, and never less
- * than 8192 clusters (16 GiB of 2 MiB clusters). */
+ * clusters of 512 bytes; and a staged reservation whose extension of the
+ * file had not reached the disk (RESERVE_MAX_BYTES, 8 MiB).  Allowed: more
+ * than twice that in bytes, and never less than 8192 clusters (16 GiB of
+ * 2 MiB clusters). */
 #define REFCOUNT_SLACK_BYTES        (64ull << 20)
 #define REFCOUNT_SLACK_MIN_CLUSTERS 8192u
 
