@@ -1078,10 +1078,14 @@ int refcount_release_reservation(struct refcount *rc)
     ret = all_free(rc, lo, end, &tail_free);
     if (ret < 0 || !tail_free)
         return ret;
+    /* Only space: a file that keeps its length is as clean. */
     ret = io_truncate(m->io, lo << m->cluster_bits);
-    if (ret == 0)
-        ret = io_flush(m->io);
-    return ret;
+    if (ret < 0) {
+        log_debug("cutting the image file back to 0x%llx failed: %s",
+                  (unsigned long long)(lo << m->cluster_bits), strerror(-ret));
+        return 0;
+    }
+    return io_flush(m->io);
 }
 
 int refcount_defer_free(struct refcount *rc, uint64_t offset, uint64_t len)
