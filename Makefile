@@ -116,7 +116,7 @@ fuzz: $(FUZZ_TARGETS)
 # there; DEPS_PKGS=... replaces the list.
 DEPS_PKGS ?= gcc libc6-dev pkg-config libfuse3-dev fuse3 zlib1g-dev libzstd-dev check \
              qemu-utils qemu-system-common e2fsprogs fio attr libnbd-bin \
-             psmisc passwd
+             fdisk gdisk psmisc passwd
 deps:
 	@scripts/deps.sh $(DEPS_PKGS)
 

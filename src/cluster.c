@@ -214,6 +214,11 @@ void cluster_refcounts_durable(struct cluster *cl)
     cache_dependency_met(cl->l2_cache);
 }
 
+bool cluster_l2_waits_for_flush(const struct cluster *cl)
+{
+    return cache_has_dependency(cl->l2_cache);
+}
+
 int cluster_write_l2(struct cluster *cl)
 {
     return cache_write_dirty(cl->l2_cache);

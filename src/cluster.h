@@ -134,6 +134,10 @@ bool cluster_l2_dirty(const struct cluster *cl);
  */
 void cluster_refcounts_durable(struct cluster *cl);
 
+/* Whether an L2 entry set with @new_data (cluster_set_entry) since the
+ * last cluster_refcounts_durable waits for a host flush. */
+bool cluster_l2_waits_for_flush(const struct cluster *cl);
+
 /* Write the dirty L2 slices (no host flush).  Returns: 0 or the first
  * -errno; a slice whose write failed stays dirty. */
 int cluster_write_l2(struct cluster *cl);
@@ -225,7 +229,10 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc);
  *           earlier (tables never become shared again while mounted).
  * On exit:  the slice is dirty; if @new_data, the L2 cache now depends on
  *           the refcount cache and on a host flush (invariants 1 and 2 of
- *           image_flush.c).
+ *           image_flush.c).  A caller passes @new_data false for a change
+ *           that references no new host data, or for data in a reserved
+ *           cluster that may reach the disk under the same flush as the
+ *           entry (invariant 2's exception).
  * Returns:  0, or -errno of getting the slice (its read, or the write of
  *           the table evicted for it) or of settling an earlier dependency
  *           (the entry is unchanged then).

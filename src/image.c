@@ -505,14 +505,21 @@ int image_close(struct image *img)
         ret = -EIO;
     } else if (!img->meta.read_only && !img->is_raw) {
         ret = image_flush(img);
-        /* The bitmaps last: they must cover every change, and their old
-         * clusters are freed by the flush after them. */
+        /* The bitmaps after every change: they must cover it, and their
+         * old clusters are freed by the flush after them. */
         if (ret == 0 && img->bitmaps) {
             lock_exclusive(img);
             ret = bitmap_store(img->bitmaps, img->rc);
             unlock_exclusive(img);
             if (ret == 0)
                 ret = image_flush(img);
+        }
+        /* Every reference is durable: what is left of the reservation
+         * goes back, or it would stay as leaked clusters. */
+        if (ret == 0) {
+            lock_exclusive(img);
+            ret = refcount_release_reservation(img->rc);
+            unlock_exclusive(img);
         }
         if (ret == 0 && img->set_dirty_bit) {
             ret = meta_update_incompatible(&img->meta, 0, QCOW2_INCOMPAT_DIRTY);

@@ -285,7 +285,7 @@ int image_drop_backing(struct image *img)
                  img->hdr.nb_snapshots);
         return -EBUSY;
     }
-    /* Invariant 8 of image_flush.c: what was copied is durable first. */
+    /* Invariant 9 of image_flush.c: what was copied is durable first. */
     ret = image_flush_quiet(img);
     if (ret < 0)
         return ret;

@@ -150,7 +150,7 @@ struct write_plan {
     uint64_t host;              /* host cluster of gc (INPLACE: the first byte) */
     bool reuse;                 /* CLUSTER: host is the old cluster, taken over */
     bool allocated;             /* host was allocated for this write */
-    int fresh;                  /* ... past the old end of the file: reads zeros */
+    int fresh;                  /* ... reads zeros: a REFCOUNT_ value (refcount.h) */
     /* CLUSTER, in units: those the write touches, those that move from
      * the old host cluster (or the compressed data) into the new one, and
      * the entry's new allocation and zero state. */
@@ -469,6 +469,33 @@ static int write_plan_data(struct image *img, const struct write_plan *p,
     return -EIO;
 }
 
+/* Whether the guest cluster read as zeros everywhere before the write
+ * (no data, and zero flags or no backing file beneath). */
+static bool old_reads_zero(const struct image *img, const struct old_state *st)
+{
+    uint32_t all = img->meta.extended_l2 ? CLUSTER_ALL_SUBCLUSTERS : 1u;
+
+    return !st->compressed && st->alloc == 0 && (!img->backing || st->zero == all);
+}
+
+/*
+ * Invariant 2's exception (image_flush.c): plan @p's L2 entries may reach
+ * the disk under the same host flush as its data.  So when its clusters
+ * come from the durable reservation (refcounts on disk, inside the file,
+ * never written: a crash shows zeros where the data did not land) and the
+ * guest clusters read as zeros before: every sector is then the old or the
+ * new content.
+ */
+static bool entry_needs_no_flush(const struct image *img, const struct write_plan *p)
+{
+    if (!p->allocated || p->fresh != REFCOUNT_RESERVED)
+        return false;
+    for (uint64_t i = 0; i < p->nb; i++)
+        if (!old_reads_zero(img, &p->old[i]))
+            return false;
+    return true;
+}
+
 /*
  * Make plan @p's data visible: set its L2 entries and defer the frees of
  * what they replaced.  After a failed write (@ret < 0) give back what the
@@ -480,6 +507,7 @@ static int commit_plan(struct image *img, const struct write_plan *p, int ret)
     const struct meta *m = &img->meta;
     uint64_t cs = m->cluster_size;
     uint64_t bitmap = m->extended_l2 ? ((uint64_t)p->new_zero << 32 | p->new_alloc) : 0;
+    bool ordered = !entry_needs_no_flush(img, p);
 
     if (ret < 0) {
         if (p->allocated)
@@ -489,7 +517,7 @@ static int commit_plan(struct image *img, const struct write_plan *p, int ret)
     for (uint64_t i = 0; i < p->nb; i++) {
         const struct old_state *st = &p->old[i];
         ret = cluster_set_entry(img->cl, p->gc + i, (p->host + i * cs) | META_L2_COPIED,
-                                bitmap, true);
+                                bitmap, ordered);
         /* Compressed data, or a shared cluster. */
         if (ret == 0 && st->free_len && !p->reuse)
             ret = refcount_defer_free(img->rc, st->free_host, st->free_len);

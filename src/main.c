@@ -11,6 +11,7 @@
 #include "image.h"
 #include "io.h"
 #include "log.h"
+#include "partition.h"
 #include "snapshot.h"
 #include "stream.h"
 
@@ -163,6 +164,7 @@ struct cli {
     int single_thread;
     int read_only;
     int create;
+    int partitions;             /* -o partitions: disk-p1, ... beside the disk */
     bool creating;              /* -o create and the image does not exist */
     int list_snapshots;
     int stream;                 /* -o stream, with or without a rate */
@@ -186,6 +188,7 @@ static const struct fuse_opt flag_opts[] = {
     { "create", offsetof(struct cli, create), 1 },
     { "stream", offsetof(struct cli, stream), 1 },
     { "copy-on-read", offsetof(struct cli, copy_on_read), 1 },
+    { "partitions", offsetof(struct cli, partitions), 1 },
     FUSE_OPT_KEY("--list-snapshots", KEY_LIST),
     /* Words mount(8) and fstab pass that mean nothing here. */
     FUSE_OPT_KEY("defaults", KEY_DROP),
@@ -251,6 +254,9 @@ static void usage(FILE *out)
 "  -o transport=auto|classic|io_uring  how FUSE requests travel: read and\n"
 "                           write on /dev/fuse (classic), or io_uring ring\n"
 "                           entries; auto picks the best one available\n"
+"  -o partitions            also one file per partition (MBR or GPT):\n"
+"                           disk-p1, disk-p2, ... (read again when the\n"
+"                           table is written through the disk file)\n"
 "  -o allow_other           let other users access the mount (FUSE option)\n");
 }
 
@@ -708,15 +714,18 @@ static int open_image(struct cli *cli, struct stat *st, struct image **img)
 }
 
 /*
- * The mount's tree over @img and the server that answers its requests,
- * and the libfuse session that only parses the FUSE options and mounts
- * (not yet mounted).  The disk file has the image file's owner and mode
- * (@st) unless uid=, gid= or umask= say otherwise.
- * Returns: 0 or -errno; *vfs, *srv and *se are to be freed either way.
+ * The mount's tree over @img (with -o partitions the partition files
+ * beside the disk, with the same owner and mode), the server that answers
+ * its requests, and the libfuse session that only parses the FUSE options
+ * and mounts (not yet mounted).  The disk file has the image file's owner
+ * and mode (@st) unless uid=, gid= or umask= say otherwise.
+ * Returns: 0 or -errno; *vfs, *parts, *srv and *se are to be freed either
+ * way.
  */
 static int session_new(const struct cli *cli, struct image *img, const struct stat *st,
                        struct fuse_args *args, struct vfs **vfs,
-                       struct fuse_server **srv, struct fuse_session **se)
+                       struct partition_set **parts, struct fuse_server **srv,
+                       struct fuse_session **se)
 {
     struct vfs_config vc = {
         .disk_name = cli->text[OPT_NAME] ? cli->text[OPT_NAME] : "disk",
@@ -735,8 +744,11 @@ static int session_new(const struct cli *cli, struct image *img, const struct st
     char *fsname = fsname_arg(cli->image_path);
     int ret = 0;
 
-    if (vfs_new(img, &vc, vfs) < 0 || fuse_server_new(*vfs, &sc, srv) < 0 ||
-        !fsname || fuse_opt_add_arg(args, fsname) < 0) {
+    if (vfs_new(img, &vc, vfs) < 0 ||
+        (cli->partitions && partition_set_new(*vfs, img, vc.disk_name, vc.disk_mode,
+                                              parts) < 0) ||
+        fuse_server_new(*vfs, &sc, srv) < 0 || !fsname ||
+        fuse_opt_add_arg(args, fsname) < 0) {
         fprintf(stderr, "qcow2fuse: out of memory\n");
         ret = -ENOMEM;
         goto out;
@@ -758,6 +770,7 @@ int main(int argc, char *argv[])
     struct fuse_server *srv = NULL;
     struct fuse_session *se = NULL;
     struct vfs *vfs = NULL;
+    struct partition_set *parts = NULL;
     struct image *img = NULL;
     struct stream *stream = NULL;
     struct stat st;
@@ -780,7 +793,7 @@ int main(int argc, char *argv[])
     if (open_image(&cli, &st, &img) < 0)
         goto out;
 
-    if (session_new(&cli, img, &st, &args, &vfs, &srv, &se) < 0)
+    if (session_new(&cli, img, &st, &args, &vfs, &parts, &srv, &se) < 0)
         goto out_close;
     if (fuse_session_mount(se, cli.mount_path) < 0) {
         fprintf(stderr, "qcow2fuse: cannot mount on %s\n", cli.mount_path);
@@ -817,6 +830,7 @@ out_close:
     if (se)
         fuse_session_destroy(se);
     /* Before the image closes: a node's release hook may still use it. */
+    partition_set_free(parts);
     vfs_free(vfs);
     if (img && (err = image_close(img)) < 0) {
         /* Status 1: what the guest wrote may not all be on disk (with -f

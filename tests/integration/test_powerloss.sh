@@ -26,6 +26,9 @@
 # an internal snapshot (copy-on-write of shared clusters, freed clusters),
 # and streaming (a chain of three filled into the image while plwriter
 # runs, then the backing file dropped).
+# Appends (plwriter -a) on 64K clusters and on 512-byte clusters with
+# refcount_bits=64: crash states inside the cluster reservation, one host
+# flush per fsync (counted from the trace), refcount growth inside it.
 # And flush-fails: the image file (or its external data file) behind
 # qemu-storage-daemon's blkdebug, whose K-th flush fails once (see
 # flush_fails): the failure must stick, the daemon exit with status 1, and
@@ -47,6 +50,7 @@ PLWRITER=$(require_tool plwriter)
 PLREPLAY=$(require_tool plreplay)
 
 M=$((1024 * 1024))
+WRITER_FLAGS=()             # plwriter options of the next powerloss call
 SEED=${POWERLOSS_SEED:-1913}
 SCALE=${POWERLOSS_SCALE:-1}
 JOBS=${POWERLOSS_JOBS:-2}
@@ -99,8 +103,8 @@ powerloss() {
     mount_image "$img" "$mnt" "io-trace=$trace${PL_MOUNT_OPTS:+,$PL_MOUNT_OPTS}"
     info "plwriter: seed $seed, $nops operations${grow:+, mid-run growth $grow bytes}"
     rc=0
-    timeout -k 5 "$WRITER_TIMEOUT" "$PLWRITER" "$mnt/disk" "$log" "$seed" "$nops" \
-        ${grow:+"$grow"} || rc=$?
+    timeout -k 5 "$WRITER_TIMEOUT" "$PLWRITER" ${WRITER_FLAGS[@]+"${WRITER_FLAGS[@]}"} \
+        "$mnt/disk" "$log" "$seed" "$nops" ${grow:+"$grow"} || rc=$?
     if ((rc == 124 || rc == 137)); then
         echo "    last operations that returned:" >&2
         tail -n 3 "$log" | sed 's/^/    | /' >&2
@@ -119,6 +123,7 @@ powerloss() {
         fail "qemu-img check of the final image: exit $rc (seed $seed)"
     fi
     IMAGE_END=$(json_field "$json" image-end-offset)
+    IMAGE_FILE_SIZE=$(stat -c %s "$img")
 
     # It grew to the size of the last resize plwriter logged.
     size1=$(be_int "$img" 24 8)
@@ -155,6 +160,22 @@ powerloss() {
     local n=${summary#*states=}
     n=${n%% *}
     ((n == states)) || fail "plreplay checked $n states, expected $states"
+    LEAKY=${summary##*leaky=}
+    FLUSH_STATS=$(grep '^plreplay: host flushes per fsync:' <<<"$out" | tail -n1) || true
+    [[ -n $FLUSH_STATS ]] || fail "plreplay printed no host flush counts"
+}
+
+# fsync_stat N: from FLUSH_STATS, how many fsyncs cost N host flushes ("3"
+# stands for 3 or more; "fsyncs": all of them)
+fsync_stat() {
+    local v
+    if [[ $1 == fsyncs ]]; then
+        v=$(sed -n 's/.*: \([0-9][0-9]*\) fsyncs;.*/\1/p' <<<"$FLUSH_STATS")
+    else
+        v=$(sed -n "s/.*[;,] $1\( or more\)*: \([0-9][0-9]*\).*/\2/p" <<<"$FLUSH_STATS")
+    fi
+    [[ -n $v ]] || fail "cannot read '$1' from: $FLUSH_STATS"
+    printf '%s\n' "$v"
 }
 
 case_64k() {
@@ -266,6 +287,49 @@ case_stream() {
         powerloss "$img" 300 100 $((SEED + 10)) "$chain"
     out=$(qemu-img info --output=json "$img")
     ! grep -q '"backing-filename' <<<"$out" || fail "the streamed image still names a backing file"
+# Appends (plwriter -a: small writes into new clusters, an fsync after
+# every 1..3) on 64K clusters: the steady state the cluster reservation
+# (refcount.c) is for.  Almost every fsync costs one host flush (data, L2
+# slice and the reservation's top-ups, then one flush); the crash states
+# fall inside reservations (between the flush that made one durable and
+# the L2 entries that use it, and inside top-ups), and every one may leak
+# what is left of it but nothing else.  After the clean unmount the
+# reservation is given back: no leak (powerloss checks qemu-img check exit
+# 0), and the file ends at its last cluster in use.
+case_append_64k() {
+    local img="$T/img.qcow2" fsyncs more
+    qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" $((256 * M)) \
+        || fail "test setup: qemu-img create failed"
+    WRITER_FLAGS=(-a)
+    powerloss "$img" 300 100 $((SEED + 10))
+    WRITER_FLAGS=()
+    info "$FLUSH_STATS; $LEAKY leaky states; file $IMAGE_FILE_SIZE bytes, image end $IMAGE_END"
+    fsyncs=$(fsync_stat fsyncs)
+    more=$(($(fsync_stat 2) + $(fsync_stat 3)))
+    ((fsyncs > 100)) || fail "only $fsyncs fsyncs"
+    # the first ones, the resizes and the L2 tables of the grown area
+    ((more <= fsyncs / 20 + 4)) || fail "$more of $fsyncs fsyncs cost more than one host flush"
+    ((LEAKY > 0)) || fail "no crash state leaked: no reservation was ever durable?"
+    ((IMAGE_FILE_SIZE == IMAGE_END)) \
+        || fail "the image file ($IMAGE_FILE_SIZE bytes) goes past its last cluster in use ($IMAGE_END)"
+}
+
+# Appends on 512-byte clusters with 64-bit refcounts: a refcount block
+# covers 32 KiB and the first refcount table 2 MiB, so nearly every
+# reservation needs new refcount blocks and the table moves: growth inside
+# reservations, crash states among the links of new blocks.
+case_append_512_rb64() {
+    local img="$T/img.qcow2" before after
+    qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 "$img" $((64 * M)) \
+        || fail "test setup: qemu-img create failed"
+    before=$(od -An -t x1 -j 48 -N 12 "$img")
+    WRITER_FLAGS=(-a)
+    powerloss "$img" 150 80 $((SEED + 11))
+    WRITER_FLAGS=()
+    after=$(od -An -t x1 -j 48 -N 12 "$img")
+    info "$FLUSH_STATS; $LEAKY leaky states; refcount table $before -> $after"
+    [[ $before != "$after" ]] || fail "the refcount table did not grow"
+    ((LEAKY > 0)) || fail "no crash state leaked: no reservation was ever durable?"
 }
 
 # unmount_expect_status1 MNT: as unmount_image (functions.sh, whose
@@ -405,5 +469,7 @@ run_case backing case_backing
 run_case compressed case_compressed
 run_case snapshot case_snapshot
 run_case stream case_stream
+run_case append-64k case_append_64k
+run_case append-512-rb64 case_append_512_rb64
 run_case flush-fails case_flush_fails
 finish_cases

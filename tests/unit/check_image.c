@@ -2435,7 +2435,7 @@ START_TEST(deferred_free_after_durable_l2)
 END_TEST
 
 /*
- * Invariant 8: after a fill of the whole disk, image_drop_backing makes
+ * Invariant 9: after a fill of the whole disk, image_drop_backing makes
  * the copies durable (their data and L2 tables written, then a host flush)
  * before the header's backing file name is cleared; that write is flushed
  * before the backing format extension goes, and that one is flushed too.
@@ -2498,6 +2498,106 @@ START_TEST(drop_backing_after_durable_fill)
 }
 END_TEST
 
+/* ---- one host flush per fsync (the reservation, refcount.c) ------------- */
+
+/* A fresh image of VSIZE with 64 KiB clusters, its bytes in memory. */
+static uint8_t *new_image_bytes(bool lazy, size_t *len)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[64];
+    struct create_options co = { .size = VSIZE, .cluster_bits = CB,
+                                 .lazy_refcounts = lazy };
+    struct io *mem;
+    const uint8_t *p;
+    uint8_t *bytes;
+
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/t.qcow2", dir);
+    ck_assert_int_eq(create_image(path, &co), 0);
+    mem = tu_file_to_memory(path);
+    unlink(path);
+    rmdir(dir);
+    p = io_memory_data(mem, len);
+    bytes = tu_zalloc(*len);
+    memcpy(bytes, p, *len);
+    io_close(mem);
+    return bytes;
+}
+
+/* What check finds on the disk of @l (what its flushes made durable);
+ * *disk_len: the file's length there. */
+static void lossy_check(struct tu_lossy_io *l, struct check_report *rep, size_t *disk_len)
+{
+    size_t len;
+    uint8_t *disk = tu_lossy_disk(l, false, &len);
+    struct check_refs *refs = NULL;
+    struct qcow2_header h;
+    struct meta m;
+    struct io *io;
+    char err[256];
+
+    memset(rep, 0, sizeof(*rep));
+    ck_assert_int_eq(io_open_memory(disk, len, &io), 0);
+    ck_assert_int_eq(header_decode(disk, len < (2u << 20) ? len : (2u << 20), len, &h,
+                                   err, sizeof(err)), 0);
+    meta_init(&m, &h, io, true);
+    ck_assert_int_eq(check_count_refs(&m, &h, rep, &refs), 0);
+    ck_assert_int_eq(check_compare(&m, &h, refs, rep), 0);
+    check_refs_free(refs);
+    header_free(&h);
+    io_close(io);
+    free(disk);
+    *disk_len = len;
+}
+
+/*
+ * Invariants 1 and 2 with the reservation: once the first flush has made
+ * the reservation durable, a 4 KiB write into a new cluster followed by a
+ * flush costs exactly one host flush (data, L2 slice, the reservation's
+ * top-ups, one flush), and what that flush left on disk has the new
+ * cluster, no corruption and at most the reservation (1 MiB: 16 clusters)
+ * leaked.  A clean close gives the reservation back: no leak, and the file
+ * ends at its last cluster in use.  _i: 1 with lazy refcounts.
+ */
+START_TEST(allocating_fsync_costs_one_host_flush)
+{
+    struct image_options o = default_opts();
+    size_t len, disk_len;
+    uint8_t *image = new_image_bytes(_i == 1, &len);
+    struct tu_lossy_io *l = tu_lossy_new(image, len, 0);
+    struct check_report rep;
+    struct image *img = NULL;
+
+    ck_assert_int_eq(image_open_io(&l->fwd.io, "t.qcow2", &o, &img), 0);
+    write_pattern(img, 0, 4096, 1);             /* no reservation yet */
+    ck_assert_int_eq(image_flush(img), 0);
+    for (unsigned k = 1; k < 48; k++) {
+        unsigned n0 = l->flushes;
+
+        write_pattern(img, (uint64_t)k * CS + 8192, 4096, (uint8_t)(k + 1));
+        ck_assert_int_eq(image_flush(img), 0);
+        ck_assert_msg(l->flushes - n0 == 1, "fsync %u after an allocating write: "
+                      "%u host flushes", k, l->flushes - n0);
+        lossy_check(l, &rep, &disk_len);
+        ck_assert_msg(rep.corruptions == 0, "fsync %u: %llu corruptions", k,
+                      (unsigned long long)rep.corruptions);
+        ck_assert_uint_eq(rep.allocated_clusters, k + 1);
+        ck_assert_msg(rep.leaks <= 16, "fsync %u: %llu leaked clusters", k,
+                      (unsigned long long)rep.leaks);
+    }
+    for (unsigned k = 0; k < 48; k++)
+        ck_assert(image_reads(img, (uint64_t)k * CS + (k ? 8192 : 0), 4096,
+                              (uint8_t)(k + 1)));
+    ck_assert_int_eq(image_close(img), 0);
+    lossy_check(l, &rep, &disk_len);
+    ck_assert_uint_eq(rep.corruptions, 0);
+    ck_assert_uint_eq(rep.leaks, 0);
+    ck_assert_uint_eq(rep.allocated_clusters, 48);
+    ck_assert_uint_eq(disk_len, rep.image_end);
+    tu_lossy_free(l);
+    free(image);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -2529,6 +2629,7 @@ static Suite *image_suite(void)
     tcase_add_test(tc, plan_copies_snapshot_shared_cluster);
     tcase_add_test(tc, flush_orders_refcounts_data_l2_l1);
     tcase_add_test(tc, deferred_free_after_durable_l2);
+    tcase_add_loop_test(tc, allocating_fsync_costs_one_host_flush, 0, 2);
     suite_add_tcase(s, tc);
 
     /* One workload run per host flush: slow under a sanitizer. */
