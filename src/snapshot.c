@@ -153,6 +153,8 @@ int snapshot_table_read(struct io *io, const struct qcow2_header *h,
                        (unsigned long long)s->l1_offset, s->l1_size);
             goto fail;
         }
+        s->id_len = id_len;
+        s->name_len = name_len;
         s->id = dup_bytes(e + 40 + extra, id_len);
         s->name = dup_bytes(e + 40 + extra + id_len, name_len);
         if (!s->id || !s->name) {
