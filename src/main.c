@@ -11,6 +11,7 @@
 #include "image.h"
 #include "io.h"
 #include "log.h"
+#include "snapdir.h"
 #include "snapshot.h"
 
 #include <errno.h>
@@ -146,6 +147,7 @@ struct cli {
     int create;
     bool creating;              /* -o create and the image does not exist */
     int list_snapshots;
+    int snapshots_dir;          /* enum snapdir_show: -o [no]snapshots */
     int show_help;
     int show_version;
     char *text[OPT_COUNT];      /* -o NAME=VALUE as given; NULL: not given */
@@ -163,6 +165,8 @@ enum { KEY_HELP, KEY_VERSION, KEY_RO, KEY_RW, KEY_FOREGROUND, KEY_DEBUG, KEY_SIN
 /* The options without a value; cli_parse puts option_specs[] in front. */
 static const struct fuse_opt flag_opts[] = {
     { "create", offsetof(struct cli, create), 1 },
+    { "snapshots", offsetof(struct cli, snapshots_dir), SNAPDIR_ALWAYS },
+    { "nosnapshots", offsetof(struct cli, snapshots_dir), SNAPDIR_NEVER },
     FUSE_OPT_KEY("--list-snapshots", KEY_LIST),
     /* Words mount(8) and fstab pass that mean nothing here. */
     FUSE_OPT_KEY("defaults", KEY_DROP),
@@ -214,6 +218,8 @@ static void usage(FILE *out)
 "  -o detect-zeroes=off|on|unmap  all-zero writes become zero clusters\n"
 "                           (unmap: and give their space back; default off)\n"
 "  -o snapshot=NAME         show internal snapshot NAME (or ID), read-only\n"
+"  -o snapshots|nosnapshots  MOUNTPOINT/snapshots/NAME: each internal snapshot,\n"
+"                           read-only (default: shown when there are any)\n"
 "  -o create,size=SIZE[,cluster_size=N][,backing_file=FILE[,backing_fmt=F]]\n"
 "                           create IMAGE (qcow2 v3) first if it does not exist\n"
 "  -o uid=N,gid=N,umask=M   owner and permissions of the disk file\n"
@@ -682,7 +688,9 @@ static int session_new(const struct cli *cli, struct image *img, const struct st
     char *fsname = fsname_arg(cli->image_path);
     int ret = 0;
 
-    if (vfs_new(img, &vc, vfs) < 0 || !(*ctx = fuse_ops_ctx_new(*vfs, &c)) ||
+    if (vfs_new(img, &vc, vfs) < 0 ||
+        snapdir_add(*vfs, img, (enum snapdir_show)cli->snapshots_dir, vc.disk_mode & 0444) < 0 ||
+        !(*ctx = fuse_ops_ctx_new(*vfs, &c)) ||
         !fsname || fuse_opt_add_arg(args, fsname) < 0) {
         fprintf(stderr, "qcow2fuse: out of memory\n");
         ret = -ENOMEM;
