@@ -259,24 +259,26 @@ static int mark_snapshots(struct image *img)
 }
 
 /*
- * The L1 table and size a view of snapshot @s of @img shows, validated as
- * every viewer of a snapshot does (-o snapshot= and
- * image_snapshot_view_open): the table reader bounded the L1 table's
- * offset and size; here its disk size.  L1 entries are checked where a
- * lookup uses them (cluster.c l2_table_of), as for the active table.
+ * The L1 table and size a view of snapshot @s shows under header @h, with
+ * @current the active disk's size: validated as every viewer of a
+ * snapshot does (-o snapshot= and image_snapshot_view_open).  The table
+ * reader bounded the L1 table's offset and size; here its disk size.  L1
+ * entries are checked where a lookup uses them (cluster.c l2_table_of), as
+ * for the active table.
  * Returns: 0, or -EINVAL with @err naming the snapshot, field and offset.
  */
-static int snapshot_geometry(const struct image *img, const struct snapshot *s,
-                             uint64_t *l1_offset, uint32_t *l1_size, uint64_t *size,
-                             char *err, size_t err_len)
+static int snapshot_geometry(const struct qcow2_header *h, uint64_t current,
+                             const struct snapshot *s, uint64_t *l1_offset,
+                             uint32_t *l1_size, uint64_t *size, char *err,
+                             size_t err_len)
 {
-    int ret = snapshot_check_view(&img->hdr, s, err, err_len);
+    int ret = snapshot_check_view(h, s, err, err_len);
 
     if (ret < 0)
         return ret;
     *l1_offset = s->l1_offset;
     *l1_size = s->l1_size;
-    *size = snapshot_disk_size(s, img->hdr.size);
+    *size = snapshot_disk_size(s, current);
     return 0;
 }
 
@@ -307,7 +309,8 @@ static int choose_view(struct image *img, const char *snap_name, uint64_t *l1_of
         snapshot_table_free(&t);
         return -ENOENT;
     }
-    ret = snapshot_geometry(img, s, l1_offset, l1_size, &size, err, sizeof(err));
+    ret = snapshot_geometry(&img->hdr, img->hdr.size, s, l1_offset, l1_size, &size,
+                            err, sizeof(err));
     if (ret < 0)
         log_error("%s: %s", img->path, err);
     else
@@ -641,11 +644,13 @@ int image_snapshot_table(struct image *img, struct snapshot_table *t)
     return ret;
 }
 
-int image_snapshot_view_size(struct image *img, const struct snapshot *s,
-                             uint64_t *size, char *err, size_t err_len)
+/* snapshot_geometry for a view over the open image @img, which may be
+ * written (and resized) meanwhile. */
+static int view_geometry(struct image *img, const struct snapshot *s,
+                         uint64_t *l1_offset, uint32_t *l1_size, uint64_t *size,
+                         char *err, size_t err_len)
 {
-    uint64_t l1_offset;
-    uint32_t l1_size;
+    uint64_t current;
 
     if (img->meta.has_data_file) {
         /* QEMU refuses snapshots of such images: guest data lives at fixed
@@ -655,7 +660,20 @@ int image_snapshot_view_size(struct image *img, const struct snapshot *s,
                  "the current disk");
         return -EOPNOTSUPP;
     }
-    return snapshot_geometry(img, s, &l1_offset, &l1_size, size, err, err_len);
+    lock_exclusive(img);        /* a resize changes it under the lock */
+    current = img->hdr.size;
+    unlock_exclusive(img);
+    return snapshot_geometry(&img->hdr, current, s, l1_offset, l1_size, size, err,
+                             err_len);
+}
+
+int image_snapshot_view_size(struct image *img, const struct snapshot *s,
+                             uint64_t *size, char *err, size_t err_len)
+{
+    uint64_t l1_offset;
+    uint32_t l1_size;
+
+    return view_geometry(img, s, &l1_offset, &l1_size, size, err, err_len);
 }
 
 static void view_free(struct image *view)
@@ -698,8 +716,6 @@ int image_snapshot_view_open(struct image *img, uint32_t index, struct image **o
     char err[256];
     int ret;
 
-    uint64_t ignored;
-
     if (img->is_raw || img->view_of)
         return -EINVAL;
     ret = image_snapshot_table(img, &t);
@@ -709,10 +725,7 @@ int image_snapshot_view_open(struct image *img, uint32_t index, struct image **o
         ret = -ENOENT;
         goto out;
     }
-    ret = image_snapshot_view_size(img, &t.s[index], &ignored, err, sizeof(err));
-    if (ret == 0)
-        ret = snapshot_geometry(img, &t.s[index], &l1_offset, &l1_size, &size, err,
-                                sizeof(err));
+    ret = view_geometry(img, &t.s[index], &l1_offset, &l1_size, &size, err, sizeof(err));
     if (ret < 0) {
         log_error("%s: %s", img->path, err);
         goto out;
@@ -741,7 +754,6 @@ int image_snapshot_view_open(struct image *img, uint32_t index, struct image **o
     meta_init(&view->meta, &img->hdr, img->io, true);
     view->meta.data_io = img->meta.data_io;
     view->meta.file_end = img->meta.file_end;
-    view->hdr.size = size;
     unlock_exclusive(img);
     ret = cluster_open_view(img->cl, &view->meta, l1_offset, l1_size, &view->cl);
     if (ret < 0)

@@ -485,7 +485,7 @@ static int list_snapshots(const char *path)
                          localtime_r(&tt, &tm));
                 printf("%-10s %-20s %20llu %-19s %02llu:%02llu:%02llu.%03llu\n",
                        t.s[i].id, t.s[i].name,
-                       (unsigned long long)(t.s[i].disk_size ? t.s[i].disk_size : h.size),
+                       (unsigned long long)snapshot_disk_size(&t.s[i], h.size),
                        date, (unsigned long long)(ms / 3600000),
                        (unsigned long long)(ms / 60000 % 60),
                        (unsigned long long)(ms / 1000 % 60),

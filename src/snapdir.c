@@ -138,16 +138,6 @@ static const char *name_problem(const char *s, size_t len)
     return NULL;
 }
 
-/* @s for a message: at most 64 bytes, other than printable ASCII as '?'. */
-static void printable(char *out, size_t out_len, const char *s, size_t len)
-{
-    size_t n = 0;
-
-    for (; n < len && n < 64 && n + 1 < out_len; n++)
-        out[n] = s[n] >= 0x20 && s[n] < 0x7f ? s[n] : '?';
-    out[n] = '\0';
-}
-
 /*
  * Add the file of snapshot @s under @dir as @name.
  * Returns: 0, -EEXIST (the name is taken), -ENOMEM.
@@ -195,7 +185,7 @@ static int add_renamed(struct vfs *vfs, uint64_t dir, struct image *img,
     }
     if (ret < 0)
         return ret;
-    printable(shown, sizeof(shown), s->name, s->name_len);
+    snapshot_printable(shown, sizeof(shown), s->name, s->name_len);
     log_warn("snapshot %u (name \"%s\"): shown as %s/%s, as its name cannot be "
              "used: %s", s->index, shown, SNAPDIR_NAME, name, why);
     return 0;

@@ -67,6 +67,10 @@ static inline uint64_t snapshot_disk_size(const struct snapshot *s, uint64_t cur
     return s->disk_size ? s->disk_size : current;
 }
 
+/* @len bytes of @s (a name or ID) for a message: at most 64, each byte
+ * that is not printable ASCII (a NUL too) as '?'. */
+void snapshot_printable(char *out, size_t out_len, const char *s, size_t len);
+
 /* The snapshot whose name, or failing that ID, is @key; NULL if none. */
 const struct snapshot *snapshot_find(const struct snapshot_table *t, const char *key);
 
