@@ -102,6 +102,19 @@ int cluster_open(struct meta *m, uint64_t l1_offset, uint32_t l1_size,
 void cluster_close(struct cluster *cl);
 
 /*
+ * A read-only translation through another L1 table (a snapshot's:
+ * @l1_size entries at @l1_offset, bounds checked by the caller) that
+ * shares @base's L2 cache, so it is looked up under @base's metadata lock
+ * (the locking rule above, for @base's image).  @m is the view's own
+ * geometry: corruption it finds is reported through it.  The write side is
+ * never enabled on it.
+ * On exit: close *out (cluster_close) before @base.
+ * Returns: 0 or -errno (the L1 read failed, logged).
+ */
+int cluster_open_view(struct cluster *base, struct meta *m, uint64_t l1_offset,
+                      uint32_t l1_size, struct cluster **out);
+
+/*
  * Translate guest bytes [@offset, @offset + @max_bytes).
  * On entry: @offset < virtual size, @max_bytes > 0.
  * On exit:  *run describes 1..@max_bytes bytes starting at @offset.

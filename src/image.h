@@ -201,4 +201,45 @@ void image_report_stream(struct image *img, enum image_stream_state state, uint6
  */
 int image_seek(struct image *img, uint64_t offset, bool data, uint64_t *result);
 
+/* ---- internal snapshots ---------------------------------------------------- */
+
+struct snapshot;
+struct snapshot_table;
+
+/*
+ * The internal snapshot table of @img, read and validated as for
+ * -o snapshot= (snapshot_table_read; a raw image has none).
+ * On exit: *t holds the entries (snapshot_table_free); a refused table
+ * was logged with the entry, field and offset.
+ * Returns: 0, -EINVAL, -ENOMEM, -errno.
+ */
+int image_snapshot_table(struct image *img, struct snapshot_table *t);
+
+/*
+ * Whether snapshot @s (an entry of image_snapshot_table) can be viewed, and
+ * the virtual size its view has: its recorded disk size (snapshot_disk_size).
+ * Returns: 0, or -EINVAL with @err naming the snapshot, field and offset.
+ */
+int image_snapshot_view_size(struct image *img, const struct snapshot *s,
+                             uint64_t *size, char *err, size_t err_len);
+
+/*
+ * A read-only view of internal snapshot @index (its position in the table)
+ * over the open image @img, writable or not: an image of the snapshot's
+ * disk that shares @img's file, metadata lock, L2 cache and backing chain,
+ * with the snapshot's own L1 table and virtual size.  Validated as
+ * -o snapshot= is (see image_snapshot_view_size).  Reads, image_seek and
+ * image_stats work on it as on any image; writes, zeroing, resize give
+ * -EROFS; flush does nothing.  Writes to @img leave what it reads
+ * unchanged (see image.c for why).  VM state saved with the snapshot is
+ * not part of it.
+ * On exit: *view is open; close it (image_snapshot_view_close or
+ * image_close) before @img.
+ * Returns: 0, -ENOENT (no such entry), -EINVAL (a snapshot that cannot be
+ * viewed, or @img is raw or a view), -EOPNOTSUPP (an image with an
+ * external data file), -ENOMEM, -errno; failures are logged.
+ */
+int image_snapshot_view_open(struct image *img, uint32_t index, struct image **view);
+void image_snapshot_view_close(struct image *view);
+
 #endif

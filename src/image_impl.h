@@ -88,18 +88,36 @@ struct image {
      */
     pthread_mutex_t lock;
     pthread_rwlock_t tables;
+    /*
+     * A snapshot view (image.c, image_snapshot_view_open) points at the image it views: it
+     * borrows that image's files, backing chain and L2 cache (its cl
+     * shares the cache), so its lookups take that image's metadata lock
+     * and read its free_gen (lock_owner).  Views are read-only and change
+     * nothing; `views` counts those open on an image, which must reach 0
+     * before it closes.
+     */
+    struct image *view_of;
+    atomic_uint views;
 };
+
+/* The image whose metadata lock covers @img's tables (see view_of). */
+static inline struct image *lock_owner(struct image *img)
+{
+    return img->view_of ? img->view_of : img;
+}
 
 /* ---- the metadata lock ----------------------------------------------------- */
 
 static inline void lock_exclusive(struct image *img)
 {
+    img = lock_owner(img);
     pthread_mutex_lock(&img->lock);
     pthread_rwlock_wrlock(&img->tables);
 }
 
 static inline void unlock_exclusive(struct image *img)
 {
+    img = lock_owner(img);
     pthread_rwlock_unlock(&img->tables);
     pthread_mutex_unlock(&img->lock);
 }

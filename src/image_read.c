@@ -42,7 +42,7 @@ int image_read_compressed(struct image *img, const struct cluster_run *run,
     ret = io_get_size(img->io, &file_size);
     if (ret < 0)
         return ret;
-    if (host >= file_size && gen && img->free_gen != *gen)
+    if (host >= file_size && gen && lock_owner(img)->free_gen != *gen)
         return -EAGAIN;
     if (host >= file_size)
         return meta_corrupt(m, "compressed cluster at guest offset 0x%llx points "
@@ -61,7 +61,7 @@ int image_read_compressed(struct image *img, const struct cluster_run *run,
     if (ret < 0)
         return ret;
     ret = compress_decode(img->compression, comp, max_len, plain, m->cluster_size);
-    if (ret < 0 && gen && img->free_gen != *gen)
+    if (ret < 0 && gen && lock_owner(img)->free_gen != *gen)
         return -EAGAIN;
     if (ret < 0)
         return meta_corrupt(m, "compressed cluster at guest offset 0x%llx (host "
@@ -81,20 +81,21 @@ int image_read_compressed(struct image *img, const struct cluster_run *run,
 static int lookup_for_read(struct image *img, uint64_t offset, uint64_t max,
                            struct cluster_run *run, uint64_t *gen)
 {
+    struct image *owner = lock_owner(img);     /* a view's tables are its */
     int ret;
 
-    pthread_rwlock_rdlock(&img->tables);
+    pthread_rwlock_rdlock(&owner->tables);
     ret = cluster_lookup_shared(img->cl, offset, max, run);
     if (gen)
-        *gen = img->free_gen;
-    pthread_rwlock_unlock(&img->tables);
+        *gen = owner->free_gen;
+    pthread_rwlock_unlock(&owner->tables);
     if (ret != -EAGAIN)
         return ret;
 
     lock_exclusive(img);
     ret = cluster_lookup(img->cl, offset, max, run);
     if (gen)
-        *gen = img->free_gen;
+        *gen = owner->free_gen;
     unlock_exclusive(img);
     return ret;
 }
@@ -202,7 +203,7 @@ static int read_range(struct image *img, uint8_t *p, size_t len, uint64_t offset
         /* Host clusters released (and maybe reused) under the read: the
          * data or the error may belong to something else.  Look up again. */
         if ((run.kind == CLUSTER_DATA || run.kind == CLUSTER_COMPRESSED) &&
-            img->free_gen != gen)
+            lock_owner(img)->free_gen != gen)
             continue;
         if (ret < 0)
             return ret;

@@ -12,6 +12,7 @@
 #include "io.h"
 #include "log.h"
 #include "partition.h"
+#include "snapdir.h"
 #include "snapshot.h"
 #include "stream.h"
 
@@ -169,6 +170,7 @@ struct cli {
     int list_snapshots;
     int stream;                 /* -o stream, with or without a rate */
     int copy_on_read;
+    int snapshots_dir;          /* enum snapdir_show: -o [no]snapshots */
     int show_help;
     int show_version;
     char *text[OPT_COUNT];      /* -o NAME=VALUE as given; NULL: not given */
@@ -189,6 +191,8 @@ static const struct fuse_opt flag_opts[] = {
     { "stream", offsetof(struct cli, stream), 1 },
     { "copy-on-read", offsetof(struct cli, copy_on_read), 1 },
     { "partitions", offsetof(struct cli, partitions), 1 },
+    { "snapshots", offsetof(struct cli, snapshots_dir), SNAPDIR_ALWAYS },
+    { "nosnapshots", offsetof(struct cli, snapshots_dir), SNAPDIR_NEVER },
     FUSE_OPT_KEY("--list-snapshots", KEY_LIST),
     /* Words mount(8) and fstab pass that mean nothing here. */
     FUSE_OPT_KEY("defaults", KEY_DROP),
@@ -240,6 +244,8 @@ static void usage(FILE *out)
 "  -o detect-zeroes=off|on|unmap  all-zero writes become zero clusters\n"
 "                           (unmap: and give their space back; default off)\n"
 "  -o snapshot=NAME         show internal snapshot NAME (or ID), read-only\n"
+"  -o snapshots|nosnapshots  MOUNTPOINT/snapshots/NAME: each internal snapshot,\n"
+"                           read-only (default: shown when there are any)\n"
 "  -o create,size=SIZE[,cluster_size=N][,backing_file=FILE[,backing_fmt=F]]\n"
 "                           create IMAGE (qcow2 v3) first if it does not exist\n"
 "  -o uid=N,gid=N,umask=M   owner and permissions of the disk file\n"
@@ -531,7 +537,7 @@ static int list_snapshots(const char *path)
                          localtime_r(&tt, &tm));
                 printf("%-10s %-20s %20llu %-19s %02llu:%02llu:%02llu.%03llu\n",
                        t.s[i].id, t.s[i].name,
-                       (unsigned long long)(t.s[i].disk_size ? t.s[i].disk_size : h.size),
+                       (unsigned long long)snapshot_disk_size(&t.s[i], h.size),
                        date, (unsigned long long)(ms / 3600000),
                        (unsigned long long)(ms / 60000 % 60),
                        (unsigned long long)(ms / 1000 % 60),
@@ -747,6 +753,7 @@ static int session_new(const struct cli *cli, struct image *img, const struct st
     if (vfs_new(img, &vc, vfs) < 0 ||
         (cli->partitions && partition_set_new(*vfs, img, vc.disk_name, vc.disk_mode,
                                               parts) < 0) ||
+        snapdir_add(*vfs, img, (enum snapdir_show)cli->snapshots_dir, vc.disk_mode & 0444) < 0 ||
         fuse_server_new(*vfs, &sc, srv) < 0 || !fsname ||
         fuse_opt_add_arg(args, fsname) < 0) {
         fprintf(stderr, "qcow2fuse: out of memory\n");

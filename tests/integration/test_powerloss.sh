@@ -287,6 +287,8 @@ case_stream() {
         powerloss "$img" 300 100 $((SEED + 10)) "$chain"
     out=$(qemu-img info --output=json "$img")
     ! grep -q '"backing-filename' <<<"$out" || fail "the streamed image still names a backing file"
+}
+
 # Appends (plwriter -a: small writes into new clusters, an fsync after
 # every 1..3) on 64K clusters: the steady state the cluster reservation
 # (refcount.c) is for.  Almost every fsync costs one host flush (data, L2
