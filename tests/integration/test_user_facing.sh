@@ -319,7 +319,7 @@ case_option_messages() {
 
 # The words outside -o: help, version, missing and extra arguments.
 case_command_line() {
-    local out=$T/out err=$T/err rc
+    local out=$T/out err=$T/err rc pid
     qemu-img create -q -f qcow2 "$T/ok.qcow2" 1M
     mkdir -p "$T/mnt"
     for v in -h --help; do
@@ -349,12 +349,15 @@ case_command_line() {
     # -s (one thread) and -d (FUSE debug output) serve requests as well.
     mkdir -p "$T/mnt"
     "$QCOW2FUSE" -s -f "$T/ok.qcow2" "$T/mnt" 2>"$err" &
-    track_pid $!
+    pid=$!
+    track_pid $pid
     for _ in $(seq 200); do [[ -e $T/mnt/disk ]] && break; sleep 0.02; done
     track_mount "$T/mnt"
     dd if=/dev/urandom of="$T/mnt/disk" bs=64k count=2 conv=notrunc,fsync status=none
     compare_raw "$T/ok.qcow2" "$T/mnt"
     fusermount3 -u "$T/mnt"
+    # The next mount takes the image's lock: this daemon must have let go.
+    wait "$pid" || fail "-s -f: exit status $? after fusermount3 -u"
     "$QCOW2FUSE" -d "$T/ok.qcow2" "$T/mnt" >"$out" 2>"$err" &
     track_pid $!
     for _ in $(seq 200); do [[ -e $T/mnt/disk ]] && break; sleep 0.02; done
