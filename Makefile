@@ -1,6 +1,7 @@
 # qcow2fuse — plain Makefile.  `make` builds build/qcow2fuse; `make check` runs
-# every unit and integration test; `make check SANITIZE=1` does the same with
-# ASan+UBSan in a separate build tree, SANITIZE=thread with ThreadSanitizer.
+# every unit and integration test (after `make deps`, which installs what
+# is missing); `make check SANITIZE=1` does the same with ASan+UBSan in a
+# separate build tree, SANITIZE=thread with ThreadSanitizer.
 
 VERSION   := 0.1.0
 PREFIX    ?= /usr/local
@@ -35,7 +36,7 @@ UNIT_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRCS))
 TOOL_SRCS := $(wildcard tests/tools/*.c)
 TOOL_BINS := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(TOOL_SRCS))
 
-.PHONY: all check unit integration deps clean install demo fuzz bench
+.PHONY: all check unit integration deps clean install uninstall demo fuzz bench
 all: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)/obj
@@ -71,9 +72,14 @@ integration: $(BUILD)/qcow2fuse $(BUILD)/qcow2check $(TOOL_BINS)
 	    TOOLS=$(abspath $(BUILD)/tests) \
 	    tests/integration/on_io_uring.sh
 
-check: unit integration
+# make check and make demo install what is missing first (make deps), then
+# build in a second make: this one's $(shell pkg-config ...) ran before the
+# install, and with -j the build must not start beside apt-get.
+check: deps
+	@$(MAKE) --no-print-directory unit integration
 
-demo: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
+demo: deps
+	@$(MAKE) --no-print-directory $(BUILD)/qcow2fuse $(BUILD)/qcow2check
 	QCOW2FUSE=$(abspath $(BUILD)/qcow2fuse) QCOW2CHECK=$(abspath $(BUILD)/qcow2check) \
 	    scripts/demo.sh
 
@@ -108,17 +114,28 @@ fuzz: $(FUZZ_TARGETS)
 	    $$t -max_total_time=$(FUZZ_SECONDS) -max_len=4194304 -rss_limit_mb=2048 \
 	        -timeout=10 -print_final_stats=1 $$t.corpus $(FUZZ_DIR)/seeds; done
 
+# The Debian packages of the build, make check and make demo.  make deps
+# installs the missing ones and is a no-op (one dpkg-query) when all are
+# there; DEPS_PKGS=... replaces the list.
+DEPS_PKGS ?= gcc libc6-dev pkg-config libfuse3-dev fuse3 zlib1g-dev libzstd-dev liburing-dev check \
+             qemu-utils qemu-system-common e2fsprogs fio attr libnbd-bin \
+             fdisk gdisk psmisc passwd
 deps:
-	@missing=""; for p in libfuse3-dev fuse3 zlib1g-dev libzstd-dev liburing-dev check pkg-config qemu-utils e2fsprogs fio attr; do \
-	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
-	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
-	else echo "all build and test dependencies are installed"; fi
+	@scripts/deps.sh $(DEPS_PKGS)
 
-install: $(BUILD)/qcow2fuse $(BUILD)/qcow2check
+# What make install puts in place, and make uninstall removes again.
+INSTALL_BINS := qcow2fuse qcow2check
+INSTALL_MANS := $(notdir $(wildcard man/*.1))
+
+install: $(addprefix $(BUILD)/,$(INSTALL_BINS))
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1
-	install -m 0755 $(BUILD)/qcow2fuse $(BUILD)/qcow2check $(DESTDIR)$(PREFIX)/bin/
-	install -m 0644 man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
+	install -m 0755 $(addprefix $(BUILD)/,$(INSTALL_BINS)) $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 $(addprefix man/,$(INSTALL_MANS)) $(DESTDIR)$(PREFIX)/share/man/man1/
+
+# Only our files: the directories are shared with everything else there.
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,$(INSTALL_BINS))
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/share/man/man1/,$(INSTALL_MANS))
 
 clean:
 	rm -rf build

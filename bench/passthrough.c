@@ -3,12 +3,14 @@
  *
  * Exposes one raw host file as MOUNTPOINT/disk with no translation at all:
  * every read and write is one pread/pwrite on the host file at the same
- * offset.  The FUSE session is set up the way src/main.c and src/fuse_ops.c
- * set up qcow2fuse (low-level API, FOPEN_DIRECT_IO on open, max_background
- * 64, splice and writeback cache off, multi-threaded loop with clone_fd=1 and
- * at most 16 threads, a read buffer per worker thread kept across requests
- * and answered with fuse_reply_buf), so the difference between the two is
- * the cost of the qcow2 layer alone.
+ * offset.  The FUSE session is set up the way qcow2fuse set up its libfuse
+ * session before it had its own request loop (src/fuse_server.c):
+ * low-level API, FOPEN_DIRECT_IO on open, max_background 64, splice and
+ * writeback cache off, multi-threaded loop with clone_fd=1 and at most 16
+ * threads, a read buffer per worker thread kept across requests and
+ * answered with fuse_reply_buf.  The difference between the two is the
+ * cost of the qcow2 layer and the difference between libfuse's loop and
+ * qcow2fuse's.
  *
  * usage: passthrough [-f] [FUSE options] RAWFILE MOUNTPOINT
  */
@@ -40,7 +42,7 @@ struct pt {
 
 /*
  * The read buffer of a worker thread, grown to the largest request and
- * kept, as qcow2fuse does (src/fuse_ops.c): a ceiling must not pay an
+ * kept, as qcow2fuse does (src/fuse_server.c): a ceiling must not pay an
  * allocation per request (with glibc's heuristics off, a 1 MiB malloc is
  * an mmap, page faults and a munmap) that the daemon under test no longer
  * pays.  fuse_reply_buf() has

@@ -41,8 +41,15 @@
 #                 PERF_ARGS: its options (default: -F 999 --call-graph
 #                 dwarf,8192, as the daemon has no frame pointers)
 #   EXTRAS=0      skip the RSS and mount-time part (1 TiB image)
+#   TREE_FILES    files in the ext4-tree job's tarball (default 3000, about
+#                 320 MB; sizes 1 KiB to 1 MiB); TREE_SEED (default 13)
+#                 seeds it; TREE_DISK: the virtual disk size (default 4G)
 #   COLD=0        skip the cold-cache mount time (it drops the page cache
 #                 of the whole machine: echo 3 > /proc/sys/vm/drop_caches)
+#
+# The ext4-tree job (root only) is a real workload: mkfs.ext4 on a loop
+# device over the disk file, a tarball of TREE_FILES files extracted into it
+# and synced, then a cold read of every file (see bench/README).
 #
 # Every run starts from a fresh image: the implementations take turns within
 # each job, in an order that rotates with each repetition (qcow2fuse qsd
@@ -92,6 +99,9 @@ FILL_BYTES=1G           # ... and the prefilled working set at its start
 FILL_SIZE_BYTES=$((4 << 30))    # FILL_SIZE in bytes
 BIG_SIZE=1T             # RSS and mount time image
 BIG_CLUSTERS=100000     # allocated clusters in it, evenly spread
+TREE_FILES=${TREE_FILES:-3000}  # ext4-tree: files in the tarball ...
+TREE_SEED=${TREE_SEED:-13}      # ... made from this seed
+TREE_DISK=${TREE_DISK:-4G}      # ... and the virtual disk it goes to
 
 die() { echo "bench/run.sh: $*" >&2; exit 1; }
 note() { echo "bench/run.sh: $*" >&2; }
@@ -123,6 +133,10 @@ ALL_JOBS=(
     # (QD4) into the upper half of the disk with an fsync every 64 MiB.  It
     # shows whether a flush stalls the other requests.
     "mixed-read-qd1|+ rand read 4k QD1 + writer|filled|read|iops|--rw=randread --bs=4k --iodepth=1 --name=writer --filename=@TARGET@ --direct=1 --ioengine=libaio --time_based --runtime=@RUNTIME@ --rw=write --bs=1M --iodepth=4 --offset=@HALF@ --size=@HALF@ --fsync=64"
+    # Not fio: ext4 on a loop device over the disk file, a tarball extracted
+    # into it and synced, then a cold read of every file (run_tree).  Its
+    # own table; left out of the geometric mean.
+    "ext4-tree|ext4 tree|tree|-|time|"
 )
 SELECTED=()
 for j in "${ALL_JOBS[@]}"; do
@@ -132,6 +146,25 @@ for j in "${ALL_JOBS[@]}"; do
     fi
 done
 ((${#SELECTED[@]})) || die "JOBS=$JOBS matches no job"
+# ext4-tree needs root (losetup, mount, drop_caches), mkfs.ext4, GNU tar
+# and python3 (for the tarball): without them it is left out, said so.
+TREE_JOB=0
+for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] && TREE_JOB=1; done
+if ((TREE_JOB)); then
+    why=""
+    [[ $EUID == 0 ]] || why="it needs root (losetup, mount, drop_caches)"
+    for tool in losetup mkfs.ext4 tar python3 mount umount; do
+        command -v "$tool" >/dev/null || why="${why:-$tool is not installed}"
+    done
+    if [[ -n $why ]]; then
+        note "leaving out the ext4-tree job: $why"
+        TREE_JOB=0
+        kept=()
+        for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || kept+=("$j"); done
+        SELECTED=("${kept[@]}")
+        ((${#SELECTED[@]})) || die "no job left to run"
+    fi
+fi
 IMPLS=(qcow2fuse qsd passthrough)
 BASELINE=${BASELINE:-}
 if [[ -n $BASELINE ]]; then
@@ -150,6 +183,8 @@ WORKBASE=$(mktemp -d "$(cd "$TMPBASE" && pwd -P)/work.XXXXXX")
 WORK=$WORKBASE
 LOOPDEV=""
 SCRATCH_MNT=""
+TREE_LOOP=""    # ext4-tree: the loop device over the disk file ...
+TREE_MNT=""     # ... and where its ext4 is mounted
 SUMMARY=$RESULTS/summary.tsv
 printf 'job\timpl\trep\tvalue\tunit\tdaemon_vmhwm_kb\tloadavg1_before\tdaemon_cpu_us_per_io\tsteal_pct\n' >"$SUMMARY"
 
@@ -184,6 +219,10 @@ wait_exit() {
 
 cleanup() {
     local rc=$?
+    if [[ -n $TREE_MNT ]] && is_mounted "$TREE_MNT"; then
+        umount "$TREE_MNT" 2>/dev/null || umount -l "$TREE_MNT" 2>/dev/null || true
+    fi
+    [[ -z $TREE_LOOP ]] || losetup -d "$TREE_LOOP" 2>/dev/null || true
     if [[ -n $CUR_MP ]] && is_mounted "$CUR_MP"; then
         fusermount3 -u "$CUR_MP" 2>/dev/null || fusermount3 -uz "$CUR_MP" 2>/dev/null || true
     fi
@@ -263,7 +302,11 @@ make_image() {
     [[ $impl == passthrough ]] && fmt=raw
     img=$WORK/img.$fmt
     rm -f "$img"
-    if [[ $kind == empty ]]; then size=$EMPTY_SIZE; else size=$FILL_SIZE; fi
+    case $kind in
+    empty) size=$EMPTY_SIZE ;;
+    tree) size=$TREE_DISK ;;
+    *) size=$FILL_SIZE ;;
+    esac
     if [[ $fmt == qcow2 ]]; then
         qemu-img create -q -f qcow2 -o cluster_size=$CLUSTER "$img" "$size"
     else
@@ -406,6 +449,13 @@ steal_ticks() {
     awk '$1 == "cpu" { t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t }' /proc/stat
 }
 
+# steal_pct "STEAL0 TOTAL0" "STEAL1 TOTAL1": the steal percentage between two
+# steal_ticks readings.
+steal_pct() {
+    awk -v a="$1" -v b="$2" 'BEGIN { split(a, x); split(b, y);
+        t = y[2] - x[2]; if (t <= 0) print "-"; else printf "%.1f", 100 * (y[1] - x[1]) / t }'
+}
+
 # cpu_per_io TICKS0 TICKS1 FIO_JSON: the daemon's CPU microseconds per I/O
 # request that fio completed (all jobs, reads and writes).  Unlike the
 # figure itself, it hardly moves when other guests steal CPU time.
@@ -415,6 +465,103 @@ cpu_per_io() {
     ios=$(jq '[.jobs[] | .read.total_ios + .write.total_ios] | add' "$3" 2>/dev/null || echo 0)
     awk -v c=$(($2 - $1)) -v n="$ios" -v hz="$(getconf CLK_TCK)" \
         'BEGIN { if (n > 0) printf "%.2f", c * 1e6 / hz / n; else print "-" }'
+}
+
+# --- ext4-tree: a real workload ---------------------------------------------------
+# make_tree_tar OUT: a tarball of TREE_FILES files of pseudo-random bytes
+# (incompressible, never zero: no layer can skip or shrink them), sizes 1 KiB
+# to 1 MiB drawn as 1 KiB * 1024^(u^1.5) (a few large files, many small
+# ones; about 108 KB each on average), 50 to a directory, all from
+# TREE_SEED: the same bytes in every run and on every machine.
+make_tree_tar() {
+    python3 - "$TREE_FILES" "$TREE_SEED" "$1" <<'PY'
+import io, random, sys, tarfile
+files, seed, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+rng = random.Random(seed)
+with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
+    for i in range(files):
+        if i % 50 == 0:
+            d = tarfile.TarInfo("tree/d%03d" % (i // 50))
+            d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 1700000000
+            tar.addfile(d)
+        size = int(1024 * 1024 ** (rng.random() ** 1.5))
+        f = tarfile.TarInfo("tree/d%03d/f%05d" % (i // 50, i))
+        f.size, f.mode, f.mtime = size, 0o644, 1700000000
+        tar.addfile(f, io.BytesIO(rng.randbytes(size)))
+PY
+}
+
+now_ns() { date +%s%N; }
+
+# drop_all_caches: the page cache of the whole machine (the ext4's files,
+# the loop device's buffers, the FUSE disk file's pages, the image file
+# under the daemon), dentries and inodes.
+drop_all_caches() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+}
+
+# run_tree IMPL REP: the ext4-tree job on TARGET (the mounted disk file of
+# the daemon CUR_PID).  Appends a write and a read line to TREE_TSV.
+# Returns 1 (after cleaning up) when a step fails.
+run_tree() {
+    local impl=$1 rep=$2 t0 t1 c0 c1 s0 s1 wsec rsec wcpu rcpu bytes hz load
+    hz=$(getconf CLK_TCK)
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    TREE_MNT=$WORK/tree-mnt
+    mkdir -p "$TREE_MNT"
+    # losetup's default, buffered I/O to the disk file (qcow2fuse and the
+    # passthrough open it with FOPEN_DIRECT_IO, so no FUSE page cache; qsd
+    # has one).  Not --direct-io=on: qemu-storage-daemon 7.2's export loses
+    # the loop device's direct writes (mkfs.ext4 then leaves a file system
+    # that does not mount: "iget: checksum invalid").
+    TREE_LOOP=$(losetup --find --show "$TARGET") || { TREE_LOOP=""; return 1; }
+    mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$TREE_LOOP" ||
+        { tree_teardown; return 1; }
+    mount -t ext4 -o nodiscard "$TREE_LOOP" "$TREE_MNT" || { tree_teardown; return 1; }
+    cat "$TREE_TAR" >/dev/null         # the tarball itself read from memory
+    # Write phase: extract, then syncfs (ext4 -> loop -> the daemon's fsync).
+    c0=$(daemon_cpu_ticks "$CUR_PID") s0=$(steal_ticks) t0=$(now_ns)
+    tar -xf "$TREE_TAR" -C "$TREE_MNT" || { tree_teardown; return 1; }
+    sync -f "$TREE_MNT" || { tree_teardown; return 1; }
+    t1=$(now_ns) c1=$(daemon_cpu_ticks "$CUR_PID") s1=$(steal_ticks)
+    wsec=$(awk -v n=$((t1 - t0)) 'BEGIN { printf "%.3f", n / 1e9 }')
+    wcpu=$(awk -v c=$((c1 - c0)) -v hz="$hz" 'BEGIN { printf "%.2f", c / hz }')
+    printf 'ext4-tree\t%s\t%s\twrite\t%s\t%s\t%s\t%s\t-\n' "$impl" "$rep" "$wsec" "$wcpu" \
+        "$(steal_pct "$s0" "$s1")" "$load" >>"$TREE_TSV"
+    # Cold: nothing of the tree left in any cache (ext4 unmounted, the
+    # whole page cache dropped, FUSE pages included), then every file read
+    # in archive order.  tar -f - into a pipe: GNU tar does not read the
+    # files' data when its archive is /dev/null.
+    umount "$TREE_MNT" || { tree_teardown; return 1; }
+    drop_all_caches
+    mount -t ext4 -o ro "$TREE_LOOP" "$TREE_MNT" || { tree_teardown; return 1; }
+    c0=$(daemon_cpu_ticks "$CUR_PID") s0=$(steal_ticks) t0=$(now_ns)
+    bytes=$(tar -cf - -C "$TREE_MNT" tree | wc -c) || { tree_teardown; return 1; }
+    t1=$(now_ns) c1=$(daemon_cpu_ticks "$CUR_PID") s1=$(steal_ticks)
+    rsec=$(awk -v n=$((t1 - t0)) 'BEGIN { printf "%.3f", n / 1e9 }')
+    rcpu=$(awk -v c=$((c1 - c0)) -v hz="$hz" 'BEGIN { printf "%.2f", c / hz }')
+    # The same tar of the same tree: as many bytes as the tarball, or the
+    # read went wrong.
+    if [[ $bytes != "$TREE_TAR_BYTES" ]]; then
+        note "ext4-tree on $impl: the cold read gave $bytes bytes of tar, expected $TREE_TAR_BYTES"
+        rsec=- rcpu=-
+    fi
+    printf 'ext4-tree\t%s\t%s\tread\t%s\t%s\t%s\t%s\t%s\n' "$impl" "$rep" "$rsec" "$rcpu" \
+        "$(steal_pct "$s0" "$s1")" "$load" "$bytes" >>"$TREE_TSV"
+    printf '  %-16s %-12s run %d: extract+sync %8ss (daemon CPU %ss), cold read %8ss (daemon CPU %ss)\n' \
+        ext4-tree "$impl" "$rep" "$wsec" "$wcpu" "$rsec" "$rcpu"
+    tree_teardown
+}
+
+# tree_teardown: unmount the ext4 and detach the loop device (before the
+# daemon goes).
+tree_teardown() {
+    if [[ -n $TREE_MNT ]] && is_mounted "$TREE_MNT"; then
+        umount "$TREE_MNT" || umount -l "$TREE_MNT" || true
+    fi
+    [[ -z $TREE_LOOP ]] || losetup -d "$TREE_LOOP" || true
+    TREE_LOOP=""
 }
 
 median() {
@@ -446,6 +593,19 @@ echo "images:      qcow2 with 64 KiB clusters; allocating jobs: fresh empty $EMP
 echo "results:     $RESULTS"
 echo
 
+TREE_TSV=$RESULTS/tree.tsv
+if ((TREE_JOB)); then
+    printf 'job\timpl\trep\tphase\tseconds\tdaemon_cpu_s\tsteal_pct\tloadavg1_before\ttar_bytes\n' \
+        >"$TREE_TSV"
+    TREE_TAR=$WORKBASE/tree.tar
+    note "making the ext4-tree tarball ($TREE_FILES files, seed $TREE_SEED) ..."
+    make_tree_tar "$TREE_TAR"
+    TREE_TAR_BYTES=$(stat -c %s "$TREE_TAR")
+    echo "ext4-tree:   $TREE_FILES files, $(tar -tvf "$TREE_TAR" | awk '$1 !~ /^d/ { s += $3 }
+        END { printf "%.1f MB", s / 1e6 }') of file data (seed $TREE_SEED), on ext4 on a" \
+        "$TREE_DISK disk" | tee -a "$RESULTS/machine.txt"
+fi
+
 declare -A VAL CPU
 for j in "${SELECTED[@]}"; do
     IFS='|' read -r name label kind dir fig args <<<"$j"
@@ -468,6 +628,16 @@ for j in "${SELECTED[@]}"; do
                 rm -f "$img"
                 continue
             fi
+            if [[ $kind == tree ]]; then
+                if ! run_tree "$impl" "$rep"; then
+                    note "ext4-tree failed on $impl (log: $log)"
+                    printf 'ext4-tree\t%s\t%s\twrite\t-\t-\t-\t-\t-\n' "$impl" "$rep" >>"$TREE_TSV"
+                    printf 'ext4-tree\t%s\t%s\tread\t-\t-\t-\t-\t-\n' "$impl" "$rep" >>"$TREE_TSV"
+                fi
+                stop_impl
+                rm -f "$img"
+                continue
+            fi
             load=$(cut -d' ' -f1 /proc/loadavg)
             perf_pid=""
             if [[ $PERF == 1 && $impl == qcow2fuse ]]; then
@@ -483,8 +653,7 @@ for j in "${SELECTED[@]}"; do
             cpu1=$(daemon_cpu_ticks "$CUR_PID")
             steal1=$(steal_ticks)
             cpu_io=$(cpu_per_io "$cpu0" "$cpu1" "$RESULTS/$name.$impl.r$rep.json")
-            steal=$(awk -v a="$steal0" -v b="$steal1" 'BEGIN { split(a, x); split(b, y);
-                t = y[2] - x[2]; if (t <= 0) print "-"; else printf "%.1f", 100 * (y[1] - x[1]) / t }')
+            steal=$(steal_pct "$steal0" "$steal1")
             if [[ -n $perf_pid ]]; then
                 wait "$perf_pid" || true
                 perf report -i "$RESULTS/perf.$name.r$rep.data" --stdio --no-children \
@@ -509,59 +678,115 @@ for j in "${SELECTED[@]}"; do
     done
 done
 
+# tree_med IMPL PHASE COLUMN: the median of a TREE_TSV column (5: seconds,
+# 6: daemon CPU seconds, 7: steal) over the repetitions.
+tree_med() {
+    awk -F'\t' -v i="$1" -v p="$2" -v c="$3" 'NR > 1 && $2 == i && $4 == p { print $c }' \
+        "$TREE_TSV" | median
+}
+
+# faster THEIRS OURS: how many times faster ours is (their time / ours).
+faster() { ratio "$1" "$2"; }
+
+# tree_table: the ext4-tree job's table (times, daemon CPU, ratios).
+tree_table() {
+    local phase label q s p b
+    echo
+    echo "ext4-tree: ext4 on a loop device over the disk file; $TREE_FILES files extracted" \
+        "and synced, then a cold read of every file"
+    echo "(seconds, median of $REPS; 'faster' = their time / qcow2fuse's time, > 1 is" \
+        "qcow2fuse ahead; CPU: daemon user + system seconds, q/x = qcow2fuse's / theirs)"
+    printf '%-16s %10s %10s %8s %11s %8s\n' phase qcow2fuse qsd faster passthrough faster
+    for phase in write read; do
+        label="extract + sync"
+        [[ $phase == read ]] && label="cold read"
+        q=$(tree_med qcow2fuse $phase 5) s=$(tree_med qsd $phase 5) p=$(tree_med passthrough $phase 5)
+        printf '%-16s %10s %10s %8s %11s %8s\n' "$label" "$q" "$s" "$(faster "$s" "$q")" \
+            "$p" "$(faster "$p" "$q")"
+    done
+    printf '%-16s %10s %10s %8s %11s %8s\n' "daemon CPU (s)" qcow2fuse qsd q/qsd passthrough q/pt
+    for phase in write read; do
+        label="extract + sync"
+        [[ $phase == read ]] && label="cold read"
+        q=$(tree_med qcow2fuse $phase 6) s=$(tree_med qsd $phase 6) p=$(tree_med passthrough $phase 6)
+        printf '%-16s %10s %10s %8s %11s %8s\n' "$label" "$q" "$s" "$(ratio "$q" "$s")" \
+            "$p" "$(ratio "$q" "$p")"
+    done
+    if [[ -n $BASELINE ]]; then
+        printf '%-16s %10s %10s %8s %9s %9s %8s\n' "against baseline" qcow2fuse baseline faster \
+            'CPU q' 'CPU b' q/base
+        for phase in write read; do
+            label="extract + sync"
+            [[ $phase == read ]] && label="cold read"
+            q=$(tree_med qcow2fuse $phase 5) b=$(tree_med baseline $phase 5)
+            printf '%-16s %10s %10s %8s %9s %9s %8s\n' "$label" "$q" "$b" "$(faster "$b" "$q")" \
+                "$(tree_med qcow2fuse $phase 6)" "$(tree_med baseline $phase 6)" \
+                "$(ratio "$(tree_med qcow2fuse $phase 6)" "$(tree_med baseline $phase 6)")"
+        done
+    fi
+    awk -F'\t' 'NR > 1 && $7 != "-" && $7 != "" { print $7 }' "$TREE_TSV" | sort -g |
+        awk '{ a[++n] = $1 } END { if (n) printf "steal during the ext4-tree phases: median %s%%, max %s%%\n",
+            a[int((n + 1) / 2)], a[n] }'
+}
+
 # --- table -----------------------------------------------------------------------
 TABLE=$RESULTS/table.txt
+FIO_SELECTED=()
+for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || FIO_SELECTED+=("$j"); done
 {
-    echo
-    printf '%-30s %-5s %10s %10s %8s %11s %8s\n' job unit qcow2fuse qsd q/qsd passthrough q/pt
-    logsum=0 nlog=0
-    for j in "${SELECTED[@]}"; do
-        IFS='|' read -r name label kind dir fig args <<<"$j"
-        unit=IOPS
-        [[ $fig == bw ]] && unit=MB/s
-        q=${VAL[$name.qcow2fuse]} s=${VAL[$name.qsd]} p=${VAL[$name.passthrough]}
-        r=$(ratio "$q" "$s")
-        printf '%-30s %-5s %10s %10s %8s %11s %8s\n' "$label" "$unit" "$(fmt_fig "$q")" \
-            "$(fmt_fig "$s")" "$r" "$(fmt_fig "$p")" "$(ratio "$q" "$p")"
-        if [[ $r != - && $label != +* ]]; then
-            logsum=$(awk -v s="$logsum" -v q="$q" -v d="$s" 'BEGIN { printf "%.12g", s + log(q / d) }')
-            nlog=$((nlog + 1))
-        fi
-    done
-    if ((nlog)); then
-        awk -v s="$logsum" -v n="$nlog" \
-            'BEGIN { printf "\ngeometric mean of qcow2fuse/qsd over %d jobs: %.2fx\n", n, exp(s / n) }'
-    fi
-    echo
-    echo "daemon CPU time per I/O request (user + system, microseconds; median):"
-    printf '%-30s %10s %10s %11s %8s\n' job qcow2fuse qsd passthrough q/pt
-    for j in "${SELECTED[@]}"; do
-        IFS='|' read -r name label kind dir fig args <<<"$j"
-        q=${CPU[$name.qcow2fuse]} s=${CPU[$name.qsd]} p=${CPU[$name.passthrough]}
-        printf '%-30s %10s %10s %11s %8s\n' "$label" "$q" "$s" "$p" "$(ratio "$q" "$p")"
-    done
-    steals=$(awk -F'\t' 'NR > 1 && $9 != "-" && $9 != "" { print $9 }' "$SUMMARY")
-    if [[ -n $steals ]]; then
-        printf '\nsteal (CPU time the hypervisor gave to other guests) during the runs: median %s%%, max %s%%\n' \
-            "$(median <<<"$steals")" "$(sort -g <<<"$steals" | tail -n 1)"
-    fi
-    awk -F'\t' 'NR > 1 && $2 == "qcow2fuse" && $6 != "-" && $6 > m { m = $6 }
-        END { if (m) printf "qcow2fuse peak RSS (VmHWM) over these jobs: %.1f MiB\n", m / 1024 }' "$SUMMARY"
-    if [[ -n $BASELINE ]]; then
+    if ((${#FIO_SELECTED[@]})); then
         echo
-        echo "qcow2fuse against the baseline build $BASELINE (medians):"
-        printf '%-30s %-5s %10s %10s %8s %9s %9s %8s\n' job unit qcow2fuse baseline q/base \
-            'CPU/IO q' 'CPU/IO b' q/base
-        for j in "${SELECTED[@]}"; do
+        printf '%-30s %-5s %10s %10s %8s %11s %8s\n' job unit qcow2fuse qsd q/qsd passthrough q/pt
+        logsum=0 nlog=0
+        for j in "${FIO_SELECTED[@]}"; do
             IFS='|' read -r name label kind dir fig args <<<"$j"
             unit=IOPS
             [[ $fig == bw ]] && unit=MB/s
-            q=${VAL[$name.qcow2fuse]} b=${VAL[$name.baseline]}
-            printf '%-30s %-5s %10s %10s %8s %9s %9s %8s\n' "$label" "$unit" "$(fmt_fig "$q")" \
-                "$(fmt_fig "$b")" "$(ratio "$q" "$b")" "${CPU[$name.qcow2fuse]}" \
-                "${CPU[$name.baseline]}" "$(ratio "${CPU[$name.qcow2fuse]}" "${CPU[$name.baseline]}")"
+            q=${VAL[$name.qcow2fuse]} s=${VAL[$name.qsd]} p=${VAL[$name.passthrough]}
+            r=$(ratio "$q" "$s")
+            printf '%-30s %-5s %10s %10s %8s %11s %8s\n' "$label" "$unit" "$(fmt_fig "$q")" \
+                "$(fmt_fig "$s")" "$r" "$(fmt_fig "$p")" "$(ratio "$q" "$p")"
+            if [[ $r != - && $label != +* ]]; then
+                logsum=$(awk -v s="$logsum" -v q="$q" -v d="$s" 'BEGIN { printf "%.12g", s + log(q / d) }')
+                nlog=$((nlog + 1))
+            fi
         done
+        if ((nlog)); then
+            awk -v s="$logsum" -v n="$nlog" \
+                'BEGIN { printf "\ngeometric mean of qcow2fuse/qsd over %d jobs: %.2fx\n", n, exp(s / n) }'
+        fi
+        echo
+        echo "daemon CPU time per I/O request (user + system, microseconds; median):"
+        printf '%-30s %10s %10s %11s %8s\n' job qcow2fuse qsd passthrough q/pt
+        for j in "${FIO_SELECTED[@]}"; do
+            IFS='|' read -r name label kind dir fig args <<<"$j"
+            q=${CPU[$name.qcow2fuse]} s=${CPU[$name.qsd]} p=${CPU[$name.passthrough]}
+            printf '%-30s %10s %10s %11s %8s\n' "$label" "$q" "$s" "$p" "$(ratio "$q" "$p")"
+        done
+        steals=$(awk -F'\t' 'NR > 1 && $9 != "-" && $9 != "" { print $9 }' "$SUMMARY")
+        if [[ -n $steals ]]; then
+            printf '\nsteal (CPU time the hypervisor gave to other guests) during the runs: median %s%%, max %s%%\n' \
+                "$(median <<<"$steals")" "$(sort -g <<<"$steals" | tail -n 1)"
+        fi
+        awk -F'\t' 'NR > 1 && $2 == "qcow2fuse" && $6 != "-" && $6 > m { m = $6 }
+            END { if (m) printf "qcow2fuse peak RSS (VmHWM) over these jobs: %.1f MiB\n", m / 1024 }' "$SUMMARY"
+        if [[ -n $BASELINE ]]; then
+            echo
+            echo "qcow2fuse against the baseline build $BASELINE (medians):"
+            printf '%-30s %-5s %10s %10s %8s %9s %9s %8s\n' job unit qcow2fuse baseline q/base \
+                'CPU/IO q' 'CPU/IO b' q/base
+            for j in "${FIO_SELECTED[@]}"; do
+                IFS='|' read -r name label kind dir fig args <<<"$j"
+                unit=IOPS
+                [[ $fig == bw ]] && unit=MB/s
+                q=${VAL[$name.qcow2fuse]} b=${VAL[$name.baseline]}
+                printf '%-30s %-5s %10s %10s %8s %9s %9s %8s\n' "$label" "$unit" "$(fmt_fig "$q")" \
+                    "$(fmt_fig "$b")" "$(ratio "$q" "$b")" "${CPU[$name.qcow2fuse]}" \
+                    "${CPU[$name.baseline]}" "$(ratio "${CPU[$name.qcow2fuse]}" "${CPU[$name.baseline]}")"
+            done
+        fi
     fi
+    ((TREE_JOB)) && tree_table
 } | tee "$TABLE"
 
 # --- RSS and mount time on a 1 TiB image ------------------------------------------

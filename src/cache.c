@@ -307,6 +307,11 @@ void cache_dependency_met(struct cache *c)
     c->depends_on_flush = false;
 }
 
+bool cache_has_dependency(const struct cache *c)
+{
+    return c->depends != NULL || c->depends_on_flush;
+}
+
 /*
  * Find a victim: the least recently used unreferenced entry, except that an
  * entry peeked at since it was last considered goes back to the head once.

@@ -123,6 +123,10 @@ void cache_set_data_io(struct cache *c, struct io *data_io);
  * both requirements so the next table write does not repeat them. */
 void cache_dependency_met(struct cache *c);
 
+/* Whether a table write of @c must first flush its dependency or the host
+ * (cache_set_dependency, cache_depends_on_flush, not met yet). */
+bool cache_has_dependency(const struct cache *c);
+
 /* Forget the table at @offset (its cluster was freed): no write-back.
  * On entry the entry must not be referenced. */
 void cache_discard(struct cache *c, uint64_t offset);

@@ -30,6 +30,7 @@ struct cluster {
     struct refcount *rc;        /* NULL on read-only images */
     uint8_t *l1_dirty;          /* one flag per L1_CHUNK entries */
     bool any_l1_dirty;
+    bool borrowed_cache;        /* a view's: l2_cache belongs to another */
 };
 
 #define L1_CHUNK 512            /* entries per L1 write unit (4 KiB) */
@@ -134,6 +135,33 @@ int cluster_decode_entry(const struct meta *m, uint64_t entry, uint64_t bitmap,
     return 0;
 }
 
+/* Allocate @cl's L1 table of @l1_size entries and read it from @l1_offset. */
+static int load_l1(struct cluster *cl, uint64_t l1_offset, uint32_t l1_size)
+{
+    struct meta *m = cl->m;
+    int ret;
+
+    cl->l1_size = l1_size;
+    cl->l1_offset = l1_offset;
+    cl->slice_bytes = m->cluster_size < L2_SLICE_MAX ? m->cluster_size : L2_SLICE_MAX;
+    cl->slice_entries = cl->slice_bytes / m->l2_entry_bytes;
+    cl->l1 = calloc(l1_size ? l1_size : 1, sizeof(uint64_t));
+    cl->l1_dirty = calloc(l1_size / L1_CHUNK + 1, 1);
+    if (!cl->l1 || !cl->l1_dirty)
+        return -ENOMEM;
+    if (l1_size) {
+        ret = io_pread(m->io, cl->l1, (size_t)l1_size * 8, l1_offset);
+        if (ret < 0) {
+            log_error("reading the L1 table (%u entries at 0x%llx) failed: %s",
+                      l1_size, (unsigned long long)l1_offset, strerror(-ret));
+            return ret;
+        }
+        for (uint32_t i = 0; i < l1_size; i++)
+            cl->l1[i] = be64_get(&cl->l1[i]);
+    }
+    return 0;
+}
+
 int cluster_open(struct meta *m, uint64_t l1_offset, uint32_t l1_size,
                  uint64_t l2_cache_bytes, struct cluster **out)
 {
@@ -144,27 +172,9 @@ int cluster_open(struct meta *m, uint64_t l1_offset, uint32_t l1_size,
     if (!cl)
         return -ENOMEM;
     cl->m = m;
-    cl->l1_size = l1_size;
-    cl->l1_offset = l1_offset;
-    cl->slice_bytes = m->cluster_size < L2_SLICE_MAX ? m->cluster_size : L2_SLICE_MAX;
-    cl->slice_entries = cl->slice_bytes / m->l2_entry_bytes;
-
-    cl->l1 = calloc(l1_size ? l1_size : 1, sizeof(uint64_t));
-    cl->l1_dirty = calloc(l1_size / L1_CHUNK + 1, 1);
-    if (!cl->l1 || !cl->l1_dirty) {
-        ret = -ENOMEM;
+    ret = load_l1(cl, l1_offset, l1_size);
+    if (ret < 0)
         goto fail;
-    }
-    if (l1_size) {
-        ret = io_pread(m->io, cl->l1, (size_t)l1_size * 8, l1_offset);
-        if (ret < 0) {
-            log_error("reading the L1 table (%u entries at 0x%llx) failed: %s",
-                      l1_size, (unsigned long long)l1_offset, strerror(-ret));
-            goto fail;
-        }
-        for (uint32_t i = 0; i < l1_size; i++)
-            cl->l1[i] = be64_get(&cl->l1[i]);
-    }
 
     nb_slices = l2_cache_bytes / cl->slice_bytes;
     if (nb_slices < L2_CACHE_MIN)
@@ -189,11 +199,35 @@ fail:
     return ret;
 }
 
+int cluster_open_view(struct cluster *base, struct meta *m, uint64_t l1_offset,
+                      uint32_t l1_size, struct cluster **out)
+{
+    struct cluster *cl = calloc(1, sizeof(*cl));
+    int ret;
+
+    if (!cl)
+        return -ENOMEM;
+    cl->m = m;
+    /* Slices are keyed by host offset and a snapshot's tables are never
+     * written in place, so whatever @base cached of them is what they
+     * hold on disk: one cache serves both. */
+    cl->l2_cache = base->l2_cache;
+    cl->borrowed_cache = true;
+    ret = load_l1(cl, l1_offset, l1_size);
+    if (ret < 0) {
+        cluster_close(cl);
+        return ret;
+    }
+    *out = cl;
+    return 0;
+}
+
 void cluster_close(struct cluster *cl)
 {
     if (!cl)
         return;
-    cache_destroy(cl->l2_cache);
+    if (!cl->borrowed_cache)
+        cache_destroy(cl->l2_cache);
     free(cl->l1_dirty);
     free(cl->l1);
     free(cl);
@@ -212,6 +246,11 @@ bool cluster_l2_dirty(const struct cluster *cl)
 void cluster_refcounts_durable(struct cluster *cl)
 {
     cache_dependency_met(cl->l2_cache);
+}
+
+bool cluster_l2_waits_for_flush(const struct cluster *cl)
+{
+    return cache_has_dependency(cl->l2_cache);
 }
 
 int cluster_write_l2(struct cluster *cl)

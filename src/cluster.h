@@ -102,6 +102,19 @@ int cluster_open(struct meta *m, uint64_t l1_offset, uint32_t l1_size,
 void cluster_close(struct cluster *cl);
 
 /*
+ * A read-only translation through another L1 table (a snapshot's:
+ * @l1_size entries at @l1_offset, bounds checked by the caller) that
+ * shares @base's L2 cache, so it is looked up under @base's metadata lock
+ * (the locking rule above, for @base's image).  @m is the view's own
+ * geometry: corruption it finds is reported through it.  The write side is
+ * never enabled on it.
+ * On exit: close *out (cluster_close) before @base.
+ * Returns: 0 or -errno (the L1 read failed, logged).
+ */
+int cluster_open_view(struct cluster *base, struct meta *m, uint64_t l1_offset,
+                      uint32_t l1_size, struct cluster **out);
+
+/*
  * Translate guest bytes [@offset, @offset + @max_bytes).
  * On entry: @offset < virtual size, @max_bytes > 0.
  * On exit:  *run describes 1..@max_bytes bytes starting at @offset.
@@ -133,6 +146,10 @@ bool cluster_l2_dirty(const struct cluster *cl);
  * the next L2 write needs no flush of its own.
  */
 void cluster_refcounts_durable(struct cluster *cl);
+
+/* Whether an L2 entry set with @new_data (cluster_set_entry) since the
+ * last cluster_refcounts_durable waits for a host flush. */
+bool cluster_l2_waits_for_flush(const struct cluster *cl);
 
 /* Write the dirty L2 slices (no host flush).  Returns: 0 or the first
  * -errno; a slice whose write failed stays dirty. */
@@ -225,7 +242,10 @@ int cluster_prepare_l2(struct cluster *cl, uint64_t gc);
  *           earlier (tables never become shared again while mounted).
  * On exit:  the slice is dirty; if @new_data, the L2 cache now depends on
  *           the refcount cache and on a host flush (invariants 1 and 2 of
- *           image_flush.c).
+ *           image_flush.c).  A caller passes @new_data false for a change
+ *           that references no new host data, or for data in a reserved
+ *           cluster that may reach the disk under the same flush as the
+ *           entry (invariant 2's exception).
  * Returns:  0, or -errno of getting the slice (its read, or the write of
  *           the table evicted for it) or of settling an earlier dependency
  *           (the entry is unchanged then).

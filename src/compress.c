@@ -4,7 +4,10 @@
  */
 #include "compress.h"
 
+#include "scratch.h"
+
 #include <errno.h>
+#include <stdlib.h>
 #include <zlib.h>
 #include <zstd.h>
 #include <zstd_errors.h>
@@ -34,9 +37,47 @@ uint64_t compress_descriptor_encode(uint64_t host_offset, uint64_t len,
     return host_offset | extra << x;
 }
 
+/*
+ * zlib's allocations for one inflate (its state, about 7 KiB, and the
+ * 32 KiB window) come from the thread's SCRATCH_INFLATE buffer, taken
+ * front to back and given back all at once when the next decode starts,
+ * instead of two mallocs per compressed cluster.  Should another zlib
+ * need more than the buffer holds, the rest comes from malloc.
+ */
+#define INFLATE_ARENA   (64u << 10)
+
+struct inflate_arena {
+    uint8_t *base;
+    size_t used;
+};
+
+static voidpf arena_alloc(voidpf opaque, uInt items, uInt size)
+{
+    struct inflate_arena *a = opaque;
+    size_t n = (size_t)items * size;            /* both 32-bit: no overflow */
+    size_t aligned = (n + 15) & ~(size_t)15;
+
+    if (a->base && aligned <= INFLATE_ARENA - a->used) {
+        void *p = a->base + a->used;
+        a->used += aligned;
+        return p;
+    }
+    return malloc(n);
+}
+
+static void arena_free(voidpf opaque, voidpf p)
+{
+    struct inflate_arena *a = opaque;
+
+    if (a->base && (uint8_t *)p >= a->base && (uint8_t *)p < a->base + INFLATE_ARENA)
+        return;                                 /* back with the arena */
+    free(p);
+}
+
 static int zlib_decode(const void *src, size_t src_len, void *dst, size_t dst_len)
 {
-    z_stream s = { 0 };
+    struct inflate_arena arena = { scratch_get(SCRATCH_INFLATE, INFLATE_ARENA), 0 };
+    z_stream s = { .zalloc = arena_alloc, .zfree = arena_free, .opaque = &arena };
     int ret;
 
     if (inflateInit2(&s, -15) != Z_OK)      /* raw deflate, any window */
@@ -54,15 +95,31 @@ static int zlib_decode(const void *src, size_t src_len, void *dst, size_t dst_le
     return -EIO;
 }
 
+static void *dctx_create(void)
+{
+    return ZSTD_createDCtx();
+}
+
+static void dctx_free(void *dctx)
+{
+    ZSTD_freeDCtx(dctx);
+}
+
+/* The decoding context is the thread's own (SCRATCH_ZSTD_DCTX), kept from
+ * one cluster to the next and reset before each: no allocation per
+ * compressed cluster once its buffers have grown to the image's frames. */
 static int zstd_decode(const void *src, size_t src_len, void *dst, size_t dst_len)
 {
-    ZSTD_DCtx *dctx = ZSTD_createDCtx();
+    ZSTD_DCtx *dctx = scratch_object(SCRATCH_ZSTD_DCTX, dctx_create, dctx_free);
     ZSTD_inBuffer in = { src, src_len, 0 };
     ZSTD_outBuffer out = { dst, dst_len, 0 };
     int ret = 0;
 
     if (!dctx)
         return -ENOMEM;
+    /* A failed cluster may have left a frame half decoded. */
+    if (ZSTD_isError(ZSTD_DCtx_reset(dctx, ZSTD_reset_session_only)))
+        return -EIO;
     /* One cluster may be stored as several frames; stop once it is full. */
     while (out.pos < out.size) {
         size_t last_in = in.pos, last_out = out.pos;
@@ -76,7 +133,6 @@ static int zstd_decode(const void *src, size_t src_len, void *dst, size_t dst_le
             break;
         }
     }
-    ZSTD_freeDCtx(dctx);
     return ret;
 }
 

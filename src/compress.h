@@ -1,7 +1,8 @@
 /*
  * compress — compressed clusters: the L2 descriptor, and zlib (raw deflate)
  * and zstd decoding and encoding of one cluster.  Pure functions apart from
- * the codec libraries; thread-safe.
+ * the codec libraries and zlib's working memory (the calling thread's
+ * scratch buffer); thread-safe.
  */
 #ifndef QCOW2FUSE_COMPRESS_H
 #define QCOW2FUSE_COMPRESS_H

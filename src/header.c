@@ -685,6 +685,87 @@ int header_write_autoclear(struct io *io, uint64_t bits)
     return write_u64_field(io, QCOW2_HDR_AUTOCLEAR_FEATURES, bits);
 }
 
+int header_write_backing_file(struct io *io, uint64_t offset, uint32_t size)
+{
+    uint8_t b[12];
+
+    _Static_assert(QCOW2_HDR_BACKING_FILE_SIZE == QCOW2_HDR_BACKING_FILE_OFFSET + 8,
+                   "backing_file_offset and _size are adjacent");
+    be64_put(b, offset);
+    be32_put(b + 8, size);
+    return io_pwrite(io, b, sizeof(b), QCOW2_HDR_BACKING_FILE_OFFSET);
+}
+
+/* Remove the extensions of @type from h->exts (the list only). */
+static void drop_exts_of_type(struct qcow2_header *h, uint32_t type)
+{
+    unsigned kept = 0;
+
+    for (unsigned i = 0; i < h->nb_exts; i++) {
+        if (h->exts[i].type == type)
+            free(h->exts[i].data);
+        else
+            h->exts[kept++] = h->exts[i];
+    }
+    h->nb_exts = kept;
+}
+
+int header_remove_extension(struct io *io, struct qcow2_header *h, uint32_t type)
+{
+    struct qcow2_header disk;
+    size_t start, off, area;
+    bool found = false;
+    uint8_t *buf = NULL;
+    int ret;
+
+    ret = header_read(io, &disk, NULL, 0);
+    if (ret < 0)
+        return ret;
+    start = disk.version == 2 ? QCOW2_V2_HEADER_LEN : disk.header_length;
+    area = disk.ext_end > start ? disk.ext_end - start : 0;
+    for (unsigned i = 0; i < disk.nb_exts; i++)
+        found |= disk.exts[i].type == type;
+    if (!found || area < 8)
+        goto out;
+    buf = calloc(1, area);
+    if (!buf) {
+        ret = -ENOMEM;
+        goto out;
+    }
+    off = 0;
+    for (unsigned i = 0; i < disk.nb_exts; i++) {
+        const struct header_ext *e = &disk.exts[i];
+        if (e->type == type)
+            continue;
+        /* Fewer bytes than were decoded from this same area: it fits. */
+        be32_put(buf + off, e->type);
+        be32_put(buf + off + 4, e->len);
+        memcpy(buf + off + 8, e->data, e->len);
+        off += 8 + (((size_t)e->len + 7) & ~(size_t)7);
+    }
+    /* buf[off..] stays zero: the END marker and the freed bytes. */
+    ret = io_pwrite(io, buf, area, start);
+out:
+    if (ret == 0) {
+        drop_exts_of_type(h, type);
+        if (type == QCOW2_EXT_BACKING_FORMAT) {
+            free(h->backing_format);
+            h->backing_format = NULL;
+        }
+    }
+    free(buf);
+    header_free(&disk);
+    return ret;
+}
+
+void header_forget_backing(struct qcow2_header *h)
+{
+    free(h->backing_file);
+    h->backing_file = NULL;
+    h->backing_file_offset = 0;
+    h->backing_file_size = 0;
+}
+
 int header_encode(struct qcow2_header *h, uint8_t *buf, size_t buf_len)
 {
     size_t off, need;

@@ -172,6 +172,28 @@ int header_write_refcount_table(struct io *io, uint64_t offset, uint32_t cluster
 int header_write_incompatible(struct io *io, uint64_t bits);
 /* autoclear_features (8 bytes at 88; version 3). */
 int header_write_autoclear(struct io *io, uint64_t bits);
+/* backing_file_offset and backing_file_size together (12 bytes at 8):
+ * (0, 0) makes the image stand alone.  The name's bytes stay where they
+ * were, unreferenced. */
+int header_write_backing_file(struct io *io, uint64_t offset, uint32_t size);
+
+/*
+ * Rewrite the extension area of the header on @io without the extensions
+ * of @type, in one io_pwrite from the first extension to the old end of
+ * the area (the END marker moves up, the bytes it leaves are zeroed), and
+ * drop them from @h (for QCOW2_EXT_BACKING_FORMAT also h->backing_format).
+ * The area is read back from @io first, so a change another owner of an
+ * extension wrote in place is kept.  No flush.
+ * On entry: the header on @io has no backing file name (or it is outside
+ *           the extension area: the area ends where the name starts).
+ * Returns: 0 (also when there is no such extension: nothing is written),
+ *          or -errno of the read or the write.
+ */
+int header_remove_extension(struct io *io, struct qcow2_header *h, uint32_t type);
+
+/* Forget the backing file of @h in memory (name, format, offset, size),
+ * after header_write_backing_file(io, 0, 0) made it so on disk. */
+void header_forget_backing(struct qcow2_header *h);
 
 /* Minimum bytes header_decode needs to learn the cluster size. */
 #define HEADER_PROBE_LEN            QCOW2_V3_MIN_HEADER_LEN

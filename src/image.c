@@ -1,6 +1,7 @@
 /*
  * image — opening and closing an image and its chain (backing files, an
- * external data file, the repair of a dirty lazy-refcounts image), the
+ * external data file, the repair of a dirty lazy-refcounts image), views of
+ * its internal snapshots, the
  * request ranges that keep changes of one cluster apart, the sticky host
  * flush failure, and statistics.  The I/O paths are in image_read.c,
  * image_write.c, image_flush.c and image_zero.c; what they share is in
@@ -8,6 +9,7 @@
  */
 #include "image_impl.h"
 
+#include "bitmap.h"
 #include "cache.h"          /* struct cache_stats */
 #include "check.h"
 #include "cluster.h"
@@ -18,6 +20,7 @@
 #include "refcount.h"
 #include "snapshot.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -25,12 +28,19 @@
 #include <string.h>
 #include <unistd.h>
 
+static void view_free(struct image *view);
+
 static void image_free(struct image *img)
 {
     if (!img)
         return;
+    if (img->view_of) {
+        view_free(img);
+        return;
+    }
     if (img->backing)
         image_close(img->backing);
+    bitmap_close(img->bitmaps);
     cluster_close(img->cl);
     refcount_close(img->rc);
     meta_set_destroy(&img->meta);
@@ -103,6 +113,7 @@ static int open_backing(struct image *img, const struct image_options *opts,
     /* The chain below is opened for the top image's owner. */
     struct image_options below = *opts;
     struct backing_owners owners = { .namer = backing_owner(img->io) };
+    struct image *chain = NULL;
     enum backing_format fmt;
     struct io *bio = NULL;
     char *bpath = NULL;
@@ -125,7 +136,7 @@ static int open_backing(struct image *img, const struct image_options *opts,
         goto out;
     }
     if (fmt == BACKING_FORMAT_RAW) {
-        ret = open_raw(bpath, bio, &img->backing);
+        ret = open_raw(bpath, bio, &chain);
     } else {
         /* The descriptor opened for the owner, not a second open by name. */
         ret = io_lock_image(bio, bpath, false);
@@ -133,8 +144,9 @@ static int open_backing(struct image *img, const struct image_options *opts,
             io_close(bio);
             goto out;
         }
-        ret = open_chain(bpath, bio, &below, false, depth + 1, &img->backing);
+        ret = open_chain(bpath, bio, &below, false, depth + 1, &chain);
     }
+    img->backing = chain;
 out:
     free(bpath);
     return ret;
@@ -250,12 +262,37 @@ static int mark_snapshots(struct image *img)
     return ret;
 }
 
+/*
+ * The L1 table and size a view of snapshot @s shows under header @h, with
+ * @current the active disk's size: validated as every viewer of a
+ * snapshot does (-o snapshot= and image_snapshot_view_open).  The table
+ * reader bounded the L1 table's offset and size; here its disk size.  L1
+ * entries are checked where a lookup uses them (cluster.c l2_table_of), as
+ * for the active table.
+ * Returns: 0, or -EINVAL with @err naming the snapshot, field and offset.
+ */
+static int snapshot_geometry(const struct qcow2_header *h, uint64_t current,
+                             const struct snapshot *s, uint64_t *l1_offset,
+                             uint32_t *l1_size, uint64_t *size, char *err,
+                             size_t err_len)
+{
+    int ret = snapshot_check_view(h, s, err, err_len);
+
+    if (ret < 0)
+        return ret;
+    *l1_offset = s->l1_offset;
+    *l1_size = s->l1_size;
+    *size = snapshot_disk_size(s, current);
+    return 0;
+}
+
 /* The L1 table and size to show: the active ones, or a snapshot's. */
 static int choose_view(struct image *img, const char *snap_name, uint64_t *l1_offset,
                        uint32_t *l1_size)
 {
     const struct snapshot *s;
     struct snapshot_table t;
+    uint64_t size;
     char err[256];
     int ret;
 
@@ -276,18 +313,14 @@ static int choose_view(struct image *img, const char *snap_name, uint64_t *l1_of
         snapshot_table_free(&t);
         return -ENOENT;
     }
-    ret = snapshot_check_view(&img->hdr, s, err, sizeof(err));
-    if (ret < 0) {
+    ret = snapshot_geometry(&img->hdr, img->hdr.size, s, l1_offset, l1_size, &size,
+                            err, sizeof(err));
+    if (ret < 0)
         log_error("%s: %s", img->path, err);
-        snapshot_table_free(&t);
-        return ret;
-    }
-    *l1_offset = s->l1_offset;
-    *l1_size = s->l1_size;
-    if (s->disk_size)
-        img->size = s->disk_size;
+    else
+        img->size = size;
     snapshot_table_free(&t);
-    return 0;
+    return ret;
 }
 
 static uint64_t default_l2_cache(const struct image *img)
@@ -397,6 +430,8 @@ static int open_chain(const char *path, struct io *given_io,
             ret = meta_mark(&img->meta, 0, img->meta.cluster_size, META_KIND_HEADER);
         if (ret == 0)
             ret = mark_snapshots(img);
+        if (ret == 0)
+            ret = bitmap_open(&img->meta, &img->hdr, img->path, &img->bitmaps);
         if (ret < 0)
             goto fail;
         ret = refcount_open(&img->meta, img->hdr.refcount_table_offset,
@@ -434,6 +469,7 @@ static int open_top(const char *path, struct io *io, const struct image_options 
     if (ret == 0) {
         (*out)->discard = opts->discard;
         (*out)->detect_zeroes = opts->detect_zeroes;
+        (*out)->copy_on_read = opts->copy_on_read && !image_is_read_only(*out);
         io_set_name((*out)->io, (*out)->path);
     }
     return ret;
@@ -489,6 +525,8 @@ int image_close(struct image *img)
 {
     int ret = 0;
 
+    /* Views borrow this image's files, chain and L2 cache. */
+    assert(img->view_of || atomic_load(&img->views) == 0);
     if (!img->meta.read_only && !img->is_raw && image_flush_failed(img)) {
         /* Nothing more is written, not even the dirty bit: a lazy-refcounts
          * image is then rebuilt at its next writable open. */
@@ -498,6 +536,22 @@ int image_close(struct image *img)
         ret = -EIO;
     } else if (!img->meta.read_only && !img->is_raw) {
         ret = image_flush(img);
+        /* The bitmaps after every change: they must cover it, and their
+         * old clusters are freed by the flush after them. */
+        if (ret == 0 && img->bitmaps) {
+            lock_exclusive(img);
+            ret = bitmap_store(img->bitmaps, img->rc);
+            unlock_exclusive(img);
+            if (ret == 0)
+                ret = image_flush(img);
+        }
+        /* Every reference is durable: what is left of the reservation
+         * goes back, or it would stay as leaked clusters. */
+        if (ret == 0) {
+            lock_exclusive(img);
+            ret = refcount_release_reservation(img->rc);
+            unlock_exclusive(img);
+        }
         if (ret == 0 && img->set_dirty_bit) {
             ret = meta_update_incompatible(&img->meta, 0, QCOW2_INCOMPAT_DIRTY);
             if (ret == 0)
@@ -576,6 +630,31 @@ void image_range_unlock(struct image *img, struct range *r)
     unlock_exclusive(img);
 }
 
+/* The copy-on-read and stream part of the statistics line. */
+static void append_fill_stats(struct image *img, char *buf, size_t len)
+{
+    static const char *const states[] = {
+        [IMAGE_STREAM_RUNNING] = "running", [IMAGE_STREAM_DONE] = "done",
+        [IMAGE_STREAM_STOPPED] = "stopped", [IMAGE_STREAM_FAILED] = "failed",
+    };
+    size_t used = strlen(buf);
+    int state = img->stream_state;
+    uint64_t size = img->stream_total, pos = img->stream_pos;
+
+    if (img->copy_on_read && used < len)
+        used += (size_t)snprintf(buf + used, len - used, ", copied on read %llu bytes",
+                                 (unsigned long long)img->bytes_copied_on_read);
+    if (state == IMAGE_STREAM_OFF || used >= len)
+        return;
+    if (pos > size)
+        pos = size;
+    snprintf(buf + used, len - used, ", stream %s %llu%% (%llu of %llu bytes walked, "
+             "%llu bytes filled)", states[state],
+             (unsigned long long)(size ? (double)pos * 100 / (double)size : 100),
+             (unsigned long long)pos, (unsigned long long)size,
+             (unsigned long long)img->bytes_filled);
+}
+
 void image_stats(struct image *img, char *buf, size_t len)
 {
     struct cache_stats l2 = { 0 }, rc = { 0 };
@@ -595,4 +674,151 @@ void image_stats(struct image *img, char *buf, size_t len)
              (unsigned long long)l2.hits, (unsigned long long)l2.misses,
              (unsigned long long)l2.evictions, (unsigned long long)rc.hits,
              (unsigned long long)rc.misses);
+    append_fill_stats(img, buf, len);
+}
+
+/* ---- views of internal snapshots ------------------------------------------ */
+
+int image_snapshot_table(struct image *img, struct snapshot_table *t)
+{
+    char err[256];
+    int ret;
+
+    memset(t, 0, sizeof(*t));
+    if (img->is_raw)
+        return 0;
+    ret = snapshot_table_read(img->io, &img->hdr, t, err, sizeof(err));
+    if (ret == -EINVAL)
+        log_error("%s: %s", img->path, err);
+    return ret;
+}
+
+/* snapshot_geometry for a view over the open image @img, which may be
+ * written (and resized) meanwhile. */
+static int view_geometry(struct image *img, const struct snapshot *s,
+                         uint64_t *l1_offset, uint32_t *l1_size, uint64_t *size,
+                         char *err, size_t err_len)
+{
+    uint64_t current;
+
+    if (img->meta.has_data_file) {
+        /* QEMU refuses snapshots of such images: guest data lives at fixed
+         * offsets of the data file, which holds only the current disk. */
+        snprintf(err, err_len, "internal snapshots cannot be shown: the image "
+                 "keeps its data in an external data file, which holds only "
+                 "the current disk");
+        return -EOPNOTSUPP;
+    }
+    lock_exclusive(img);        /* a resize changes it under the lock */
+    current = img->hdr.size;
+    unlock_exclusive(img);
+    return snapshot_geometry(&img->hdr, current, s, l1_offset, l1_size, size, err,
+                             err_len);
+}
+
+int image_snapshot_view_size(struct image *img, const struct snapshot *s,
+                             uint64_t *size, char *err, size_t err_len)
+{
+    uint64_t l1_offset;
+    uint32_t l1_size;
+
+    return view_geometry(img, s, &l1_offset, &l1_size, size, err, err_len);
+}
+
+static void view_free(struct image *view)
+{
+    cluster_close(view->cl);
+    atomic_fetch_sub(&view->view_of->views, 1);
+    pthread_mutex_destroy(&view->meta.header_lock);
+    pthread_rwlock_destroy(&view->tables);
+    pthread_mutex_destroy(&view->lock);
+    pthread_cond_destroy(&view->range_cond);
+    free(view->path);
+    free(view);
+}
+
+/*
+ * Why a view needs no lock of its own against writes to the image it
+ * views: a snapshot's L1 table is its own copy, and the tables and data
+ * clusters it reaches are never changed in place nor freed while the
+ * snapshot exists.  Each of them has a refcount of at least 2 (the
+ * snapshot's and the active disk's) or is the snapshot's alone, and no
+ * active entry names it with COPIED, so the write side copies before it
+ * changes anything (cluster_prepare_l2 for a table; image_write.c
+ * plan_inplace and plan_cluster take a cluster over only with COPIED or a
+ * refcount of 1), and a zeroing or discard drops only the active disk's
+ * reference (image_zero.c zero_cluster keeps a host cluster only with
+ * COPIED; refcount_defer_free takes one reference away).  The overlap check
+ * refuses any write of an L2 table a snapshot names (META_KIND_SNAPSHOT_L2),
+ * also when its refcount is wrong.  So the slices of a snapshot's tables in
+ * the shared cache always equal the disk, and what a view's lookup returns
+ * stays valid after the lock is dropped; the lookups themselves follow the
+ * active disk's rule (cluster.h), under its lock, since cache membership
+ * changes under it.
+ */
+int image_snapshot_view_open(struct image *img, uint32_t index, struct image **out)
+{
+    struct snapshot_table t;
+    struct image *view = NULL;
+    uint64_t l1_offset, size;
+    uint32_t l1_size;
+    char err[256];
+    int ret;
+
+    if (img->is_raw || img->view_of)
+        return -EINVAL;
+    ret = image_snapshot_table(img, &t);
+    if (ret < 0)
+        return ret;
+    if (index >= t.nb) {
+        ret = -ENOENT;
+        goto out;
+    }
+    ret = view_geometry(img, &t.s[index], &l1_offset, &l1_size, &size, err, sizeof(err));
+    if (ret < 0) {
+        log_error("%s: %s", img->path, err);
+        goto out;
+    }
+    view = image_alloc();
+    if (!view) {
+        ret = -ENOMEM;
+        goto out;
+    }
+    view->view_of = img;                /* from here on freed by view_free */
+    atomic_fetch_add(&img->views, 1);
+    if (asprintf(&view->path, "%s, snapshot %u", img->path, index) < 0) {
+        view->path = NULL;
+        ret = -ENOMEM;
+        goto fail;
+    }
+    view->io = img->io;                 /* borrowed, as is all below */
+    view->backing = img->backing;
+    view->compression = img->compression;
+    view->size = size;
+    /* Its own geometry, read-only: corruption found in the snapshot's
+     * tables marks the view, not the writable disk beside it.  The file's
+     * end as of now bounds every offset: the snapshot's clusters all lie
+     * below it, and the file only grows. */
+    lock_exclusive(img);
+    meta_init(&view->meta, &img->hdr, img->io, true);
+    view->meta.data_io = img->meta.data_io;
+    view->meta.file_end = img->meta.file_end;
+    unlock_exclusive(img);
+    ret = cluster_open_view(img->cl, &view->meta, l1_offset, l1_size, &view->cl);
+    if (ret < 0)
+        goto fail;
+    *out = view;
+    goto out;
+
+fail:
+    view_free(view);
+out:
+    snapshot_table_free(&t);
+    return ret;
+}
+
+void image_snapshot_view_close(struct image *view)
+{
+    assert(view->view_of);
+    view_free(view);
 }

@@ -45,6 +45,7 @@ struct image_options {
     struct backing_options backing;
     int trace_fd;                   /* >= 0: record host I/O (tests) */
     const char *snapshot;           /* show this internal snapshot (read-only) */
+    bool copy_on_read;              /* reads fill the top image from the chain */
 };
 
 #define IMAGE_MAX_CHAIN_DEPTH   64
@@ -129,6 +130,66 @@ int image_resize(struct image *img, uint64_t new_size);
  * allocated, flushes, cache hits and misses. */
 void image_stats(struct image *img, char *buf, size_t len);
 
+/*
+ * As image_flush, for a flush the guest did not ask for (a background
+ * stream's): no trace mark, so the marks stay the guest's fsyncs.
+ */
+int image_flush_quiet(struct image *img);
+
+/* ---- copy-on-read and streaming (image_fill.c) ----------------------------- */
+
+/* Whether the image still has a backing chain. */
+bool image_has_backing(struct image *img);
+
+/* The virtual size of the backing chain (its top image's), 0 without:
+ * past it the disk reads as zeros with or without the chain. */
+uint64_t image_chain_size(struct image *img);
+
+/* Guest requests in flight (reads, writes, zeroing, flushes). */
+unsigned image_guest_requests(struct image *img);
+
+/*
+ * Copy the clusters of [@offset, @offset + @len) (widened to whole
+ * clusters) that the top image does not have from the backing chain into
+ * it: data as a write would write it, clusters that read as zeros as zero
+ * clusters.  Only what is still unallocated is filled: each span is held
+ * as a write holds its range, and looked at again under it, so a guest
+ * write that got there first is never overwritten.  Clusters the image
+ * has are skipped at lookup speed, and so is what lies past the end of the
+ * backing chain (it reads as zeros with or without it).
+ * On exit: *filled is the number of bytes filled.
+ * Returns: 0 (also with no backing chain: nothing to do), -EROFS, -EIO,
+ *          -ENOSPC, -errno.
+ */
+int image_fill(struct image *img, uint64_t offset, uint64_t len, uint64_t *filled);
+
+/*
+ * Make the image stand alone: make everything written durable (data, then
+ * L2 and L1 tables: image_flush_quiet), then clear the header's backing
+ * file name (flushed) and drop its backing format extension (flushed), then
+ * close the backing chain once no read is inside it.
+ * On entry: the whole disk is local (a pass of image_fill over it
+ *           succeeded: nothing makes a cluster unallocated again while a
+ *           backing file is there).
+ * Returns: 0, -EBUSY (logged: the image has internal snapshots, which
+ *          still read through the chain), or -errno (the backing chain
+ *          stays; a crash in between leaves either header, both valid for
+ *          the same content).
+ */
+int image_drop_backing(struct image *img);
+
+enum image_stream_state {
+    IMAGE_STREAM_OFF,
+    IMAGE_STREAM_RUNNING,
+    IMAGE_STREAM_DONE,          /* the backing file is dropped */
+    IMAGE_STREAM_STOPPED,       /* by unmount: the next -o stream resumes */
+    IMAGE_STREAM_FAILED,
+};
+
+/* Where a stream is (@pos of @total bytes walked), for image_stats. */
+void image_report_stream(struct image *img, enum image_stream_state state, uint64_t pos,
+                         uint64_t total);
+
 /* Trace mark recorded after every successful image_flush(); the argument is
  * the flush's sequence number (1, 2, ...).  Used by the power-loss tests. */
 #define IMAGE_MARK_FLUSHED  1
@@ -139,5 +200,46 @@ void image_stats(struct image *img, char *buf, size_t len);
  * Returns: 0, -ENXIO when @offset is at/after the end or no data follows.
  */
 int image_seek(struct image *img, uint64_t offset, bool data, uint64_t *result);
+
+/* ---- internal snapshots ---------------------------------------------------- */
+
+struct snapshot;
+struct snapshot_table;
+
+/*
+ * The internal snapshot table of @img, read and validated as for
+ * -o snapshot= (snapshot_table_read; a raw image has none).
+ * On exit: *t holds the entries (snapshot_table_free); a refused table
+ * was logged with the entry, field and offset.
+ * Returns: 0, -EINVAL, -ENOMEM, -errno.
+ */
+int image_snapshot_table(struct image *img, struct snapshot_table *t);
+
+/*
+ * Whether snapshot @s (an entry of image_snapshot_table) can be viewed, and
+ * the virtual size its view has: its recorded disk size (snapshot_disk_size).
+ * Returns: 0, or -EINVAL with @err naming the snapshot, field and offset.
+ */
+int image_snapshot_view_size(struct image *img, const struct snapshot *s,
+                             uint64_t *size, char *err, size_t err_len);
+
+/*
+ * A read-only view of internal snapshot @index (its position in the table)
+ * over the open image @img, writable or not: an image of the snapshot's
+ * disk that shares @img's file, metadata lock, L2 cache and backing chain,
+ * with the snapshot's own L1 table and virtual size.  Validated as
+ * -o snapshot= is (see image_snapshot_view_size).  Reads, image_seek and
+ * image_stats work on it as on any image; writes, zeroing, resize give
+ * -EROFS; flush does nothing.  Writes to @img leave what it reads
+ * unchanged (see image.c for why).  VM state saved with the snapshot is
+ * not part of it.
+ * On exit: *view is open; close it (image_snapshot_view_close or
+ * image_close) before @img.
+ * Returns: 0, -ENOENT (no such entry), -EINVAL (a snapshot that cannot be
+ * viewed, or @img is raw or a view), -EOPNOTSUPP (an image with an
+ * external data file), -ENOMEM, -errno; failures are logged.
+ */
+int image_snapshot_view_open(struct image *img, uint32_t index, struct image **view);
+void image_snapshot_view_close(struct image *view);
 
 #endif

@@ -42,10 +42,22 @@ struct image {
     struct meta meta;
     struct qcow2_header hdr;
     struct cluster *cl;
-    struct image *backing;
+    /* Atomic: image_drop_backing() sets it to NULL while reads run (see
+     * there); backing_users counts the readers inside the chain, chain_gen
+     * moves when it goes, so a lookup made before reads again. */
+    struct image *_Atomic backing;
+    _Atomic unsigned backing_users;
+    _Atomic uint64_t chain_gen;
+    bool copy_on_read;          /* fill what guest reads fetch from the chain */
+    _Atomic unsigned guest_requests;    /* in flight: reads, writes, zeroing, flushes */
+    _Atomic uint64_t bytes_filled, bytes_copied_on_read;
+    _Atomic int stream_state;   /* enum image_stream_state, set by the stream */
+    _Atomic uint64_t stream_pos, stream_total;
     _Atomic uint64_t size;      /* read without the lock by reads */
     enum compress_type compression;
     struct refcount *rc;        /* writable images only */
+    struct bitmaps *bitmaps;    /* persistent dirty bitmaps kept (writable
+                                 * images with valid ones), or NULL */
     bool write_prepared;        /* header feature bits updated for writing */
     bool set_dirty_bit;         /* we set the lazy-refcounts dirty bit */
     uint64_t flush_seq;
@@ -76,18 +88,36 @@ struct image {
      */
     pthread_mutex_t lock;
     pthread_rwlock_t tables;
+    /*
+     * A snapshot view (image.c, image_snapshot_view_open) points at the image it views: it
+     * borrows that image's files, backing chain and L2 cache (its cl
+     * shares the cache), so its lookups take that image's metadata lock
+     * and read its free_gen (lock_owner).  Views are read-only and change
+     * nothing; `views` counts those open on an image, which must reach 0
+     * before it closes.
+     */
+    struct image *view_of;
+    atomic_uint views;
 };
+
+/* The image whose metadata lock covers @img's tables (see view_of). */
+static inline struct image *lock_owner(struct image *img)
+{
+    return img->view_of ? img->view_of : img;
+}
 
 /* ---- the metadata lock ----------------------------------------------------- */
 
 static inline void lock_exclusive(struct image *img)
 {
+    img = lock_owner(img);
     pthread_mutex_lock(&img->lock);
     pthread_rwlock_wrlock(&img->tables);
 }
 
 static inline void unlock_exclusive(struct image *img)
 {
+    img = lock_owner(img);
     pthread_rwlock_unlock(&img->tables);
     pthread_mutex_unlock(&img->lock);
 }
@@ -99,6 +129,18 @@ static inline void wait_exclusive(struct image *img)
     pthread_rwlock_unlock(&img->tables);
     pthread_cond_wait(&img->range_cond, &img->lock);
     pthread_rwlock_wrlock(&img->tables);
+}
+
+/* A guest request (image_read, image_write, image_zero, image_flush) in
+ * flight: what a background stream backs off for. */
+static inline void guest_begin(struct image *img)
+{
+    img->guest_requests++;
+}
+
+static inline void guest_end(struct image *img)
+{
+    img->guest_requests--;
 }
 
 /* ---- image.c ---------------------------------------------------------------- */
@@ -136,6 +178,8 @@ int image_write_range(struct image *img, const uint8_t *data, uint64_t len,
  * corrupt or failed image. */
 int image_check_inside(struct image *img, uint64_t offset, uint64_t len);
 int image_check_writable(struct image *img, uint64_t offset, uint64_t len);
+/* Whether @len bytes at @p are all zero. */
+bool image_all_zero(const uint8_t *p, size_t len);
 
 /* What the L2 entry of one guest cluster said before a write, zeroing or
  * discard replaces it, in units (subclusters with extended L2, else the
@@ -162,6 +206,13 @@ int image_old_state(struct image *img, uint64_t gc, struct old_state *st);
 
 /* The metadata part of a flush.  Called with the metadata lock held. */
 int image_flush_locked(struct image *img);
+
+/* ---- image_fill.c ----------------------------------------------------------- */
+
+/* Copy-on-read of the clusters of [@offset, +@len), after a guest read that
+ * fetched some of it from the backing chain: failures are logged, not
+ * returned (the read has its data). */
+void image_copy_on_read(struct image *img, uint64_t offset, uint64_t len);
 
 /* ---- image_zero.c ----------------------------------------------------------- */
 

@@ -7,11 +7,13 @@
  */
 #include "image_impl.h"
 
+#include "bitmap.h"
 #include "cluster.h"
 #include "header.h"
 #include "io.h"
 #include "meta.h"
 #include "refcount.h"
+#include "scratch.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -20,9 +22,10 @@
 /* ---- write path ---------------------------------------------------------- */
 
 /*
- * Before the first write: drop autoclear bits we do not maintain (QEMU then
- * ignores stale bitmaps instead of trusting them) and, with lazy refcounts,
- * set the dirty bit, durably.  Called with the metadata lock held.
+ * Before the first write: mark the kept persistent bitmaps in use; drop
+ * autoclear bits we do not maintain (bitmaps we do not keep: QEMU then
+ * ignores them instead of trusting them) and, with lazy refcounts, set the
+ * dirty bit, durably.  Called with the metadata lock held.
  */
 int image_prepare_write(struct image *img)
 {
@@ -32,8 +35,13 @@ int image_prepare_write(struct image *img)
 
     if (img->write_prepared)
         return 0;
+    ret = bitmap_prepare_write(img->bitmaps);
+    if (ret < 0)
+        return ret;
     if (h->version >= 3) {
-        uint64_t keep = h->autoclear_features & QCOW2_AUTOCLEAR_DATA_RAW;
+        uint64_t keep = h->autoclear_features &
+                        (QCOW2_AUTOCLEAR_DATA_RAW |
+                         (img->bitmaps ? QCOW2_AUTOCLEAR_BITMAPS : 0));
         if (keep != h->autoclear_features) {
             ret = header_write_autoclear(img->io, keep);
             if (ret < 0)
@@ -142,7 +150,7 @@ struct write_plan {
     uint64_t host;              /* host cluster of gc (INPLACE: the first byte) */
     bool reuse;                 /* CLUSTER: host is the old cluster, taken over */
     bool allocated;             /* host was allocated for this write */
-    int fresh;                  /* ... past the old end of the file: reads zeros */
+    int fresh;                  /* ... reads zeros: a REFCOUNT_ value (refcount.h) */
     /* CLUSTER, in units: those the write touches, those that move from
      * the old host cluster (or the compressed data) into the new one, and
      * the entry's new allocation and zero state. */
@@ -372,7 +380,10 @@ static int old_content(struct image *img, const struct old_state *st,
 /*
  * The guest I/O of a PLAN_CLUSTER: copy what the write does not cover from
  * the old contents, then write the units that change.  Called without the
- * metadata lock.
+ * metadata lock.  The cluster is built in the thread's SCRATCH_COW buffer
+ * and a compressed old cluster decompressed into SCRATCH_COW_OLD: nothing
+ * it calls (image_read_compressed, the backing image's read) writes, so
+ * neither is in use further down.
  */
 static int write_cluster_data(struct image *img, const struct write_plan *p,
                               const uint8_t *data)
@@ -384,21 +395,19 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
     unsigned u0 = (unsigned)(in / unit), u1 = (unsigned)((in + n - 1) / unit);
     uint32_t span = p->written | p->carry;
     unsigned lo = (unsigned)__builtin_ctz(span), hi = 31 - (unsigned)__builtin_clz(span);
-    uint8_t *buf = NULL, *plain = NULL;
+    uint8_t *buf, *plain = NULL;
     int fresh = p->fresh, ret;
 
-    buf = malloc(cs);
-    if (!buf) {
-        ret = -ENOMEM;
-        goto out;
-    }
+    buf = scratch_get(SCRATCH_COW, cs);
+    if (!buf)
+        return -ENOMEM;
     if (st->compressed) {
         struct cluster_run run = { .kind = CLUSTER_COMPRESSED, .bytes = cs,
                                    .l2_entry = st->entry };
-        plain = malloc(cs);
+        plain = scratch_get(SCRATCH_COW_OLD, cs);
         ret = plain ? image_read_compressed(img, &run, goff, plain, NULL) : -ENOMEM;
         if (ret < 0)
-            goto out;
+            return ret;
     }
 
     if (!m->extended_l2 && !st->compressed && !st->alloc &&
@@ -413,10 +422,8 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
         if (!fresh && p->allocated && n < cs && img->discard == IMAGE_DISCARD_UNMAP &&
             io_punch_hole(m->data_io, p->host, cs) == 0)
             fresh = 1;
-        if (fresh) {
-            ret = io_pwrite(m->data_io, data, n, p->host + in);
-            goto out;
-        }
+        if (fresh)
+            return io_pwrite(m->data_io, data, n, p->host + in);
     }
 
     for (unsigned u = lo; u <= hi; u++) {
@@ -433,7 +440,7 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
             continue;                           /* not written: already there */
         ret = old_content(img, st, u, plain, goff + ustart, buf + ustart, unit);
         if (ret < 0)
-            goto out;
+            return ret;
     }
     memcpy(buf + in, data, n);
 
@@ -445,9 +452,6 @@ static int write_cluster_data(struct image *img, const struct write_plan *p,
         ret = io_pwrite(m->data_io, buf + (uint64_t)lo * unit,
                         (uint64_t)(hi - lo + 1) * unit, p->host + (uint64_t)lo * unit);
     }
-out:
-    free(buf);
-    free(plain);
     return ret;
 }
 
@@ -465,6 +469,33 @@ static int write_plan_data(struct image *img, const struct write_plan *p,
     return -EIO;
 }
 
+/* Whether the guest cluster read as zeros everywhere before the write
+ * (no data, and zero flags or no backing file beneath). */
+static bool old_reads_zero(const struct image *img, const struct old_state *st)
+{
+    uint32_t all = img->meta.extended_l2 ? CLUSTER_ALL_SUBCLUSTERS : 1u;
+
+    return !st->compressed && st->alloc == 0 && (!img->backing || st->zero == all);
+}
+
+/*
+ * Invariant 2's exception (image_flush.c): plan @p's L2 entries may reach
+ * the disk under the same host flush as its data.  So when its clusters
+ * come from the durable reservation (refcounts on disk, inside the file,
+ * never written: a crash shows zeros where the data did not land) and the
+ * guest clusters read as zeros before: every sector is then the old or the
+ * new content.
+ */
+static bool entry_needs_no_flush(const struct image *img, const struct write_plan *p)
+{
+    if (!p->allocated || p->fresh != REFCOUNT_RESERVED)
+        return false;
+    for (uint64_t i = 0; i < p->nb; i++)
+        if (!old_reads_zero(img, &p->old[i]))
+            return false;
+    return true;
+}
+
 /*
  * Make plan @p's data visible: set its L2 entries and defer the frees of
  * what they replaced.  After a failed write (@ret < 0) give back what the
@@ -476,6 +507,7 @@ static int commit_plan(struct image *img, const struct write_plan *p, int ret)
     const struct meta *m = &img->meta;
     uint64_t cs = m->cluster_size;
     uint64_t bitmap = m->extended_l2 ? ((uint64_t)p->new_zero << 32 | p->new_alloc) : 0;
+    bool ordered = !entry_needs_no_flush(img, p);
 
     if (ret < 0) {
         if (p->allocated)
@@ -485,7 +517,7 @@ static int commit_plan(struct image *img, const struct write_plan *p, int ret)
     for (uint64_t i = 0; i < p->nb; i++) {
         const struct old_state *st = &p->old[i];
         ret = cluster_set_entry(img->cl, p->gc + i, (p->host + i * cs) | META_L2_COPIED,
-                                bitmap, true);
+                                bitmap, ordered);
         /* Compressed data, or a shared cluster. */
         if (ret == 0 && st->free_len && !p->reuse)
             ret = refcount_defer_free(img->rc, st->free_host, st->free_len);
@@ -520,7 +552,7 @@ int image_write_range(struct image *img, const uint8_t *data, uint64_t len,
 }
 
 /* Whether [@offset, +@len) lies inside the disk: -ENOSPC past its end, as
- * for a write that starts there (see fuse_ops.c). */
+ * for a write that starts there (see vfs_write). */
 int image_check_inside(struct image *img, uint64_t offset, uint64_t len)
 {
     uint64_t size = img->size;
@@ -539,7 +571,7 @@ int image_check_writable(struct image *img, uint64_t offset, uint64_t len)
     return image_check_inside(img, offset, len);
 }
 
-static bool all_zero(const uint8_t *p, size_t len)
+bool image_all_zero(const uint8_t *p, size_t len)
 {
     /* Word-wise scan; the first non-zero byte usually ends it at once. */
     while (len && ((uintptr_t)p & 7)) {
@@ -556,17 +588,30 @@ static bool all_zero(const uint8_t *p, size_t len)
     return true;
 }
 
+static int write_request(struct image *img, const void *buf, size_t len, uint64_t offset);
+
 int image_write(struct image *img, const void *buf, size_t len, uint64_t offset)
+{
+    int ret;
+
+    guest_begin(img);
+    ret = write_request(img, buf, len, offset);
+    guest_end(img);
+    return ret;
+}
+
+static int write_request(struct image *img, const void *buf, size_t len, uint64_t offset)
 {
     struct range r;
     int ret = image_check_writable(img, offset, len);
 
     if (ret < 0 || len == 0)
         return ret;
+    bitmap_mark(img->bitmaps, offset, len);
     img->bytes_written += len;
     /* The range may have been held by a shrinking resize: once it is ours,
      * the size is checked again, so nothing is allocated past the end. */
-    if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && all_zero(buf, len)) {
+    if (img->detect_zeroes != IMAGE_DETECT_ZEROES_OFF && image_all_zero(buf, len)) {
         image_range_lock(img, &r, offset, len);
         ret = image_check_inside(img, offset, len);
         if (ret == 0)

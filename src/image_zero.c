@@ -4,6 +4,7 @@
  */
 #include "image_impl.h"
 
+#include "bitmap.h"
 #include "cluster.h"
 #include "header.h"
 #include "io.h"
@@ -151,11 +152,14 @@ int image_zero(struct image *img, uint64_t offset, uint64_t len, bool punch)
 
     if (ret < 0 || len == 0)
         return ret;
+    bitmap_mark(img->bitmaps, offset, len);
+    guest_begin(img);
     image_range_lock(img, &r, offset, len);
     ret = image_check_inside(img, offset, len);       /* a resize may have run */
     if (ret == 0)
         ret = image_zero_range(img, offset, len, punch && img->discard == IMAGE_DISCARD_UNMAP);
     image_range_unlock(img, &r);
+    guest_end(img);
     return ret;
 }
 
@@ -183,8 +187,11 @@ int image_preallocate(struct image *img, uint64_t offset, uint64_t len)
         unlock_exclusive(img);
         if (ret < 0)
             break;
-        /* Writing back what the cluster reads allocates it unchanged. */
+        /* Writing back what the cluster reads allocates it unchanged.  The
+         * content stays, the image changes: marked, as QEMU marks every
+         * write. */
         if (!(run.kind == CLUSTER_DATA && run.bytes == n)) {
+            bitmap_mark(img->bitmaps, offset, n);
             ret = image_read_range(img, buf, n, offset);
             if (ret == 0) {
                 lock_exclusive(img);
@@ -239,6 +246,15 @@ int image_resize(struct image *img, uint64_t new_size)
         return -EROFS;
     if (meta_is_corrupt(m) || image_flush_failed(img))
         return -EIO;
+    if (bitmap_count(img->bitmaps)) {
+        /* QEMU resizes only bitmaps it has loaded, and none marked in use;
+         * we do not resize them at all. */
+        log_warn("%s: resize to %llu refused: the image has %u persistent dirty "
+                 "bitmaps, which qcow2fuse does not resize (qemu-img resize does, "
+                 "unmounted)", img->path, (unsigned long long)new_size,
+                 bitmap_count(img->bitmaps));
+        return -EOPNOTSUPP;
+    }
     if (new_size % 512) {
         log_warn("%s: resize to %llu refused: the size must be a multiple of 512",
                  img->path, (unsigned long long)new_size);

@@ -12,7 +12,10 @@
 #include "image.h"
 #include "io.h"
 #include "log.h"
+#include "partition.h"
+#include "snapdir.h"
 #include "snapshot.h"
+#include "stream.h"
 
 #define FUSE_USE_VERSION FUSE_MAKE_VERSION(3, 12)
 #include <fuse_lowlevel.h>
@@ -57,6 +60,7 @@ enum cli_option {
     OPT_SNAPSHOT,
     OPT_BACKING_FILE,
     OPT_BACKING_FMT,
+    OPT_STREAM,
     OPT_TRANSPORT,
     OPT_COUNT
 };
@@ -148,6 +152,8 @@ static const struct option_spec option_specs[OPT_COUNT] = {
     OPTION(OPT_SNAPSHOT, "snapshot", .kind = VALUE_TEXT),
     OPTION(OPT_BACKING_FILE, "backing_file", .kind = VALUE_TEXT),
     OPTION(OPT_BACKING_FMT, "backing_fmt", .kind = VALUE_TEXT),
+    /* stream=RATE; a bare "stream" is in flag_opts */
+    OPTION(OPT_STREAM, "stream", .kind = VALUE_SIZE, .base = 10),
     OPTION(OPT_TRANSPORT, "transport", .kind = VALUE_WORD, .words = transport_words),
 };
 
@@ -160,8 +166,12 @@ struct cli {
     int single_thread;
     int read_only;
     int create;
+    int partitions;             /* -o partitions: disk-p1, ... beside the disk */
     bool creating;              /* -o create and the image does not exist */
     int list_snapshots;
+    int stream;                 /* -o stream, with or without a rate */
+    int copy_on_read;
+    int snapshots_dir;          /* enum snapdir_show: -o [no]snapshots */
     int show_help;
     int show_version;
     char *text[OPT_COUNT];      /* -o NAME=VALUE as given; NULL: not given */
@@ -179,6 +189,11 @@ enum { KEY_HELP, KEY_VERSION, KEY_RO, KEY_RW, KEY_FOREGROUND, KEY_DEBUG, KEY_SIN
 /* The options without a value; cli_parse puts option_specs[] in front. */
 static const struct fuse_opt flag_opts[] = {
     { "create", offsetof(struct cli, create), 1 },
+    { "stream", offsetof(struct cli, stream), 1 },
+    { "copy-on-read", offsetof(struct cli, copy_on_read), 1 },
+    { "partitions", offsetof(struct cli, partitions), 1 },
+    { "snapshots", offsetof(struct cli, snapshots_dir), SNAPDIR_ALWAYS },
+    { "nosnapshots", offsetof(struct cli, snapshots_dir), SNAPDIR_NEVER },
     FUSE_OPT_KEY("--list-snapshots", KEY_LIST),
     /* Words mount(8) and fstab pass that mean nothing here. */
     FUSE_OPT_KEY("defaults", KEY_DROP),
@@ -230,16 +245,27 @@ static void usage(FILE *out)
 "  -o detect-zeroes=off|on|unmap  all-zero writes become zero clusters\n"
 "                           (unmap: and give their space back; default off)\n"
 "  -o snapshot=NAME         show internal snapshot NAME (or ID), read-only\n"
+"  -o snapshots|nosnapshots  MOUNTPOINT/snapshots/NAME: each internal snapshot,\n"
+"                           read-only (default: shown when there are any)\n"
 "  -o create,size=SIZE[,cluster_size=N][,backing_file=FILE[,backing_fmt=F]]\n"
 "                           create IMAGE (qcow2 v3) first if it does not exist\n"
 "  -o uid=N,gid=N,umask=M   owner and permissions of the disk file\n"
 "                           (default: those of the image file)\n"
 "  -o name=FILE             name of the disk file (default: disk)\n"
+"  -o copy-on-read          clusters a read fetches from the backing chain\n"
+"                           are written into the image\n"
+"  -o stream[=RATE]         copy the whole backing chain into the image in\n"
+"                           the background (at most RATE bytes/s, K/M/G\n"
+"                           suffixes; default unthrottled), then drop the\n"
+"                           backing file; resumes at the next mount\n"
 "  -o transport=auto|classic|io_uring  how FUSE requests travel: read and\n"
 "                           write on /dev/fuse (classic), or io_uring ring\n"
 "                           entries (needs enable_uring=Y in the fuse\n"
 "                           module); auto is classic: io_uring was slower\n"
 "                           for 1 MiB reads at QD16 (bench/README)\n"
+"  -o partitions            also one file per partition (MBR or GPT):\n"
+"                           disk-p1, disk-p2, ... (read again when the\n"
+"                           table is written through the disk file)\n"
 "  -o allow_other           let other users access the mount (FUSE option)\n");
 }
 
@@ -420,6 +446,14 @@ static int cli_convert(struct cli *cli)
                 "apply with -o create\n");
         return -EINVAL;
     }
+    if (cli->text[OPT_STREAM])
+        cli->stream = 1;
+    if ((cli->stream || cli->copy_on_read) && (cli->read_only || cli->text[OPT_SNAPSHOT])) {
+        fprintf(stderr, "qcow2fuse: -o %s writes into the image: it cannot be "
+                "combined with %s\n", cli->stream ? "stream" : "copy-on-read",
+                cli->read_only ? "-o ro" : "-o snapshot= (a snapshot is shown read-only)");
+        return -EINVAL;
+    }
     /* Refused before mounting: the kernel offers io_uring only with its switch on. */
     if (cli->text[OPT_TRANSPORT] && cli->value[OPT_TRANSPORT] == TRANSPORT_IO_URING &&
         !fuse_uring_kernel_enabled()) {
@@ -509,7 +543,7 @@ static int list_snapshots(const char *path)
                          localtime_r(&tt, &tm));
                 printf("%-10s %-20s %20llu %-19s %02llu:%02llu:%02llu.%03llu\n",
                        t.s[i].id, t.s[i].name,
-                       (unsigned long long)(t.s[i].disk_size ? t.s[i].disk_size : h.size),
+                       (unsigned long long)snapshot_disk_size(&t.s[i], h.size),
                        date, (unsigned long long)(ms / 3600000),
                        (unsigned long long)(ms / 60000 % 60),
                        (unsigned long long)(ms / 1000 % 60),
@@ -669,6 +703,7 @@ static int open_image(struct cli *cli, struct stat *st, struct image **img)
             .skip_owner_check = backing && policy == BACKING_ALLOW, /* only when asked for */
         },
         .snapshot = cli->text[OPT_SNAPSHOT],
+        .copy_on_read = cli->copy_on_read,
     };
     const char *trace = cli->text[OPT_IO_TRACE];
 
@@ -729,15 +764,18 @@ static void start_ring(void *arg, struct fuse_server *srv, const struct fuse_ser
 }
 
 /*
- * The mount's tree over @img and the server that answers its requests,
- * and the libfuse session that only parses the FUSE options and mounts
- * (not yet mounted).  The disk file has the image file's owner and mode
- * (@st) unless uid=, gid= or umask= say otherwise.
- * Returns: 0 or -errno; *vfs, *srv and *se are to be freed either way.
+ * The mount's tree over @img (with -o partitions the partition files
+ * beside the disk, with the same owner and mode), the server that answers
+ * its requests, and the libfuse session that only parses the FUSE options
+ * and mounts (not yet mounted).  The disk file has the image file's owner
+ * and mode (@st) unless uid=, gid= or umask= say otherwise.
+ * Returns: 0 or -errno; *vfs, *parts, *srv and *se are to be freed either
+ * way.
  */
 static int session_new(const struct cli *cli, struct image *img, const struct stat *st,
                        struct fuse_args *args, struct ring_ctl *ring, struct vfs **vfs,
-                       struct fuse_server **srv, struct fuse_session **se)
+                       struct partition_set **parts, struct fuse_server **srv,
+                       struct fuse_session **se)
 {
     struct vfs_config vc = {
         .disk_name = cli->text[OPT_NAME] ? cli->text[OPT_NAME] : "disk",
@@ -759,8 +797,12 @@ static int session_new(const struct cli *cli, struct image *img, const struct st
     char *fsname = fsname_arg(cli->image_path);
     int ret = 0;
 
-    if (vfs_new(img, &vc, vfs) < 0 || fuse_server_new(*vfs, &sc, srv) < 0 ||
-        !fsname || fuse_opt_add_arg(args, fsname) < 0) {
+    if (vfs_new(img, &vc, vfs) < 0 ||
+        (cli->partitions && partition_set_new(*vfs, img, vc.disk_name, vc.disk_mode,
+                                              parts) < 0) ||
+        snapdir_add(*vfs, img, (enum snapdir_show)cli->snapshots_dir, vc.disk_mode & 0444) < 0 ||
+        fuse_server_new(*vfs, &sc, srv) < 0 || !fsname ||
+        fuse_opt_add_arg(args, fsname) < 0) {
         fprintf(stderr, "qcow2fuse: out of memory\n");
         ret = -ENOMEM;
         goto out;
@@ -783,7 +825,9 @@ int main(int argc, char *argv[])
     struct ring_ctl ring = { .dev_fd = -1 };
     struct fuse_session *se = NULL;
     struct vfs *vfs = NULL;
+    struct partition_set *parts = NULL;
     struct image *img = NULL;
+    struct stream *stream = NULL;
     struct stat st;
     int ret = 1, err;
 
@@ -804,7 +848,7 @@ int main(int argc, char *argv[])
     if (open_image(&cli, &st, &img) < 0)
         goto out;
 
-    if (session_new(&cli, img, &st, &args, &ring, &vfs, &srv, &se) < 0)
+    if (session_new(&cli, img, &st, &args, &ring, &vfs, &parts, &srv, &se) < 0)
         goto out_close;
     if (fuse_session_mount(se, cli.mount_path) < 0) {
         fprintf(stderr, "qcow2fuse: cannot mount on %s\n", cli.mount_path);
@@ -818,6 +862,12 @@ int main(int argc, char *argv[])
         log_set_level(LOG_LEVEL_DEBUG);
     set_io_flusher();
     start_stats_thread(img);
+    if (cli.stream) {
+        /* After the fork to the background: threads do not survive it. */
+        struct stream_options so = { .rate = cli.value[OPT_STREAM] };
+        if (stream_start(img, &so, &stream) < 0)
+            goto out_unmount;
+    }
     /* Until unmount or SIGTERM, SIGINT, SIGHUP: then every request read
      * has been answered, and unmounting ends those still queued. */
     ring.dev_fd = fuse_session_fd(se);
@@ -830,6 +880,7 @@ int main(int argc, char *argv[])
         ret = 0;
     }
     fuse_uring_stop(ring.uring);
+    stream_stop(stream);
 
 out_unmount:
     fuse_session_unmount(se);
@@ -837,6 +888,7 @@ out_close:
     if (se)
         fuse_session_destroy(se);
     /* Before the image closes: a node's release hook may still use it. */
+    partition_set_free(parts);
     vfs_free(vfs);
     if (img && (err = image_close(img)) < 0) {
         /* Status 1: what the guest wrote may not all be on disk (with -f

@@ -245,9 +245,9 @@ const char *meta_kind_name(enum meta_kind kind)
     static const char *const names[] = {
         "guest data", "image header", "active L1 table", "L2 table",
         "refcount table", "refcount block", "snapshot table or snapshot L1 table",
-        "L2 table of a snapshot",
+        "L2 table of a snapshot", "persistent dirty bitmap",
     };
-    return kind <= META_KIND_SNAPSHOT_L2 ? names[kind] : "unknown";
+    return kind <= META_KIND_BITMAPS ? names[kind] : "unknown";
 }
 
 int meta_check_write(struct meta *m, uint64_t offset, uint64_t len, enum meta_kind kind)

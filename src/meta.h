@@ -30,6 +30,7 @@ enum meta_kind {
     META_KIND_SNAPSHOT_L2,      /* an L2 table a snapshot's L1 names (it may
                                  * also be an active one: shared, never
                                  * written in place) */
+    META_KIND_BITMAPS,          /* bitmap directory, tables and data */
 };
 
 struct meta_set;

@@ -30,6 +30,22 @@ struct refcount {
     size_t nb_deferred, cap_deferred;
     uint64_t *pending;          /* table indices of new blocks not linked on disk */
     size_t nb_pending, cap_pending;
+    /*
+     * The reservation (cluster indices): clusters at the allocation
+     * frontier whose refcount is 1 with no reference, so that allocations
+     * taken from it need no refcount flush (image_flush.c, invariant 1).
+     * [res_next, res_end) is durable and handed out from res_next up;
+     * [stg_start, stg_end) is staged: raised in the cache, durable only
+     * after a host flush that follows the write of every dirty block
+     * (refcount_host_flushed).  Both lie past everything written before
+     * they were taken, inside the file (extended to cover them), so they
+     * read as zeros until handed out.
+     */
+    uint64_t res_next, res_end, stg_start, stg_end;
+    uint64_t res_target;        /* clusters a top-up fills the reservation to */
+    uint64_t res_taken;         /* clusters handed out from it since the last top-up */
+    uint64_t res_missed;        /* ... and taken fresh past it (it was too small) */
+    bool res_disabled;          /* the file cannot be extended: no reservations */
 };
 
 static int link_pending(struct refcount *rc);
@@ -84,8 +100,10 @@ static void block_set(const struct refcount *rc, uint8_t *b, uint64_t i, uint64_
 /* What a crash can leave counted past the end of the file: the allocations
  * in flight, whose data had not reached the file.  At most 16 requests run
  * at once (the worker threads), of up to 1 MiB each: 16 MiB, i.e. 32768
- * clusters of 512 bytes.  Allowed: four times that in bytes, and never less
- * than 8192 clusters (16 GiB of 2 MiB clusters). */
+ * clusters of 512 bytes; and a staged reservation whose extension of the
+ * file had not reached the disk (RESERVE_MAX_BYTES, 8 MiB).  Allowed: more
+ * than twice that in bytes, and never less than 8192 clusters (16 GiB of
+ * 2 MiB clusters). */
 #define REFCOUNT_SLACK_BYTES        (64ull << 20)
 #define REFCOUNT_SLACK_MIN_CLUSTERS 8192u
 
@@ -245,6 +263,8 @@ int refcount_flush(struct refcount *rc)
     if (ret == 0)
         ret = link_pending(rc);
     ret2 = io_flush(rc->m->io);
+    if (ret == 0 && ret2 == 0)
+        refcount_host_flushed(rc);
     return ret < 0 ? ret : ret2;
 }
 
@@ -767,11 +787,17 @@ static int check_run_free(struct refcount *rc, uint64_t start, uint64_t nb)
     return 0;
 }
 
-int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fresh)
+/*
+ * Lay out @nb contiguous free clusters at or after cluster @from, with the
+ * refcount blocks that must cover them (growing the table if needed), and
+ * raise their refcounts to 1.  On exit *start is the first cluster and *k
+ * the number of new refcount blocks placed right after the run.
+ */
+static int alloc_run(struct refcount *rc, uint64_t from, uint64_t nb,
+                     uint64_t *start_out, uint64_t *k_out)
 {
     struct meta *m = rc->m;
     uint64_t be = rc->block_entries, start = 0, k = 0, max_ti;
-    uint64_t file_end = rc->file_end;   /* before new blocks extend it */
     int ret;
 
     for (;;) {
@@ -780,7 +806,7 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
         unsigned tries = 0;
         for (;;) {
             uint64_t k2;
-            ret = find_free_run(rc, rc->free_hint, nb + k, &start);
+            ret = find_free_run(rc, from, nb + k, &start);
             if (ret < 0)
                 return ret;
             k2 = missing_blocks(rc, start, start + nb + k);
@@ -812,14 +838,254 @@ int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fres
         break;
     }
 
-    *fresh = (start << m->cluster_bits) >= file_end;
     ret = refcount_update(rc, start << m->cluster_bits, nb << m->cluster_bits, 1);
     if (ret < 0)
         return ret;
+    *start_out = start;
+    *k_out = k;
+    return 0;
+}
+
+/* Whether the free run the allocator would take for @nb clusters lies
+ * below the reservation (freed space is used first, as without one). */
+static int free_run_below_reservation(struct refcount *rc, uint64_t nb, bool *below)
+{
+    uint64_t start;
+    int ret;
+
+    *below = false;
+    if (rc->free_hint >= rc->res_next)
+        return 0;
+    ret = find_free_run(rc, rc->free_hint, nb, &start);
+    if (ret == 0)
+        *below = start < rc->res_next;
+    return ret;
+}
+
+int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fresh)
+{
+    struct meta *m = rc->m;
+    uint64_t file_end = rc->file_end;   /* before new blocks extend it */
+    uint64_t start, k;
+    bool below = false;
+    int ret;
+
+    if (rc->res_end - rc->res_next >= nb) {
+        ret = free_run_below_reservation(rc, nb, &below);
+        if (ret < 0)
+            return ret;
+        if (!below) {
+            /* Refcount 1 already, and durable (invariant 1). */
+            *offset = rc->res_next << m->cluster_bits;
+            *fresh = REFCOUNT_RESERVED;
+            rc->res_next += nb;
+            rc->res_taken += nb;
+            return 0;
+        }
+    }
+    ret = alloc_run(rc, rc->free_hint, nb, &start, &k);
+    if (ret < 0)
+        return ret;
+    *fresh = (start << m->cluster_bits) >= file_end ? REFCOUNT_FRESH : REFCOUNT_REUSED;
+    if (*fresh && !below)
+        rc->res_missed += nb;   /* at the frontier: the reservation was short */
     if (rc->free_hint == start)
         rc->free_hint = start + nb + k;
     *offset = start << m->cluster_bits;
     return 0;
+}
+
+/* ---- the reservation ------------------------------------------------------ */
+
+/*
+ * Run sizes, in bytes of clusters.  A crash leaks at most the unused
+ * reservation, so it is bounded: 8 MiB is below one second of writes on any
+ * disk this serves and far inside the slack open allows past the end of the
+ * file (REFCOUNT_SLACK_BYTES).  It starts at 1 MiB (sixteen 64 KiB
+ * clusters: 256 fsyncs of 4 KiB appends) and doubles whenever one flush
+ * interval took more than it held, so a stream of large writes reaches the
+ * cap after a few fsyncs while a trickle never reserves more than a
+ * megabyte.  A top-up refills it to the target once less than half is left:
+ * one refcount block write per half run, not one per fsync.
+ */
+#define RESERVE_MIN_BYTES (1ull << 20)
+#define RESERVE_MAX_BYTES (8ull << 20)
+
+static uint64_t reserve_min(const struct refcount *rc)
+{
+    uint64_t n = RESERVE_MIN_BYTES >> rc->m->cluster_bits;
+    return n ? n : 1;
+}
+
+static uint64_t reserve_max(const struct refcount *rc)
+{
+    uint64_t n = RESERVE_MAX_BYTES >> rc->m->cluster_bits;
+    return n > reserve_min(rc) ? n : reserve_min(rc);
+}
+
+/* Give clusters [@lo, @hi) of the reservation back: nothing refers to
+ * them, so their refcounts drop at once. */
+static int release_run(struct refcount *rc, uint64_t lo, uint64_t hi)
+{
+    if (hi <= lo)
+        return 0;
+    return refcount_update(rc, lo << rc->m->cluster_bits, (hi - lo) << rc->m->cluster_bits, -1);
+}
+
+int refcount_reserve(struct refcount *rc)
+{
+    struct meta *m = rc->m;
+    uint64_t demand = rc->res_taken + rc->res_missed, avail, frontier, nb, start, k;
+    uint64_t size;
+    int ret;
+
+    if (rc->res_disabled || rc->stg_end > rc->stg_start || demand == 0)
+        return 0;
+    if (!rc->res_target) {
+        /* The first: twice what the first interval took. */
+        uint64_t t = 2 * demand > reserve_min(rc) ? 2 * demand : reserve_min(rc);
+        rc->res_target = t < reserve_max(rc) ? t : reserve_max(rc);
+    } else if (rc->res_missed) {
+        uint64_t t = 2 * rc->res_target > 2 * demand ? 2 * rc->res_target : 2 * demand;
+        rc->res_target = t < reserve_max(rc) ? t : reserve_max(rc);
+    }
+    rc->res_taken = rc->res_missed = 0;
+    avail = rc->res_end - rc->res_next;
+    if (2 * avail >= rc->res_target)
+        return 0;
+
+    /* The frontier: past every cluster in use and the end of the file.
+     * What is left of a run the frontier moved away from goes back (the
+     * allocator takes it as freed space). */
+    frontier = rc->file_end >> m->cluster_bits;
+    if (rc->used_end > frontier)
+        frontier = rc->used_end;
+    if (avail && rc->res_end != frontier) {
+        ret = release_run(rc, rc->res_next, rc->res_end);
+        if (ret < 0)
+            return ret;
+        rc->res_next = rc->res_end = 0;
+        avail = 0;
+    }
+    nb = rc->res_target - avail;
+    ret = alloc_run(rc, frontier, nb, &start, &k);
+    if (ret < 0)
+        return ret;
+    if (start != frontier && avail) {
+        /* Not contiguous after all: keep the reservation one run. */
+        ret = release_run(rc, rc->res_next, rc->res_end);
+        rc->res_next = rc->res_end = 0;
+        if (ret < 0) {
+            (void)release_run(rc, start, start + nb);
+            return ret;
+        }
+    }
+    /* Inside the file, so that an L2 entry that reaches the disk before
+     * the data points at zeros, not past the end (new blocks after the run
+     * have extended it already). */
+    ret = io_get_size(m->io, &size);
+    if (ret == 0 && size < (start + nb) << m->cluster_bits)
+        ret = io_truncate(m->io, (start + nb) << m->cluster_bits);
+    if (ret < 0) {
+        log_debug("no cluster reservation: extending the image file to 0x%llx "
+                  "failed: %s", (unsigned long long)((start + nb) << m->cluster_bits),
+                  strerror(-ret));
+        rc->res_disabled = true;
+        (void)release_run(rc, start, start + nb);
+        return ret;
+    }
+    rc->stg_start = start;
+    rc->stg_end = start + nb;
+    return 0;
+}
+
+void refcount_host_flushed(struct refcount *rc)
+{
+    if (rc->stg_end == rc->stg_start || cache_has_dirty(rc->cache) || rc->nb_pending)
+        return;
+    if (rc->res_next == rc->res_end) {
+        rc->res_next = rc->stg_start;
+        rc->res_end = rc->stg_end;
+    } else if (rc->res_end == rc->stg_start) {
+        rc->res_end = rc->stg_end;
+    } else {
+        /* refcount_reserve keeps them contiguous */
+        log_error("internal error: cluster reservation not contiguous");
+        return;
+    }
+    rc->stg_start = rc->stg_end = 0;
+}
+
+uint64_t refcount_reserved(const struct refcount *rc)
+{
+    return (rc->res_end - rc->res_next) + (rc->stg_end - rc->stg_start);
+}
+
+/* Whether every cluster in [@lo, @hi) has refcount 0. */
+static int all_free(struct refcount *rc, uint64_t lo, uint64_t hi, bool *out)
+{
+    uint8_t *block = NULL;
+    uint64_t ti = 0, v;
+    int ret = 0;
+
+    *out = true;
+    for (uint64_t ci = lo; ci < hi && *out; ci++) {
+        ret = get_cluster(rc, ci, &v, &block, &ti);
+        if (ret < 0)
+            break;
+        *out = v == 0;
+    }
+    if (block)
+        cache_put(rc->cache, (void **)&block);
+    return ret;
+}
+
+int refcount_release_reservation(struct refcount *rc)
+{
+    struct meta *m = rc->m;
+    uint64_t lo = UINT64_MAX, size, end;
+    bool tail_free;
+    int ret;
+
+    if (rc->res_next < rc->res_end)
+        lo = rc->res_next;
+    if (rc->stg_start < rc->stg_end && rc->stg_start < lo)
+        lo = rc->stg_start;
+    if (lo == UINT64_MAX)
+        return 0;
+    ret = release_run(rc, rc->res_next, rc->res_end);
+    if (ret == 0) {
+        rc->res_next = rc->res_end = 0;
+        ret = release_run(rc, rc->stg_start, rc->stg_end);
+    }
+    if (ret == 0)
+        rc->stg_start = rc->stg_end = 0;
+    if (ret == 0)
+        ret = refcount_flush(rc);
+    if (ret < 0)
+        return ret;
+
+    /* The file was extended for the reservation: when nothing after its
+     * start is in use any more, cut the file back there. */
+    ret = io_get_size(m->io, &size);
+    if (ret < 0)
+        return ret;
+    end = (size + m->cluster_size - 1) >> m->cluster_bits;
+    if (rc->used_end > end)
+        end = rc->used_end;     /* in use past the end: not written yet */
+    if (lo >= end)
+        return 0;
+    ret = all_free(rc, lo, end, &tail_free);
+    if (ret < 0 || !tail_free)
+        return ret;
+    /* Only space: a file that keeps its length is as clean. */
+    ret = io_truncate(m->io, lo << m->cluster_bits);
+    if (ret < 0) {
+        log_debug("cutting the image file back to 0x%llx failed: %s",
+                  (unsigned long long)(lo << m->cluster_bits), strerror(-ret));
+        return 0;
+    }
+    return io_flush(m->io);
 }
 
 int refcount_defer_free(struct refcount *rc, uint64_t offset, uint64_t len)

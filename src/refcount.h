@@ -7,8 +7,9 @@
  * Ordering: the numbered invariants at the top of image_flush.c.  This
  * module keeps 3 (new blocks linked in holder order, by refcount_flush)
  * and 6 (a new refcount table durable before the header names it); it
- * queues decrements for 4 (refcount_defer_free, applied by image_flush.c).
- * So allocation never waits for a host flush.
+ * queues decrements for 4 (refcount_defer_free, applied by image_flush.c)
+ * and keeps the reservation of 1a and 8 (refcount_reserve).  So
+ * allocation never waits for a host flush.
  *
  * Locking rule: call with the image's metadata lock held.
  */
@@ -72,14 +73,62 @@ int refcount_get(struct refcount *rc, uint64_t offset, uint64_t *value);
  */
 int refcount_update(struct refcount *rc, uint64_t offset, uint64_t len, int delta);
 
+/* What refcount_alloc() says about the clusters it hands out (*fresh):
+ * non-zero means they read as zeros. */
+enum {
+    REFCOUNT_REUSED = 0,        /* freed earlier: may hold stale data */
+    REFCOUNT_FRESH = 1,         /* past the end of the file as it was */
+    /* Fresh, inside the file, and taken from the durable reservation:
+     * their refcount of 1 is on disk already (image_flush.c, invariant 1). */
+    REFCOUNT_RESERVED = 2,
+};
+
 /*
  * Allocate @nb contiguous free clusters, setting their refcount to 1.
- * On exit: *offset is the host offset of the first; *fresh is 1 when the
- * clusters lie at or beyond the end of the file as it was (they read as
- * zeros), 0 when they are reused and may hold stale data.
+ * Freed space is used first; then the durable reservation, if it holds
+ * @nb clusters; then fresh clusters past everything in use.
+ * On exit: *offset is the host offset of the first; *fresh one of the
+ * REFCOUNT_ values above.
  * Returns: 0 or -errno.
  */
 int refcount_alloc(struct refcount *rc, uint64_t nb, uint64_t *offset, int *fresh);
+
+/*
+ * The reservation: clusters at the allocation frontier whose refcount is
+ * raised ahead of time, so that once that is durable the allocations taken
+ * from it need no refcount flush before their L2 entries (image_flush.c,
+ * invariants 1 and 2).  A crash leaks what is left of it (at most
+ * 8 MiB); a clean close gives it back.
+ *
+ * refcount_reserve tops it up when allocations at the frontier took from
+ * it (or missed it) since the last top-up and less than half of its target
+ * is left: a run past everything in use has its refcounts raised in the
+ * cache (staged) and the file is extended to cover it.  It becomes usable
+ * at refcount_host_flushed.
+ * Returns: 0 or -errno; on error nothing is staged (new refcount blocks
+ * the run needed may stay, linked by the next flush) and the caller may go
+ * on: no allocation depends on it.
+ */
+int refcount_reserve(struct refcount *rc);
+
+/*
+ * A host flush completed after every dirty block was written (the caller
+ * says so; nothing is checked but that no block is dirty and no new block
+ * waits to be linked): the staged run is durable and joins the reservation.
+ */
+void refcount_host_flushed(struct refcount *rc);
+
+/* Clusters reserved, durable and staged: what a crash now would leak. */
+uint64_t refcount_reserved(const struct refcount *rc);
+
+/*
+ * Give back what is left of the reservation (clean close): drop its
+ * refcounts, flush, and cut the file back to where the reservation began
+ * when nothing after that is in use.
+ * On entry every reference the image holds is durable (image_flush).
+ * Returns: 0 or -errno (a leak at worst).
+ */
+int refcount_release_reservation(struct refcount *rc);
 
 /*
  * Deferred decrement: the reference being dropped is still on disk, so the

@@ -67,12 +67,11 @@ static const char *disk_size_problem(const struct qcow2_header *h, uint64_t size
     return NULL;
 }
 
-/* @s for a message: at most 64 bytes, non-printable bytes as '?'. */
-static void printable(char *out, size_t out_len, const char *s)
+void snapshot_printable(char *out, size_t out_len, const char *s, size_t len)
 {
     size_t n = 0;
 
-    for (; s[n] && n < 64 && n + 1 < out_len; n++)
+    for (; n < len && n < 64 && n + 1 < out_len; n++)
         out[n] = s[n] >= 0x20 && s[n] < 0x7f ? s[n] : '?';
     out[n] = '\0';
 }
@@ -153,6 +152,8 @@ int snapshot_table_read(struct io *io, const struct qcow2_header *h,
                        (unsigned long long)s->l1_offset, s->l1_size);
             goto fail;
         }
+        s->id_len = id_len;
+        s->name_len = name_len;
         s->id = dup_bytes(e + 40 + extra, id_len);
         s->name = dup_bytes(e + 40 + extra + id_len, name_len);
         if (!s->id || !s->name) {
@@ -180,8 +181,8 @@ int snapshot_check_view(const struct qcow2_header *h, const struct snapshot *s,
 
     if (!why)
         return 0;
-    printable(id, sizeof(id), s->id);
-    printable(name, sizeof(name), s->name);
+    snapshot_printable(id, sizeof(id), s->id, s->id_len);
+    snapshot_printable(name, sizeof(name), s->name, s->name_len);
     return fail(err, err_len, "snapshot %u (ID \"%s\", name \"%s\"): disk_size "
                 "(entry offset 48, at 0x%llx) is %llu, %s", s->index, id, name,
                 (unsigned long long)(s->entry_offset + 48),

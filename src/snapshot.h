@@ -20,6 +20,7 @@ struct snapshot {
     uint32_t l1_size;
     char *id;
     char *name;
+    uint16_t id_len, name_len;  /* bytes in the entry (they may hold NULs) */
     uint32_t date_sec, date_nsec;
     uint64_t vm_clock_nsec;
     uint64_t vm_state_size;
@@ -57,6 +58,18 @@ void snapshot_table_free(struct snapshot_table *t);
  */
 int snapshot_check_view(const struct qcow2_header *h, const struct snapshot *s,
                         char *err, size_t err_len);
+
+/* The size of snapshot @s's disk: its recorded disk_size, or for an entry
+ * that records none (or 0) @current, the size of the active disk, as QEMU
+ * restores it. */
+static inline uint64_t snapshot_disk_size(const struct snapshot *s, uint64_t current)
+{
+    return s->disk_size ? s->disk_size : current;
+}
+
+/* @len bytes of @s (a name or ID) for a message: at most 64, each byte
+ * that is not printable ASCII (a NUL too) as '?'. */
+void snapshot_printable(char *out, size_t out_len, const char *s, size_t len);
 
 /* The snapshot whose name, or failing that ID, is @key; NULL if none. */
 const struct snapshot *snapshot_find(const struct snapshot_table *t, const char *key);

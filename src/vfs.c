@@ -642,8 +642,15 @@ int vfs_setattr(struct vfs *vfs, uint64_t ino, unsigned to_set, uint64_t size,
             ret = -EROFS;
         else if (!n->ops->resize)
             ret = size == n->ops->size(n->priv) ? 0 : -EPERM;
-        else
+        else {
+            uint64_t old_size = n->ops->size(n->priv);
             ret = n->ops->resize(n->priv, size);
+            /* The range between the two sizes changed: it reads as zeros
+             * or is gone. */
+            if (ret == 0 && size != old_size)
+                notify_write(n, size < old_size ? size : old_size,
+                             size < old_size ? old_size - size : size - old_size);
+        }
         if (ret < 0)
             goto out;
     }

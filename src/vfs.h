@@ -105,7 +105,8 @@ int vfs_remove(struct vfs *vfs, uint64_t ino);
 
 /*
  * Call @fn after every successful write or zeroing of file @ino with the
- * range it changed (one watcher per node; NULL removes it).  It runs in
+ * range it changed, and after a resize with the range between the old and
+ * the new size (one watcher per node; NULL removes it).  It runs in
  * the request's thread before the reply, outside the node table lock, so
  * it may add and remove nodes.
  * Returns: 0, -ENOENT, -EISDIR.

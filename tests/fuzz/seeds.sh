@@ -21,3 +21,9 @@ mk lazy.qcow2 lazy_refcounts=on 1M
 qemu-img convert -c -O qcow2 "$t/v3.qcow2" "$out/zlib.qcow2"
 qemu-img convert -c -O qcow2 -o compression_type=zstd "$t/v3.qcow2" "$out/zstd.qcow2"
 qemu-img snapshot -c s1 "$out/v3.qcow2"
+# Persistent dirty bitmaps (an enabled 4k one with bits, a disabled one).
+qemu-img create -q -f qcow2 -o cluster_size=4096 "$t/bitmaps.qcow2" 1M
+qemu-img bitmap --add -g 4096 "$t/bitmaps.qcow2" on
+qemu-img bitmap --add --disable "$t/bitmaps.qcow2" off
+qemu-io -c "write 8k 12k" "$t/bitmaps.qcow2" >/dev/null
+cp "$t/bitmaps.qcow2" "$out/bitmaps.qcow2"

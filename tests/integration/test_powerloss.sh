@@ -23,7 +23,12 @@
 # refcount blocks), 512-byte clusters with refcount_bits=1 and =64 (the
 # refcount table grows), an overlay over a raw backing file (partial-cluster
 # copy-on-write from the backing file), a compressed image and an image with
-# an internal snapshot (copy-on-write of shared clusters, freed clusters).
+# an internal snapshot (copy-on-write of shared clusters, freed clusters),
+# and streaming (a chain of three filled into the image while plwriter
+# runs, then the backing file dropped).
+# Appends (plwriter -a) on 64K clusters and on 512-byte clusters with
+# refcount_bits=64: crash states inside the cluster reservation, one host
+# flush per fsync (counted from the trace), refcount growth inside it.
 # And flush-fails: the image file (or its external data file) behind
 # qemu-storage-daemon's blkdebug, whose K-th flush fails once (see
 # flush_fails): the failure must stick, the daemon exit with status 1, and
@@ -45,6 +50,7 @@ PLWRITER=$(require_tool plwriter)
 PLREPLAY=$(require_tool plreplay)
 
 M=$((1024 * 1024))
+WRITER_FLAGS=()             # plwriter options of the next powerloss call
 SEED=${POWERLOSS_SEED:-1913}
 SCALE=${POWERLOSS_SCALE:-1}
 JOBS=${POWERLOSS_JOBS:-2}
@@ -78,9 +84,10 @@ json_field() {
 }
 
 # powerloss IMG NOPS STATES SEED [BASE_RAW [GROW]]: IMG is the prepared
-# image (its state before the mount); mount it with an I/O trace, run
-# plwriter (GROW: the growth of its mid-run resize, default random 1..64
-# MiB), unmount, check the final image (it must have grown to the last size
+# image (its state before the mount); mount it with an I/O trace (and the
+# options in PL_MOUNT_OPTS), run plwriter (GROW: the growth of its mid-run
+# resize, default random 1..64 MiB), run PL_BEFORE_UNMOUNT MNT if set,
+# unmount, check the final image (it must have grown to the last size
 # plwriter logged), replay STATES crash states.  Sets IMAGE_END (the final
 # image's end offset according to qemu-img check) and L1_MOVED (1 if the
 # header's L1 table offset changed).
@@ -93,17 +100,18 @@ powerloss() {
     size0=$(be_int "$img" 24 8)
     l1n0=$(be_int "$img" 36 4)
     l1off0=$(be_int "$img" 40 8)
-    mount_image "$img" "$mnt" "io-trace=$trace"
+    mount_image "$img" "$mnt" "io-trace=$trace${PL_MOUNT_OPTS:+,$PL_MOUNT_OPTS}"
     info "plwriter: seed $seed, $nops operations${grow:+, mid-run growth $grow bytes}"
     rc=0
-    timeout -k 5 "$WRITER_TIMEOUT" "$PLWRITER" "$mnt/disk" "$log" "$seed" "$nops" \
-        ${grow:+"$grow"} || rc=$?
+    timeout -k 5 "$WRITER_TIMEOUT" "$PLWRITER" ${WRITER_FLAGS[@]+"${WRITER_FLAGS[@]}"} \
+        "$mnt/disk" "$log" "$seed" "$nops" ${grow:+"$grow"} || rc=$?
     if ((rc == 124 || rc == 137)); then
         echo "    last operations that returned:" >&2
         tail -n 3 "$log" | sed 's/^/    | /' >&2
         fail "plwriter did not finish within ${WRITER_TIMEOUT}s (daemon hung?; seed $seed)"
     fi
     ((rc == 0)) || fail "plwriter failed (exit $rc; seed $seed)"
+    if [[ -n ${PL_BEFORE_UNMOUNT:-} ]]; then "$PL_BEFORE_UNMOUNT" "$mnt"; fi
     unmount_image "$mnt"
 
     # The image the daemon left behind is clean: no corruption, no leaks.
@@ -115,6 +123,7 @@ powerloss() {
         fail "qemu-img check of the final image: exit $rc (seed $seed)"
     fi
     IMAGE_END=$(json_field "$json" image-end-offset)
+    IMAGE_FILE_SIZE=$(stat -c %s "$img")
 
     # It grew to the size of the last resize plwriter logged.
     size1=$(be_int "$img" 24 8)
@@ -151,6 +160,22 @@ powerloss() {
     local n=${summary#*states=}
     n=${n%% *}
     ((n == states)) || fail "plreplay checked $n states, expected $states"
+    LEAKY=${summary##*leaky=}
+    FLUSH_STATS=$(grep '^plreplay: host flushes per fsync:' <<<"$out" | tail -n1) || true
+    [[ -n $FLUSH_STATS ]] || fail "plreplay printed no host flush counts"
+}
+
+# fsync_stat N: from FLUSH_STATS, how many fsyncs cost N host flushes ("3"
+# stands for 3 or more; "fsyncs": all of them)
+fsync_stat() {
+    local v
+    if [[ $1 == fsyncs ]]; then
+        v=$(sed -n 's/.*: \([0-9][0-9]*\) fsyncs;.*/\1/p' <<<"$FLUSH_STATS")
+    else
+        v=$(sed -n "s/.*[;,] $1\( or more\)*: \([0-9][0-9]*\).*/\2/p" <<<"$FLUSH_STATS")
+    fi
+    [[ -n $v ]] || fail "cannot read '$1' from: $FLUSH_STATS"
+    printf '%s\n' "$v"
 }
 
 case_64k() {
@@ -225,6 +250,88 @@ case_snapshot() {
         || fail "test setup: qemu-img convert failed"
     qemu-img snapshot -c before "$img" || fail "test setup: qemu-img snapshot failed"
     powerloss "$img" 300 100 $((SEED + 6))
+}
+
+# wait_stream_done MNT: poll the statistics of MNT/disk until the stream is
+# done (fail after WRITER_TIMEOUT seconds or when it failed).
+wait_stream_done() {
+    local mnt=$1 s deadline
+    deadline=$(($(date +%s) + WRITER_TIMEOUT))
+    while :; do
+        s=$(io_timeout getfattr --only-values -n user.qcow2fuse.stats "$mnt/disk" 2>/dev/null) || true
+        [[ $s == *"stream done 100%"* ]] && break
+        [[ $s == *"stream failed"* ]] && fail "the stream failed: $s"
+        (($(date +%s) <= deadline)) || fail "the stream did not end within ${WRITER_TIMEOUT}s: $s"
+        sleep 0.1
+    done
+    info "stream: ${s##*, stream }"
+}
+
+# Streaming the backing chain: a raw file <- a qcow2 mid (data, zero and
+# compressed clusters) <- the image, mounted with stream=RATE while
+# plwriter runs, then to the end (the backing file dropped).  The states
+# are taken while the stream fills clusters beside the guest's writes and
+# around the header's switch; each must show the chain's content (--base:
+# the chain as qemu-img converted it before) where the guest did not write.
+case_stream() {
+    local mid="$T/mid.qcow2" img="$T/img.qcow2" chain="$T/chain.raw" out
+    qemu-img create -q -f qcow2 -o cluster_size=65536 -b "$BASE_RAW" -F raw "$mid" \
+        || fail "test setup: qemu-img create failed"
+    qemu-io -f qcow2 -c "write -P 0x11 $M $M" -c "write -z $((3 * M)) $M" \
+        -c "write -c -P 0x22 $((5 * M)) 256k" "$mid" >/dev/null \
+        || fail "test setup: qemu-io failed"
+    qemu-img create -q -f qcow2 -o cluster_size=65536 -b "$mid" -F qcow2 "$img" \
+        || fail "test setup: qemu-img create failed"
+    qemu-img convert -O raw "$img" "$chain" || fail "test setup: qemu-img convert failed"
+    PL_MOUNT_OPTS=stream=16M PL_BEFORE_UNMOUNT=wait_stream_done \
+        powerloss "$img" 300 100 $((SEED + 10)) "$chain"
+    out=$(qemu-img info --output=json "$img")
+    ! grep -q '"backing-filename' <<<"$out" || fail "the streamed image still names a backing file"
+}
+
+# Appends (plwriter -a: small writes into new clusters, an fsync after
+# every 1..3) on 64K clusters: the steady state the cluster reservation
+# (refcount.c) is for.  Almost every fsync costs one host flush (data, L2
+# slice and the reservation's top-ups, then one flush); the crash states
+# fall inside reservations (between the flush that made one durable and
+# the L2 entries that use it, and inside top-ups), and every one may leak
+# what is left of it but nothing else.  After the clean unmount the
+# reservation is given back: no leak (powerloss checks qemu-img check exit
+# 0), and the file ends at its last cluster in use.
+case_append_64k() {
+    local img="$T/img.qcow2" fsyncs more
+    qemu-img create -q -f qcow2 -o cluster_size=65536 "$img" $((256 * M)) \
+        || fail "test setup: qemu-img create failed"
+    WRITER_FLAGS=(-a)
+    powerloss "$img" 300 100 $((SEED + 10))
+    WRITER_FLAGS=()
+    info "$FLUSH_STATS; $LEAKY leaky states; file $IMAGE_FILE_SIZE bytes, image end $IMAGE_END"
+    fsyncs=$(fsync_stat fsyncs)
+    more=$(($(fsync_stat 2) + $(fsync_stat 3)))
+    ((fsyncs > 100)) || fail "only $fsyncs fsyncs"
+    # the first ones, the resizes and the L2 tables of the grown area
+    ((more <= fsyncs / 20 + 4)) || fail "$more of $fsyncs fsyncs cost more than one host flush"
+    ((LEAKY > 0)) || fail "no crash state leaked: no reservation was ever durable?"
+    ((IMAGE_FILE_SIZE == IMAGE_END)) \
+        || fail "the image file ($IMAGE_FILE_SIZE bytes) goes past its last cluster in use ($IMAGE_END)"
+}
+
+# Appends on 512-byte clusters with 64-bit refcounts: a refcount block
+# covers 32 KiB and the first refcount table 2 MiB, so nearly every
+# reservation needs new refcount blocks and the table moves: growth inside
+# reservations, crash states among the links of new blocks.
+case_append_512_rb64() {
+    local img="$T/img.qcow2" before after
+    qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 "$img" $((64 * M)) \
+        || fail "test setup: qemu-img create failed"
+    before=$(od -An -t x1 -j 48 -N 12 "$img")
+    WRITER_FLAGS=(-a)
+    powerloss "$img" 150 80 $((SEED + 11))
+    WRITER_FLAGS=()
+    after=$(od -An -t x1 -j 48 -N 12 "$img")
+    info "$FLUSH_STATS; $LEAKY leaky states; refcount table $before -> $after"
+    [[ $before != "$after" ]] || fail "the refcount table did not grow"
+    ((LEAKY > 0)) || fail "no crash state leaked: no reservation was ever durable?"
 }
 
 # unmount_expect_status1 MNT: as unmount_image (functions.sh, whose
@@ -363,5 +470,8 @@ run_case 512-rb64 case_512_rb64
 run_case backing case_backing
 run_case compressed case_compressed
 run_case snapshot case_snapshot
+run_case stream case_stream
+run_case append-64k case_append_64k
+run_case append-512-rb64 case_append_512_rb64
 run_case flush-fails case_flush_fails
 finish_cases

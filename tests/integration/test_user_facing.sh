@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a new user meets: image creation, snapshot views, the mount helper
-# and fstab forms, make install, file naming and ownership, statistics,
-# manual pages, and the messages of refusals.
+# and fstab forms, make install, uninstall and deps, file naming and
+# ownership, statistics, manual pages, and the messages of refusals.
 . "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 
 requires qemu-img qemu-io
@@ -81,6 +81,55 @@ case_install() {
         [[ -e $T/root/$f ]] || fail "make install did not install /$f"
     done
     "$T/root/usr/bin/qcow2fuse" --version | grep -q qcow2fuse || fail "installed binary does not run"
+}
+
+case_uninstall() {
+    requires make find
+    local root=$T/root left
+    mkdir -p "$root/opt/q/bin"
+    echo other >"$root/opt/q/bin/not-ours"         # make uninstall leaves it
+    make -s -C "$top" install DESTDIR="$root" PREFIX=/opt/q >/dev/null || fail "make install failed"
+    [[ -x $root/opt/q/bin/qcow2fuse && -e $root/opt/q/share/man/man1/qcow2fuse.1 ]] ||
+        fail "make install did not honour PREFIX=/opt/q"
+    make -s -C "$top" uninstall DESTDIR="$root" PREFIX=/opt/q >/dev/null || fail "make uninstall failed"
+    left=$(cd "$root" && find . ! -type d | sort)
+    [[ $left == ./opt/q/bin/not-ours ]] || fail "after make uninstall, files left: ${left//$'\n'/ }"
+    make -s -C "$top" uninstall DESTDIR="$root" PREFIX=/opt/q >/dev/null ||
+        fail "make uninstall with nothing installed failed"
+}
+
+# make deps installs only what is missing, and make check and make demo
+# run it before they build anything.  apt-get is a stub that logs its
+# arguments (update succeeds, install fails): nothing is installed.
+case_deps() {
+    requires make dpkg-query
+    local stub=$T/stub out target
+    mkdir -p "$stub"
+    # shellcheck disable=SC2016  # $* and $1 are the stub's own
+    printf '#!/bin/sh\necho "apt-get $*" >>"%s/apt.log"\n[ "$1" = update ]\n' "$T" >"$stub/apt-get"
+    chmod +x "$stub/apt-get"
+    out=$(PATH=$stub:$PATH make -s -C "$top" deps) || fail "make deps failed with everything installed"
+    [[ $out == "deps: all build and test dependencies are installed" ]] || fail "make deps said: $out"
+    [[ ! -e $T/apt.log ]] || fail "make deps ran apt-get with everything installed: $(cat "$T/apt.log")"
+
+    PATH=$stub:$PATH make -s -C "$top" deps DEPS_PKGS="coreutils qcow2fuse-no-such-package" \
+        >"$T/deps.out" 2>&1 && fail "make deps succeeded though apt-get install failed"
+    grep -q '^deps: installing: qcow2fuse-no-such-package$' "$T/deps.out" ||
+        fail "make deps did not say what it installs: $(cat "$T/deps.out")"
+    [[ $(cat "$T/apt.log") == "apt-get update"$'\n'"apt-get install -y qcow2fuse-no-such-package" ]] ||
+        fail "apt-get was not asked for the missing package only: $(cat "$T/apt.log")"
+
+    # With CC=false nothing builds: apt-get asked and no build tree made
+    # means deps ran first.
+    for target in check demo; do
+        rm -f "$T/apt.log"
+        PATH=$stub:$PATH make -s -C "$top" "$target" CC=false BUILD="$T/build-$target" \
+            DEPS_PKGS=qcow2fuse-no-such-package >"$T/$target.out" 2>&1 &&
+            fail "make $target succeeded though its dependencies could not be installed"
+        grep -q 'install -y qcow2fuse-no-such-package' "$T/apt.log" 2>/dev/null ||
+            fail "make $target did not install what is missing first: $(cat "$T/$target.out")"
+        [[ ! -e $T/build-$target ]] || fail "make $target started building before make deps"
+    done
 }
 
 case_man_pages() {
@@ -270,7 +319,7 @@ case_option_messages() {
 
 # The words outside -o: help, version, missing and extra arguments.
 case_command_line() {
-    local out=$T/out err=$T/err rc spid
+    local out=$T/out err=$T/err rc pid
     qemu-img create -q -f qcow2 "$T/ok.qcow2" 1M
     mkdir -p "$T/mnt"
     for v in -h --help; do
@@ -300,15 +349,15 @@ case_command_line() {
     # -s (one thread) and -d (FUSE debug output) serve requests as well.
     mkdir -p "$T/mnt"
     "$QCOW2FUSE" "${TRANSPORT_ARGS[@]}" -s -f "$T/ok.qcow2" "$T/mnt" 2>"$err" &
-    spid=$!
-    track_pid $spid
+    pid=$!
+    track_pid $pid
     for _ in $(seq 200); do [[ -e $T/mnt/disk ]] && break; sleep 0.02; done
     track_mount "$T/mnt"
     dd if=/dev/urandom of="$T/mnt/disk" bs=64k count=2 conv=notrunc,fsync status=none
     compare_raw "$T/ok.qcow2" "$T/mnt"
     fusermount3 -u "$T/mnt"
-    # It holds the image's lock until it has written everything back.
-    wait "$spid" || fail "-s: the daemon exited with status $? after the unmount"
+    # The next mount takes the image's lock: this daemon must have let go.
+    wait "$pid" || fail "-s -f: exit status $? after fusermount3 -u"
     "$QCOW2FUSE" "${TRANSPORT_ARGS[@]}" -d "$T/ok.qcow2" "$T/mnt" >"$out" 2>"$err" &
     track_pid $!
     for _ in $(seq 200); do [[ -e $T/mnt/disk ]] && break; sleep 0.02; done
@@ -448,6 +497,8 @@ run_case snapshot case_snapshot
 run_case snapshot_disk_size case_snapshot_disk_size
 run_case mount_helper case_mount_helper
 run_case install case_install
+run_case uninstall case_uninstall
+run_case deps case_deps
 run_case man_pages case_man_pages
 run_case naming_and_ownership case_naming_and_ownership
 run_case stats_signal case_stats_signal

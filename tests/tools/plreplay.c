@@ -1286,6 +1286,23 @@ int main(int argc, char **argv)
            counts[T_PUNCH], counts[T_TRUNCATE], counts[T_MARK], host_end, nwrites - nzero,
            nzero, nfsync, nsizes - 1, sizes[0], disk_size, nshrink);
 
+    /* The host flushes of each guest fsync: those since the previous
+     * fsync's mark (writes between them may flush too, by evictions). */
+    {
+        size_t nmark = 0, by[4] = { 0 }, since = 0;
+        for (size_t i = 0; i < nrec; i++) {
+            if (recs[i].type == T_FLUSH)
+                since++;
+            if (recs[i].type == T_MARK && recs[i].what == MARK_FSYNC) {
+                by[since < 3 ? since : 3]++;
+                nmark++;
+                since = 0;
+            }
+        }
+        printf("plreplay: host flushes per fsync: %zu fsyncs; 0: %zu, 1: %zu, 2: %zu, "
+               "3 or more: %zu\n", nmark, by[0], by[1], by[2], by[3]);
+    }
+
     plan_states(nwant);
     printf("plreplay: %zu states, %zu of them on the %zu trace segments of the resizes\n",
            nstates, n_resize_states, n_resize_segs);

@@ -1,7 +1,7 @@
 /*
  * plwriter — the guest workload of the power-loss test.
  *
- *   plwriter [-e] DISK LOG SEED NOPS [GROW]
+ *   plwriter [-e] [-a] DISK LOG SEED NOPS [GROW]
  *
  * Issues NOPS operations to DISK (a qcow2fuse mount's disk file), single
  * threaded, and fsync(DISK) after every 1..8 of them (random).  About 90%
@@ -51,6 +51,12 @@
  * written (zeros).  LOG is line-buffered, so a hung run shows the last
  * operation that returned.  Exit 0 on success, 1 on an I/O error or a
  * mismatch, 2 on a usage error.  Uses libc only.
+ *
+ * -a: appends, the steady state of a log or a file being copied in: only
+ * writes (no zeroing), of 1..16 sectors, each at or after the end of the
+ * previous one (mostly at the next 64 KiB boundary, so that most writes
+ * allocate a cluster), wrapping around at the end of the disk; an fsync
+ * after every 1..3 of them.  The resizes and the refused shrink stay.
  *
  * -e: a host flush is going to fail (the test injects it under the daemon)
  * and the daemon must make that sticky.  The first call that fails with EIO
@@ -142,6 +148,7 @@ static uint64_t grown_at[MAX_GROWS];    /* the sizes before each grow */
 static unsigned ngrows;
 
 static bool expect_failure;             /* -e */
+static bool appends;                    /* -a */
 static const char *failed_call;         /* -e: the call that failed with EIO */
 
 /*
@@ -199,17 +206,20 @@ int main(int argc, char **argv)
     bool zero_ok = true, forced_grow = false;
     uint64_t partial = 0;               /* -e: the id of the failed W/Z, or 0 */
 
-    if (argc > 1 && !strcmp(argv[1], "-e")) {
-        expect_failure = true;
+    while (argc > 1 && (!strcmp(argv[1], "-e") || !strcmp(argv[1], "-a"))) {
+        if (argv[1][1] == 'e')
+            expect_failure = true;
+        else
+            appends = true;
         argv++;
         argc--;
     }
     if ((argc != 5 && argc != 6) || parse_u64(argv[3], &seed) || parse_u64(argv[4], &nops) ||
         (argc == 6 && (parse_u64(argv[5], &grow) || grow == 0 || grow % SECTOR ||
                        grow > (1ULL << 40)))) {
-        fprintf(stderr, "usage: plwriter [-e] DISK LOG SEED NOPS [GROW]\n"
+        fprintf(stderr, "usage: plwriter [-e] [-a] DISK LOG SEED NOPS [GROW]\n"
                 "       (GROW: bytes, a multiple of 512, the growth of the mid-run resize;\n"
-                "       -e: a host flush fails, see plwriter.c)\n");
+                "       -e: a host flush fails; -a: appends; see plwriter.c)\n");
         return 2;
     }
     fd = open(argv[1], O_RDWR);
@@ -247,7 +257,7 @@ int main(int argc, char **argv)
     fprintf(log, "plwriter v2 seed=%" PRIu64 " size=%" PRIu64 " nops=%" PRIu64 "\n",
             seed, size, nops);
 
-    countdown = 1 + (int)rnd(8);
+    countdown = 1 + (int)rnd(appends ? 3 : 8);
     for (uint64_t op = 0; op < nops; op++) {
         uint32_t count;
         uint64_t r, start;
@@ -313,6 +323,17 @@ int main(int argc, char **argv)
                 fprintf(log, "X %" PRIu64 "\n", target);
                 goto maybe_fsync;
             }
+        }
+
+        if (appends) {
+            uint64_t cursor = id ? hist[id - 1].sector + hist[id - 1].count : 0;
+            const uint64_t step = 65536 / SECTOR;
+
+            count = 1 + (uint32_t)rnd(16);
+            start = rnd(4) == 0 ? cursor : (cursor + step - 1) / step * step + rnd(8);
+            if (start + count > nsect)
+                start = rnd(64);                /* wrap around */
+            goto write;
         }
 
         if (zero_ok && id > 0 && rnd(100) < 10) {
@@ -408,6 +429,7 @@ int main(int argc, char **argv)
             /* right after the previous write */
             start = hist[id - 1].sector + hist[id - 1].count;
         }
+write:
         if (start >= nsect)
             start = nsect - 1;
         if (start + count > nsect)
@@ -448,7 +470,7 @@ maybe_fsync:
             }
             fsyncs++;
             fprintf(log, "F %" PRIu64 "\n", fsyncs);
-            countdown = 1 + (int)rnd(8);
+            countdown = 1 + (int)rnd(appends ? 3 : 8);
         }
     }
     if (expect_failure) {

@@ -1319,7 +1319,8 @@ START_TEST(read_io_errors)
 END_TEST
 
 enum field_write {
-    FW_SIZE, FW_L1_TABLE, FW_REFCOUNT_TABLE, FW_INCOMPATIBLE, FW_AUTOCLEAR, FW_COUNT
+    FW_SIZE, FW_L1_TABLE, FW_REFCOUNT_TABLE, FW_INCOMPATIBLE, FW_AUTOCLEAR,
+    FW_BACKING_FILE, FW_COUNT
 };
 
 START_TEST(write_fields)
@@ -1333,6 +1334,7 @@ START_TEST(write_fields)
         [FW_REFCOUNT_TABLE] = { 48, 12 },
         [FW_INCOMPATIBLE]   = { 72, 8 },
         [FW_AUTOCLEAR]      = { 88, 8 },
+        [FW_BACKING_FILE]   = { 8, 12 },
     };
     const unsigned cb = 16;
     const uint64_t cs = 1ull << cb;
@@ -1351,6 +1353,7 @@ START_TEST(write_fields)
     case FW_REFCOUNT_TABLE: ret = header_write_refcount_table(io, 2 * cs, 2); break;
     case FW_INCOMPATIBLE:   ret = header_write_incompatible(io, QCOW2_INCOMPAT_DIRTY); break;
     case FW_AUTOCLEAR:      ret = header_write_autoclear(io, QCOW2_AUTOCLEAR_BITMAPS); break;
+    case FW_BACKING_FILE:   ret = header_write_backing_file(io, 0, 0); break;
     }
     ck_assert_int_eq(ret, 0);
     ck_assert_uint_eq(w->pwrites, 1);
@@ -1381,9 +1384,69 @@ START_TEST(write_fields)
     case FW_AUTOCLEAR:
         ck_assert_uint_eq(h.autoclear_features, QCOW2_AUTOCLEAR_BITMAPS);
         break;
+    case FW_BACKING_FILE:
+        ck_assert_uint_eq(h.backing_file_offset, 0);
+        ck_assert_ptr_null(h.backing_file);
+        break;
     }
     header_free(&h);
     io_close(io);
+    free(file);
+}
+END_TEST
+
+START_TEST(remove_extension)
+{
+    /* The backing format extension goes from the disk (one pwrite over the
+     * extension area) and from the decoded header; the extensions after it
+     * move up, unknown ones included, and the header still decodes. */
+    const unsigned cb = 16;
+    struct tu_hdr th = tu_hdr_default(3, cb);
+    size_t len = (size_t)tu_default_file_size(cb), off, now_len;
+    uint8_t *file = tu_zalloc(len), ft[48];
+    struct watch_io *w;
+    struct qcow2_header h, after;
+    const uint8_t *now;
+    char err[512] = "";
+
+    off = tu_hdr_write(file, &th);
+    tu_ext_put(file, &off, QCOW2_EXT_BACKING_FORMAT, "qcow2", 5);
+    tu_feature_put(ft, 0, 0, "dirty bit");
+    tu_ext_put(file, &off, QCOW2_EXT_FEATURE_TABLE, ft, 48);
+    tu_ext_put(file, &off, 0x12345678u, "abc", 3);
+    w = watch_open(file, len);
+    ck_assert_msg(header_read(&w->fwd.io, &h, err, sizeof(err)) == 0, "%s", err);
+    ck_assert_str_eq(h.backing_format, "qcow2");
+    ck_assert_uint_eq(h.nb_exts, 3);
+    w->pwrites = 0;
+
+    ck_assert_int_eq(header_remove_extension(&w->fwd.io, &h, QCOW2_EXT_BACKING_FORMAT), 0);
+    ck_assert_uint_eq(w->pwrites, 1);
+    ck_assert_uint_eq(w->pwrite_off, th.header_length);
+    ck_assert_uint_eq(w->pwrite_len, off + 8 - th.header_length);
+    ck_assert_ptr_null(h.backing_format);
+    ck_assert_uint_eq(h.nb_exts, 2);
+    ck_assert_uint_eq(h.exts[0].type, QCOW2_EXT_FEATURE_TABLE);
+    ck_assert_uint_eq(h.exts[1].type, 0x12345678u);
+    now = io_memory_data(tu_fwd_inner(&w->fwd.io), &now_len);
+    ck_assert_mem_eq(now, file, th.header_length);
+    ck_assert_uint_eq(be32_get(now + th.header_length), QCOW2_EXT_FEATURE_TABLE);
+
+    ck_assert_msg(header_read(&w->fwd.io, &after, err, sizeof(err)) == 0, "%s", err);
+    ck_assert_ptr_null(after.backing_format);
+    ck_assert_uint_eq(after.nb_exts, 2);
+    ck_assert_uint_eq(after.nb_feature_names, 1);
+    ck_assert_uint_eq(after.exts[1].len, 3);
+    ck_assert_mem_eq(after.exts[1].data, "abc", 3);
+    ck_assert_uint_eq(after.ext_end, off + 8 - 16); /* END; 8 + 8 bytes fewer */
+    header_free(&after);
+
+    /* None left: nothing is written. */
+    w->pwrites = 0;
+    ck_assert_int_eq(header_remove_extension(&w->fwd.io, &h, QCOW2_EXT_BACKING_FORMAT), 0);
+    ck_assert_uint_eq(w->pwrites, 0);
+    header_free(&h);
+    io_close(&w->fwd.io);
     free(file);
 }
 END_TEST
@@ -1519,6 +1582,7 @@ static Suite *header_suite(void)
     tcase_add_test(tc, feature_name_type_matters);
     tcase_add_test(tc, backing_name_from_offset);
     tcase_add_test(tc, encode_changed_backing);
+    tcase_add_test(tc, remove_extension);
     tcase_add_test(tc, encode_enospc);
     tcase_add_test(tc, decode_short_buffer_v2);
     tcase_add_test(tc, decode_reuse_after_free);

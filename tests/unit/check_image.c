@@ -10,7 +10,10 @@
  * the writes before it, for every N of a workload (a power-loss judge);
  * and the write plan's branches (in place, fresh allocation, COW from a
  * backing file, compressed overwrite, subclusters, a snapshot-shared
- * cluster), through a backend that records the host I/O.
+ * cluster), through a backend that records the host I/O; and views of
+ * internal snapshots beside the writable disk (equal to -o snapshot=,
+ * unchanged by writes racing with their reads, a snapshot of a smaller
+ * disk, bad snapshot tables refused naming the field and offset).
  *
  * Images are made with create_image() in a temporary directory, loaded into
  * the memory backend and opened with image_open_io() through a "gate"
@@ -26,8 +29,10 @@
 #include "image.h"
 #include "io.h"
 #include "meta.h"
+#include "snapshot.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <pthread.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -55,6 +60,7 @@ struct gate_io {
     uint64_t arm_offset;
     unsigned hits;              /* preads containing arm_offset since arming */
     bool flush_armed;           /* hold the next flush instead of a pread */
+    bool write_armed;           /* hold the next pwrite instead of a pread */
     unsigned flushes;           /* host flushes seen */
     uint8_t gated_first, gated_last;    /* what the held pread returned */
     _Atomic bool fail_punch;    /* punches fail with -EOPNOTSUPP */
@@ -134,6 +140,18 @@ static int gate_pwrite(struct io *io, const void *buf, size_t len, uint64_t off)
 {
     struct gate_io *g = (struct gate_io *)io;
 
+    pthread_mutex_lock(&g->lock);
+    if (g->write_armed) {
+        struct timespec ts;
+        g->write_armed = false;
+        g->blocked = true;
+        pthread_cond_broadcast(&g->cond);
+        deadline(&ts);
+        while (!g->released && !g->timed_out)
+            if (pthread_cond_timedwait(&g->cond, &g->lock, &ts) == ETIMEDOUT)
+                g->timed_out = true;
+    }
+    pthread_mutex_unlock(&g->lock);
     g->written += len;
     return tu_fwd_pwrite(io, buf, len, off);
 }
@@ -201,6 +219,14 @@ static void gate_arm_flush(struct gate_io *g)
 {
     pthread_mutex_lock(&g->lock);
     g->flush_armed = true;
+    g->blocked = g->released = g->timed_out = false;
+    pthread_mutex_unlock(&g->lock);
+}
+
+static void gate_arm_write(struct gate_io *g)
+{
+    pthread_mutex_lock(&g->lock);
+    g->write_armed = true;
     g->blocked = g->released = g->timed_out = false;
     pthread_mutex_unlock(&g->lock);
 }
@@ -1542,6 +1568,127 @@ START_TEST(resize_behind_resize_takes_the_new_size)
 }
 END_TEST
 
+/* ---- copy-on-read and streaming: a fill only fills ---------------------- */
+
+struct filler {
+    struct image *img;
+    uint64_t offset, len, filled;
+    _Atomic pid_t tid;
+    pthread_t pt;
+    int ret;
+};
+
+static void *filler_main(void *arg)
+{
+    struct filler *f = arg;
+    atomic_store(&f->tid, gettid());
+    f->ret = image_fill(f->img, f->offset, f->len, &f->filled);
+    return NULL;
+}
+
+/* The overlay of new_overlay_io() opened through a gate, with its L2 table
+ * made and the header prepared for writing by a write at guest 0 (so that
+ * the next host write of a write or fill is its data). */
+static struct image *open_overlay(char *dir, char *path, size_t path_len,
+                                  struct gate_io **g, int trace_fd)
+{
+    struct image_options o = default_opts();
+    struct image *img = NULL;
+
+    *g = gate_new(new_overlay_io(dir, path, path_len), false);
+    o.backing.policy = BACKING_ALLOW;
+    o.trace_fd = trace_fd;
+    ck_assert_int_eq(image_open_io(&(*g)->fwd.io, path, &o, &img), 0);
+    write_pattern(img, 0, 4096, 0x11);
+    ck_assert_int_eq(image_flush(img), 0);
+    return img;
+}
+
+/* Guest cluster @gc reads 0x5a (the backing file) but for 0x77 at
+ * [4096, 8192). */
+static void assert_guest_write_kept(struct image *img, uint64_t gc)
+{
+    uint8_t *buf = tu_zalloc(CS);
+
+    ck_assert_int_eq(image_read(img, buf, CS, gc * CS), 0);
+    ck_assert_msg(all_bytes(buf, 4096, 0x5a) && all_bytes(buf + 8192, CS - 8192, 0x5a),
+                  "the backing file's bytes around the guest write are gone");
+    ck_assert_msg(all_bytes(buf + 4096, 4096, 0x77),
+                  "the guest write was overwritten by the fill (0x%02x)", buf[4096]);
+    free(buf);
+}
+
+/*
+ * A fill that finds a cluster unallocated at its lookup while a guest write
+ * into it is under way (held at the write of its data, the L2 entry not
+ * yet set) must wait for the write's range and then leave the cluster
+ * alone: it is allocated now.  Filling it from what the lookup said wrote
+ * the backing file's bytes over the guest's.
+ */
+START_TEST(fill_leaves_cluster_a_guest_write_allocated)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[96];
+    struct gate_io *g;
+    struct image *img = open_overlay(dir, path, sizeof(path), &g, -1);
+    struct writer w = { .img = img, .offset = 3 * CS + 4096 };
+    struct filler f = { .img = img, .offset = 3 * CS, .len = CS };
+    bool waited;
+
+    memset(w.buf, 0x77, sizeof(w.buf));
+    gate_arm_write(g);
+    ck_assert_int_eq(pthread_create(&w.pt, NULL, writer_main, &w), 0);
+    ck_assert_msg(gate_wait_blocked(g), "the guest write never wrote its data");
+    ck_assert_int_eq(pthread_create(&f.pt, NULL, filler_main, &f), 0);
+    waited = wait_asleep(&f.tid);
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(w.pt, NULL), 0);
+    ck_assert_int_eq(pthread_join(f.pt, NULL), 0);
+    ck_assert(!g->timed_out);
+    ck_assert_int_eq(w.ret, 0);
+    ck_assert_int_eq(f.ret, 0);
+    assert_guest_write_kept(img, 3);
+    ck_assert_msg(waited, "the fill never waited for the guest write");
+    ck_assert_uint_eq(f.filled, 0);
+    ck_assert_int_eq(image_close(img), 0);
+    remove_overlay_dir(dir);
+}
+END_TEST
+
+/*
+ * A guest write that comes while a fill of its cluster is under way (held
+ * at the write of the copied data) waits for the fill's range and then
+ * wins.  A fill that held no range let the write allocate a cluster of its
+ * own, then pointed the L2 entry at the copy: the guest's bytes were lost.
+ */
+START_TEST(guest_write_behind_fill_wins)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[96];
+    struct gate_io *g;
+    struct image *img = open_overlay(dir, path, sizeof(path), &g, -1);
+    struct writer w = { .img = img, .offset = 3 * CS + 4096 };
+    struct filler f = { .img = img, .offset = 3 * CS, .len = CS };
+    bool waited;
+
+    memset(w.buf, 0x77, sizeof(w.buf));
+    gate_arm_write(g);
+    ck_assert_int_eq(pthread_create(&f.pt, NULL, filler_main, &f), 0);
+    ck_assert_msg(gate_wait_blocked(g), "the fill never wrote its data");
+    ck_assert_int_eq(pthread_create(&w.pt, NULL, writer_main, &w), 0);
+    waited = wait_asleep(&w.tid);
+    gate_release(g);
+    ck_assert_int_eq(pthread_join(f.pt, NULL), 0);
+    ck_assert_int_eq(pthread_join(w.pt, NULL), 0);
+    ck_assert(!g->timed_out);
+    ck_assert_int_eq(f.ret, 0);
+    ck_assert_int_eq(w.ret, 0);
+    assert_guest_write_kept(img, 3);
+    ck_assert_msg(waited, "the guest write never waited for the fill");
+    ck_assert_uint_eq(f.filled, CS);
+    ck_assert_int_eq(image_close(img), 0);
+    remove_overlay_dir(dir);
+}
+END_TEST
+
 /* ---- replaced entries that must not be freed ----------------------------- */
 
 /* What the corrupt L2 entry of guest cluster 2 names. */
@@ -2157,6 +2304,438 @@ START_TEST(plan_copies_snapshot_shared_cluster)
 }
 END_TEST
 
+/* ---- views of internal snapshots ------------------------------------------ */
+
+/* An image file in a fresh temporary directory; snapshots are taken by
+ * qemu-img, which the oracle (the -o snapshot= view) also reads. */
+struct snap_file_img {
+    char dir[32];
+    char path[64];
+};
+
+static void snap_img_create(struct snap_file_img *f, uint64_t vsize, unsigned cb)
+{
+    struct create_options co = { .size = vsize, .cluster_bits = cb };
+
+    snprintf(f->dir, sizeof(f->dir), "/tmp/check_image.XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(f->dir));
+    snprintf(f->path, sizeof(f->path), "%s/t.qcow2", f->dir);
+    ck_assert_int_eq(create_image(f->path, &co), 0);
+}
+
+static void snap_img_remove(struct snap_file_img *f)
+{
+    unlink(f->path);
+    rmdir(f->dir);
+}
+
+static void qemu_img(const struct snap_file_img *f, const char *args)
+{
+    char cmd[256];
+
+    snprintf(cmd, sizeof(cmd), "qemu-img %s '%s' >/dev/null", args, f->path);
+    ck_assert_msg(system(cmd) == 0, "test setup: qemu-img %s failed", args);
+}
+
+static uint8_t *read_all(struct image *img, uint64_t size)
+{
+    uint8_t *b = tu_zalloc((size_t)size);
+
+    ck_assert_int_eq(image_read(img, b, (size_t)size, 0), 0);
+    return b;
+}
+
+/* What -o snapshot=@name shows (the oracle for views): its bytes and size. */
+static uint8_t *read_by_option(const struct snap_file_img *f, const char *name,
+                               uint64_t *size)
+{
+    struct image_options o = default_opts();
+    struct image *img = NULL;
+    uint8_t *b;
+
+    o.read_only = true;
+    o.snapshot = name;
+    ck_assert_int_eq(image_open(f->path, &o, &img), 0);
+    *size = image_size(img);
+    b = read_all(img, *size);
+    ck_assert_int_eq(image_close(img), 0);
+    return b;
+}
+
+/* The position of snapshot @name in @img's table. */
+static uint32_t snap_index(struct image *img, const char *name)
+{
+    struct snapshot_table t;
+    const struct snapshot *s;
+    uint32_t i;
+
+    ck_assert_int_eq(image_snapshot_table(img, &t), 0);
+    s = snapshot_find(&t, name);
+    ck_assert_ptr_nonnull(s);
+    i = s->index;
+    snapshot_table_free(&t);
+    return i;
+}
+
+static struct image *view_of(struct image *img, const char *name)
+{
+    struct image *v = NULL;
+
+    ck_assert_int_eq(image_snapshot_view_open(img, snap_index(img, name), &v), 0);
+    return v;
+}
+
+static void file_put(const struct snap_file_img *f, uint64_t off, const void *p, size_t n)
+{
+    struct io *io;
+
+    ck_assert_int_eq(io_open_file(f->path, true, &io), 0);
+    ck_assert_int_eq(io_pwrite(io, p, n, off), 0);
+    io_close(io);
+}
+
+static uint64_t file_get(const struct snap_file_img *f, uint64_t off, unsigned bytes)
+{
+    uint8_t b[8] = { 0 };
+    struct io *io;
+
+    ck_assert_int_eq(io_open_file(f->path, false, &io), 0);
+    ck_assert_int_eq(io_pread(io, b, bytes, off), 0);
+    io_close(io);
+    return bytes == 8 ? be64_get(b) : bytes == 4 ? be32_get(b) : b[0];
+}
+
+/* The first snapshot entry's offset in the file. */
+static uint64_t first_snapshot_entry(const struct snap_file_img *f)
+{
+    return file_get(f, 64, 8);
+}
+
+static void assert_same(const uint8_t *got, const uint8_t *want, uint64_t size,
+                        const char *what)
+{
+    uint64_t i = 0;
+
+    if (memcmp(got, want, (size_t)size) == 0)
+        return;
+    while (got[i] == want[i])
+        i++;
+    ck_abort_msg("%s: byte 0x%llx is 0x%02x, the snapshot (-o snapshot=) has 0x%02x",
+                 what, (unsigned long long)i, got[i], want[i]);
+}
+
+/* A reader that keeps reading two views and comparing them with what they
+ * must show, while the test writes the disk they were taken from. */
+struct view_reader {
+    struct image *view[2];
+    const uint8_t *want[2];
+    uint64_t size[2];
+    _Atomic bool stop;
+    unsigned passes, mismatches, errors;
+    uint64_t first_bad;
+};
+
+static void *view_reader_run(void *arg)
+{
+    struct view_reader *r = arg;
+    uint8_t *b = tu_zalloc(1u << 20);
+
+    do {
+        for (int v = 0; v < 2; v++)
+            for (uint64_t off = 0; off < r->size[v]; off += 1u << 20) {
+                size_t n = r->size[v] - off < (1u << 20) ? (size_t)(r->size[v] - off)
+                                                         : 1u << 20;
+                if (image_read(r->view[v], b, n, off) < 0) {
+                    r->errors++;
+                    continue;
+                }
+                if (memcmp(b, r->want[v] + off, n) != 0 && r->mismatches++ == 0)
+                    r->first_bad = off;
+            }
+        r->passes++;
+    } while (!atomic_load(&r->stop));
+    free(b);
+    return NULL;
+}
+
+/*
+ * Views of two snapshots over the writable image read exactly what
+ * -o snapshot= reads, before, during (a reader thread) and after writes
+ * that copy shared clusters and tables: an overwrite of the whole disk, a
+ * zero range, a discard, a preallocation, an unaligned write, a flush.
+ * Writes to a view are refused.  The disk reads as the model, refcounts
+ * are exact after close, and the snapshots still read as before.
+ */
+START_TEST(snapshot_views_unchanged_by_writes)
+{
+    struct snap_file_img f;
+    struct image_options o = default_opts();
+    struct image *img = NULL;
+    struct view_reader r = { 0 };
+    uint8_t *want1, *want2, *model, *got, *after;
+    uint64_t size1, size2, size;
+    pthread_t th;
+
+    snap_img_create(&f, VSIZE, CB);
+    ck_assert_int_eq(image_open(f.path, &o, &img), 0);
+    write_pattern(img, 0, 4u << 20, 0xa1);
+    write_pattern(img, 6u << 20, 1u << 20, 0xa2);
+    ck_assert_int_eq(image_close(img), 0);
+    qemu_img(&f, "snapshot -c s1");
+    ck_assert_int_eq(image_open(f.path, &o, &img), 0);
+    write_pattern(img, 1u << 20, 1u << 20, 0xb1);
+    write_pattern(img, (8u << 20) + 100, 4096, 0xb2);     /* inside one cluster */
+    ck_assert_int_eq(image_zero(img, 3u << 20, 2 * CS, true), 0);
+    ck_assert_int_eq(image_close(img), 0);
+    qemu_img(&f, "snapshot -c s2");
+    ck_assert_int_eq(image_open(f.path, &o, &img), 0);
+    write_pattern(img, 0, 512u << 10, 0xc1);
+    ck_assert_int_eq(image_close(img), 0);
+
+    want1 = read_by_option(&f, "s1", &size1);
+    want2 = read_by_option(&f, "s2", &size2);
+    ck_assert_uint_eq(size1, VSIZE);
+    ck_assert(want1[(1u << 20)] == 0xa1 && want2[(1u << 20)] == 0xb1);  /* they differ */
+
+    ck_assert_int_eq(image_open(f.path, &o, &img), 0);
+    model = read_all(img, VSIZE);
+    r.view[0] = view_of(img, "s1");
+    r.view[1] = view_of(img, "s2");
+    r.want[0] = want1;
+    r.want[1] = want2;
+    r.size[0] = image_size(r.view[0]);
+    r.size[1] = image_size(r.view[1]);
+    ck_assert_uint_eq(r.size[0], size1);
+    ck_assert_uint_eq(r.size[1], size2);
+    ck_assert(image_is_read_only(r.view[0]));
+    ck_assert_int_eq(image_write(r.view[0], want1, 512, 0), -EROFS);
+    ck_assert_int_eq(image_zero(r.view[0], 0, CS, true), -EROFS);
+    ck_assert_int_eq(image_resize(r.view[0], VSIZE * 2), -EROFS);
+    got = read_all(r.view[0], size1);
+    assert_same(got, want1, size1, "view of s1");
+    free(got);
+
+    ck_assert_int_eq(pthread_create(&th, NULL, view_reader_run, &r), 0);
+    /* Each path first over clusters (and L2 tables) the snapshots share:
+     * a write inside one cluster, a partial-cluster zeroing (written as
+     * zeros), a zero range that keeps allocations, a discard, a
+     * preallocation of a range the snapshot s1 holds data in; then an
+     * overwrite of the whole disk. */
+    write_pattern(img, (6u << 20) + 7, 100, 0xee);
+    memset(model + (6u << 20) + 7, 0xee, 100);
+    ck_assert_int_eq(image_zero(img, (6u << 20) + 2 * CS + 100, 1000, false), 0);
+    memset(model + (6u << 20) + 2 * CS + 100, 0, 1000);
+    ck_assert_int_eq(image_zero(img, (3u << 20) + (512u << 10), 4 * CS, false), 0);
+    memset(model + (3u << 20) + (512u << 10), 0, 4 * CS);
+    ck_assert_int_eq(image_zero(img, 1u << 20, 4 * CS, true), 0);
+    memset(model + (1u << 20), 0, 4 * CS);
+    ck_assert_int_eq(image_preallocate(img, 3u << 20, 2 * CS), 0);
+    ck_assert_int_eq(image_flush(img), 0);
+    got = read_all(img, VSIZE);
+    ck_assert_msg(memcmp(got, model, VSIZE) == 0, "the disk differs from the model");
+    free(got);
+    for (uint64_t off = 0; off < VSIZE; off += 1u << 20)
+        write_pattern(img, off, 1u << 20, (uint8_t)(0xd0 + (off >> 20)));
+    for (uint64_t off = 0; off < VSIZE; off += 1u << 20)
+        memset(model + off, 0xd0 + (int)(off >> 20), 1u << 20);
+    ck_assert_int_eq(image_zero(img, 2u << 20, 1u << 20, false), 0);
+    memset(model + (2u << 20), 0, 1u << 20);
+    ck_assert_int_eq(image_zero(img, 4u << 20, 4u << 20, true), 0);
+    memset(model + (4u << 20), 0, 4u << 20);
+    ck_assert_int_eq(image_flush(img), 0);
+    atomic_store(&r.stop, true);
+    ck_assert_int_eq(pthread_join(th, NULL), 0);
+    ck_assert_msg(r.errors == 0 && r.mismatches == 0, "while the disk was written, "
+                  "%u passes over the views: %u reads failed, %u differed (first "
+                  "at 0x%llx)", r.passes, r.errors, r.mismatches,
+                  (unsigned long long)r.first_bad);
+
+    for (int v = 0; v < 2; v++) {
+        got = read_all(r.view[v], r.size[v]);
+        assert_same(got, r.want[v], r.size[v], v ? "view of s2 after the writes"
+                                                 : "view of s1 after the writes");
+        free(got);
+    }
+    got = read_all(img, VSIZE);
+    ck_assert_msg(memcmp(got, model, VSIZE) == 0, "the disk differs from the model");
+    free(got);
+    image_snapshot_view_close(r.view[0]);
+    ck_assert_int_eq(image_close(r.view[1]), 0);      /* image_close works too */
+    ck_assert_int_eq(image_close(img), 0);
+
+    {
+        struct io *inner = tu_file_to_memory(f.path);
+        assert_refcounts_exact(inner, "after writes beside snapshot views");
+        io_close(inner);
+    }
+    after = read_by_option(&f, "s1", &size);
+    assert_same(after, want1, size1, "s1 after the writes (-o snapshot=)");
+    free(after);
+    after = read_by_option(&f, "s2", &size);
+    assert_same(after, want2, size2, "s2 after the writes (-o snapshot=)");
+    free(after);
+    free(want1);
+    free(want2);
+    free(model);
+    snap_img_remove(&f);
+}
+END_TEST
+
+/*
+ * A snapshot taken before the disk grew: its view has the snapshot's
+ * disk_size, and its L1 table is smaller than the disk's (512-byte
+ * clusters: one L1 entry maps 32 KiB).  With disk_size 0 (not recorded)
+ * the view has the disk's size and reads zeros past what its L1 maps, as
+ * -o snapshot= does.
+ */
+START_TEST(snapshot_view_of_smaller_disk)
+{
+    struct snap_file_img f;
+    struct image_options o = default_opts();
+    struct image *img = NULL, *v;
+    uint64_t size, entry, zero = 0;
+    uint8_t *want, *got;
+
+    snap_img_create(&f, 1u << 20, 9);
+    ck_assert_int_eq(image_open(f.path, &o, &img), 0);
+    write_pattern(img, 0, 1u << 20, 0x5a);
+    ck_assert_int_eq(image_close(img), 0);
+    qemu_img(&f, "snapshot -c small");
+    ck_assert_int_eq(image_open(f.path, &o, &img), 0);
+    ck_assert_int_eq(image_resize(img, 4u << 20), 0);
+    write_pattern(img, 0, 4u << 20, 0x77);
+    ck_assert_int_eq(image_close(img), 0);
+
+    entry = first_snapshot_entry(&f);
+    ck_assert_uint_lt(file_get(&f, entry + 8, 4), file_get(&f, 36, 4));  /* L1 sizes */
+    want = read_by_option(&f, "small", &size);
+    ck_assert_uint_eq(size, 1u << 20);
+    ck_assert_int_eq(image_open(f.path, &o, &img), 0);
+    v = view_of(img, "small");
+    ck_assert_uint_eq(image_size(v), 1u << 20);
+    got = read_all(v, size);
+    assert_same(got, want, size, "view of a smaller snapshot");
+    ck_assert(all_bytes(got, size, 0x5a));
+    free(got);
+    ck_assert(image_reads(v, 1u << 20, 4096, 0));     /* past its end */
+    image_snapshot_view_close(v);
+    ck_assert_int_eq(image_close(img), 0);
+    free(want);
+
+    /* No disk size recorded: the disk's size, zeros past the snapshot's L1. */
+    ck_assert_uint_ge(file_get(&f, entry + 36, 4), 16);        /* extra data */
+    file_put(&f, entry + 48, &zero, 8);
+    want = read_by_option(&f, "small", &size);
+    ck_assert_uint_eq(size, 4u << 20);
+    ck_assert_int_eq(image_open(f.path, &o, &img), 0);
+    v = view_of(img, "small");
+    ck_assert_uint_eq(image_size(v), 4u << 20);
+    got = read_all(v, size);
+    assert_same(got, want, size, "view of a snapshot without a disk size");
+    ck_assert(all_bytes(got, 1u << 20, 0x5a));
+    ck_assert(all_bytes(got + (1u << 20), 3u << 20, 0));
+    free(got);
+    image_snapshot_view_close(v);
+    ck_assert_int_eq(image_close(img), 0);
+    free(want);
+    snap_img_remove(&f);
+}
+END_TEST
+
+/*
+ * Bad snapshot tables: refused by the view as by -o snapshot=, the message
+ * naming the field and its offset (cases 0-2); an L1 entry with reserved
+ * bits is reported when read, through the view (-EIO), and the writable
+ * disk beside it stays writable and is not marked corrupt (case 3).
+ */
+START_TEST(snapshot_view_refuses_bad_tables)
+{
+    struct snap_file_img f;
+    struct image_options o = default_opts();
+    struct image *img = NULL, *v = NULL;
+    uint64_t entry, l1, val;
+    char want_msg[128], opt_msg[1024];
+    uint8_t buf[512];
+
+    snap_img_create(&f, 1u << 20, CB);
+    ck_assert_int_eq(image_open(f.path, &o, &img), 0);
+    write_pattern(img, 0, CS, 0x31);
+    ck_assert_int_eq(image_close(img), 0);
+    qemu_img(&f, "snapshot -c s1");
+    entry = first_snapshot_entry(&f);
+    l1 = file_get(&f, entry, 8);
+
+    switch (_i) {
+    case 0:     /* l1_table_offset misaligned */
+        be64_put(buf, l1 + 512);
+        file_put(&f, entry, buf, 8);
+        snprintf(want_msg, sizeof(want_msg), "snapshot 0: L1 table 0x%llx",
+                 (unsigned long long)(l1 + 512));
+        o.read_only = true;     /* a writable open refuses the table itself */
+        break;
+    case 1:     /* l1_size too large */
+        be32_put(buf, 0x10000000);
+        file_put(&f, entry + 8, buf, 4);
+        snprintf(want_msg, sizeof(want_msg), "with %u entries", 0x10000000u);
+        o.read_only = true;
+        break;
+    case 2:     /* disk_size not a multiple of 512 */
+        be64_put(buf, (1u << 20) + 100);
+        file_put(&f, entry + 48, buf, 8);
+        snprintf(want_msg, sizeof(want_msg), "disk_size (entry offset 48, at 0x%llx)",
+                 (unsigned long long)(entry + 48));
+        break;
+    default:    /* reserved bits in the snapshot's L1 entry 0 */
+        val = file_get(&f, l1, 8) | 2;
+        be64_put(buf, val);
+        file_put(&f, l1, buf, 8);
+        snprintf(want_msg, sizeof(want_msg), "L1 entry 0 (table at 0x%llx)",
+                 (unsigned long long)l1);
+        break;
+    }
+
+    /* -o snapshot= refuses cases 0-2 with the same message. */
+    if (_i < 3) {
+        struct image_options so = default_opts();
+        struct image *simg = NULL;
+        so.read_only = true;
+        so.snapshot = "s1";
+        tu_log_capture();
+        ck_assert_int_lt(image_open(f.path, &so, &simg), 0);
+        snprintf(opt_msg, sizeof(opt_msg), "%s", tu_log_state()->first_error);
+        tu_log_release();
+        ck_assert_msg(strstr(opt_msg, want_msg), "-o snapshot= said \"%s\", not \"%s\"",
+                      opt_msg, want_msg);
+    }
+
+    ck_assert_int_eq(image_open(f.path, &o, &img), 0);
+    tu_log_capture();
+    if (_i < 3) {
+        ck_assert_int_eq(image_snapshot_view_open(img, 0, &v), -EINVAL);
+    } else {
+        ck_assert_int_eq(image_snapshot_view_open(img, 0, &v), 0);
+        ck_assert_int_eq(image_read(v, buf, sizeof(buf), 0), -EIO);
+    }
+    ck_assert_msg(strstr(tu_log_state()->first_error, want_msg),
+                  "the view said \"%s\", not \"%s\"", tu_log_state()->first_error,
+                  want_msg);
+    ck_assert_msg(_i >= 3 || strcmp(tu_log_state()->first_error, opt_msg) == 0,
+                  "view: \"%s\", -o snapshot=: \"%s\"", tu_log_state()->first_error,
+                  opt_msg);
+    tu_log_release();
+    if (v)
+        image_snapshot_view_close(v);
+    if (!o.read_only) {
+        /* The disk beside it is not marked corrupt. */
+        write_pattern(img, 0, 512, 0x32);
+        ck_assert(image_reads(img, 0, 512, 0x32));
+    }
+    ck_assert_int_eq(image_close(img), 0);
+    ck_assert_uint_eq(file_get(&f, 72, 8) & QCOW2_INCOMPAT_CORRUPT, 0);
+    snap_img_remove(&f);
+}
+END_TEST
+
 /* ---- write ordering (image_flush.c's invariants), seen in a trace ------ */
 
 /* Open the image held in @inner (kept when the image closes) with its
@@ -2292,6 +2871,170 @@ START_TEST(deferred_free_after_durable_l2)
 }
 END_TEST
 
+/*
+ * Invariant 9: after a fill of the whole disk, image_drop_backing makes
+ * the copies durable (their data and L2 tables written, then a host flush)
+ * before the header's backing file name is cleared; that write is flushed
+ * before the backing format extension goes, and that one is flushed too.
+ * The image then stands alone with the same content.
+ */
+START_TEST(drop_backing_after_durable_fill)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[96];
+    struct gate_io *g;
+    int fd = tu_trace_fd();
+    struct image *img = open_overlay(dir, path, sizeof(path), &g, fd);
+    struct io *inner = g->fwd.inner;
+    struct image_options o = default_opts();
+    struct qcow2_header h;
+    struct tu_trace t;
+    uint64_t filled;
+    uint8_t *buf = tu_zalloc(CS);
+    int i_name, i_ext = -1, i_before = -1;
+
+    g->keep_inner = true;
+    ck_assert_int_eq(image_fill(img, 0, VSIZE, &filled), 0);
+    ck_assert_uint_eq(filled, VSIZE - CS);      /* cluster 0 was written */
+    ck_assert(image_has_backing(img));
+    ck_assert_int_eq(image_drop_backing(img), 0);
+    ck_assert(!image_has_backing(img));
+    ck_assert_int_eq(image_read(img, buf, CS, 7 * CS), 0);
+    ck_assert(all_bytes(buf, CS, 0x5a));
+
+    tu_trace_read(fd, &t);
+    i_name = trace_last(&t, IO_TRACE_WRITE, 8, 12, 0, t.nb);
+    ck_assert_int_ge(i_name, 0);
+    for (int i = 0; i < i_name; i++)
+        if (t.recs[i].r.type == IO_TRACE_WRITE)
+            i_before = i;
+    for (unsigned i = (unsigned)i_name + 1; i < t.nb; i++)
+        if (t.recs[i].r.type == IO_TRACE_WRITE && t.recs[i].r.offset < CS)
+            i_ext = (int)i;
+    ck_assert_msg(i_before >= 0 && trace_flush_between(&t, i_before, i_name),
+                  "the copies (last write %d) are not flushed before the header (%d)",
+                  i_before, i_name);
+    ck_assert_msg(i_ext > i_name && trace_flush_between(&t, i_name, i_ext),
+                  "the name's write (%d), flush, the extension area's (%d)", i_name, i_ext);
+    ck_assert_int_ge(trace_last(&t, IO_TRACE_FLUSH, 0, 0, (unsigned)i_ext, t.nb), 0);
+    tu_trace_free(&t);
+    ck_assert_int_eq(image_close(img), 0);
+    close(fd);
+
+    /* Stands alone: no name, no format; opens with backing files denied. */
+    ck_assert_int_eq(header_read(inner, &h, NULL, 0), 0);
+    ck_assert_ptr_null(h.backing_file);
+    ck_assert_ptr_null(h.backing_format);
+    ck_assert_uint_eq(h.backing_file_offset, 0);
+    header_free(&h);
+    remove_overlay_dir(dir);
+    ck_assert_int_eq(image_open_io(inner, "t.qcow2", &o, &img), 0);
+    ck_assert_int_eq(image_read(img, buf, CS, VSIZE - CS), 0);
+    ck_assert(all_bytes(buf, CS, 0x5a));
+    ck_assert_int_eq(image_close(img), 0);
+    free(buf);
+}
+END_TEST
+
+/* ---- one host flush per fsync (the reservation, refcount.c) ------------- */
+
+/* A fresh image of VSIZE with 64 KiB clusters, its bytes in memory. */
+static uint8_t *new_image_bytes(bool lazy, size_t *len)
+{
+    char dir[] = "/tmp/check_image.XXXXXX", path[64];
+    struct create_options co = { .size = VSIZE, .cluster_bits = CB,
+                                 .lazy_refcounts = lazy };
+    struct io *mem;
+    const uint8_t *p;
+    uint8_t *bytes;
+
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/t.qcow2", dir);
+    ck_assert_int_eq(create_image(path, &co), 0);
+    mem = tu_file_to_memory(path);
+    unlink(path);
+    rmdir(dir);
+    p = io_memory_data(mem, len);
+    bytes = tu_zalloc(*len);
+    memcpy(bytes, p, *len);
+    io_close(mem);
+    return bytes;
+}
+
+/* What check finds on the disk of @l (what its flushes made durable);
+ * *disk_len: the file's length there. */
+static void lossy_check(struct tu_lossy_io *l, struct check_report *rep, size_t *disk_len)
+{
+    size_t len;
+    uint8_t *disk = tu_lossy_disk(l, false, &len);
+    struct check_refs *refs = NULL;
+    struct qcow2_header h;
+    struct meta m;
+    struct io *io;
+    char err[256];
+
+    memset(rep, 0, sizeof(*rep));
+    ck_assert_int_eq(io_open_memory(disk, len, &io), 0);
+    ck_assert_int_eq(header_decode(disk, len < (2u << 20) ? len : (2u << 20), len, &h,
+                                   err, sizeof(err)), 0);
+    meta_init(&m, &h, io, true);
+    ck_assert_int_eq(check_count_refs(&m, &h, rep, &refs), 0);
+    ck_assert_int_eq(check_compare(&m, &h, refs, rep), 0);
+    check_refs_free(refs);
+    header_free(&h);
+    io_close(io);
+    free(disk);
+    *disk_len = len;
+}
+
+/*
+ * Invariants 1 and 2 with the reservation: once the first flush has made
+ * the reservation durable, a 4 KiB write into a new cluster followed by a
+ * flush costs exactly one host flush (data, L2 slice, the reservation's
+ * top-ups, one flush), and what that flush left on disk has the new
+ * cluster, no corruption and at most the reservation (1 MiB: 16 clusters)
+ * leaked.  A clean close gives the reservation back: no leak, and the file
+ * ends at its last cluster in use.  _i: 1 with lazy refcounts.
+ */
+START_TEST(allocating_fsync_costs_one_host_flush)
+{
+    struct image_options o = default_opts();
+    size_t len, disk_len;
+    uint8_t *image = new_image_bytes(_i == 1, &len);
+    struct tu_lossy_io *l = tu_lossy_new(image, len, 0);
+    struct check_report rep;
+    struct image *img = NULL;
+
+    ck_assert_int_eq(image_open_io(&l->fwd.io, "t.qcow2", &o, &img), 0);
+    write_pattern(img, 0, 4096, 1);             /* no reservation yet */
+    ck_assert_int_eq(image_flush(img), 0);
+    for (unsigned k = 1; k < 48; k++) {
+        unsigned n0 = l->flushes;
+
+        write_pattern(img, (uint64_t)k * CS + 8192, 4096, (uint8_t)(k + 1));
+        ck_assert_int_eq(image_flush(img), 0);
+        ck_assert_msg(l->flushes - n0 == 1, "fsync %u after an allocating write: "
+                      "%u host flushes", k, l->flushes - n0);
+        lossy_check(l, &rep, &disk_len);
+        ck_assert_msg(rep.corruptions == 0, "fsync %u: %llu corruptions", k,
+                      (unsigned long long)rep.corruptions);
+        ck_assert_uint_eq(rep.allocated_clusters, k + 1);
+        ck_assert_msg(rep.leaks <= 16, "fsync %u: %llu leaked clusters", k,
+                      (unsigned long long)rep.leaks);
+    }
+    for (unsigned k = 0; k < 48; k++)
+        ck_assert(image_reads(img, (uint64_t)k * CS + (k ? 8192 : 0), 4096,
+                              (uint8_t)(k + 1)));
+    ck_assert_int_eq(image_close(img), 0);
+    lossy_check(l, &rep, &disk_len);
+    ck_assert_uint_eq(rep.corruptions, 0);
+    ck_assert_uint_eq(rep.leaks, 0);
+    ck_assert_uint_eq(rep.allocated_clusters, 48);
+    ck_assert_uint_eq(disk_len, rep.image_end);
+    tu_lossy_free(l);
+    free(image);
+}
+END_TEST
+
 static Suite *image_suite(void)
 {
     Suite *s = suite_create("image");
@@ -2311,6 +3054,9 @@ static Suite *image_suite(void)
     tcase_add_test(tc, lookups_race_with_evictions_and_reuse);
     tcase_add_test(tc, write_behind_shrinking_resize_rechecks_size);
     tcase_add_test(tc, resize_behind_resize_takes_the_new_size);
+    tcase_add_test(tc, fill_leaves_cluster_a_guest_write_allocated);
+    tcase_add_test(tc, guest_write_behind_fill_wins);
+    tcase_add_test(tc, drop_backing_after_durable_fill);
     tcase_add_loop_test(tc, replacing_corrupt_entry_frees_nothing, 0, (int)(NB_ZAP_CASES * 3));
     tcase_add_test(tc, plan_overwrites_owned_clusters_in_place);
     tcase_add_test(tc, plan_allocates_fresh_clusters);
@@ -2320,6 +3066,14 @@ static Suite *image_suite(void)
     tcase_add_test(tc, plan_copies_snapshot_shared_cluster);
     tcase_add_test(tc, flush_orders_refcounts_data_l2_l1);
     tcase_add_test(tc, deferred_free_after_durable_l2);
+    tcase_add_loop_test(tc, allocating_fsync_costs_one_host_flush, 0, 2);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("snapshot_view");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, snapshot_views_unchanged_by_writes);
+    tcase_add_test(tc, snapshot_view_of_smaller_disk);
+    tcase_add_loop_test(tc, snapshot_view_refuses_bad_tables, 0, 4);
     suite_add_tcase(s, tc);
 
     /* One workload run per host flush: slow under a sanitizer. */

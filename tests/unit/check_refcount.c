@@ -360,7 +360,8 @@ static uint64_t alloc(struct fx *f, uint64_t nb, int *fresh)
     ck_assert_msg(ret == 0, "refcount_alloc(%llu) returned %d", (unsigned long long)nb, ret);
     ck_assert_msg(off % f->cs == 0, "refcount_alloc returned unaligned 0x%llx",
                   (unsigned long long)off);
-    ck_assert_msg(*fresh == 0 || *fresh == 1, "fresh = %d", *fresh);
+    ck_assert_msg(*fresh == REFCOUNT_REUSED || *fresh == REFCOUNT_FRESH ||
+                  *fresh == REFCOUNT_RESERVED, "fresh = %d", *fresh);
     return off >> f->cb;
 }
 
@@ -805,6 +806,114 @@ START_TEST(alloc_fresh_with_new_block)
     ck_assert_uint_eq(rc_of(&f, 65), 1);
     ck_assert_msg(fresh == 1, "cluster 64 lies at the end of a 64-cluster file but "
                   "fresh = %d", fresh);
+    fx_close(&f);
+}
+END_TEST
+
+/* ---- the reservation ---------------------------------------------------------- */
+
+/*
+ * refcount_reserve (image_flush.c, invariants 1a and 8): 4 KiB clusters,
+ * 16-bit refcounts, clusters 0-5 in use.  After a first allocation at the
+ * frontier, a top-up stages 1 MiB (256 clusters) right after it, raised in
+ * the cache and the file extended over it; it is handed out only once a
+ * flush made it durable, from its start up, each cluster once; freed space
+ * comes first, and a cluster given back is free space, not reserved again.
+ * Releasing it drops the rest to 0 on disk.
+ */
+START_TEST(reservation_hands_out_each_cluster_once)
+{
+    struct rimg im;
+    struct fx f;
+    uint64_t size, past;
+    int fresh;
+
+    rimg_init(&im, 12, 4, 6, 1, 6);
+    fx_open(&f, &im, FX_PLAIN);
+    ck_assert_int_eq(refcount_reserve(f.rc), 0);        /* no demand yet */
+    ck_assert_uint_eq(refcount_reserved(f.rc), 0);
+    ck_assert_uint_eq(alloc(&f, 1, &fresh), 6);
+    ck_assert_int_eq(fresh, REFCOUNT_FRESH);
+
+    /* Staged: counted, the file covers it, not handed out yet. */
+    ck_assert_int_eq(refcount_reserve(f.rc), 0);
+    ck_assert_uint_eq(refcount_reserved(f.rc), 256);
+    for (uint64_t ci = 7; ci < 7 + 256; ci++)
+        ck_assert_uint_eq(rc_of(&f, ci), 1);
+    ck_assert_uint_eq(rc_of(&f, 7 + 256), 0);
+    ck_assert_int_eq(io_get_size(f.io, &size), 0);
+    ck_assert_uint_eq(size, (7 + 256) * f.cs);
+    past = alloc(&f, 1, &fresh);
+    ck_assert_uint_eq(past, 7 + 256);
+    ck_assert_int_eq(fresh, REFCOUNT_FRESH);
+    ck_assert_int_eq(refcount_reserve(f.rc), 0);        /* one staged run at a time */
+    ck_assert_uint_eq(refcount_reserved(f.rc), 256);
+
+    /* Durable: handed out from its start, each cluster once. */
+    ck_assert_int_eq(refcount_flush(f.rc), 0);
+    expect_disk_matches(&f, f.cs, 1, 7 + 257);
+    ck_assert_uint_eq(alloc(&f, 1, &fresh), 7);
+    ck_assert_int_eq(fresh, REFCOUNT_RESERVED);
+    ck_assert_uint_eq(alloc(&f, 3, &fresh), 8);
+    ck_assert_int_eq(fresh, REFCOUNT_RESERVED);
+    ck_assert_uint_eq(refcount_reserved(f.rc), 252);
+    /* Freed space first: not fresh. */
+    ck_assert_int_eq(refcount_update(f.rc, 3 * f.cs, f.cs, -1), 0);
+    refcount_hint_free(f.rc, 3 * f.cs);
+    ck_assert_uint_eq(alloc(&f, 1, &fresh), 3);
+    ck_assert_int_eq(fresh, REFCOUNT_REUSED);
+    /* A reserved cluster given back (a failed write) is free space. */
+    ck_assert_int_eq(refcount_update(f.rc, 9 * f.cs, f.cs, -1), 0);
+    ck_assert_uint_eq(alloc(&f, 1, &fresh), 9);
+    ck_assert_int_eq(fresh, REFCOUNT_REUSED);
+    ck_assert_uint_eq(alloc(&f, 1, &fresh), 11);
+    ck_assert_int_eq(fresh, REFCOUNT_RESERVED);
+    for (uint64_t ci = 0; ci < 7 + 257; ci++)
+        ck_assert_uint_eq(rc_of(&f, ci), 1);
+    ck_assert_uint_eq(refcount_reserved(f.rc), 251);
+
+    /* Released: the rest drops to 0 on disk; cluster 263 is still in use
+     * after it, so the file keeps its length. */
+    ck_assert_int_eq(refcount_release_reservation(f.rc), 0);
+    ck_assert_uint_eq(refcount_reserved(f.rc), 0);
+    for (uint64_t ci = 0; ci < 7 + 257; ci++)
+        ck_assert_uint_eq(rc_of(&f, ci), ci < 12 || ci == past ? 1 : 0);
+    expect_disk_matches(&f, f.cs, 1, 7 + 257);
+    ck_assert_int_eq(io_get_size(f.io, &size), 0);
+    ck_assert_uint_eq(size, (7 + 256) * f.cs);
+    ck_assert_uint_eq(alloc(&f, 1, &fresh), 12);        /* plain free space now */
+    ck_assert_int_eq(fresh, REFCOUNT_REUSED);
+    ck_assert_uint_eq(tu_log_state()->nb_errors, 0);
+    fx_close(&f);
+}
+END_TEST
+
+/*
+ * A reservation that ends the file is cut off it when released: nothing
+ * after it is in use.
+ */
+START_TEST(reservation_release_cuts_the_file)
+{
+    struct rimg im;
+    struct fx f;
+    uint64_t size;
+    int fresh;
+
+    rimg_init(&im, 12, 4, 6, 1, 6);
+    fx_open(&f, &im, FX_PLAIN);
+    ck_assert_uint_eq(alloc(&f, 1, &fresh), 6);
+    ck_assert_int_eq(refcount_reserve(f.rc), 0);
+    ck_assert_int_eq(refcount_flush(f.rc), 0);
+    ck_assert_uint_eq(alloc(&f, 2, &fresh), 7);
+    ck_assert_int_eq(fresh, REFCOUNT_RESERVED);
+    ck_assert_int_eq(io_get_size(f.io, &size), 0);
+    ck_assert_uint_eq(size, (7 + 256) * f.cs);
+    ck_assert_int_eq(refcount_release_reservation(f.rc), 0);
+    ck_assert_int_eq(io_get_size(f.io, &size), 0);
+    ck_assert_uint_eq(size, 9 * f.cs);
+    for (uint64_t ci = 0; ci < 9; ci++)
+        ck_assert_uint_eq(rc_of(&f, ci), 1);
+    expect_disk_matches(&f, f.cs, 1, 9);
     fx_close(&f);
 }
 END_TEST
@@ -1514,6 +1623,8 @@ static Suite *refcount_suite(void)
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, alloc_first_fit_and_reuse);
     tcase_add_test(tc, alloc_fresh_with_new_block);
+    tcase_add_test(tc, reservation_hands_out_each_cluster_once);
+    tcase_add_test(tc, reservation_release_cuts_the_file);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("growth");
