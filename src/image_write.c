@@ -188,6 +188,11 @@ static int plan_inplace(struct image *img, uint64_t offset, uint64_t len,
     p->in = cluster_offset_in(offset, cs);
     p->bytes = 0;
     p->nb = 0;
+    /* commit_plan reads these for every kind; the plan is reused across a
+     * write's loop, so they must not be left from an earlier plan (or the
+     * stack: UBSan saw a bool of 138 on a ring thread). */
+    p->reuse = p->allocated = false;
+    p->fresh = 0;
     while (pos < end) {
         uint64_t entry, bitmap, in = cluster_offset_in(pos, cs);
         uint64_t n = cs - in < end - pos ? cs - in : end - pos;
