@@ -113,6 +113,7 @@ struct fuse_uring {
     unsigned nr_threads;
     unsigned depth;
     bool spread;
+    bool defer_taskrun;
     size_t payload_size;
     size_t header_size;
     atomic_bool stopping;
@@ -192,6 +193,10 @@ int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg)
             cfg->pin = true;
         } else if (len == 5 && !strncmp(p, "nopin", 5)) {
             cfg->pin = false;
+        } else if (len == 5 && !strncmp(p, "defer", 5)) {
+            cfg->defer_taskrun = true;
+        } else if (len == 7 && !strncmp(p, "nodefer", 7)) {
+            cfg->defer_taskrun = false;
         } else if (len > 8 && !strncmp(p, "threads=", 8)) {
             v = strtoul(p + 8, &end, 10);
             if (end != p + len || v == 0 || v > 256)
@@ -369,6 +374,8 @@ static int thread_setup(struct uring_thread *t)
         return -errno;
     memset(&params, 0, sizeof(params));
     params.flags = IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
+    if (u->defer_taskrun)
+        params.flags |= IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
     params.cq_entries = 2 * (t->nr_entries + 1);
     ret = io_uring_queue_init_params(t->nr_entries + 1, &t->ring, &params);
     if (ret < 0)
@@ -566,6 +573,7 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
         goto fail_early;
     }
     u->spread = cfg->spread;
+    u->defer_taskrun = cfg->defer_taskrun;
     u->nr_threads = cfg->threads ? cfg->threads : u->nr_queues;
     if (!u->spread && u->nr_threads > u->nr_queues)
         u->nr_threads = u->nr_queues;
@@ -649,9 +657,10 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
         }
         return ret;
     }
-    log_info("io_uring: %u queues, %u threads (%s, %s), %u entries of %zu KiB per queue",
+    log_info("io_uring: %u queues, %u threads (%s, %s%s), %u entries of %zu KiB per queue",
              u->nr_queues, u->nr_threads, u->spread ? "each serving every queue" :
              "each serving its own queues", u->threads[0].cpu >= 0 ? "pinned" : "unpinned",
+             u->defer_taskrun ? ", deferred task work" : "",
              u->depth * (u->spread ? u->nr_threads : 1), u->payload_size >> 10);
     *out = u;
     return 0;

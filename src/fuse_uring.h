@@ -44,12 +44,15 @@ struct fuse_uring_config {
     unsigned threads;
     bool spread;
     bool pin;                   /* thread i runs on CPU i (of the possible ones) */
+    /* Rings with IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN: completions are
+     * run only when the thread waits, not by interrupting its work. */
+    bool defer_taskrun;
 };
 
 #define FUSE_URING_DEFAULT_DEPTH 8
 
 /*
- * A layout for measurements: "threads=N,depth=N,spread,pin,nopin" (any of them,
+ * A layout for measurements: "threads=N,depth=N,spread,pin,nopin,defer,nodefer" (any of them,
  * comma-separated) over what @cfg holds.  Returns 0 or -EINVAL.
  */
 int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg);
