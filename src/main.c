@@ -262,7 +262,7 @@ static void usage(FILE *out)
 "                           write on /dev/fuse (classic), or io_uring ring\n"
 "                           entries (needs enable_uring=Y in the fuse\n"
 "                           module); auto is classic: io_uring was slower\n"
-"                           for 1 MiB reads at QD16 (bench/README)\n"
+"                           for reads (bench/README)\n"
 "  -o partitions            also one file per partition (MBR or GPT):\n"
 "                           disk-p1, disk-p2, ... (read again when the\n"
 "                           table is written through the disk file)\n"
