@@ -37,6 +37,8 @@ _Static_assert(VFS_ROOT_INO == FUSE_ROOT_ID, "the root's node id");
 #define READDIR_MAX         (64u << 10)     /* bytes of one READDIR reply, as before */
 #define XATTR_VALUE_MAX     (64u << 10)     /* XATTR_SIZE_MAX */
 /* Without FUSE_MAX_PAGES the kernel sends at most 32 pages per request. */
+/* The file handle OPEN gives a FOPEN_DIRECT_IO open; WRITE brings it back. */
+#define FH_DIRECT_IO        1u
 #define DEFAULT_MAX_PAGES   32u
 #define PAGE_BYTES          4096u
 
@@ -389,8 +391,10 @@ static void do_open(struct req *r)
         return;
     }
     memset(&out, 0, sizeof(out));
-    if (info.direct_io)
+    if (info.direct_io) {
         out.open_flags |= FOPEN_DIRECT_IO;
+        out.fh = FH_DIRECT_IO;
+    }
     if (info.keep_cache)
         out.open_flags |= FOPEN_KEEP_CACHE;
     reply(r, 0, &out, sizeof(out));
@@ -444,6 +448,19 @@ static void do_read(struct req *r)
         reply(r, 0, buf, len);
 }
 
+/*
+ * Whether a WRITE must be durable before its reply: the file was opened
+ * O_SYNC or O_DSYNC, or the write came with RWF_SYNC/RWF_DSYNC (the kernel
+ * folds both into the flags field, 7.9 on; O_SYNC includes the O_DSYNC
+ * bit).  Through the page cache the kernel follows such a write with an
+ * FSYNC of its own; through a FOPEN_DIRECT_IO handle it does not, and
+ * the daemon is the only one who can keep the promise.
+ */
+static bool write_must_be_durable(const struct req *r, const struct fuse_write_in *in)
+{
+    return r->minor >= 9 && in->fh == FH_DIRECT_IO && (in->flags & O_DSYNC);
+}
+
 static void do_write(struct req *r)
 {
     struct fuse_write_in in;
@@ -458,6 +475,8 @@ static void do_write(struct req *r)
         return;
     }
     ret = vfs_write(r->srv->vfs, r->in.nodeid, r->tail, in.size, in.offset, &len);
+    if (ret == 0 && write_must_be_durable(r, &in))
+        ret = vfs_fsync(r->srv->vfs, r->in.nodeid);
     if (ret < 0) {
         reply_err(r, ret);
         return;

@@ -492,6 +492,57 @@ case_owner_and_mode() {
     done
 }
 
+# host_flushes MNT: the daemon's count of host flushes, from its stats xattr.
+host_flushes() {
+    getfattr --absolute-names -n user.qcow2fuse.stats --only-values "$1/disk" |
+        sed -n 's/.* \([0-9]*\) flushes,.*/\1/p'
+}
+
+# Writes that promise durability get it: a file opened O_DSYNC or O_SYNC,
+# or a pwritev2 with RWF_DSYNC, costs a host flush before each write
+# returns (the disk file is FOPEN_DIRECT_IO, so the kernel sends no FSYNC
+# of its own), and plain writes cost none.  Overwrites of a filled image,
+# so that no allocation or refcount reservation flushes on its own.
+case_sync_writes() {
+    local img=$T/sync.qcow2 mnt=$T/mnt before after mode
+    requires getfattr python3
+    qemu-img create -q -f qcow2 "$img" 4M
+    qio "$img" "write -P 0x11 0 4M"
+    mount_image "$img" "$mnt"
+    for mode in none direct dsync direct,dsync sync direct,sync; do
+        before=$(host_flushes "$mnt")
+        [[ -n $before ]] || fail "no flush count in the stats xattr"
+        if [[ $mode == none ]]; then
+            dd if=/dev/urandom of="$mnt/disk" bs=4k count=8 seek=16 conv=notrunc status=none
+        else
+            dd if=/dev/urandom of="$mnt/disk" bs=4k count=8 seek=16 conv=notrunc \
+               oflag="$mode" status=none
+        fi
+        after=$(host_flushes "$mnt")
+        case $mode in
+        none|direct)
+            ((after == before)) || fail "oflag=$mode: $((after - before)) host flushes for 8 plain writes" ;;
+        *)
+            ((after - before >= 8)) ||
+                fail "oflag=$mode: $((after - before)) host flushes for 8 writes, expected one each" ;;
+        esac
+    done
+    before=$(host_flushes "$mnt")
+    python3 - "$mnt/disk" <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+for i in range(4):
+    os.pwritev(fd, [bytes([0x40 + i]) * 4096], (64 + i) * 4096, os.RWF_DSYNC)
+os.pwritev(fd, [b'\x55' * 4096], 72 * 4096)
+os.close(fd)
+PY
+    after=$(host_flushes "$mnt")
+    ((after - before == 4)) || fail "RWF_DSYNC: $((after - before)) host flushes for 4 such writes and 1 plain one"
+    compare_raw "$img" "$mnt"
+    unmount_image "$mnt"
+    check_clean "$img" "sync writes"
+}
+
 run_case create case_create
 run_case snapshot case_snapshot
 run_case snapshot_disk_size case_snapshot_disk_size
@@ -508,5 +559,6 @@ run_case command_line case_command_line
 run_case enum_values case_enum_values
 run_case sizes case_sizes
 run_case owner_and_mode case_owner_and_mode
+run_case sync_writes case_sync_writes
 run_case backing_fmt case_backing_fmt
 finish_cases
