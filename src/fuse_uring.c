@@ -145,13 +145,11 @@ bool fuse_uring_kernel_enabled(void)
     return c == 'Y' || c == 'y' || c == '1';
 }
 
-/* "0-1,4,6-7" -> 5.  The kernel sizes its queue table with num_possible_cpus(). */
+/* The kernel sizes its queue table with num_possible_cpus(). */
 unsigned fuse_uring_possible_cpus(void)
 {
     char buf[256];
-    unsigned count = 0;
     FILE *f = fopen("/sys/devices/system/cpu/possible", "r");
-    char *p;
 
     if (!f)
         return 0;
@@ -160,22 +158,41 @@ unsigned fuse_uring_possible_cpus(void)
         return 0;
     }
     fclose(f);
-    for (p = buf; *p && *p != '\n';) {
-        char *end;
-        unsigned long lo = strtoul(p, &end, 10), hi = lo;
+    return fuse_uring_count_cpu_list(buf);
+}
 
-        if (end == p)
+unsigned fuse_uring_count_cpu_list(const char *text)
+{
+    unsigned long count = 0;
+    const char *p = text;
+
+    while (*p && *p != '\n') {
+        unsigned long lo, hi;
+        char *end;
+
+        /* strtoul alone would take blanks and a sign. */
+        if (*p < '0' || *p > '9')
             return 0;
+        lo = hi = strtoul(p, &end, 10);
         if (*end == '-') {
             p = end + 1;
+            if (*p < '0' || *p > '9')
+                return 0;
             hi = strtoul(p, &end, 10);
-            if (end == p || hi < lo)
+            if (hi < lo)
                 return 0;
         }
-        count += (unsigned)(hi - lo + 1);
-        p = *end == ',' ? end + 1 : end;
+        if (hi - lo >= FUSE_URING_MAX_CPUS - count)
+            return 0;
+        count += hi - lo + 1;
+        if (*end == ',' && end[1] && end[1] != '\n')
+            p = end + 1;
+        else if (*end && *end != '\n')
+            return 0;
+        else
+            p = end;
     }
-    return count;
+    return (unsigned)count;
 }
 
 int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg)
@@ -546,10 +563,30 @@ static void wake_and_join(struct fuse_uring *u)
     }
 }
 
+bool fuse_uring_layout_serves(const struct fuse_uring_layout *l, unsigned thread,
+                              unsigned queue)
+{
+    if (l->spread)
+        return true;
+    if (l->threads <= l->queues)
+        return queue % l->threads == thread;
+    return thread % l->queues == queue;
+}
+
+int fuse_uring_layout_cpu(const struct fuse_uring_layout *l, unsigned thread)
+{
+    /* A queue's extra threads float: they are there to run beside the
+     * pinned one, on whichever CPU is free. */
+    if (!l->pin || (!l->spread && thread >= l->queues))
+        return -1;
+    return (int)(thread % l->queues);
+}
+
 int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cfg,
                      struct fuse_uring **out)
 {
     long page = sysconf(_SC_PAGESIZE);
+    struct fuse_uring_layout layout;
     struct fuse_uring *u;
     sigset_t all, old;
     size_t payload;
@@ -566,7 +603,7 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
     u->dev_fd = cfg->dev_fd;
     u->depth = cfg->queue_depth ? cfg->queue_depth : FUSE_URING_DEFAULT_DEPTH;
     u->nr_queues = fuse_uring_possible_cpus();
-    if (u->nr_queues == 0 || u->nr_queues > 65536) {
+    if (u->nr_queues == 0) {
         log_error("io_uring: cannot tell the number of possible CPUs from "
                   "/sys/devices/system/cpu/possible");
         ret = -EINVAL;
@@ -575,8 +612,6 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
     u->spread = cfg->spread;
     u->defer_taskrun = cfg->defer_taskrun;
     u->nr_threads = cfg->threads ? cfg->threads : u->nr_queues;
-    if (!u->spread && u->nr_threads > u->nr_queues)
-        u->nr_threads = u->nr_queues;
     if (u->nr_threads > 256)
         u->nr_threads = 256;
     /* The kernel refuses a payload buffer smaller than its largest request. */
@@ -589,6 +624,8 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
     u->header_size = (sizeof(struct fuse_uring_req_header) + (size_t)page - 1) &
                      ~((size_t)page - 1);
 
+    layout = (struct fuse_uring_layout){ .queues = u->nr_queues, .threads = u->nr_threads,
+                                         .spread = u->spread, .pin = cfg->pin };
     u->threads = calloc(u->nr_threads, sizeof(*u->threads));
     if (!u->threads) {
         ret = -ENOMEM;
@@ -601,9 +638,9 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
         t->owner = u;
         t->index = i;
         t->wake_fd = -1;
-        t->cpu = cfg->pin ? (int)(i % u->nr_queues) : -1;
+        t->cpu = fuse_uring_layout_cpu(&layout, i);
         for (q = 0; q < u->nr_queues; q++)
-            if (u->spread || q % u->nr_threads == i)
+            if (fuse_uring_layout_serves(&layout, i, q))
                 n += u->depth;
         t->nr_entries = n;
         t->entries = calloc(n, sizeof(*t->entries));
@@ -615,7 +652,7 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
         for (q = 0; q < u->nr_queues; q++) {
             unsigned d;
 
-            if (!u->spread && q % u->nr_threads != i)
+            if (!fuse_uring_layout_serves(&layout, i, q))
                 continue;
             for (d = 0; d < u->depth; d++, n++) {
                 t->entries[n].thread = t;
@@ -657,11 +694,14 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
         }
         return ret;
     }
-    log_info("io_uring: %u queues, %u threads (%s, %s%s), %u entries of %zu KiB per queue",
+    for (i = 0, q = 0; i < u->nr_threads; i++)
+        q += fuse_uring_layout_serves(&layout, i, 0) ? u->depth : 0;
+    log_info("io_uring: %u queues, %u threads (%s, %s%s), %u entries of %zu KiB in queue 0",
              u->nr_queues, u->nr_threads, u->spread ? "each serving every queue" :
-             "each serving its own queues", u->threads[0].cpu >= 0 ? "pinned" : "unpinned",
-             u->defer_taskrun ? ", deferred task work" : "",
-             u->depth * (u->spread ? u->nr_threads : 1), u->payload_size >> 10);
+             u->nr_threads > u->nr_queues ? "several per queue" : "each serving its own queues",
+             u->threads[0].cpu < 0 ? "unpinned" :
+             u->nr_threads > u->nr_queues && !u->spread ? "the first of each queue pinned" : "pinned",
+             u->defer_taskrun ? ", deferred task work" : "", q, u->payload_size >> 10);
     *out = u;
     return 0;
 
@@ -705,10 +745,19 @@ uint64_t fuse_uring_requests(const struct fuse_uring *u)
 
 void fuse_uring_stop(struct fuse_uring *u)
 {
+    char per_thread[256];
+    size_t used = 0;
+    unsigned i;
+
     if (!u)
         return;
     wake_and_join(u);
-    log_info("io_uring: %llu requests served through the ring",
-             (unsigned long long)fuse_uring_requests(u));
+    per_thread[0] = 0;
+    for (i = 0; i < u->nr_threads && used < sizeof(per_thread) - 24; i++)
+        used += (size_t)snprintf(per_thread + used, sizeof(per_thread) - used, " %llu",
+                                 (unsigned long long)atomic_load(&u->threads[i].requests));
+    log_info("io_uring: %llu requests served through the ring (by thread:%s%s)",
+             (unsigned long long)fuse_uring_requests(u), per_thread,
+             i < u->nr_threads ? " ..." : "");
     free_uring(u);
 }

@@ -36,14 +36,17 @@ struct fuse_uring_config {
     unsigned queue_depth;       /* entries per queue; 0: FUSE_URING_DEFAULT_DEPTH */
     /*
      * Threads that serve the queues, each with its own io_uring: 0 = one
-     * per queue.  Without @spread, queue q belongs to thread q % threads
-     * alone.  With @spread, every thread holds @queue_depth entries of
-     * every queue, so a request waits for a thread only when all threads
-     * are busy, whatever CPU it came from.
+     * per queue.  Without @spread and with at most one thread per queue,
+     * queue q belongs to thread q % threads alone; with more, thread i
+     * serves queue i % queues, so a queue has several threads and the
+     * kernel gives a request to whichever of their entries it finds free
+     * (the one that was handed back last).  With @spread, every thread
+     * holds @queue_depth entries of every queue, so a request waits for a
+     * thread only when all threads are busy, whatever CPU it came from.
      */
     unsigned threads;
     bool spread;
-    bool pin;                   /* thread i runs on CPU i (of the possible ones) */
+    bool pin;                   /* a queue's first thread runs on the queue's CPU */
     /* Rings with IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN: completions are
      * run only when the thread waits, not by interrupting its work. */
     bool defer_taskrun;
@@ -58,6 +61,26 @@ struct fuse_uring_config {
 int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg);
 
 /*
+ * Which queues each ring thread serves and where it runs, as
+ * fuse_uring_start lays them out (pure functions, for tests).
+ * fuse_uring_layout_serves: whether @thread holds entries of @queue.  Every
+ * queue has at least one thread and every thread at least one queue.
+ * fuse_uring_layout_cpu: the CPU @thread is pinned to, or -1.  With @pin,
+ * a queue's first thread runs on the queue's CPU (the kernel queues a
+ * request on its submitter's CPU, so that thread serves it there); a
+ * queue's further threads are never pinned.
+ */
+struct fuse_uring_layout {
+    unsigned queues;            /* > 0 */
+    unsigned threads;           /* > 0 */
+    bool spread;
+    bool pin;
+};
+bool fuse_uring_layout_serves(const struct fuse_uring_layout *l, unsigned thread,
+                              unsigned queue);
+int fuse_uring_layout_cpu(const struct fuse_uring_layout *l, unsigned thread);
+
+/*
  * Whether the kernel lets a connection use io_uring at all: the module
  * parameter is Y.  (The kernel offers FUSE_OVER_IO_URING in init_in only
  * then; this tells a user why it did not.)
@@ -66,6 +89,11 @@ bool fuse_uring_kernel_enabled(void);
 
 /* The kernel's queue count: the number of possible CPUs.  0 if unknown. */
 unsigned fuse_uring_possible_cpus(void);
+
+/* How many CPUs a sysfs CPU list ("0-1,4,6-7\n": 5) names; 0 if it is not
+ * one, or names more than FUSE_URING_MAX_CPUS. */
+#define FUSE_URING_MAX_CPUS 65536u
+unsigned fuse_uring_count_cpu_list(const char *text);
 
 /*
  * On entry: FUSE_INIT was answered on @cfg->dev_fd with FUSE_OVER_IO_URING

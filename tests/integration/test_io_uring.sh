@@ -54,9 +54,12 @@ on_both() {
     "${@//@F@/$raw}" || fail "test setup: $* on the mirror failed"
 }
 
+# case_ring_io [LAYOUT]: with QCOW2FUSE_URING_LAYOUT=LAYOUT (the ring
+# threads' layout: threads=N, depth=N, spread, pin, ...; see fuse_uring.h).
 case_ring_io() {
     local img=$T/img.qcow2 raw=$T/mirror.raw mnt=$T/mnt fs n
     fs=$(require_tool fsyncfile)
+    export QCOW2FUSE_URING_LAYOUT=${1:-}
     set_switch Y
     qemu-img create -q -f qcow2 "$img" 64M
     qio "$img" "write -P 0x33 0 16M"
@@ -93,6 +96,78 @@ case_ring_io() {
     info "$n requests served through the ring"
     check_clean "$img" "image written through the ring"
     check_identical "$img" "$raw" "image written through the ring vs the mirror"
+}
+
+# possible_cpus: how many CPUs /sys/devices/system/cpu/possible names
+# ("0-1,4" is 3): the kernel keeps one ring queue per possible CPU.
+possible_cpus() {
+    local part n=0 IFS=,
+    for part in $(cat /sys/devices/system/cpu/possible); do
+        if [[ $part == *-* ]]; then
+            n=$((n + ${part#*-} - ${part%-*} + 1))
+        else
+            n=$((n + 1))
+        fi
+    done
+    echo "$n"
+}
+
+# by_thread LOG: the per-thread request counts of the ring's last line.
+by_thread() {
+    sed -n 's/.*requests served through the ring (by thread: \([0-9 ]*\)).*/\1/p' "$1" | tail -n1
+}
+
+# Two threads per queue (threads=4 on two queues; one entry each, so a
+# second request in flight on a queue must go to the other thread): four
+# readers and four writers pinned to CPU 0 put their requests on queue 0,
+# and both of its threads (0, pinned, and 2, floating) serve some of them,
+# with every byte as the mirror has it.  With one CPU there is a single
+# queue, and its two threads are threads 0 and 1.
+case_ring_two_threads_per_queue() {
+    local img=$T/img.qcow2 raw=$T/mirror.raw mnt=$T/mnt i counts queues extra pids=() pid
+    requires taskset
+    set_switch Y
+    queues=$(possible_cpus)
+    qemu-img create -q -f qcow2 "$img" 32M
+    qio "$img" "write -P 0x5c 0 32M"
+    ref_raw "$img" "$raw" >/dev/null
+    export QCOW2FUSE_URING_LAYOUT=threads=4,depth=1
+    mount_image "$img" "$mnt" transport=io_uring
+    grep -q 'io_uring: [0-9]* queues, 4 threads (several per queue' "$DAEMON_LOG" ||
+        grep -q 'io_uring: 1 queues, 4 threads' "$DAEMON_LOG" ||
+        { sed 's/^/    | /' "$DAEMON_LOG" >&2; fail "the log does not show 4 ring threads"; }
+    for i in 0 1 2 3; do
+        taskset -c 0 dd if="$mnt/disk" of="$T/r$i" bs=64k skip=$((i * 64)) count=64 \
+            iflag=direct status=none &
+        pids+=($!)
+        taskset -c 0 dd if="$SRC" of="$mnt/disk" bs=64k skip=$((i * 16)) seek=$((256 + i * 64)) \
+            count=64 oflag=direct conv=notrunc status=none &
+        pids+=($!)
+    done
+    # Not a bare wait: the daemon is a child of this shell too.
+    for pid in "${pids[@]}"; do
+        wait "$pid" || fail "a reader or writer on CPU 0 failed"
+    done
+    for i in 0 1 2 3; do
+        dd if="$SRC" of="$raw" bs=64k skip=$((i * 16)) seek=$((256 + i * 64)) count=64 \
+            conv=notrunc status=none
+        cmp "$T/r$i" <(dd if="$raw" bs=64k skip=$((i * 64)) count=64 status=none) ||
+            fail "reader $i read other bytes than the image holds"
+    done
+    same_bytes "$mnt/disk" "$raw" "the disk after concurrent readers and writers on one CPU"
+    compare_raw "$img" "$mnt"
+    unmount_image "$mnt"
+    counts=$(by_thread "$DAEMON_LOG")
+    info "requests by thread: $counts"
+    read -r -a counts <<<"$counts"
+    ((${#counts[@]} == 4)) || fail "expected 4 per-thread counts, got '${counts[*]}'"
+    # Queue 0's threads: 0 and the first extra one.
+    if ((queues == 1)); then extra=1; else extra=$queues; fi
+    ((extra < 4)) || skip "$queues queues: threads=4 gives each queue one thread"
+    ((counts[0] > 0)) || fail "thread 0 (queue 0's pinned thread) served nothing: ${counts[*]}"
+    ((counts[extra] > 0)) || fail "thread $extra (queue 0's second thread) served nothing: ${counts[*]}"
+    check_clean "$img" "written through two threads per queue"
+    check_identical "$img" "$raw" "written through two threads per queue vs the mirror"
 }
 
 case_switch_off() {
@@ -149,6 +224,9 @@ case_sigterm() {
 }
 
 run_case ring_io case_ring_io
+run_case ring_io_two_threads_per_queue case_ring_io threads=4
+run_case ring_io_spread case_ring_io spread,threads=2
+run_case ring_two_threads_per_queue case_ring_two_threads_per_queue
 run_case switch_off case_switch_off
 run_case sigterm case_sigterm
 finish_cases
