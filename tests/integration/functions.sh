@@ -23,6 +23,11 @@
 #     of the calling shell; unmount_image must therefore be called from the
 #     same shell (never call mount_image inside $(...) or a pipeline).
 #   * fail / skip exit the current test (or the current case inside run_case).
+#   * Cleanup undoes what the current scope (test, or case inside run_case)
+#     registered: kernel mounts (track_kmount, newest first), then loop
+#     devices (track_loop), then FUSE mounts and daemons (track_mount,
+#     track_pid; mount_image registers its own), so that ext4 on a loop
+#     device over MNT/disk is unmounted, then the loop freed, then MNT.
 
 set -euo pipefail
 shopt -s inherit_errexit
@@ -98,6 +103,8 @@ require_tool() {
 # ---------------------------------------------------------------------------
 # Process / mount tracking and cleanup
 
+_KMOUNTS=()                # kernel (non-FUSE) mounts of this scope, in order
+_LOOPS=()                  # loop devices this scope attached and still owns
 _MOUNTS=()                 # every mountpoint this scope mounted (canonical)
 _PIDS=()                   # every daemon PID this scope started/discovered
 declare -A _MNT_PID=()     # mountpoint -> PID of its foreground daemon
@@ -163,8 +170,65 @@ track_pid() {
     _PIDS+=("$1")
 }
 
+# track_kmount DIR: register a kernel mount on DIR (e.g. ext4 on a loop
+# device) for cleanup, which unmounts it (lazily if busy) before it detaches
+# the loop devices and unmounts the FUSE mounts.  Call it right after the
+# mount; an explicit umount later is fine (cleanup skips what is unmounted).
+track_kmount() {
+    _KMOUNTS+=("$(canon_path "$1")")
+}
+
+# track_loop DEV: register a loop device this test attached for cleanup,
+# which detaches it after the kernel mounts and before the FUSE mounts go (a
+# loop device over MNT/disk keeps MNT busy).
+track_loop() {
+    _LOOPS+=("$1")
+}
+
+# _loop_wait_free DEV: wait up to 10 s until DEV is no longer attached
+# (losetup -d of a device still open only sets autoclear).
+_loop_wait_free() {
+    local i
+    for ((i = 0; i < 100; i++)); do
+        losetup "$1" >/dev/null 2>&1 || return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# loop_detach DEV: detach DEV, wait until it is free and stop tracking it;
+# fails the test if it stays attached.
+loop_detach() {
+    local dev=$1 d i kept=()
+    for ((i = 0; i < 50; i++)); do
+        losetup -d "$dev" 2>/dev/null && break
+        sleep 0.1
+    done
+    # Once detached the number is free for anyone's losetup -f: cleanup must
+    # not detach it again.
+    if ((i < 50)); then
+        for d in "${_LOOPS[@]}"; do
+            [[ $d == "$dev" ]] || kept+=("$d")
+        done
+        _LOOPS=("${kept[@]}")
+    fi
+    _loop_wait_free "$dev" || fail "loop device $dev is still attached"
+}
+
 _cleanup_scope() {
-    local m p i
+    local m p i d
+    for ((i = ${#_KMOUNTS[@]} - 1; i >= 0; i--)); do
+        d=${_KMOUNTS[i]}
+        if is_mounted "$d"; then
+            umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null
+        fi
+    done
+    for d in "${_LOOPS[@]}"; do
+        if losetup -d "$d" 2>/dev/null; then
+            _loop_wait_free "$d" || echo "cleanup: loop device $d is still attached" >&2
+        fi
+    done
+    _LOOPS=()
     for m in "${_MOUNTS[@]}"; do
         if is_mounted "$m"; then
             fusermount3 -u "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null \
@@ -202,7 +266,7 @@ _remove_dir() {
         return 0
     fi
     # Never recurse into something that is still mounted.
-    for m in "${_MOUNTS[@]}"; do
+    for m in "${_KMOUNTS[@]}" "${_MOUNTS[@]}"; do
         if is_mounted "$m"; then
             echo "cleanup: $m is still mounted; leaving $d in place" >&2
             return 0
@@ -272,6 +336,8 @@ _CASES_SKIP=()
 _case_body() {
     CASE_NAME=$1
     shift
+    _KMOUNTS=()
+    _LOOPS=()
     _MOUNTS=()
     _PIDS=()
     _MNT_PID=()

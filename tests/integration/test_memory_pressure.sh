@@ -66,8 +66,6 @@ else
 fi
 # ---- cleanup: kernel mounts, loop devices, the daemon, then the cgroup ---
 
-_LOOPS=()
-_KMOUNTS=()
 FUSE_CONN=""        # the daemon's FUSE connection (fusectl), while it may hang
 
 # abort_connection: a daemon thread stuck in reclaim cannot be killed, and
@@ -87,18 +85,11 @@ abort_connection() {
     FUSE_CONN=""
 }
 
+# The case's kernel mounts and loop devices (track_kmount, track_loop) and
+# its daemon are undone by _cleanup_scope of functions.sh, in that order.
 pressure_cleanup() {
-    local d i
+    local i
     abort_connection            # first: a hung daemon would hang the rest
-    for ((i = ${#_KMOUNTS[@]} - 1; i >= 0; i--)); do
-        d=${_KMOUNTS[i]}
-        if mountpoint -q "$d" 2>/dev/null; then
-            umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null
-        fi
-    done
-    for d in "${_LOOPS[@]}"; do
-        losetup -d "$d" 2>/dev/null
-    done
     _cleanup_scope
     # Processes leave a cgroup only when they are reaped.
     for ((i = 0; i < 50; i++)); do
@@ -132,19 +123,6 @@ make_cgroup() {
 in_cgroup() {
     echo "$BASHPID" >"$CG/cgroup.procs"
     exec "$@"
-}
-
-loop_detach() {
-    local dev=$1 i
-    for ((i = 0; i < 50; i++)); do
-        losetup -d "$dev" 2>/dev/null && break
-        sleep 0.1
-    done
-    for ((i = 0; i < 100; i++)); do
-        losetup "$dev" >/dev/null 2>&1 || return 0
-        sleep 0.1
-    done
-    fail "loop device $dev is still attached"
 }
 
 # task_flags PID: "TID FLAGS" for every thread of PID.
@@ -229,11 +207,11 @@ pressure_case() {
     fi
 
     dev=$(losetup -f --show "$mnt/disk") || fail "losetup of $mnt/disk failed"
-    _LOOPS+=("$dev")
+    track_loop "$dev"
     mkfs.ext4 -q -F -N 1024 -J size=8 -E lazy_itable_init=0,lazy_journal_init=0 "$dev" ||
         fail "mkfs.ext4 on $dev failed"
     mount "$dev" "$ext" || fail "mount $dev failed"
-    _KMOUNTS+=("$ext")
+    track_kmount "$ext"
 
     write_big() {
         local i
@@ -265,9 +243,9 @@ pressure_case() {
     check_clean "$img" "after the memory-pressure write"
     qemu-img convert -O raw "$img" "$T/p.raw" || fail "qemu-img convert failed"
     rodev=$(losetup -f --show -r "$T/p.raw") || fail "losetup of the converted image failed"
-    _LOOPS+=("$rodev")
+    track_loop "$rodev"
     mount -o ro "$rodev" "$T/ro" || fail "mount of the converted image failed"
-    _KMOUNTS+=("$T/ro")
+    track_kmount "$T/ro"
     expect_big "$T/ro/big" "in qemu-img convert's view of the image"
     umount "$T/ro"
     loop_detach "$rodev"

@@ -40,48 +40,6 @@ FSYNC=$(require_tool fsyncfile)
 
 M=$((1024 * 1024))
 
-# Loop devices and kernel mounts of this test, undone before the FUSE
-# mounts are (a loop device keeps its file busy).
-_LOOPS=()
-_KMOUNTS=()
-parts_cleanup() {
-    local d i
-    for ((i = ${#_KMOUNTS[@]} - 1; i >= 0; i--)); do
-        d=${_KMOUNTS[i]}
-        if mountpoint -q "$d" 2>/dev/null; then
-            umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null
-        fi
-    done
-    for d in "${_LOOPS[@]}"; do
-        losetup -d "$d" 2>/dev/null
-    done
-    return 0
-}
-_status() { return "$1"; }
-parts_exit_trap() {
-    local rc=$?
-    set +e
-    trap - ERR
-    parts_cleanup
-    _status "$rc"
-    cleanup
-}
-trap parts_exit_trap EXIT
-
-# loop_detach DEV: detach and wait until it is free.
-loop_detach() {
-    local dev=$1 i
-    for ((i = 0; i < 50; i++)); do
-        losetup -d "$dev" 2>/dev/null && break
-        sleep 0.1
-    done
-    for ((i = 0; i < 100; i++)); do
-        losetup "$dev" >/dev/null 2>&1 || return 0
-        sleep 0.1
-    done
-    fail "loop device $dev is still attached"
-}
-
 # attach_parts RAW: attach RAW read-only with partition scanning; sets
 # LOOP_DEV.  A kernel built without the partition parsers attaches the
 # device but shows no partitions: partx -a (util-linux's own parser) adds
@@ -89,7 +47,7 @@ loop_detach() {
 attach_parts() {
     local n p
     LOOP_DEV=$(losetup -f --show -P -r "$1") || fail "losetup -P -r $1 failed"
-    _LOOPS+=("$LOOP_DEV")
+    track_loop "$LOOP_DEV"
     n=${LOOP_DEV#/dev/}
     if ! compgen -G "/sys/block/$n/${n}p*" >/dev/null; then
         info "the kernel did not scan $LOOP_DEV's partitions; adding them with partx -a"
@@ -206,7 +164,7 @@ p6_len=$((67108864 - p6_start))
 mkfs.ext4 -q -F "$mnt/disk-p1" || fail "mkfs.ext4 on disk-p1 failed"
 mkfs.ext4 -q -F "$mnt/disk-p5" || fail "mkfs.ext4 on disk-p5 failed"
 mount -o loop "$mnt/disk-p1" "$T/ext" || fail "mount -o loop disk-p1 failed"
-_KMOUNTS+=("$T/ext")
+track_kmount "$T/ext"
 cp -a "$T/src" "$T/ext/tree" || fail "cp into ext4 on disk-p1 failed"
 umount "$T/ext" || fail "umount of disk-p1's ext4 failed"
 debugfs -w -R "write $T/src/big big" "$mnt/disk-p5" >/dev/null 2>&1 || fail "debugfs write into disk-p5 failed"
@@ -252,7 +210,7 @@ compare_parts "$mnt" "$mbr_dev" "1 2 5 6" 3
 compare_raw "$img" "$mnt"
 write_fails_erofs "$mnt/disk-p1"
 mount -o ro "${mbr_dev}p1" "$T/ro" || fail "mount ${mbr_dev}p1 failed"
-_KMOUNTS+=("$T/ro")
+track_kmount "$T/ro"
 diff -r "$T/src" "$T/ro/tree" >&2 || fail "the tree copied into disk-p1's ext4 differs"
 umount "$T/ro"
 debugfs -R "dump big $T/big.back" "${mbr_dev}p5" >/dev/null 2>&1

@@ -19,38 +19,9 @@ requires_fuse
 
 M=$((1024 * 1024))
 
-# Loop devices and kernel mounts of this test, undone before the FUSE mount
-# is (a loop device keeps MNT/disk busy).
-_LOOPS=()
-_KMOUNTS=()
-ext4_cleanup() {
-    local d i
-    for ((i = ${#_KMOUNTS[@]} - 1; i >= 0; i--)); do
-        d=${_KMOUNTS[i]}
-        if mountpoint -q "$d" 2>/dev/null; then
-            umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null
-        fi
-    done
-    for d in "${_LOOPS[@]}"; do
-        losetup -d "$d" 2>/dev/null
-    done
-    return 0
-}
-_status() { return "$1"; }
-# The EXIT trap: first the kernel mounts and loop devices, then the cleanup
-# of functions.sh (which gets the original exit status in $?).
-ext4_exit_trap() {
-    local rc=$?
-    set +e
-    trap - ERR
-    ext4_cleanup
-    _status "$rc"
-    cleanup
-}
-trap ext4_exit_trap EXIT
-
 # loop_attach FILE [OPTS...]: attach FILE to a free loop device, print it.
-# Sets LOOP_DEV (the caller must not use $(...) so the array stays filled).
+# Sets LOOP_DEV (the caller must not use $(...), so that track_loop
+# registers the device in this shell).
 loop_attach() {
     local f=$1 dev err
     shift
@@ -60,22 +31,8 @@ loop_attach() {
         LOOP_ERR=$(cat "$err")
         return 1
     fi
-    _LOOPS+=("$dev")
+    track_loop "$dev"
     LOOP_DEV=$dev
-}
-
-loop_detach() {
-    local dev=$1 i
-    for ((i = 0; i < 50; i++)); do
-        losetup -d "$dev" 2>/dev/null && break
-        sleep 0.1
-    done
-    # losetup -d is asynchronous (autoclear); wait until the device is free
-    for ((i = 0; i < 100; i++)); do
-        losetup "$dev" >/dev/null 2>&1 || return 0
-        sleep 0.1
-    done
-    fail "loop device $dev is still attached"
 }
 
 # make_tree DIR: the generated source tree.
@@ -152,7 +109,7 @@ info "loop device $dev -> $mnt/disk"
 
 mkfs.ext4 -q -F "$dev" || fail "mkfs.ext4 on $dev failed"
 mount -t ext4 "$dev" "$ext" || fail "mount $dev failed"
-_KMOUNTS+=("$ext")
+track_kmount "$ext"
 
 t0=$(date +%s%N)
 cp -a "$src" "$ext/tree1" || fail "cp -a to ext4 (tree1) failed"
@@ -198,7 +155,7 @@ info "e2fsck -fn clean: $(tail -n1 <<<"$out")"
 loop_attach "$raw" -r || fail "losetup -r $raw failed: $LOOP_ERR"
 rodev=$LOOP_DEV
 mount -t ext4 -o ro,noload "$rodev" "$T/ro" || fail "mount -o ro $rodev failed"
-_KMOUNTS+=("$T/ro")
+track_kmount "$T/ro"
 same_tree "$src" "$T/ro/tree2" "converted image, tree2"
 same_tree "$exp1" "$T/ro/tree1" "converted image, tree1 (after deletes and rewrites)"
 info "converted image: both trees as expected"
