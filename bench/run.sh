@@ -884,7 +884,7 @@ for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || FIO_SELECTED+=("$j"); 
             done
         fi
     fi
-    ((TREE_JOB)) && tree_table
+    if ((TREE_JOB)); then tree_table; fi
 } | tee "$TABLE"
 
 # --- RSS and mount time on a 1 TiB image ------------------------------------------
