@@ -14,7 +14,7 @@
 #   QCOW2FUSE     the daemon (default: build/qcow2fuse)
 #   PASSTHROUGH   the baseline daemon (default: build/bench/passthrough)
 #   BASELINE      a second qcow2fuse binary (e.g. a build of an older
-#                 commit): it runs as a fourth implementation, taking turns
+#                 commit): it runs as one more implementation, taking turns
 #                 with the others, and a last table compares the two builds
 #                 (figures and CPU per request, qcow2fuse/baseline)
 #   QCOW2FUSE_OPTS, BASELINE_OPTS
@@ -23,7 +23,8 @@
 #                 binary with BASELINE_OPTS=transport=classic)
 #   QSD           qemu-storage-daemon (default: from PATH; without it the
 #                 qsd column shows "-")
-#   HOST=0        leave out the host column (default on).  host: fio on a
+#   HOST=0        leave out host (default on; its columns then show "-",
+#                 as qsd's do without QSD).  host: fio on a
 #                 raw file in the image directory, prepared as the
 #                 passthrough's, with --direct=0 --ioengine=io_uring and
 #                 every --fsync=N of a job turned into --fdatasync=N: the
