@@ -3,7 +3,10 @@
 # bench/run.sh — throughput of qcow2fuse against qemu-storage-daemon's FUSE
 # export of the same kind of qcow2 image, and against bench/passthrough (the
 # same FUSE session set-up over a raw file: the ceiling without any qcow2
-# translation).  See bench/README for what every job measures.
+# translation), and against "host": the same fio job run directly on a raw
+# file next to the images, with no FUSE and no daemon at all (the ceiling
+# for any daemon that does buffered I/O on its host file).  See
+# bench/README for what every job measures.
 #
 # usage: bench/run.sh [--quick]
 #
@@ -11,7 +14,7 @@
 #   QCOW2FUSE     the daemon (default: build/qcow2fuse)
 #   PASSTHROUGH   the baseline daemon (default: build/bench/passthrough)
 #   BASELINE      a second qcow2fuse binary (e.g. a build of an older
-#                 commit): it runs as a fourth implementation, taking turns
+#                 commit): it runs as one more implementation, taking turns
 #                 with the others, and a last table compares the two builds
 #                 (figures and CPU per request, qcow2fuse/baseline)
 #   QCOW2FUSE_OPTS, BASELINE_OPTS
@@ -20,6 +23,15 @@
 #                 binary with BASELINE_OPTS=transport=classic)
 #   QSD           qemu-storage-daemon (default: from PATH; without it the
 #                 qsd column shows "-")
+#   HOST=0        leave out host (default on; its columns then show "-",
+#                 as qsd's do without QSD).  host: fio on a
+#                 raw file in the image directory, prepared as the
+#                 passthrough's, with --direct=0 --ioengine=io_uring and
+#                 every --fsync=N of a job turned into --fdatasync=N: the
+#                 host page cache and the host flush every daemon here uses
+#                 (buffered pread/pwrite and fdatasync on its image file),
+#                 without the FUSE round trip or a daemon.
+#                 HOST_FLUSH=fsync keeps the job's own fsync instead.
 #   RUNTIME       seconds per fio run (default 10, --quick 3)
 #   REPS          runs of every (job, implementation) pair; the table shows
 #                 the median (default 3, --quick 1)
@@ -53,7 +65,7 @@
 #
 # Every run starts from a fresh image: the implementations take turns within
 # each job, in an order that rotates with each repetition (qcow2fuse qsd
-# passthrough, then qsd passthrough qcow2fuse, ...).
+# passthrough host, then qsd passthrough host qcow2fuse, ...).
 # Raw fio JSON, the daemons' logs and a summary.tsv go to RESULTS.
 # The figures are for comparing implementations on one machine; nothing here
 # is a pass/fail test.
@@ -91,6 +103,8 @@ if ((QUICK)); then SCRATCH_SIZE=${SCRATCH_SIZE:-16G}; else SCRATCH_SIZE=${SCRATC
 PERF_ARGS=${PERF_ARGS:--F 999 --call-graph dwarf,8192}
 COLD=${COLD:-1}
 EXTRAS=${EXTRAS:-1}
+HOST=${HOST:-1}
+HOST_FLUSH=${HOST_FLUSH:-fdatasync}
 
 CLUSTER=65536
 EMPTY_SIZE=64G          # allocating jobs: large enough that no run wraps
@@ -132,7 +146,7 @@ ALL_JOBS=(
     # the reads of randread-qd1 while a second fio job streams 1 MiB writes
     # (QD4) into the upper half of the disk with an fsync every 64 MiB.  It
     # shows whether a flush stalls the other requests.
-    "mixed-read-qd1|+ rand read 4k QD1 + writer|filled|read|iops|--rw=randread --bs=4k --iodepth=1 --name=writer --filename=@TARGET@ --direct=1 --ioengine=libaio --time_based --runtime=@RUNTIME@ --rw=write --bs=1M --iodepth=4 --offset=@HALF@ --size=@HALF@ --fsync=64"
+    "mixed-read-qd1|+ rand read 4k QD1 + writer|filled|read|iops|--rw=randread --bs=4k --iodepth=1 --name=writer --filename=@TARGET@ --direct=@DIRECT@ --ioengine=@ENGINE@ --time_based --runtime=@RUNTIME@ --rw=write --bs=1M --iodepth=4 --offset=@HALF@ --size=@HALF@ --fsync=64"
     # Not fio: ext4 on a loop device over the disk file, a tarball extracted
     # into it and synced, then a cold read of every file (run_tree).  Its
     # own table; left out of the geometric mean.
@@ -166,6 +180,15 @@ if ((TREE_JOB)); then
     fi
 fi
 IMPLS=(qcow2fuse qsd passthrough)
+case $HOST in
+0) ;;
+1) IMPLS+=(host) ;;
+*) die "HOST=$HOST: expected 0 or 1" ;;
+esac
+case $HOST_FLUSH in
+fdatasync|fsync) ;;
+*) die "HOST_FLUSH=$HOST_FLUSH: expected fdatasync or fsync" ;;
+esac
 BASELINE=${BASELINE:-}
 if [[ -n $BASELINE ]]; then
     [[ -x $BASELINE ]] || die "BASELINE=$BASELINE is not an executable file"
@@ -272,6 +295,20 @@ dir)
 *) die "SCRATCH=$SCRATCH: expected auto, loop or dir" ;;
 esac
 
+# host needs fio's io_uring engine on a buffered file of this file system
+# (a kernel with io_uring enabled): one tiny run to find out.
+if [[ $HOST == 1 ]]; then
+    if ! fio --name=probe --filename="$WORK/io_uring-probe" --size=1M --bs=4k --rw=write \
+        --direct=0 --ioengine=io_uring --output=/dev/null >/dev/null 2>&1; then
+        note "fio's io_uring engine does not work here: leaving out the host column"
+        HOST=0
+        kept=()
+        for impl in "${IMPLS[@]}"; do [[ $impl == host ]] || kept+=("$impl"); done
+        IMPLS=("${kept[@]}")
+    fi
+    rm -f "$WORK/io_uring-probe"
+fi
+
 # --- machine -----------------------------------------------------------------
 machine_info() {
     echo "date:        $(date -Is)"
@@ -296,10 +333,11 @@ machine_info() {
 
 # --- images ------------------------------------------------------------------
 # make_image IMPL KIND: a fresh image for IMPL (qcow2, or raw for the
-# passthrough); prints its path.
+# passthrough and for host: the same sparse file, filled the same way);
+# prints its path.
 make_image() {
     local impl=$1 kind=$2 fmt=qcow2 img size cmds=()
-    [[ $impl == passthrough ]] && fmt=raw
+    [[ $impl == passthrough || $impl == host ]] && fmt=raw
     img=$WORK/img.$fmt
     rm -f "$img"
     case $kind in
@@ -353,11 +391,18 @@ wait_mounted() {
 }
 
 # start_impl IMPL IMAGE LOG: mount IMAGE with IMPL in the background of this
-# shell; sets CUR_PID, CUR_MP and TARGET (the file fio uses).
+# shell; sets CUR_PID, CUR_MP and TARGET (the file fio uses).  host mounts
+# nothing and starts no daemon: fio uses the raw file itself (CUR_PID and
+# CUR_MP stay empty, so the daemon CPU figures are "-").
 start_impl() {
     local impl=$1 img=$2 log=$3
     CUR_KIND=$impl
     case $impl in
+    host)
+        CUR_PID="" CUR_MP=""
+        TARGET=$img
+        return 0
+        ;;
     qcow2fuse|baseline|passthrough)
         CUR_MP=$WORK/mnt
         mkdir -p "$CUR_MP"
@@ -399,6 +444,10 @@ start_impl() {
 # is its child).
 stop_impl() {
     local hwm
+    if [[ $CUR_KIND == host ]]; then
+        HWM=-
+        return 0
+    fi
     hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$CUR_PID/status" 2>/dev/null || true)
     fusermount3 -u "$CUR_MP" || note "fusermount3 -u $CUR_MP failed"
     # qsd keeps running without exports: end it (qcow2fuse and the
@@ -412,18 +461,41 @@ stop_impl() {
 # --- fio -----------------------------------------------------------------------
 # run_fio NAME OUT SIZE DIR FIGURE ARGS...: one time-based fio run on TARGET;
 # prints the figure (MB/s or IOPS), or "-" if fio failed.
+#
+# On a FUSE file (CUR_KIND qcow2fuse, qsd, passthrough, baseline): O_DIRECT
+# and libaio, so the FUSE page cache is out of the way and the daemon gets
+# the job's queue depth.  On the host raw file (CUR_KIND host) the job has
+# to use the host page cache the way the daemons do (they all do buffered
+# pread/pwrite on their image file and answer a FUSE fsync with one
+# fdatasync): --direct=0, and io_uring, which takes the job's queue depth
+# at once on a buffered file (reads of cached pages complete at submission,
+# writes that would block go to its kernel workers; libaio would do every
+# buffered request inside io_submit, one at a time); --fsync=N becomes --fdatasync=N
+# (HOST_FLUSH=fsync keeps fsync, which also commits the inode's mtime
+# change through the journal: a cost no daemon's fdatasync pays).  What
+# host does not pay: the FUSE round trip (request, daemon wake-up, reply)
+# and any daemon code.  So its figure is the ceiling for a daemon that does
+# buffered I/O on this file system, not a competitor.
 run_fio() {
-    local name=$1 out=$2 size=$3 dir=$4 fig=$5 a args=()
+    local name=$1 out=$2 size=$3 dir=$4 fig=$5 a args=() direct=1 engine=libaio
     shift 5
-    # A second job in ARGS names the target and the run time by placeholder
-    # (options after --name belong to that job only).
+    if [[ $CUR_KIND == host ]]; then
+        direct=0 engine=io_uring
+    fi
+    # A second job in ARGS names the target, the run time and the I/O mode
+    # by placeholder (options after --name belong to that job only).
     for a in "$@"; do
         a=${a//@TARGET@/$TARGET}
         a=${a//@RUNTIME@/$RUNTIME}
         a=${a//@HALF@/$((FILL_SIZE_BYTES / 2))}
+        a=${a//@DIRECT@/$direct}
+        a=${a//@ENGINE@/$engine}
+        if [[ $CUR_KIND == host && $HOST_FLUSH == fdatasync && $a == --fsync=* ]]; then
+            a=--fdatasync=${a#--fsync=}
+        fi
         args+=("$a")
     done
-    if ! fio --name="$name" --filename="$TARGET" --direct=1 --ioengine=libaio \
+    if ! fio --name="$name" --filename="$TARGET" --direct="$direct" --ioengine="$engine" \
         --time_based --runtime="$RUNTIME" --size="$size" "${args[@]}" \
         --output-format=json --output="$out" >/dev/null 2>"$out.err"; then
         note "fio $name failed (see $out.err)"
@@ -438,8 +510,11 @@ run_fio() {
     fi
 }
 
-# CPU time (user + system, all threads) the daemon has used, in clock ticks.
+# CPU time (user + system, all threads) the daemon has used, in clock ticks;
+# "-" without a daemon (host: an empty PID would read /proc//stat, i.e.
+# /proc/stat).
 daemon_cpu_ticks() {
+    [[ -n $1 ]] || { echo -; return; }
     awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo -
 }
 
@@ -587,6 +662,11 @@ echo "cache:       qcow2fuse and the passthrough use the host page cache for the
     "image file; qsd runs with cache.direct=off (host page cache too);"
 echo "             images are written just before each run, so reads hit warm cache"
 echo "fio:         --direct=1 --ioengine=libaio on MNT/disk (qsd: its export file)"
+if [[ $HOST == 1 ]]; then
+    echo "host:        fio on a raw file in the image dir, no FUSE, no daemon: --direct=0" \
+        "--ioengine=io_uring$([[ $HOST_FLUSH == fdatasync ]] && echo ", --fsync=N run as --fdatasync=N")" \
+        "(the host page cache and flush the daemons use; a ceiling for them)"
+fi
 echo "images:      qcow2 with 64 KiB clusters; allocating jobs: fresh empty $EMPTY_SIZE" \
     "image, whole disk as fio's range; others: $FILL_SIZE image, first $FILL_BYTES" \
     "prefilled and used as fio's range"
@@ -620,6 +700,9 @@ for j in "${SELECTED[@]}"; do
         done
         for impl in "${order[@]}"; do
             [[ $impl == qsd && -z $QSD ]] && continue
+            # ext4-tree needs a FUSE disk file under its loop device; host
+            # has none (see bench/README).
+            [[ $impl == host && $kind == tree ]] && continue
             img=$(make_image "$impl" "$kind")
             log=$RESULTS/logs/$name.$impl.r$rep.log
             if ! start_impl "$impl" "$img" "$log"; then
@@ -736,27 +819,43 @@ for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || FIO_SELECTED+=("$j"); 
 {
     if ((${#FIO_SELECTED[@]})); then
         echo
-        printf '%-30s %-5s %10s %10s %8s %11s %8s\n' job unit qcow2fuse qsd q/qsd passthrough q/pt
-        logsum=0 nlog=0
+        printf '%-30s %-5s %10s %10s %8s %11s %8s %10s %8s\n' job unit qcow2fuse qsd q/qsd \
+            passthrough q/pt host q/host
+        logsum=0 nlog=0 hlogsum=0 hnlog=0
         for j in "${FIO_SELECTED[@]}"; do
             IFS='|' read -r name label kind dir fig args <<<"$j"
             unit=IOPS
             [[ $fig == bw ]] && unit=MB/s
             q=${VAL[$name.qcow2fuse]} s=${VAL[$name.qsd]} p=${VAL[$name.passthrough]}
+            h=${VAL[$name.host]:--}
             r=$(ratio "$q" "$s")
-            printf '%-30s %-5s %10s %10s %8s %11s %8s\n' "$label" "$unit" "$(fmt_fig "$q")" \
-                "$(fmt_fig "$s")" "$r" "$(fmt_fig "$p")" "$(ratio "$q" "$p")"
+            printf '%-30s %-5s %10s %10s %8s %11s %8s %10s %8s\n' "$label" "$unit" "$(fmt_fig "$q")" \
+                "$(fmt_fig "$s")" "$r" "$(fmt_fig "$p")" "$(ratio "$q" "$p")" \
+                "$(fmt_fig "$h")" "$(ratio "$q" "$h")"
             if [[ $r != - && $label != +* ]]; then
                 logsum=$(awk -v s="$logsum" -v q="$q" -v d="$s" 'BEGIN { printf "%.12g", s + log(q / d) }')
                 nlog=$((nlog + 1))
+            fi
+            if [[ $(ratio "$h" "$s") != - && $label != +* ]]; then
+                hlogsum=$(awk -v s="$hlogsum" -v h="$h" -v d="$s" 'BEGIN { printf "%.12g", s + log(h / d) }')
+                hnlog=$((hnlog + 1))
             fi
         done
         if ((nlog)); then
             awk -v s="$logsum" -v n="$nlog" \
                 'BEGIN { printf "\ngeometric mean of qcow2fuse/qsd over %d jobs: %.2fx\n", n, exp(s / n) }'
         fi
+        # host/qsd: the score against qsd of a daemon that cost nothing, its
+        # requests going straight to the host page cache (no FUSE round
+        # trip): the most any daemon doing buffered host I/O could reach in
+        # this run.
+        if ((hnlog)); then
+            awk -v s="$hlogsum" -v n="$hnlog" \
+                'BEGIN { printf "geometric mean of host/qsd over %d jobs: %.2fx (no FUSE, no daemon: the" \
+                    " most a daemon doing buffered host I/O could score against qsd here)\n", n, exp(s / n) }'
+        fi
         echo
-        echo "daemon CPU time per I/O request (user + system, microseconds; median):"
+        echo "daemon CPU time per I/O request (user + system, microseconds; median; host has no daemon):"
         printf '%-30s %10s %10s %11s %8s\n' job qcow2fuse qsd passthrough q/pt
         for j in "${FIO_SELECTED[@]}"; do
             IFS='|' read -r name label kind dir fig args <<<"$j"
@@ -786,7 +885,7 @@ for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || FIO_SELECTED+=("$j"); 
             done
         fi
     fi
-    ((TREE_JOB)) && tree_table
+    if ((TREE_JOB)); then tree_table; fi
 } | tee "$TABLE"
 
 # --- RSS and mount time on a 1 TiB image ------------------------------------------
