@@ -33,6 +33,9 @@
 #                 (buffered pread/pwrite and fdatasync on its image file),
 #                 without the FUSE round trip or a daemon.
 #                 HOST_FLUSH=fsync keeps the job's own fsync instead.
+#   FIO_CPUS      run fio on these CPUs only (fio --cpus_allowed, e.g. 0):
+#                 a submitter that stays on one CPU, which is where FUSE
+#                 over io_uring queues its requests (default: anywhere)
 #   RUNTIME       seconds per fio run (default 10, --quick 3)
 #   REPS          runs of every (job, implementation) pair; the table shows
 #                 the median (default 3, --quick 1)
@@ -106,6 +109,7 @@ COLD=${COLD:-1}
 EXTRAS=${EXTRAS:-1}
 HOST=${HOST:-1}
 HOST_FLUSH=${HOST_FLUSH:-fdatasync}
+FIO_CPUS=${FIO_CPUS:-}
 
 CLUSTER=65536
 EMPTY_SIZE=64G          # allocating jobs: large enough that no run wraps
@@ -489,6 +493,7 @@ run_fio() {
         direct=0 engine=io_uring
         global+=(--invalidate=0)    # before the first --name: for every job
     fi
+    [[ -z $FIO_CPUS ]] || global+=(--cpus_allowed="$FIO_CPUS")
     # A second job in ARGS names the target, the run time and the I/O mode
     # by placeholder (options after --name belong to that job only).
     for a in "$@"; do
@@ -668,7 +673,7 @@ echo "$INFO" | tee "$RESULTS/machine.txt"
 echo "cache:       qcow2fuse and the passthrough use the host page cache for the" \
     "image file; qsd runs with cache.direct=off (host page cache too);"
 echo "             images are written just before each run, so reads hit warm cache"
-echo "fio:         --direct=1 --ioengine=libaio on MNT/disk (qsd: its export file)"
+echo "fio:         --direct=1 --ioengine=libaio on MNT/disk (qsd: its export file)${FIO_CPUS:+, on CPUs $FIO_CPUS only}"
 if [[ $HOST == 1 ]]; then
     echo "host:        fio on a raw file in the image dir, no FUSE, no daemon: --direct=0" \
         "--ioengine=io_uring --invalidate=0$([[ $HOST_FLUSH == fdatasync ]] && echo ", --fsync=N run as --fdatasync=N")" \

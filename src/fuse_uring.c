@@ -195,8 +195,9 @@ unsigned fuse_uring_count_cpu_list(const char *text)
     return (unsigned)count;
 }
 
-int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg)
+int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *out)
 {
+    struct fuse_uring_config copy = *out, *cfg = &copy;
     const char *p = text;
 
     while (*p) {
@@ -231,6 +232,7 @@ int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg)
         if (*p == ',')
             p++;
     }
+    *out = copy;      /* all of it or nothing */
     return 0;
 }
 

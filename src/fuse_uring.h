@@ -56,7 +56,8 @@ struct fuse_uring_config {
 
 /*
  * A layout for measurements: "threads=N,depth=N,spread,pin,nopin,defer,nodefer" (any of them,
- * comma-separated) over what @cfg holds.  Returns 0 or -EINVAL.
+ * comma-separated) over what @cfg holds.  Returns 0, or -EINVAL with @cfg
+ * as it was (a word it does not know changes nothing).
  */
 int fuse_uring_parse_layout(const char *text, struct fuse_uring_config *cfg);
 

@@ -127,15 +127,19 @@ START_TEST(parse_layout_refuses_the_rest)
     static const char *const bad[] = {
         "threads=0", "threads=257", "threads=", "threads=4x", "threads=-1",
         "depth=0", "depth=1025", "depth=8k", "spreads", "pin=1", "bogus",
-        "threads=2,bogus",
+        "threads=2,bogus", "spread,depth=0", "nopin,threads=4,x",
     };
     size_t i;
 
     for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        struct fuse_uring_config cfg = { 0 };
+        struct fuse_uring_config cfg = { .threads = 3, .queue_depth = 5, .pin = true };
 
         ck_assert_msg(fuse_uring_parse_layout(bad[i], &cfg) == -EINVAL, "\"%s\" accepted",
                       bad[i]);
+        /* Nothing of a refused layout is taken, not even its good words. */
+        ck_assert_uint_eq(cfg.threads, 3);
+        ck_assert_uint_eq(cfg.queue_depth, 5);
+        ck_assert(cfg.pin && !cfg.spread && !cfg.defer_taskrun);
     }
 }
 END_TEST
