@@ -36,9 +36,9 @@ _Static_assert(VFS_ROOT_INO == FUSE_ROOT_ID, "the root's node id");
 #define ATTR_TIMEOUT_SEC    1   /* the kernel may cache names and attributes this long */
 #define READDIR_MAX         (64u << 10)     /* bytes of one READDIR reply, as before */
 #define XATTR_VALUE_MAX     (64u << 10)     /* XATTR_SIZE_MAX */
-/* Without FUSE_MAX_PAGES the kernel sends at most 32 pages per request. */
 /* The file handle OPEN gives a FOPEN_DIRECT_IO open; WRITE brings it back. */
 #define FH_DIRECT_IO        1u
+/* Without FUSE_MAX_PAGES the kernel sends at most 32 pages per request. */
 #define DEFAULT_MAX_PAGES   32u
 #define PAGE_BYTES          4096u
 
