@@ -572,6 +572,67 @@ START_TEST(open_read_write_flush_fsync_release)
 }
 END_TEST
 
+/* The image's host flushes so far, from its statistics line. */
+static unsigned long long host_flushes(void)
+{
+    char stats[512];
+    const char *p;
+    unsigned long long n = 0;
+
+    image_stats(F.img, stats, sizeof(stats));
+    p = strstr(stats, " flushes");
+    ck_assert_ptr_nonnull(p);
+    while (p > stats && p[-1] >= '0' && p[-1] <= '9')
+        p--;
+    ck_assert_int_eq(sscanf(p, "%llu", &n), 1);
+    return n;
+}
+
+/* WRITE on a direct-I/O handle with O_DSYNC (the kernel's flags field
+ * also carries RWF_DSYNC) or O_SYNC is flushed before its reply; a plain
+ * one is not, and neither is one on a handle of 0 (a page-cache open,
+ * after whose synchronous writes the kernel sends an FSYNC itself). */
+START_TEST(sync_writes_flush_before_reply)
+{
+    static const struct { uint32_t flags; bool direct_handle; bool flushes; } cases[] = {
+        { O_RDWR, true, false },
+        { O_RDWR | O_DSYNC, true, true },
+        { O_RDWR | O_SYNC, true, true },
+        { O_WRONLY | O_DSYNC, true, true },
+        { O_RDWR | O_DSYNC, false, false },
+        { O_RDWR, false, false },
+    };
+    struct fuse_fsync_in fs = { 0 };
+    struct fuse_open_out oo;
+    uint8_t data[4096];
+
+    do_init_current();
+    ck_assert_int_eq(call_err(FUSE_OPEN, VFS_DISK_INO, &open_rw, sizeof(open_rw), NULL, 0), 0);
+    memcpy(&oo, F.cap.reply, sizeof(oo));
+    ck_assert_uint_ne(oo.fh, 0);        /* a direct-I/O handle is told apart */
+    memset(data, 0x3c, sizeof(data));
+    /* Allocated and durable first: the writes below only overwrite. */
+    ck_assert_int_eq(write_disk(data, sizeof(data), 8192), 0);
+    ck_assert_int_eq(call_err(FUSE_FSYNC, VFS_DISK_INO, &fs, sizeof(fs), NULL, 0), 0);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct fuse_write_in in = {
+            .fh = cases[i].direct_handle ? oo.fh : 0,
+            .offset = 8192, .size = sizeof(data), .flags = cases[i].flags,
+        };
+        unsigned long long before = host_flushes();
+
+        data[0] = (uint8_t)i;
+        ck_assert_int_eq(call_err(FUSE_WRITE, VFS_DISK_INO, &in, sizeof(in), data,
+                                  sizeof(data)), 0);
+        if (cases[i].flushes)
+            ck_assert_msg(host_flushes() > before, "case %zu: no flush before the reply", i);
+        else
+            ck_assert_msg(host_flushes() == before, "case %zu: %llu flushes", i,
+                          host_flushes() - before);
+    }
+}
+END_TEST
+
 START_TEST(read_through_fallback_buffer)
 {
     struct fuse_read_in rd = read_in(0, 1u << 20);
@@ -1254,6 +1315,7 @@ static Suite *fuse_server_suite(void)
     tcase_add_checked_fixture(tc, setup_rw, teardown);
     tcase_add_test(tc, lookup_getattr_statfs);
     tcase_add_test(tc, open_read_write_flush_fsync_release);
+    tcase_add_test(tc, sync_writes_flush_before_reply);
     tcase_add_test(tc, read_through_fallback_buffer);
     tcase_add_test(tc, split_payload_layout);
     tcase_add_test(tc, setattr_size_owner_times);
