@@ -109,11 +109,20 @@ _MOUNTS=()                 # every mountpoint this scope mounted (canonical)
 _PIDS=()                   # every daemon PID this scope started/discovered
 declare -A _MNT_PID=()     # mountpoint -> PID of its foreground daemon
 declare -A _MNT_LOG=()     # mountpoint -> daemon output file
-_NSEQ=0                    # counter for unique file names
 
+# _seq: a number no other _seq call of this test has given, for unique
+# file names.  Every caller writes $(_seq), a subshell whose variables
+# die with it (a shell counter gave every call the same number, so two
+# ref_raw copies were one file and a comparison of them could not fail):
+# the count lives in a file, under a lock for callers in background jobs.
 _seq() {
-    _NSEQ=$((_NSEQ + 1))
-    printf '%s\n' "$_NSEQ"
+    local n
+    {
+        flock 9
+        n=$(($(cat "$TEST_TMP/.seq" 2>/dev/null || echo 0) + 1))
+        echo "$n" >"$TEST_TMP/.seq"
+    } 9>>"$TEST_TMP/.seq.lock"
+    printf '%s\n' "$n"
 }
 
 # canon_path PATH: absolute path with symlinks in the *parent* resolved
