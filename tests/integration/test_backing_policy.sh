@@ -214,7 +214,7 @@ mount_as_nobody() {
     log="$T/daemon.$(_seq).log"
     deadline=$(($(date +%s%N) + MOUNT_TIMEOUT * 1000000000))
     (cd / && exec setpriv --reuid=nobody --regid=nogroup --clear-groups \
-        "$T/qcow2fuse" -f -o ro "$img" "$mnt") </dev/null >"$log" 2>&1 &
+        "$T/qcow2fuse" -f -o "$(with_transport ro)" "$img" "$mnt") </dev/null >"$log" 2>&1 &
     pid=$!
     track_mount "$mnt" "$pid"
     _MNT_PID[$mnt]=$pid     # for unmount_image

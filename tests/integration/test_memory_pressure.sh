@@ -188,7 +188,9 @@ pressure_case() {
     qemu-img create -q -f qcow2 "$img" 512M
     head -c $((16 << 20)) /dev/urandom >"$T/src16"
 
-    (in_cgroup "$QCOW2FUSE" -f "$img" "$mnt") </dev/null >"$log" 2>&1 &
+    local opts
+    opts=$(with_transport "")
+    (in_cgroup "$QCOW2FUSE" -f ${opts:+-o "$opts"} "$img" "$mnt") </dev/null >"$log" 2>&1 &
     pid=$!
     track_mount "$mnt" "$pid"
     _MNT_PID[$mnt]=$pid
