@@ -609,7 +609,7 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
         log_error("io_uring: cannot tell the number of possible CPUs from "
                   "/sys/devices/system/cpu/possible");
         ret = -EINVAL;
-        goto fail_early;
+        goto fail;
     }
     u->spread = cfg->spread;
     u->defer_taskrun = cfg->defer_taskrun;
@@ -631,7 +631,7 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
     u->threads = calloc(u->nr_threads, sizeof(*u->threads));
     if (!u->threads) {
         ret = -ENOMEM;
-        goto fail_early;
+        goto fail;
     }
     for (i = 0; i < u->nr_threads; i++) {
         struct uring_thread *t = &u->threads[i];
@@ -648,7 +648,7 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
         t->entries = calloc(n, sizeof(*t->entries));
         if (!t->entries) {
             ret = -ENOMEM;
-            goto fail_early;
+            goto fail;
         }
         n = 0;
         for (q = 0; q < u->nr_queues; q++) {
@@ -688,13 +688,7 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
                   "payload each): %s", u->nr_queues, u->depth, u->payload_size >> 10,
                   strerror(-ret));
         wake_and_join(u);
-        free_uring(u);
-        if (turn_kernel_ring_off(cfg->dev_fd) < 0) {
-            log_error("io_uring: the kernel may keep waiting for the ring: requests "
-                      "cannot be served");
-            return -ENOTRECOVERABLE;
-        }
-        return ret;
+        goto fail;
     }
     for (i = 0, q = 0; i < u->nr_threads; i++)
         q += fuse_uring_layout_serves(&layout, i, 0) ? u->depth : 0;
@@ -707,7 +701,8 @@ int fuse_uring_start(struct fuse_server *srv, const struct fuse_uring_config *cf
     *out = u;
     return 0;
 
-fail_early:
+fail:
+    /* No thread runs here: they were never started or have been joined. */
     free_uring(u);
     if (turn_kernel_ring_off(cfg->dev_fd) < 0) {
         log_error("io_uring: the kernel may keep waiting for the ring: requests "
