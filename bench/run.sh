@@ -874,6 +874,19 @@ for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || FIO_SELECTED+=("$j"); 
             q=${CPU[$name.qcow2fuse]} s=${CPU[$name.qsd]} p=${CPU[$name.passthrough]}
             printf '%-30s %10s %10s %11s %8s\n' "$label" "$q" "$s" "$p" "$(ratio "$q" "$p")"
         done
+        # The reads beside a writer share 2 CPUs with it: a daemon whose
+        # writer goes faster leaves the reads less CPU.  The writer's
+        # bandwidth is shown so that the figure is read as the trade it is.
+        if [[ " ${FIO_SELECTED[*]} " == *" mixed-read-qd1|"* ]]; then
+            printf '\nthe writer beside "+ rand read 4k QD1 + writer", MB/s (median):'
+            for impl in "${IMPLS[@]}"; do
+                w=$(for f in "$RESULTS"/mixed-read-qd1."$impl".r*.json; do
+                        [[ -s $f ]] && jq -r '.jobs[] | select(.jobname == "writer") | .write.bw_bytes / 1e6' "$f"
+                    done 2>/dev/null | median)
+                printf ' %s %s' "$impl" "$(fmt_fig "$w")"
+            done
+            echo
+        fi
         steals=$(awk -F'\t' 'NR > 1 && $9 != "-" && $9 != "" { print $9 }' "$SUMMARY")
         if [[ -n $steals ]]; then
             printf '\nsteal (CPU time the hypervisor gave to other guests) during the runs: median %s%%, max %s%%\n' \
