@@ -11,10 +11,6 @@
  * except for the requests that have no reply: FORGET, BATCH_FORGET,
  * INTERRUPT and NOTIFY_REPLY (the kernel sends those through the
  * /dev/fuse read also when io_uring serves the rest).
- *
- * This header is a first draft written by the lead so that the dispatcher
- * and the io_uring transport can be built at the same time; the engineers
- * who implement them own it and may change it, together.
  */
 #ifndef QCOW2FUSE_FUSE_TRANSPORT_H
 #define QCOW2FUSE_FUSE_TRANSPORT_H
