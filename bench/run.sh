@@ -33,6 +33,11 @@
 #                 (buffered pread/pwrite and fdatasync on its image file),
 #                 without the FUSE round trip or a daemon.
 #                 HOST_FLUSH=fsync keeps the job's own fsync instead.
+#   COPY_CEILING  build/bench/copy_ceiling (default; "" leaves it out): in
+#                 each repetition of the seq read job, on host's raw file
+#                 right after host's fio run, 2 threads (the CPUs) doing
+#                 what a daemon's 1 MiB read must, pread then memcpy, with
+#                 no FUSE: the most any daemon could serve that job at
 #   FIO_CPUS      run fio on these CPUs only (fio --cpus_allowed, e.g. 0):
 #                 a submitter that stays on one CPU, which is where FUSE
 #                 over io_uring queues its requests (default: anywhere)
@@ -110,6 +115,7 @@ EXTRAS=${EXTRAS:-1}
 HOST=${HOST:-1}
 HOST_FLUSH=${HOST_FLUSH:-fdatasync}
 FIO_CPUS=${FIO_CPUS:-}
+COPY_CEILING=${COPY_CEILING-$ROOT/build/bench/copy_ceiling}
 
 CLUSTER=65536
 EMPTY_SIZE=64G          # allocating jobs: large enough that no run wraps
@@ -215,6 +221,7 @@ TREE_LOOP=""    # ext4-tree: the loop device over the disk file ...
 TREE_MNT=""     # ... and where its ext4 is mounted
 SUMMARY=$RESULTS/summary.tsv
 printf 'job\timpl\trep\tvalue\tunit\tdaemon_vmhwm_kb\tloadavg1_before\tdaemon_cpu_us_per_io\tsteal_pct\n' >"$SUMMARY"
+rm -f "$RESULTS/copy_ceiling.txt"    # the seq read job's copy ceiling, one line per repetition
 
 CUR_PID=""      # the daemon currently running (started by this script)
 CUR_MP=""       # its mount point
@@ -747,6 +754,17 @@ for j in "${SELECTED[@]}"; do
                 "${fio_args[@]}")
             cpu1=$(daemon_cpu_ticks "$CUR_PID")
             steal1=$(steal_ticks)
+            if [[ $impl == host && $name == seqread && -n $COPY_CEILING ]]; then
+                if [[ -x $COPY_CEILING ]]; then
+                    c=$("$COPY_CEILING" "$TARGET" "$(nproc)" "$RUNTIME" $((1 << 20)) \
+                        $(($(numfmt --from=iec "$FILL_BYTES"))) | sed -n 's/.*: \([0-9.]*\) MB\/s$/\1/p')
+                    printf '%s\n' "${c:--}" >>"$RESULTS/copy_ceiling.txt"
+                    printf '  %-16s %-12s run %d: %10s MB/s  (pread + memcpy, %s threads, no FUSE)\n' \
+                        "$name" copy-ceiling "$rep" "$(fmt_fig "${c:--}")" "$(nproc)"
+                else
+                    note "COPY_CEILING=$COPY_CEILING is not an executable (make build/bench/copy_ceiling)"
+                fi
+            fi
             cpu_io=$(cpu_per_io "$cpu0" "$cpu1" "$RESULTS/$name.$impl.r$rep.json")
             steal=$(steal_pct "$steal0" "$steal1")
             if [[ -n $perf_pid ]]; then
@@ -833,7 +851,7 @@ for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || FIO_SELECTED+=("$j"); 
         echo
         printf '%-30s %-5s %10s %10s %8s %11s %8s %10s %8s\n' job unit qcow2fuse qsd q/qsd \
             passthrough q/pt host q/host
-        logsum=0 nlog=0 hlogsum=0 hnlog=0
+        logsum=0 nlog=0 hlogsum=0 hnlog=0 blogsum=0 bnlog=0
         for j in "${FIO_SELECTED[@]}"; do
             IFS='|' read -r name label kind dir fig args <<<"$j"
             unit=IOPS
@@ -848,6 +866,16 @@ for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || FIO_SELECTED+=("$j"); 
                 logsum=$(awk -v s="$logsum" -v q="$q" -v d="$s" 'BEGIN { printf "%.12g", s + log(q / d) }')
                 nlog=$((nlog + 1))
             fi
+            # best: the fastest daemon in this run, or host on a write job
+            # (a daemon writes through the host page cache and flush, so
+            # host's writes bound it; host's reads skip FUSE, which no
+            # daemon can).
+            b=$(printf '%s\n' "$q" "$p" "${VAL[$name.baseline]:--}" \
+                    "$([[ $dir == write ]] && echo "$h" || echo -)" | awk '$1 != "-" && $1 > m { m = $1 } END { print m ? m : "-" }')
+            if [[ $(ratio "$b" "$s") != - && $label != +* ]]; then
+                blogsum=$(awk -v s="$blogsum" -v b="$b" -v d="$s" 'BEGIN { printf "%.12g", s + log(b / d) }')
+                bnlog=$((bnlog + 1))
+            fi
             if [[ $(ratio "$h" "$s") != - && $label != +* ]]; then
                 hlogsum=$(awk -v s="$hlogsum" -v h="$h" -v d="$s" 'BEGIN { printf "%.12g", s + log(h / d) }')
                 hnlog=$((hnlog + 1))
@@ -861,6 +889,11 @@ for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || FIO_SELECTED+=("$j"); 
         # requests going straight to the host page cache (no FUSE round
         # trip): the most any daemon doing buffered host I/O could reach in
         # this run.
+        if ((bnlog)); then
+            awk -v s="$blogsum" -v n="$bnlog" \
+                'BEGIN { printf "geometric mean of best/qsd over %d jobs: %.2fx (best: the fastest daemon" \
+                    " of this run per job, host on the write jobs)\n", n, exp(s / n) }'
+        fi
         if ((hnlog)); then
             awk -v s="$hlogsum" -v n="$hnlog" \
                 'BEGIN { printf "geometric mean of host/qsd over %d jobs: %.2fx (no FUSE, no daemon: the" \
@@ -874,6 +907,15 @@ for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || FIO_SELECTED+=("$j"); 
             q=${CPU[$name.qcow2fuse]} s=${CPU[$name.qsd]} p=${CPU[$name.passthrough]}
             printf '%-30s %10s %10s %11s %8s\n' "$label" "$q" "$s" "$p" "$(ratio "$q" "$p")"
         done
+        if [[ -s $RESULTS/copy_ceiling.txt ]]; then
+            c=$(median <"$RESULTS/copy_ceiling.txt")
+            printf '\nseq read 1M: the copy ceiling (pread + memcpy per 1 MiB on %s threads, no FUSE; median) %s MB/s:' \
+                "$(nproc)" "$(fmt_fig "$c")"
+            for impl in "${IMPLS[@]}"; do
+                [[ -n ${VAL[seqread.$impl]:-} ]] && printf ' %s %s' "$impl" "$(ratio "${VAL[seqread.$impl]}" "$c")"
+            done
+            echo
+        fi
         # The reads beside a writer share 2 CPUs with it: a daemon whose
         # writer goes faster leaves the reads less CPU.  The writer's
         # bandwidth is shown so that the figure is read as the trade it is.
