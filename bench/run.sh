@@ -757,7 +757,7 @@ for j in "${SELECTED[@]}"; do
             if [[ $impl == host && $name == seqread && -n $COPY_CEILING ]]; then
                 if [[ -x $COPY_CEILING ]]; then
                     c=$("$COPY_CEILING" "$TARGET" "$(nproc)" "$RUNTIME" $((1 << 20)) \
-                        $(($(numfmt --from=iec "$FILL_BYTES"))) | sed -n 's/.*: \([0-9.]*\) MB\/s$/\1/p')
+                        "$(numfmt --from=iec "$FILL_BYTES")" | sed -n 's/.*: \([0-9.]*\) MB\/s$/\1/p')
                     printf '%s\n' "${c:--}" >>"$RESULTS/copy_ceiling.txt"
                     printf '  %-16s %-12s run %d: %10s MB/s  (pread + memcpy, %s threads, no FUSE)\n' \
                         "$name" copy-ceiling "$rep" "$(fmt_fig "${c:--}")" "$(nproc)"
@@ -885,15 +885,15 @@ for j in "${SELECTED[@]}"; do [[ $j == ext4-tree\|* ]] || FIO_SELECTED+=("$j"); 
             awk -v s="$logsum" -v n="$nlog" \
                 'BEGIN { printf "\ngeometric mean of qcow2fuse/qsd over %d jobs: %.2fx\n", n, exp(s / n) }'
         fi
-        # host/qsd: the score against qsd of a daemon that cost nothing, its
-        # requests going straight to the host page cache (no FUSE round
-        # trip): the most any daemon doing buffered host I/O could reach in
-        # this run.
         if ((bnlog)); then
             awk -v s="$blogsum" -v n="$bnlog" \
                 'BEGIN { printf "geometric mean of best/qsd over %d jobs: %.2fx (best: the fastest daemon" \
                     " of this run per job, host on the write jobs)\n", n, exp(s / n) }'
         fi
+        # host/qsd: the score against qsd of a daemon that cost nothing, its
+        # requests going straight to the host page cache (no FUSE round
+        # trip): the most any daemon doing buffered host I/O could reach in
+        # this run.
         if ((hnlog)); then
             awk -v s="$hlogsum" -v n="$hnlog" \
                 'BEGIN { printf "geometric mean of host/qsd over %d jobs: %.2fx (no FUSE, no daemon: the" \
