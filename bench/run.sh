@@ -37,7 +37,8 @@
 #                 each repetition of the seq read job, on host's raw file
 #                 right after host's fio run, 2 threads (the CPUs) doing
 #                 what a daemon's 1 MiB read must, pread then memcpy, with
-#                 no FUSE: the most any daemon could serve that job at
+#                 no FUSE: the most a daemon that reads into its own
+#                 buffers could serve that job at
 #   FIO_CPUS      run fio on these CPUs only (fio --cpus_allowed, e.g. 0):
 #                 a submitter that stays on one CPU, which is where FUSE
 #                 over io_uring queues its requests (default: anywhere)
