@@ -90,8 +90,8 @@ $(BUILD)/bench/passthrough: bench/passthrough.c
 	@mkdir -p $(@D)
 	$(CC) -std=gnu11 $(WARN) -O2 -g -o $@ $< $(shell pkg-config --cflags --libs fuse3)
 
-# The most a daemon could serve 1 MiB cached reads at: pread + memcpy per
-# block, no FUSE (bench/README: "the copy ceiling").
+# The most a daemon that copies could serve 1 MiB cached reads at: pread +
+# memcpy per block, no FUSE (bench/README: "the copy ceiling").
 $(BUILD)/bench/copy_ceiling: bench/copy_ceiling.c
 	@mkdir -p $(@D)
 	$(CC) -std=gnu11 $(WARN) -O2 -g -pthread -o $@ $<
