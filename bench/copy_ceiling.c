@@ -11,13 +11,14 @@
  * THREADS (default: the number of online CPUs) threads does exactly those
  * two copies, pread(BLOCK) then memcpy(BLOCK) into a second buffer, over
  * the first LENGTH bytes of FILE (default: all of it) and round again, for
- * SECONDS (default 5); BLOCK
- * defaults to 1 MiB, the size of bench/run.sh's seq read job, and the
- * second copies go round 16 buffers shared out among the threads, as fio's
- * 16 requests in flight land in 16 buffers of its own.  FILE should
- * be in the page cache (read it once first): the figure is then the most
- * any daemon could serve 1 MiB reads at, with zero protocol cost, and it
- * is printed in MB/s (10^6) as fio prints bw_bytes / 1e6.
+ * SECONDS (default 5).  BLOCK defaults to 1 MiB, the size of bench/run.sh's
+ * seq read job; the second copies go round 16 buffers shared out among the
+ * threads, as fio's 16 requests in flight land in 16 buffers of its own.
+ * FILE should be in the page cache (read it once first): the figure is
+ * then the most a daemon that reads into its own buffers could serve such
+ * reads at, with zero protocol cost (one that splices the page cache's
+ * pages to /dev/fuse skips the first copy and is not bound by it).  It is
+ * printed in MB/s (10^6), as fio prints bw_bytes / 1e6.
  *
  * Not a test; bench/README says how the figure is used.
  */
