@@ -1235,6 +1235,105 @@ START_TEST(classic_transport_stop)
 }
 END_TEST
 
+/* A request of any size: the header, @arg, then @tail_len bytes of @tail. */
+static void send_parts(int fd, uint32_t opcode, uint64_t unique, uint64_t nodeid,
+                       const void *arg, size_t arg_len, const void *tail, size_t tail_len)
+{
+    struct fuse_in_header in = { .len = (uint32_t)(sizeof(in) + arg_len + tail_len),
+                                 .opcode = opcode, .unique = unique, .nodeid = nodeid };
+    uint8_t *buf = tu_zalloc(in.len);
+
+    memcpy(buf, &in, sizeof(in));
+    memcpy(buf + sizeof(in), arg, arg_len);
+    if (tail_len)
+        memcpy(buf + sizeof(in) + arg_len, tail, tail_len);
+    ck_assert_int_eq((int)write(fd, buf, in.len), (int)in.len);
+    free(buf);
+}
+
+/* The payload of the reply to @unique, which must succeed. */
+static const uint8_t *recv_ok(int fd, uint64_t unique, size_t *len)
+{
+    static uint8_t buf[1u << 16];
+    struct fuse_out_header out;
+    ssize_t n = read(fd, buf, sizeof(buf));
+
+    ck_assert_int_ge(n, (ssize_t)sizeof(out));
+    memcpy(&out, buf, sizeof(out));
+    ck_assert_uint_eq(out.len, (size_t)n);
+    ck_assert_uint_eq(out.unique, unique);
+    ck_assert_int_eq(out.error, 0);
+    *len = (size_t)n - sizeof(out);
+    return buf + sizeof(out);
+}
+
+/*
+ * A worker's one buffer holds each request and builds each reply
+ * (src/fuse_server.c): data written through the transport reads back
+ * through it, right after a WRITE filled the buffer; a READ that carries
+ * more than a page of trailing bytes (so its reply cannot be built past
+ * it) is answered from the fallback buffer, still right; a GETXATTR's
+ * reply is built while its name sits in the same buffer.  One worker, so
+ * every request goes through the same buffer.
+ */
+START_TEST(classic_transport_one_buffer)
+{
+    enum { LEN = 48u << 10, OFF = 65536 - 777 };
+    struct fuse_init_in in = init_in(FUSE_PROTO_MINOR, ALL_OFFERED, ALL_OFFERED);
+    struct fuse_write_in wr = { .offset = OFF, .size = LEN };
+    struct fuse_read_in rd = read_in(OFF, LEN);
+    struct fuse_getxattr_in gx = { .size = 4096 };
+    static const char name[] = "user.qcow2fuse.stats";
+    uint8_t *data = tu_zalloc(LEN), *junk = tu_zalloc(6000);
+    struct fuse_write_out wo;
+    struct serve_thread s;
+    const uint8_t *p;
+    size_t len;
+    int sv[2];
+
+    for (size_t i = 0; i < LEN; i++)
+        data[i] = (uint8_t)(i * 13 + (i >> 9));
+    memset(junk, 0xee, 6000);
+    start_serving(&s, sv, 1);
+    send_msg(sv[0], FUSE_INIT, 1, &in, sizeof(in));
+    recv_ok(sv[0], 1, &len);
+    send_parts(sv[0], FUSE_OPEN, 2, VFS_DISK_INO, &open_rw, sizeof(open_rw), NULL, 0);
+    recv_ok(sv[0], 2, &len);
+
+    send_parts(sv[0], FUSE_WRITE, 3, VFS_DISK_INO, &wr, sizeof(wr), data, LEN);
+    p = recv_ok(sv[0], 3, &len);
+    ck_assert_uint_eq(len, sizeof(wo));
+    memcpy(&wo, p, sizeof(wo));
+    ck_assert_uint_eq(wo.size, LEN);
+    send_parts(sv[0], FUSE_READ, 4, VFS_DISK_INO, &rd, sizeof(rd), NULL, 0);
+    p = recv_ok(sv[0], 4, &len);
+    ck_assert_uint_eq(len, LEN);
+    ck_assert_int_eq(memcmp(p, data, LEN), 0);
+    /* More than a page past the READ's header. */
+    send_parts(sv[0], FUSE_READ, 5, VFS_DISK_INO, &rd, sizeof(rd), junk, 6000);
+    p = recv_ok(sv[0], 5, &len);
+    ck_assert_uint_eq(len, LEN);
+    ck_assert_int_eq(memcmp(p, data, LEN), 0);
+    /* A short READ after them: only its own bytes come back. */
+    rd = read_in(OFF + 100, 1000);
+    send_parts(sv[0], FUSE_READ, 6, VFS_DISK_INO, &rd, sizeof(rd), NULL, 0);
+    p = recv_ok(sv[0], 6, &len);
+    ck_assert_uint_eq(len, 1000);
+    ck_assert_int_eq(memcmp(p, data + 100, 1000), 0);
+    send_parts(sv[0], FUSE_GETXATTR, 7, VFS_DISK_INO, &gx, sizeof(gx), name, sizeof(name));
+    p = recv_ok(sv[0], 7, &len);
+    ck_assert_uint_gt(len, 0);
+    ck_assert_ptr_nonnull(memmem(p, len, "flushes", 7));
+
+    close(sv[0]);
+    ck_assert_int_eq(pthread_join(s.thread, NULL), 0);
+    ck_assert_int_eq(s.ret, 0);
+    close(sv[1]);
+    free(data);
+    free(junk);
+}
+END_TEST
+
 /* Check's runner leaves its own handlers in the test process; a daemon
  * starts with the defaults. */
 static void default_stop_signals(void)
@@ -1350,6 +1449,7 @@ static Suite *fuse_server_suite(void)
     tcase_add_checked_fixture(tc, setup_rw, teardown);
     tcase_add_test(tc, classic_transport_end_of_connection);
     tcase_add_test(tc, classic_transport_stop);
+    tcase_add_test(tc, classic_transport_one_buffer);
     tcase_add_test(tc, classic_transport_sigterm);
     tcase_add_test(tc, ignored_signal_stays_ignored);
     suite_add_tcase(s, tc);
