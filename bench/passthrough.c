@@ -34,6 +34,7 @@
 #define ROOT_INO FUSE_ROOT_ID
 #define DISK_INO 2
 #define DISK_NAME "disk"
+#define PAGE_BYTES 4096u
 
 struct pt {
     int fd;
@@ -48,7 +49,9 @@ struct pt {
  * pays.  fuse_reply_buf() has
  * written the reply to /dev/fuse before it returns, so the next request
  * may reuse the buffer.  Freed by the key's destructor when the worker
- * exits.
+ * exits.  Page-aligned, as qcow2fuse's reply buffer is: the kernel copies
+ * a reply into the reader's pages in chunks that end at a page boundary
+ * of either side, so a buffer off a page boundary splits every chunk.
  */
 struct read_buf {
     char *mem;
@@ -85,7 +88,7 @@ static char *read_buf_get(size_t size)
         cap *= 2;
     if (cap < size)
         cap = size;
-    mem = malloc(cap);
+    mem = aligned_alloc(PAGE_BYTES, (cap + PAGE_BYTES - 1) & ~(size_t)(PAGE_BYTES - 1));
     if (!mem)
         return NULL;
     free(rb->mem);
