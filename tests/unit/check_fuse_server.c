@@ -1254,7 +1254,7 @@ static void send_parts(int fd, uint32_t opcode, uint64_t unique, uint64_t nodeid
 /* The payload of the reply to @unique, which must succeed. */
 static const uint8_t *recv_ok(int fd, uint64_t unique, size_t *len)
 {
-    static uint8_t buf[1u << 16];
+    static uint8_t buf[(1u << 20) + 4096];
     struct fuse_out_header out;
     ssize_t n = read(fd, buf, sizeof(buf));
 
@@ -1273,18 +1273,20 @@ static const uint8_t *recv_ok(int fd, uint64_t unique, size_t *len)
  * through it, right after a WRITE filled the buffer; a READ that carries
  * more than a page of trailing bytes (so its reply cannot be built past
  * it) is answered from the fallback buffer, still right; a GETXATTR's
- * reply is built while its name sits in the same buffer.  One worker, so
- * every request goes through the same buffer.
+ * reply is built while its name sits in the same buffer; and a 256 KiB
+ * WRITE and READ, then the small ones again.  One worker, so every
+ * request goes through the same buffer.
  */
 START_TEST(classic_transport_one_buffer)
 {
-    enum { LEN = 48u << 10, OFF = 65536 - 777 };
+    enum { LEN = 48u << 10, OFF = 65536 - 777, BIG = 256u << 10, BIG_OFF = 1u << 20 };
     struct fuse_init_in in = init_in(FUSE_PROTO_MINOR, ALL_OFFERED, ALL_OFFERED);
     struct fuse_write_in wr = { .offset = OFF, .size = LEN };
     struct fuse_read_in rd = read_in(OFF, LEN);
     struct fuse_getxattr_in gx = { .size = 4096 };
     static const char name[] = "user.qcow2fuse.stats";
-    uint8_t *data = tu_zalloc(LEN), *junk = tu_zalloc(6000);
+    uint8_t *data = tu_zalloc(LEN), *junk = tu_zalloc(6000), *big = tu_zalloc(BIG);
+    int sndbuf = 1 << 20;
     struct fuse_write_out wo;
     struct serve_thread s;
     const uint8_t *p;
@@ -1294,7 +1296,13 @@ START_TEST(classic_transport_one_buffer)
     for (size_t i = 0; i < LEN; i++)
         data[i] = (uint8_t)(i * 13 + (i >> 9));
     memset(junk, 0xee, 6000);
+    for (size_t i = 0; i < BIG; i++)
+        big[i] = (uint8_t)(i * 3 + (i >> 11));
     start_serving(&s, sv, 1);
+    /* Room for a 256 KiB message each way (the kernel caps it at twice
+     * net.core.wmem_max, 416 KiB by default). */
+    ck_assert_int_eq(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)), 0);
+    ck_assert_int_eq(setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)), 0);
     send_msg(sv[0], FUSE_INIT, 1, &in, sizeof(in));
     recv_ok(sv[0], 1, &len);
     send_parts(sv[0], FUSE_OPEN, 2, VFS_DISK_INO, &open_rw, sizeof(open_rw), NULL, 0);
@@ -1325,12 +1333,33 @@ START_TEST(classic_transport_one_buffer)
     ck_assert_uint_gt(len, 0);
     ck_assert_ptr_nonnull(memmem(p, len, "flushes", 7));
 
+    wr = (struct fuse_write_in){ .offset = BIG_OFF, .size = BIG };
+    send_parts(sv[0], FUSE_WRITE, 8, VFS_DISK_INO, &wr, sizeof(wr), big, BIG);
+    p = recv_ok(sv[0], 8, &len);
+    memcpy(&wo, p, sizeof(wo));
+    ck_assert_uint_eq(wo.size, BIG);
+    rd = read_in(BIG_OFF, BIG);
+    send_parts(sv[0], FUSE_READ, 9, VFS_DISK_INO, &rd, sizeof(rd), NULL, 0);
+    p = recv_ok(sv[0], 9, &len);
+    ck_assert_uint_eq(len, BIG);
+    ck_assert_int_eq(memcmp(p, big, BIG), 0);
+    rd = read_in(OFF, LEN);
+    send_parts(sv[0], FUSE_READ, 10, VFS_DISK_INO, &rd, sizeof(rd), junk, 6000);
+    p = recv_ok(sv[0], 10, &len);
+    ck_assert_uint_eq(len, LEN);
+    ck_assert_int_eq(memcmp(p, data, LEN), 0);
+    send_parts(sv[0], FUSE_READ, 11, VFS_DISK_INO, &rd, sizeof(rd), NULL, 0);
+    p = recv_ok(sv[0], 11, &len);
+    ck_assert_uint_eq(len, LEN);
+    ck_assert_int_eq(memcmp(p, data, LEN), 0);
+
     close(sv[0]);
     ck_assert_int_eq(pthread_join(s.thread, NULL), 0);
     ck_assert_int_eq(s.ret, 0);
     close(sv[1]);
     free(data);
     free(junk);
+    free(big);
 }
 END_TEST
 
