@@ -1267,6 +1267,37 @@ static const uint8_t *recv_ok(int fd, uint64_t unique, size_t *len)
     return buf + sizeof(out);
 }
 
+/* WRITE @len bytes of @data at @off as request @unique; all must be taken. */
+static void write_through(int fd, uint64_t unique, uint64_t off, const void *data,
+                          uint32_t len)
+{
+    struct fuse_write_in wr = { .offset = off, .size = len };
+    struct fuse_write_out wo;
+    const uint8_t *p;
+    size_t n;
+
+    send_parts(fd, FUSE_WRITE, unique, VFS_DISK_INO, &wr, sizeof(wr), data, len);
+    p = recv_ok(fd, unique, &n);
+    ck_assert_uint_eq(n, sizeof(wo));
+    memcpy(&wo, p, sizeof(wo));
+    ck_assert_uint_eq(wo.size, len);
+}
+
+/* READ @len bytes at @off as request @unique, the READ followed by
+ * @junk_len bytes of @junk; they must be @expect. */
+static void read_through(int fd, uint64_t unique, uint64_t off, uint32_t len,
+                         const void *junk, size_t junk_len, const uint8_t *expect)
+{
+    struct fuse_read_in rd = read_in(off, len);
+    const uint8_t *p;
+    size_t n;
+
+    send_parts(fd, FUSE_READ, unique, VFS_DISK_INO, &rd, sizeof(rd), junk, junk_len);
+    p = recv_ok(fd, unique, &n);
+    ck_assert_uint_eq(n, len);
+    ck_assert_int_eq(memcmp(p, expect, len), 0);
+}
+
 /*
  * A worker's one buffer holds each request and builds each reply
  * (src/fuse_server.c): data written through the transport reads back
@@ -1281,13 +1312,10 @@ START_TEST(classic_transport_one_buffer)
 {
     enum { LEN = 48u << 10, OFF = 65536 - 777, BIG = 256u << 10, BIG_OFF = 1u << 20 };
     struct fuse_init_in in = init_in(FUSE_PROTO_MINOR, ALL_OFFERED, ALL_OFFERED);
-    struct fuse_write_in wr = { .offset = OFF, .size = LEN };
-    struct fuse_read_in rd = read_in(OFF, LEN);
     struct fuse_getxattr_in gx = { .size = 4096 };
     static const char name[] = "user.qcow2fuse.stats";
     uint8_t *data = tu_zalloc(LEN), *junk = tu_zalloc(6000), *big = tu_zalloc(BIG);
     int sndbuf = 1 << 20;
-    struct fuse_write_out wo;
     struct serve_thread s;
     const uint8_t *p;
     size_t len;
@@ -1308,50 +1336,21 @@ START_TEST(classic_transport_one_buffer)
     send_parts(sv[0], FUSE_OPEN, 2, VFS_DISK_INO, &open_rw, sizeof(open_rw), NULL, 0);
     recv_ok(sv[0], 2, &len);
 
-    send_parts(sv[0], FUSE_WRITE, 3, VFS_DISK_INO, &wr, sizeof(wr), data, LEN);
-    p = recv_ok(sv[0], 3, &len);
-    ck_assert_uint_eq(len, sizeof(wo));
-    memcpy(&wo, p, sizeof(wo));
-    ck_assert_uint_eq(wo.size, LEN);
-    send_parts(sv[0], FUSE_READ, 4, VFS_DISK_INO, &rd, sizeof(rd), NULL, 0);
-    p = recv_ok(sv[0], 4, &len);
-    ck_assert_uint_eq(len, LEN);
-    ck_assert_int_eq(memcmp(p, data, LEN), 0);
+    write_through(sv[0], 3, OFF, data, LEN);
+    read_through(sv[0], 4, OFF, LEN, NULL, 0, data);
     /* More than a page past the READ's header. */
-    send_parts(sv[0], FUSE_READ, 5, VFS_DISK_INO, &rd, sizeof(rd), junk, 6000);
-    p = recv_ok(sv[0], 5, &len);
-    ck_assert_uint_eq(len, LEN);
-    ck_assert_int_eq(memcmp(p, data, LEN), 0);
+    read_through(sv[0], 5, OFF, LEN, junk, 6000, data);
     /* A short READ after them: only its own bytes come back. */
-    rd = read_in(OFF + 100, 1000);
-    send_parts(sv[0], FUSE_READ, 6, VFS_DISK_INO, &rd, sizeof(rd), NULL, 0);
-    p = recv_ok(sv[0], 6, &len);
-    ck_assert_uint_eq(len, 1000);
-    ck_assert_int_eq(memcmp(p, data + 100, 1000), 0);
+    read_through(sv[0], 6, OFF + 100, 1000, NULL, 0, data + 100);
     send_parts(sv[0], FUSE_GETXATTR, 7, VFS_DISK_INO, &gx, sizeof(gx), name, sizeof(name));
     p = recv_ok(sv[0], 7, &len);
     ck_assert_uint_gt(len, 0);
     ck_assert_ptr_nonnull(memmem(p, len, "flushes", 7));
 
-    wr = (struct fuse_write_in){ .offset = BIG_OFF, .size = BIG };
-    send_parts(sv[0], FUSE_WRITE, 8, VFS_DISK_INO, &wr, sizeof(wr), big, BIG);
-    p = recv_ok(sv[0], 8, &len);
-    memcpy(&wo, p, sizeof(wo));
-    ck_assert_uint_eq(wo.size, BIG);
-    rd = read_in(BIG_OFF, BIG);
-    send_parts(sv[0], FUSE_READ, 9, VFS_DISK_INO, &rd, sizeof(rd), NULL, 0);
-    p = recv_ok(sv[0], 9, &len);
-    ck_assert_uint_eq(len, BIG);
-    ck_assert_int_eq(memcmp(p, big, BIG), 0);
-    rd = read_in(OFF, LEN);
-    send_parts(sv[0], FUSE_READ, 10, VFS_DISK_INO, &rd, sizeof(rd), junk, 6000);
-    p = recv_ok(sv[0], 10, &len);
-    ck_assert_uint_eq(len, LEN);
-    ck_assert_int_eq(memcmp(p, data, LEN), 0);
-    send_parts(sv[0], FUSE_READ, 11, VFS_DISK_INO, &rd, sizeof(rd), NULL, 0);
-    p = recv_ok(sv[0], 11, &len);
-    ck_assert_uint_eq(len, LEN);
-    ck_assert_int_eq(memcmp(p, data, LEN), 0);
+    write_through(sv[0], 8, BIG_OFF, big, BIG);
+    read_through(sv[0], 9, BIG_OFF, BIG, NULL, 0, big);
+    read_through(sv[0], 10, OFF, LEN, junk, 6000, data);
+    read_through(sv[0], 11, OFF, LEN, NULL, 0, data);
 
     close(sv[0]);
     ck_assert_int_eq(pthread_join(s.thread, NULL), 0);
