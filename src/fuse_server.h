@@ -25,9 +25,6 @@ struct fuse_server;
 /* The largest WRITE (bytes of data) and READ we negotiate: 256 pages. */
 #define FUSE_SERVER_MAX_WRITE   (1u << 20)
 #define FUSE_SERVER_MAX_PAGES   256u
-/* Bytes of a request past its data: the in-header, the op header, and
- * the room the kernel's read-buffer check wants. */
-#define FUSE_SERVER_HEADER_ROOM 4096u
 /*
  * Classic workers when the caller does not say.  Measured on 2 vCPUs
  * (bench/run.sh, 3 s x 3, 16 against 8 workers): 4k random reads at QD16
