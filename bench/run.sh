@@ -42,6 +42,10 @@
 #   FIO_CPUS      run fio on these CPUs only (fio --cpus_allowed, e.g. 0):
 #                 a submitter that stays on one CPU, which is where FUSE
 #                 over io_uring queues its requests (default: anywhere)
+#   BUSY_LOOPS    N busy loops (shell processes that only spin, nice 0)
+#                 running beside every fio run of every implementation, to
+#                 see each on a host with no idle CPU (default 0; the
+#                 ext4-tree job runs without them)
 #   RUNTIME       seconds per fio run (default 10, --quick 3)
 #   REPS          runs of every (job, implementation) pair; the table shows
 #                 the median (default 3, --quick 1)
@@ -116,6 +120,7 @@ EXTRAS=${EXTRAS:-1}
 HOST=${HOST:-1}
 HOST_FLUSH=${HOST_FLUSH:-fdatasync}
 FIO_CPUS=${FIO_CPUS:-}
+BUSY_LOOPS=${BUSY_LOOPS:-0}
 COPY_CEILING=${COPY_CEILING-$ROOT/build/bench/copy_ceiling}
 
 CLUSTER=65536
@@ -139,6 +144,7 @@ done
 [[ -x $PASSTHROUGH ]] || die "PASSTHROUGH=$PASSTHROUGH is not an executable (run make bench)"
 [[ -n $QSD && -x $QSD ]] || { note "qemu-storage-daemon not found: the qsd column stays empty"; QSD=""; }
 [[ -e /dev/fuse ]] || die "/dev/fuse is missing"
+[[ $BUSY_LOOPS =~ ^[0-9]+$ ]] || die "BUSY_LOOPS=$BUSY_LOOPS is not a number"
 QCOW2FUSE=$(realpath "$QCOW2FUSE")
 PASSTHROUGH=$(realpath "$PASSTHROUGH")
 
@@ -532,9 +538,19 @@ run_fio() {
         fi
         args+=("$a")
     done
-    if ! fio "${global[@]}" --name="$name" --filename="$TARGET" --direct="$direct" --ioengine="$engine" \
+    local busy=() i ok=1
+    for ((i = 0; i < BUSY_LOOPS; i++)); do
+        bash -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &
+        busy+=($!)
+    done
+    fio "${global[@]}" --name="$name" --filename="$TARGET" --direct="$direct" --ioengine="$engine" \
         --time_based --runtime="$RUNTIME" --size="$size" "${args[@]}" \
-        --output-format=json --output="$out" >/dev/null 2>"$out.err"; then
+        --output-format=json --output="$out" >/dev/null 2>"$out.err" || ok=0
+    if ((${#busy[@]})); then
+        kill "${busy[@]}" 2>/dev/null || true
+        wait "${busy[@]}" 2>/dev/null || true
+    fi
+    if ((!ok)); then
         note "fio $name failed (see $out.err)"
         echo -
         return
@@ -698,7 +714,7 @@ echo "$INFO" | tee "$RESULTS/machine.txt"
 echo "cache:       qcow2fuse and the passthrough use the host page cache for the" \
     "image file; qsd runs with cache.direct=off (host page cache too);"
 echo "             images are written just before each run, so reads hit warm cache"
-echo "fio:         --direct=1 --ioengine=libaio on MNT/disk (qsd: its export file)${FIO_CPUS:+, on CPUs $FIO_CPUS only}"
+echo "fio:         --direct=1 --ioengine=libaio on MNT/disk (qsd: its export file)${FIO_CPUS:+, on CPUs $FIO_CPUS only}$( ((BUSY_LOOPS)) && echo ", beside $BUSY_LOOPS busy loops")"
 if [[ $HOST == 1 ]]; then
     echo "host:        fio on a raw file in the image dir, no FUSE, no daemon: --direct=0" \
         "--ioengine=io_uring --invalidate=0$([[ $HOST_FLUSH == fdatasync ]] && echo ", --fsync=N run as --fdatasync=N")" \
