@@ -382,10 +382,11 @@ make_image() {
         # The same page cache for every implementation.  What the fill
         # leaves cached depends on how QEMU's qcow2 and raw drivers wrote
         # (the size of the folios ext4 made for those writes), and a
-        # daemon's reads of it cost more or less by that alone: by hand,
-        # 1 MiB reads at QD16 had qcow2fuse 0.92x the passthrough on the
-        # fill's cache and 1.02x on a re-read one.  So drop the file's pages
-        # and read the part in use back, as a first reader would.
+        # daemon's reads of it cost more or less by that alone: 1 MiB
+        # reads at QD16 had qcow2fuse 0.92x the passthrough on the fill's
+        # cache and 1.11x with both files read back (bench/README).  So
+        # drop the file's pages and read the part in use back, as a first
+        # reader would.
         dd if="$img" iflag=nocache count=0 status=none
         if [[ $fmt == qcow2 ]]; then
             cat "$img" >/dev/null
@@ -713,7 +714,7 @@ INFO=$(machine_info)
 echo "$INFO" | tee "$RESULTS/machine.txt"
 echo "cache:       qcow2fuse and the passthrough use the host page cache for the" \
     "image file; qsd runs with cache.direct=off (host page cache too);"
-echo "             images are written just before each run, so reads hit warm cache"
+echo "             images are written, then read back once, just before each run, so reads hit warm cache"
 echo "fio:         --direct=1 --ioengine=libaio on MNT/disk (qsd: its export file)${FIO_CPUS:+, on CPUs $FIO_CPUS only}$( ((BUSY_LOOPS)) && echo ", beside $BUSY_LOOPS busy loops")"
 if [[ $HOST == 1 ]]; then
     echo "host:        fio on a raw file in the image dir, no FUSE, no daemon: --direct=0" \
