@@ -946,7 +946,7 @@ void fuse_server_free(struct fuse_server *srv)
 #define REPLY_OFFSET    (2 * PAGE_BYTES)
 
 _Static_assert(WORKER_BUF_SIZE - REQ_OFFSET >= WRITE_PREFIX + FUSE_SERVER_MAX_WRITE &&
-               WORKER_BUF_SIZE - REQ_OFFSET >= 8192,
+               WORKER_BUF_SIZE - REQ_OFFSET >= FUSE_MIN_READ_BUFFER,
                "the kernel's check of a read buffer: the largest WRITE and 8 KiB");
 _Static_assert(WORKER_BUF_SIZE - REPLY_OFFSET >= FUSE_SERVER_MAX_PAGES * PAGE_BYTES,
                "the largest READ's reply fits past the request");
@@ -1011,6 +1011,7 @@ __attribute__((no_sanitize_address))
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
+    uint8_t *start = w->buf + REQ_OFFSET;      /* where each request is read to */
     int old;
 
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
@@ -1020,7 +1021,7 @@ static void *worker_main(void *arg)
         int err;
 
         pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, &old);
-        n = read(w->fd, w->buf + REQ_OFFSET, WORKER_BUF_SIZE - REQ_OFFSET);
+        n = read(w->fd, start, WORKER_BUF_SIZE - REQ_OFFSET);
         err = errno;
         pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
         if (n < 0) {
@@ -1039,12 +1040,12 @@ static void *worker_main(void *arg)
             continue;
         }
         w->req_len = (size_t)n;
-        req.in = (const struct fuse_in_header *)(w->buf + REQ_OFFSET);
-        req.op_in = w->buf + REQ_OFFSET + sizeof(struct fuse_in_header);
+        req.in = (const struct fuse_in_header *)start;
+        req.op_in = start + sizeof(struct fuse_in_header);
         req.op_in_len = (size_t)n - sizeof(struct fuse_in_header);
         req.payload = NULL;
         req.payload_len = 0;
-        memcpy(&w->unique, w->buf + REQ_OFFSET + offsetof(struct fuse_in_header, unique),
+        memcpy(&w->unique, start + offsetof(struct fuse_in_header, unique),
                sizeof(w->unique));
         fuse_server_dispatch(w->srv, &req, &w->sink);
     }
