@@ -2,10 +2,12 @@
 # Concurrency must stay correct: fio's own integrity check (4 jobs x libaio
 # QD16, random writes of 4k-64k, verified while writing, then again after an
 # unmount and remount), and a stress tool that races writes, reads, hole
-# punches, zero ranges and fsyncs from 8 threads over the same clusters.
+# punches, zero ranges and fsyncs from 8 threads over the same clusters,
+# for STRESS_SECONDS (default 8) per case.
 . "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 
 requires qemu-img
+STRESS_SECONDS=${STRESS_SECONDS:-8}
 
 case_fio_verify() {
     requires fio
@@ -45,7 +47,7 @@ run_stress() {
         qemu-img create -q -f qcow2 -o "$2" "$img" 64M
     fi
     mount_image "$img" "$mnt"
-    out=$(io_timeout "$TOOLS/stress" "$mnt/disk" "$region" 8 8 "${RANDOM}" "$T/shadow.raw") ||
+    out=$(io_timeout "$TOOLS/stress" "$mnt/disk" "$region" 8 "$STRESS_SECONDS" "${RANDOM}" "$T/shadow.raw") ||
         { echo "$out" >&2; fail "stress found mismatches or failed"; }
     info "$out"
     unmount_image "$mnt"

@@ -33,7 +33,9 @@
 # end.
 #
 # Knobs: MUT_FLIPS (random mutations per image, default 25), MUT_SEED,
-# MUT_JOBS (parallel workers, default 2), MUT_IO_TIMEOUT (60 s),
+# MUT_JOBS (parallel workers, default 3: a mutation spends part of its time
+# waiting for mounts and unmounts, so on 2 cores 3 workers finish the 1210
+# mutations in 153 s where 2 took 179 s), MUT_IO_TIMEOUT (60 s),
 # MUT_FILTER (glob over mutation names, e.g. 'l2.*'), MUT_BUDGET (seconds
 # for all mutations, default 180: each image gets a share in proportion to
 # its number of mutations; what does not fit is counted as "not run", so a
@@ -55,7 +57,7 @@ K=1024
 M=$((1024 * 1024))
 MUT_FLIPS=${MUT_FLIPS:-25}
 MUT_SEED=${MUT_SEED:-7100}
-MUT_JOBS=${MUT_JOBS:-2}
+MUT_JOBS=${MUT_JOBS:-3}
 MUT_IO_TIMEOUT=${MUT_IO_TIMEOUT:-60}
 MUT_FILTER=${MUT_FILTER:-*}
 MUT_BUDGET=${MUT_BUDGET:-180}
