@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 #
 # Real file systems on a writable mount, one case each: ext4 on a 256 MiB
-# qcow2 and XFS on a 512 MiB one (mkfs.xfs refuses less than 300 MiB, and
+# qcow2, XFS on a 512 MiB one (mkfs.xfs refuses less than 300 MiB, and
 # discards the whole device first: that goes through the loop device to
-# the daemon as one large punch-hole).  For each, the image is mounted, its
+# the daemon as one large punch-hole) and btrfs on a 512 MiB one
+# (copy-on-write, checksums of data and metadata, which its checker reads
+# back: --check-data-csum).  For each, the image is mounted, its
 # disk attached to a loop device, formatted and mounted; a generated tree
 # (~45 MiB, a few thousand files: small and odd-sized files, large random
 # and text files, empty files, symlinks, a hard link, a sparse file) is
 # copied twice, one copy partly deleted and rewritten; then everything is
 # unmounted and detached and the daemon unmounted.  Then: "qemu-img check"
 # clean; "qemu-img convert -O raw" gives a file system that the file
-# system's own checker (e2fsck -fn, xfs_repair -n) finds clean, and that,
-# loop-mounted read-only, holds exactly the expected trees (diff -r, and
-# names/modes/sizes/link targets).
+# system's own checker (e2fsck -fn, xfs_repair -n, btrfs check) finds
+# clean, and that, loop-mounted read-only, holds exactly the expected
+# trees (diff -r, and names/modes/sizes/link targets).
 # shellcheck disable=SC2317  # case functions are called indirectly (run_case)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=functions.sh
@@ -95,24 +97,28 @@ fs_mkfs() {
     case $1 in
     ext4) mkfs.ext4 -q -F "$2" ;;
     xfs) mkfs.xfs -q -f "$2" ;;
+    btrfs) mkfs.btrfs -q -f "$2" ;;
     esac
 }
 fs_ro_opts() {
     case $1 in
     ext4) echo ro,noload ;;
     xfs) echo ro,norecovery ;;
+    btrfs) echo ro,rescue=nologreplay ;;
     esac
 }
 fs_check() {
     case $1 in
     ext4) e2fsck -fn "$2" ;;
     xfs) xfs_repair -n -f "$2" ;;
+    btrfs) btrfs check --readonly --check-data-csum "$2" ;;
     esac
 }
 fs_disk_size() {
     case $1 in
     ext4) echo $((256 * M)) ;;
     xfs) echo $((512 * M)) ;;
+    btrfs) echo $((512 * M)) ;;
     esac
 }
 
@@ -199,4 +205,5 @@ case_fs() {
 
 run_case ext4 case_fs ext4 mkfs.ext4 e2fsck
 run_case xfs case_fs xfs mkfs.xfs xfs_repair
+run_case btrfs case_fs btrfs mkfs.btrfs btrfs
 finish_cases
