@@ -124,7 +124,7 @@ fuzz: $(FUZZ_TARGETS)
 # installs the missing ones and is a no-op (one dpkg-query) when all are
 # there; DEPS_PKGS=... replaces the list.
 DEPS_PKGS ?= gcc libc6-dev pkg-config libfuse3-dev fuse3 zlib1g-dev libzstd-dev liburing-dev check \
-             qemu-utils qemu-system-common e2fsprogs xfsprogs btrfs-progs fio attr libnbd-bin \
+             qemu-utils qemu-system-common e2fsprogs xfsprogs btrfs-progs dosfstools mtools fio attr libnbd-bin \
              fdisk gdisk psmisc passwd
 deps:
 	@scripts/deps.sh $(DEPS_PKGS)
