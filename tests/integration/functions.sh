@@ -27,7 +27,9 @@
 #     registered: kernel mounts (track_kmount, newest first), then loop
 #     devices (track_loop), then FUSE mounts and daemons (track_mount,
 #     track_pid; mount_image registers its own), so that ext4 on a loop
-#     device over MNT/disk is unmounted, then the loop freed, then MNT.
+#     device over MNT/disk is unmounted, then the loop freed, then MNT;
+#     last the file systems that hold the images (track_host_fs) and their
+#     loop devices.
 
 set -euo pipefail
 shopt -s inherit_errexit
@@ -105,6 +107,8 @@ require_tool() {
 
 _KMOUNTS=()                # kernel (non-FUSE) mounts of this scope, in order
 _LOOPS=()                  # loop devices this scope attached and still owns
+_HOST_FS=()                # kernel mounts that hold images (track_host_fs)
+_HOST_LOOPS=()             # ... and the loop devices under them
 _MOUNTS=()                 # every mountpoint this scope mounted (canonical)
 _PIDS=()                   # every daemon PID this scope started/discovered
 declare -A _MNT_PID=()     # mountpoint -> PID of its foreground daemon
@@ -194,6 +198,16 @@ track_loop() {
     _LOOPS+=("$1")
 }
 
+# track_host_fs DIR [DEV]: register a kernel file system on DIR (on loop
+# device DEV, if given) that holds the images, for cleanup, which unmounts
+# it (lazily if busy) and detaches DEV only after the FUSE mounts and their
+# daemons are gone: the other way round from track_kmount, whose file
+# system lives on a FUSE disk file.  An explicit umount later is fine.
+track_host_fs() {
+    _HOST_FS+=("$(canon_path "$1")")
+    if [[ -n ${2:-} ]]; then _HOST_LOOPS+=("$2"); fi
+}
+
 # _loop_wait_free DEV: wait up to 10 s until DEV is no longer attached
 # (losetup -d of a device still open only sets autoclear).
 _loop_wait_free() {
@@ -265,6 +279,18 @@ _cleanup_scope() {
             fusermount3 -uz "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
         fi
     done
+    for ((i = ${#_HOST_FS[@]} - 1; i >= 0; i--)); do
+        d=${_HOST_FS[i]}
+        if is_mounted "$d"; then
+            umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null
+        fi
+    done
+    for d in "${_HOST_LOOPS[@]}"; do
+        if losetup -d "$d" 2>/dev/null; then
+            _loop_wait_free "$d" || echo "cleanup: loop device $d is still attached" >&2
+        fi
+    done
+    _HOST_LOOPS=()
 }
 
 _remove_dir() {
@@ -275,7 +301,7 @@ _remove_dir() {
         return 0
     fi
     # Never recurse into something that is still mounted.
-    for m in "${_KMOUNTS[@]}" "${_MOUNTS[@]}"; do
+    for m in "${_KMOUNTS[@]}" "${_MOUNTS[@]}" "${_HOST_FS[@]}"; do
         if is_mounted "$m"; then
             echo "cleanup: $m is still mounted; leaving $d in place" >&2
             return 0
@@ -347,6 +373,8 @@ _case_body() {
     shift
     _KMOUNTS=()
     _LOOPS=()
+    _HOST_FS=()
+    _HOST_LOOPS=()
     _MOUNTS=()
     _PIDS=()
     _MNT_PID=()

@@ -24,7 +24,6 @@
 #      allocation must give its cluster back: qemu-img check does not look
 #      there, and the daemon refuses an image that counts more than 8192
 #      clusters past its end).
-# shellcheck disable=SC2317  # cleanup is called from a trap
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=functions.sh
 . "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
@@ -38,26 +37,9 @@ K=1024
 M=$((1024 * 1024))
 FS_IMG="$T/fs.ext4"
 FS_MNT="$T/fs"
-LOOPDEV=""
 IMG="$FS_MNT/disk.qcow2"
 DISK_SIZE=$((1024 * M))
 MODEL="$T/model.raw"
-
-# Unmount the FUSE mount (inside the file system) first, then the file
-# system, then detach the loop device; then the usual cleanup.
-fs_cleanup() {
-    local rc=$?
-    set +e
-    trap - EXIT ERR
-    _cleanup_scope
-    if mountpoint -q "$FS_MNT" 2>/dev/null; then
-        umount "$FS_MNT" 2>/dev/null || umount -l "$FS_MNT"
-    fi
-    [[ -z $LOOPDEV ]] || losetup -d "$LOOPDEV"
-    _remove_dir "$TEST_TMP"
-    exit "$rc"
-}
-trap fs_cleanup EXIT
 
 mount_fs() {
     mkdir -p "$FS_MNT"
@@ -96,6 +78,9 @@ truncate -s $((48 * M)) "$FS_IMG"
 mkfs.ext4 -q -m 0 -E lazy_itable_init=0,lazy_journal_init=0 "$FS_IMG" \
     || fail "test setup: mkfs.ext4 failed"
 LOOPDEV=$(losetup -f --show "$FS_IMG") || fail "test setup: losetup failed"
+# Cleanup: the daemon (its image lives in this file system) first, then the
+# file system, then its loop device.
+track_host_fs "$FS_MNT" "$LOOPDEV"
 mount_fs
 qemu-img create -q -f qcow2 -o cluster_size=4096 "$IMG" "$DISK_SIZE" \
     || fail "test setup: qemu-img create failed"
