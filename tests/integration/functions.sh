@@ -238,20 +238,29 @@ loop_detach() {
     _loop_wait_free "$dev" || fail "loop device $dev is still attached"
 }
 
-_cleanup_scope() {
-    local m p i d
-    for ((i = ${#_KMOUNTS[@]} - 1; i >= 0; i--)); do
-        d=${_KMOUNTS[i]}
+# _undo_kernel_mounts MOUNTS LOOPS: unmount the kernel mounts listed in the
+# array named MOUNTS (newest first, lazily if busy), then detach the loop
+# devices in the array named LOOPS, and empty that one.
+_undo_kernel_mounts() {
+    local -n _um_mounts=$1 _um_loops=$2
+    local i d
+    for ((i = ${#_um_mounts[@]} - 1; i >= 0; i--)); do
+        d=${_um_mounts[i]}
         if is_mounted "$d"; then
             umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null
         fi
     done
-    for d in "${_LOOPS[@]}"; do
+    for d in "${_um_loops[@]}"; do
         if losetup -d "$d" 2>/dev/null; then
             _loop_wait_free "$d" || echo "cleanup: loop device $d is still attached" >&2
         fi
     done
-    _LOOPS=()
+    _um_loops=()
+}
+
+_cleanup_scope() {
+    local m p i
+    _undo_kernel_mounts _KMOUNTS _LOOPS
     for m in "${_MOUNTS[@]}"; do
         if is_mounted "$m"; then
             fusermount3 -u "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null \
@@ -279,18 +288,7 @@ _cleanup_scope() {
             fusermount3 -uz "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
         fi
     done
-    for ((i = ${#_HOST_FS[@]} - 1; i >= 0; i--)); do
-        d=${_HOST_FS[i]}
-        if is_mounted "$d"; then
-            umount "$d" 2>/dev/null || umount -l "$d" 2>/dev/null
-        fi
-    done
-    for d in "${_HOST_LOOPS[@]}"; do
-        if losetup -d "$d" 2>/dev/null; then
-            _loop_wait_free "$d" || echo "cleanup: loop device $d is still attached" >&2
-        fi
-    done
-    _HOST_LOOPS=()
+    _undo_kernel_mounts _HOST_FS _HOST_LOOPS
 }
 
 _remove_dir() {
