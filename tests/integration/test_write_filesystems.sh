@@ -95,6 +95,15 @@ same_tree() {
     fi
 }
 
+# expected_tree1 TREE NEW OUT: what tree1 holds after the deletes and
+# rewrites of the cases (a/ and c/big2 gone, b/ again as b2/, NEW as c/new).
+expected_tree1() {
+    cp -a "$1" "$3"
+    rm -rf "$3/a" "$3/c/big2"
+    cp -a "$1/b" "$3/b2"
+    cp "$2" "$3/c/new"
+}
+
 # The file systems: mkfs, mount type, the read-only mount options for an
 # image whose log must not be replayed, the checker of an image file, and
 # the disk size.
@@ -169,12 +178,8 @@ case_fs() {
     sync
     info "copied ~$(du -sm "$ext" | cut -f1) MiB in $((($(date +%s%N) - t0) / 1000000)) ms"
 
-    # expected content of tree1
     exp1="$T/exp1"
-    cp -a "$src" "$exp1"
-    rm -rf "$exp1/a" "$exp1/c/big2"
-    cp -a "$src/b" "$exp1/b2"
-    cp "$T/new" "$exp1/c/new"
+    expected_tree1 "$src" "$T/new" "$exp1"
 
     same_tree "$src" "$ext/tree2" "live $fs, tree2"
     same_tree "$exp1" "$ext/tree1" "live $fs, tree1"
@@ -228,10 +233,7 @@ case_vfat() {
     mcopy -Q -i "$disk" "$T/new" ::/tree1/c/new || fail "mcopy (new) failed"
     unmount_image "$mnt"
 
-    cp -a "$tree" "$exp1"
-    rm -rf "$exp1/a" "$exp1/c/big2"
-    cp -a "$tree/b" "$exp1/b2"
-    cp "$T/new" "$exp1/c/new"
+    expected_tree1 "$tree" "$T/new" "$exp1"
 
     check_clean "$img" vfat
     raw=$(ref_raw "$img" "$T/fs.raw")
