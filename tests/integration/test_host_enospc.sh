@@ -28,7 +28,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=functions.sh
 . "$(dirname "${BASH_SOURCE[0]}")/functions.sh"
 
-requires qemu-img mkfs.ext4 losetup mount umount mountpoint truncate dd cmp
+requires qemu-img mkfs.ext4 losetup mount umount truncate dd cmp
 requires_fuse
 ((EUID == 0)) || skip "needs root (loop devices, mount)"
 MUTATE=$(require_tool mutate)
